@@ -1,0 +1,33 @@
+"""cpt-plugin: fast, memory-lean continued pretraining for Hugging Face Trainer, TRL and Axolotl.
+
+Public API only; heavy modules are imported on first use so that ``import cpt_plugin`` stays cheap.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from cpt_plugin.config import CPTConfig, CPTConfigError
+
+__all__ = ["CPTConfig", "CPTConfigError", "CPTCallback", "prepare_model", "patch", "unpatch"]
+__version__ = "0.1.0"
+
+_LAZY = {
+    "CPTCallback": "cpt_plugin.integrations.hf",
+    "prepare_model": "cpt_plugin.recipe",
+    "patch": "cpt_plugin.patching.registry",
+    "unpatch": "cpt_plugin.patching.registry",
+}
+
+if TYPE_CHECKING:  # pragma: no cover
+    from cpt_plugin.integrations.hf import CPTCallback
+    from cpt_plugin.patching.registry import patch, unpatch
+    from cpt_plugin.recipe import prepare_model
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'cpt_plugin' has no attribute {name!r}")

@@ -1,0 +1,235 @@
+"""CPTConfig: the one place where cpt-plugin's behaviour is configured.
+
+Every entry point (CPTCallback, the CLI, the Axolotl plugin, auto-activation) turns its own
+settings into one ``CPTConfig`` and hands it to the same core functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SCHEDULES = (
+    "none",  # keep the Trainer's own scheduler
+    "cosine",  # re-warm then cosine decay to min_lr_ratio * max LR
+    "wsd",  # warm-up, stable, decay
+    "infinite_cosine",  # Ibrahim et al. 2024: warm-up, cosine cool-down, constant, exp anneal
+    "infinite_inv_sqrt",  # Ibrahim et al. 2024: warm-up, inverse-sqrt cool-down, constant, exp anneal
+    "constant",  # warm-up then constant
+)
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_8bit")
+CHECKPOINTING_MODES = ("off", "recompute", "offload", "auto")
+KERNEL_NAMES = ("rms_norm", "rope", "swiglu", "fused_linear_cross_entropy")
+
+# Features whose implementation has landed. A switch for a feature not in here raises a clear
+# "not available yet" error instead of silently doing nothing.
+AVAILABLE_FEATURES: set[str] = set()
+
+
+class CPTConfigError(ValueError):
+    """A configuration value is wrong; the message names the key and the fix."""
+
+
+@dataclass
+class CPTConfig:
+    """Settings of a continued-pretraining run.
+
+    Values left at ``None`` are taken from the Trainer's ``TrainingArguments`` (learning rate,
+    warm-up, weight decay) so that a user's existing script keeps its meaning.
+    """
+
+    # --- LoRA / what is trained -------------------------------------------------------------
+    lora_r: int = 128
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.0
+    use_rslora: bool = True
+    target_modules: list[str] | str | None = None  # None: every attention and MLP projection
+    train_embeddings: bool = True  # input embeddings and lm_head fully trained
+    # --- learning rates ---------------------------------------------------------------------
+    learning_rate: float | None = None  # None: TrainingArguments.learning_rate
+    embedding_learning_rate: float | None = None  # None: learning_rate * embedding_lr_ratio
+    embedding_lr_ratio: float = 0.1
+    weight_decay: float | None = None  # None: TrainingArguments.weight_decay
+    optimizer: str = "adamw_torch_fused"  # falls back to plain AdamW where fused is unavailable
+    # --- schedule ---------------------------------------------------------------------------
+    schedule: str = "cosine"
+    warmup_ratio: float | None = None  # None: TrainingArguments warm-up
+    warmup_steps: int | None = None
+    min_lr_ratio: float = 0.1  # eta_min / eta_max
+    decay_ratio: float = 0.2  # wsd: fraction of the steps spent decaying
+    constant_lr_ratio: float = 0.5  # infinite schedules: eta_const / eta_max
+    cooldown_steps: int | None = None  # infinite schedules: T_cd (None: 20% of the steps)
+    anneal_steps: int | None = None  # infinite schedules: T_ann (None: 10% of the steps; 0: none)
+    inv_sqrt_alpha: float = 10.0  # alpha of the inverse-sqrt cool-down
+    # --- data -------------------------------------------------------------------------------
+    max_seq_length: int = 2048
+    packing: bool = True
+    replay_ratio: float = 0.0
+    seed: int = 42
+    # --- speed and memory ---------------------------------------------------------------------
+    kernels: bool | list[str] = False  # True: every kernel; or a list out of KERNEL_NAMES
+    gradient_checkpointing: str = "auto"  # auto: follow TrainingArguments.gradient_checkpointing
+    offload_embeddings: bool = False  # keep PEFT's frozen embedding originals off the GPU
+    rope_scaling: dict[str, Any] | None = None  # e.g. {"rope_type": "yarn", "factor": 4.0}
+    # --- logging ------------------------------------------------------------------------------
+    log_metrics: bool = True
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> CPTConfig:
+        """Builds a config from a mapping; an unknown key is an error naming the closest valid one."""
+        valid = [f.name for f in dataclasses.fields(cls) if f.name != "extra"]
+        for key in values:
+            if key not in valid:
+                close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+                hint = f" Did you mean '{close[0]}'?" if close else f" Valid keys: {', '.join(valid)}."
+                raise CPTConfigError(f"Unknown cpt-plugin config key '{key}'.{hint}")
+        return cls(**dict(values))
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> CPTConfig:
+        import yaml
+
+        with open(path, encoding="utf-8") as handle:
+            data = yaml.safe_load(handle) or {}
+        if not isinstance(data, dict):
+            raise CPTConfigError(f"{path}: expected a mapping of cpt-plugin keys, got {type(data).__name__}.")
+        return cls.from_dict(data)
+
+    @classmethod
+    def coerce(cls, value: CPTConfig | Mapping[str, Any] | str | Path | None = None, **kwargs: Any) -> CPTConfig:
+        """Accepts a config, a dict, a YAML path or keyword arguments."""
+        if isinstance(value, CPTConfig):
+            return value.replace(**kwargs) if kwargs else value
+        if isinstance(value, (str, Path)):
+            base = cls.from_yaml(value)
+            return base.replace(**kwargs) if kwargs else base
+        merged = dict(value or {})
+        merged.update(kwargs)
+        return cls.from_dict(merged)
+
+    def replace(self, **changes: Any) -> CPTConfig:
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            return CPTConfig.from_dict({**self.to_dict(), **changes})  # raises with a hint
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data.pop("extra", None)
+        return data
+
+    # ------------------------------------------------------------------------------------------
+    def enabled_kernels(self) -> tuple[str, ...]:
+        if self.kernels is True:
+            return KERNEL_NAMES
+        if not self.kernels:
+            return ()
+        return tuple(self.kernels)
+
+    def resolved_embedding_lr(self, learning_rate: float) -> float:
+        if self.embedding_learning_rate is not None:
+            return self.embedding_learning_rate
+        return learning_rate * self.embedding_lr_ratio
+
+    # ------------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        def fail(key: str, problem: str, fix: str) -> None:
+            raise CPTConfigError(f"cpt-plugin config '{key}': {problem}. {fix}")
+
+        def check_number(key: str, value: Any, *, allow_zero: bool, integer: bool = False) -> None:
+            kind = int if integer else (int, float)
+            if isinstance(value, bool) or not isinstance(value, kind):
+                fail(key, f"expected a {'whole ' if integer else ''}number, got {value!r}", "Give a number.")
+            if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+                bound = ">= 0" if allow_zero else "> 0"
+                fail(key, f"got {value!r}", f"Use a value {bound}.")
+
+        check_number("lora_r", self.lora_r, allow_zero=False, integer=True)
+        check_number("lora_alpha", self.lora_alpha, allow_zero=False)
+        if not 0 <= self.lora_dropout < 1:
+            fail("lora_dropout", f"got {self.lora_dropout!r}", "Use a value in [0, 1).")
+        for key in ("learning_rate", "embedding_learning_rate", "weight_decay"):
+            value = getattr(self, key)
+            if value is not None:
+                check_number(key, value, allow_zero=key != "learning_rate")
+        check_number("embedding_lr_ratio", self.embedding_lr_ratio, allow_zero=True)
+        if self.optimizer not in OPTIMIZERS:
+            close = difflib.get_close_matches(str(self.optimizer), OPTIMIZERS, n=1)
+            fix = f"Did you mean '{close[0]}'?" if close else f"Choose one of {', '.join(OPTIMIZERS)}."
+            fail("optimizer", f"unsupported optimizer {self.optimizer!r}", fix)
+        if self.schedule not in SCHEDULES:
+            close = difflib.get_close_matches(str(self.schedule), SCHEDULES, n=1)
+            fix = f"Did you mean '{close[0]}'?" if close else f"Choose one of {', '.join(SCHEDULES)}."
+            fail("schedule", f"unknown schedule {self.schedule!r}", fix)
+        if self.warmup_ratio is not None and not 0 <= self.warmup_ratio < 1:
+            fail("warmup_ratio", f"got {self.warmup_ratio!r}", "Use a fraction in [0, 1).")
+        for key in ("warmup_steps", "cooldown_steps", "anneal_steps"):
+            value = getattr(self, key)
+            if value is not None:
+                check_number(key, value, allow_zero=True, integer=True)
+        if not 0 <= self.min_lr_ratio <= 1:
+            fail("min_lr_ratio", f"got {self.min_lr_ratio!r}", "Use a fraction in [0, 1] of the peak LR.")
+        if not 0 <= self.decay_ratio <= 1:
+            fail("decay_ratio", f"got {self.decay_ratio!r}", "Use a fraction in [0, 1] of the steps.")
+        if not 0 < self.constant_lr_ratio <= 1:
+            fail("constant_lr_ratio", f"got {self.constant_lr_ratio!r}", "Use a fraction in (0, 1] of the peak LR.")
+        if self.schedule.startswith("infinite") and self.min_lr_ratio > self.constant_lr_ratio:
+            fail("min_lr_ratio", "is above constant_lr_ratio", "The final anneal must go down: keep min_lr_ratio <= constant_lr_ratio.")
+        check_number("inv_sqrt_alpha", self.inv_sqrt_alpha, allow_zero=False)
+        check_number("max_seq_length", self.max_seq_length, allow_zero=False, integer=True)
+        if isinstance(self.replay_ratio, bool) or not isinstance(self.replay_ratio, (int, float)) or not 0 <= self.replay_ratio < 1:
+            fail("replay_ratio", f"got {self.replay_ratio!r}", "Use a fraction in [0, 1), e.g. 0.05 for 5% replayed tokens.")
+        if isinstance(self.target_modules, str) and self.target_modules not in ("all-linear",):
+            self.target_modules = [self.target_modules]
+        if self.kernels not in (True, False):
+            if isinstance(self.kernels, str):
+                self.kernels = [self.kernels]
+            if not isinstance(self.kernels, (list, tuple)):
+                fail("kernels", f"got {self.kernels!r}", f"Use true, false or a list out of {', '.join(KERNEL_NAMES)}.")
+            for name in self.kernels:
+                if name not in KERNEL_NAMES:
+                    close = difflib.get_close_matches(str(name), KERNEL_NAMES, n=1)
+                    fix = f"Did you mean '{close[0]}'?" if close else f"Choose from {', '.join(KERNEL_NAMES)}."
+                    fail("kernels", f"unknown kernel {name!r}", fix)
+            self.kernels = list(self.kernels)
+        if self.gradient_checkpointing not in CHECKPOINTING_MODES:
+            fail("gradient_checkpointing", f"got {self.gradient_checkpointing!r}", f"Choose one of {', '.join(CHECKPOINTING_MODES)}.")
+        if self.rope_scaling is not None:
+            if not isinstance(self.rope_scaling, dict) or "rope_type" not in self.rope_scaling:
+                fail("rope_scaling", f"got {self.rope_scaling!r}", 'Give a mapping such as {"rope_type": "yarn", "factor": 4.0}.')
+            if self.rope_scaling["rope_type"] not in ("linear", "dynamic", "yarn"):
+                fail("rope_scaling", f"unknown rope_type {self.rope_scaling['rope_type']!r}", "Use linear, dynamic or yarn.")
+        self._check_available()
+
+    def _check_available(self) -> None:
+        wanted = {
+            "kernels": bool(self.enabled_kernels()),
+            "offload": self.gradient_checkpointing == "offload",
+            "offload_embeddings": self.offload_embeddings,
+            "rope_scaling": self.rope_scaling is not None,
+        }
+        for feature, on in wanted.items():
+            if on and feature not in AVAILABLE_FEATURES:
+                raise CPTConfigError(
+                    f"cpt-plugin config '{feature}': this feature is not available yet in cpt-plugin "
+                    f"{_version()}. Turn it off, or upgrade cpt-plugin."
+                )
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("cpt-plugin")
+    except Exception:  # noqa: BLE001 - not installed as a distribution
+        return "(source)"
