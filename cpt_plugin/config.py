@@ -75,6 +75,8 @@ class CPTConfig:
     kernels: bool | list[str] = False  # True: every kernel; or a list out of KERNEL_NAMES
     gradient_checkpointing: str = "auto"  # auto: follow TrainingArguments.gradient_checkpointing
     offload_embeddings: bool = False  # keep PEFT's frozen embedding originals off the GPU
+    tiled_mlp: bool = False  # run the MLP over the sequence in chunks (long-context memory)
+    tiled_mlp_chunk_tokens: int = 4096
     rope_scaling: dict[str, Any] | None = None  # e.g. {"rope_type": "yarn", "factor": 4.0}
     # --- logging ------------------------------------------------------------------------------
     log_metrics: bool = True
@@ -187,6 +189,7 @@ class CPTConfig:
             fail("min_lr_ratio", "is above constant_lr_ratio", "The final anneal must go down: keep min_lr_ratio <= constant_lr_ratio.")
         check_number("inv_sqrt_alpha", self.inv_sqrt_alpha, allow_zero=False)
         check_number("max_seq_length", self.max_seq_length, allow_zero=False, integer=True)
+        check_number("tiled_mlp_chunk_tokens", self.tiled_mlp_chunk_tokens, allow_zero=False, integer=True)
         if isinstance(self.replay_ratio, bool) or not isinstance(self.replay_ratio, (int, float)) or not 0 <= self.replay_ratio < 1:
             fail("replay_ratio", f"got {self.replay_ratio!r}", "Use a fraction in [0, 1), e.g. 0.05 for 5% replayed tokens.")
         if isinstance(self.target_modules, str) and self.target_modules not in ("all-linear",):
@@ -217,6 +220,7 @@ class CPTConfig:
             "offload": self.gradient_checkpointing == "offload",
             "offload_embeddings": self.offload_embeddings,
             "rope_scaling": self.rope_scaling is not None,
+            "tiled_mlp": self.tiled_mlp,
         }
         for feature, on in wanted.items():
             if on and feature not in AVAILABLE_FEATURES:
