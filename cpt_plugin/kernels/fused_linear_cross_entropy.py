@@ -1,0 +1,338 @@
+"""Fused lm_head + cross-entropy that never materializes the [tokens x vocab] logits.
+
+Why: at a 128K vocabulary the fp32 logits of 8K tokens alone are 4 GiB, and HF's loss keeps several
+copies of them. Here the tokens are processed in chunks: for each chunk the logits come from one
+cuBLAS matmul into a reused buffer (in the compute dtype, as HF's lm_head produces them), one Triton
+kernel turns every row into its loss and overwrites it in place with d(loss)/d(logits) (fp32 math),
+and two more matmuls fold that into the gradients of hidden, weight and bias. The gradients are thus
+computed during the forward (the backward only scales them by grad_output), so the extra memory is one
+logits chunk. CPU tensors without the Triton interpreter take the same chunked path with torch ops.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from cpt_plugin.kernels._utils import use_triton
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton is a dependency, but keep CPU users alive without it
+    triton = None
+
+# Logits-chunk budget (bytes of the chunk buffer). GPU: large enough for efficient matmuls and few
+# read-modify-writes of grad_weight; CPU: small, the torch path makes a few fp32 temporaries per chunk.
+GPU_CHUNK_BYTES = 256 * 1024 * 1024
+CPU_CHUNK_BYTES = 16 * 1024 * 1024
+
+
+def fused_linear_cross_entropy_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items_in_batch: torch.Tensor | int | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Plain PyTorch, the same math as transformers' ForCausalLMLoss / fixed_cross_entropy."""
+    logits = hidden @ weight.t()
+    if bias is not None:
+        logits = logits + bias
+    logits = logits.float()
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    if num_items_in_batch is not None:
+        loss = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(loss.device)
+        return loss / num_items_in_batch
+    return F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction=reduction)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _tanh(x):
+        # libdevice tanh fails in the interpreter (ENVIRONMENT.md trap 5); saturates cleanly at +-1.
+        return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+    @triton.jit
+    def _ce_rows_kernel(
+        logits_ptr,
+        stride_row,
+        labels_ptr,
+        loss_ptr,
+        scale_ptr,
+        n_cols,
+        ignore_index,
+        softcap,
+        HAS_SOFTCAP: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        """One program per row: loss = lse(z) - z[label]; row <- scale * dloss/dlogits (in place)."""
+        row = tl.program_id(0).to(tl.int64)
+        base = logits_ptr + row * stride_row
+        label = tl.load(labels_ptr + row)
+        offs = tl.arange(0, BLOCK)
+        loss = 0.0
+        if label != ignore_index:
+            scale = tl.load(scale_ptr).to(tl.float32)
+            # Pass 1: online log-sum-exp over the vocabulary, one block at a time.
+            m = -float("inf")
+            s = 0.0
+            for start in range(0, n_cols, BLOCK):
+                cols = start + offs
+                mask = cols < n_cols
+                x = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
+                if HAS_SOFTCAP:
+                    x = softcap * _tanh(x / softcap)
+                x = tl.where(mask, x, -float("inf"))
+                m_new = tl.maximum(m, tl.max(x, axis=0))
+                s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+                m = m_new
+            lse = m + tl.log(s)
+            z_t = tl.load(base + label).to(tl.float32)
+            if HAS_SOFTCAP:
+                z_t = softcap * _tanh(z_t / softcap)
+            loss = lse - z_t
+            # Pass 2: gradient (softmax - onehot) * scale, times the softcap derivative 1 - tanh^2.
+            for start in range(0, n_cols, BLOCK):
+                cols = start + offs
+                mask = cols < n_cols
+                x = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
+                if HAS_SOFTCAP:
+                    t = _tanh(x / softcap)
+                    g = tl.exp(softcap * t - lse)
+                    g = tl.where(cols == label, g - 1.0, g) * (1.0 - t * t)
+                else:
+                    g = tl.exp(x - lse)
+                    g = tl.where(cols == label, g - 1.0, g)
+                tl.store(base + cols, (g * scale).to(logits_ptr.dtype.element_ty), mask=mask)
+        else:
+            for start in range(0, n_cols, BLOCK):
+                cols = start + offs
+                mask = cols < n_cols
+                tl.store(base + cols, tl.zeros([BLOCK], dtype=logits_ptr.dtype.element_ty), mask=mask)
+        tl.store(loss_ptr + row, loss)
+
+
+def _ce_chunk_triton(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    loss_rows: torch.Tensor,
+    scale: torch.Tensor,
+    ignore_index: int,
+    softcap: float | None,
+) -> None:
+    rows, n_cols = logits.shape
+    if logits.is_cuda:
+        block, warps = min(triton.next_power_of_2(n_cols), 4096), 8
+    else:
+        block, warps = 256, 4  # small blocks so the CPU tests walk the vocabulary loop
+    _ce_rows_kernel[(rows,)](
+        logits,
+        logits.stride(0),
+        labels,
+        loss_rows,
+        scale,
+        n_cols,
+        ignore_index,
+        float(softcap) if softcap is not None else 1.0,
+        HAS_SOFTCAP=softcap is not None,
+        BLOCK=block,
+        num_warps=warps,
+    )
+
+
+def _ce_chunk_torch(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    loss_rows: torch.Tensor,
+    scale: torch.Tensor,
+    ignore_index: int,
+    softcap: float | None,
+) -> None:
+    """Same contract as the Triton kernel, in torch ops (fp32 temporaries of one chunk)."""
+    z = logits.float()
+    if softcap is not None:
+        t = torch.tanh(z / softcap)
+        z = softcap * t
+    lse = torch.logsumexp(z, dim=-1)
+    valid = labels != ignore_index
+    safe = torch.where(valid, labels, torch.zeros_like(labels)).unsqueeze(1)
+    z_t = z.gather(1, safe).squeeze(1)
+    loss_rows.copy_(torch.where(valid, lse - z_t, torch.zeros_like(lse)))
+    g = torch.exp(z - lse.unsqueeze(1))
+    g.scatter_add_(1, safe, torch.full_like(z_t, -1.0).unsqueeze(1))
+    if softcap is not None:
+        g.mul_(1.0 - t * t)
+    g.mul_((valid.float() * scale).unsqueeze(1))
+    logits.copy_(g)
+
+
+def _accumulate_grad_weight(grad_weight: torch.Tensor, dlogits: torch.Tensor, x: torch.Tensor) -> None:
+    """grad_weight += dlogits^T @ x, with fp32 accumulation inside the matmul whatever the dtypes."""
+    if grad_weight.dtype == dlogits.dtype:
+        grad_weight.addmm_(dlogits.t(), x)
+    elif grad_weight.is_cuda and grad_weight.dtype == torch.float32:
+        torch.addmm(grad_weight, dlogits.t(), x, out_dtype=torch.float32, out=grad_weight)
+    else:
+        grad_weight.addmm_(dlogits.t().to(grad_weight.dtype), x.to(grad_weight.dtype))
+
+
+def _chunk_rows(n_rows: int, n_cols: int, elem_size: int, device: torch.device) -> int:
+    budget = GPU_CHUNK_BYTES if device.type == "cuda" else CPU_CHUNK_BYTES
+    rows = max(1, budget // max(1, n_cols * elem_size))
+    if rows >= 64:
+        rows = rows // 64 * 64  # matmul-friendly
+    return min(rows, n_rows)
+
+
+def _scale_factor(
+    labels: torch.Tensor, ignore_index: int, reduction: str, num_items_in_batch: torch.Tensor | int | None
+) -> torch.Tensor:
+    """The factor from the summed loss to the returned loss, as a 1-element fp32 device tensor (no sync)."""
+    device = labels.device
+    if num_items_in_batch is not None:
+        n = torch.as_tensor(num_items_in_batch, device=device).to(torch.float32).reshape(1)
+        return 1.0 / n
+    if reduction == "sum":
+        return torch.ones(1, dtype=torch.float32, device=device)
+    n_valid = (labels != ignore_index).sum().to(torch.float32).reshape(1)
+    return 1.0 / n_valid.clamp(min=1.0)
+
+
+def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return torch.promote_types(hidden.dtype, weight.dtype)
+
+
+def _forward_with_grads(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None,
+    ignore_index: int,
+    scale: torch.Tensor,
+    softcap: float | None,
+    dtype: torch.dtype,
+    need_grad_hidden: bool,
+    need_grad_weight: bool,
+    need_grad_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    n_rows = hidden.shape[0]
+    n_cols = weight.shape[0]
+    x_all = hidden.to(dtype)
+    w = weight.to(dtype)
+    b = bias.to(dtype) if bias is not None else None
+    labels = labels.contiguous()
+    device = hidden.device
+    ce_chunk = _ce_chunk_triton if use_triton(hidden) and triton is not None else _ce_chunk_torch
+
+    grad_hidden = (
+        torch.empty((n_rows, hidden.shape[1]), dtype=dtype, device=device) if need_grad_hidden else None
+    )
+    grad_weight = torch.zeros_like(weight) if need_grad_weight else None
+    grad_bias = torch.zeros(n_cols, dtype=torch.float32, device=device) if need_grad_bias else None
+    loss_rows = torch.empty(n_rows, dtype=torch.float32, device=device)
+    chunk = _chunk_rows(n_rows, n_cols, w.element_size(), device)
+    buffer = torch.empty((chunk, n_cols), dtype=dtype, device=device)
+
+    for start in range(0, n_rows, chunk):
+        end = min(start + chunk, n_rows)
+        x = x_all[start:end]
+        logits = buffer[: end - start]
+        if b is not None:
+            torch.addmm(b, x, w.t(), out=logits)
+        else:
+            torch.mm(x, w.t(), out=logits)
+        ce_chunk(logits, labels[start:end], loss_rows[start:end], scale, ignore_index, softcap)
+        if grad_hidden is not None:
+            torch.mm(logits, w, out=grad_hidden[start:end])
+        if grad_weight is not None:
+            _accumulate_grad_weight(grad_weight, logits, x)
+        if grad_bias is not None:
+            grad_bias.add_(logits.sum(dim=0, dtype=torch.float32))
+
+    loss = (loss_rows.sum() * scale).squeeze(0)
+    if grad_hidden is not None and grad_hidden.dtype != hidden.dtype:
+        grad_hidden = grad_hidden.to(hidden.dtype)
+    if grad_bias is not None:
+        grad_bias = grad_bias.to(bias.dtype)
+    return loss, grad_hidden, grad_weight, grad_bias
+
+
+def _run(hidden, weight, labels, bias, ignore_index, scale, softcap, dtype, needs):
+    # Our matmuls pick their dtype explicitly; autocast would re-cast the weight on every chunk.
+    with torch.autocast(hidden.device.type, enabled=False):
+        return _forward_with_grads(hidden, weight, labels, bias, ignore_index, scale, softcap, dtype, *needs)
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, bias, ignore_index, scale, softcap, dtype, needs):
+        loss, gh, gw, gb = _run(hidden, weight, labels, bias, ignore_index, scale, softcap, dtype, needs)
+        ctx.grads = (gh, gw, gb)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        gh, gw, gb = ctx.grads
+        ctx.grads = None  # the gradients are scaled in place: a second backward would be wrong
+        if gh is None and gw is None and gb is None:
+            raise RuntimeError(
+                "fused_linear_cross_entropy: backward called twice (use retain_graph only once)"
+            )
+        if not bool((grad_output == 1).all()):
+            for g in (gh, gw, gb):
+                if g is not None:
+                    g.mul_(grad_output.to(g.dtype))
+        return gh, gw, None, gb, None, None, None, None, None
+
+
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items_in_batch: torch.Tensor | int | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Cross-entropy of `hidden @ weight.T (+ bias)` against `labels` without the full logits.
+
+    hidden [N, H] (already shifted and flattened), weight [V, H], labels [N] int64. Same result as
+    `fused_linear_cross_entropy_reference`: mean over non-ignored tokens (0 when all are ignored),
+    "sum", or sum / num_items_in_batch when that is given (transformers' convention).
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if hidden.dim() != 2 or weight.dim() != 2 or labels.dim() != 1 or hidden.shape[0] != labels.shape[0]:
+        raise ValueError(
+            f"expected hidden [N, H], weight [V, H], labels [N]; got {tuple(hidden.shape)}, "
+            f"{tuple(weight.shape)}, {tuple(labels.shape)}"
+        )
+    grad_on = torch.is_grad_enabled()
+    needs = (
+        grad_on and hidden.requires_grad,
+        grad_on and weight.requires_grad,
+        grad_on and bias is not None and bias.requires_grad,
+    )
+    labels = labels.to(hidden.device)
+    scale = _scale_factor(labels, ignore_index, reduction, num_items_in_batch)
+    dtype = _compute_dtype(hidden, weight)  # decided here, where the caller's autocast is still visible
+    if not any(needs):
+        with torch.no_grad():
+            return _run(hidden, weight, labels, bias, ignore_index, scale, softcap, dtype, needs)[0]
+    return _FusedLinearCrossEntropy.apply(
+        hidden, weight, labels, bias, ignore_index, scale, softcap, dtype, needs
+    )
