@@ -1,0 +1,225 @@
+"""The generic ``XForCausalLM.forward``: the fused linear cross-entropy in training, the original otherwise.
+
+In training with labels the [tokens, vocab] logits are never built: the last hidden states and the
+LM head's weight go straight into ``fused_linear_cross_entropy``. Labels are shifted exactly like
+transformers' ``ForCausalLMLoss`` (pad with ignore_index, drop the first), ``num_items_in_batch``
+(gradient accumulation) and Gemma's ``final_logit_softcapping`` are honoured. In eval mode or without
+labels the original forward runs, so generation and evaluation return logits as before.
+
+The LM head may be an ``nn.Linear`` (tied or not), a PEFT ``ModulesToSaveWrapper`` (its active
+trainable copy is used) or a PEFT LoRA ``Linear``: then the loss sees ``[x, dropout(x) A^T]`` against
+``[W, scaling * B]``, which equals ``x W^T + scaling * B A dropout(x)`` and lets autograd reach A and B
+(a fused loss that only reads ``lm_head.weight`` would leave them untrained). Anything else falls back
+to the original forward.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+# (hidden[N, H]) -> (hidden'[N, H'], weight[V, H'], bias[V] | None)
+HeadPlan = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
+
+
+def make_causal_lm_forward(original: Callable[..., Any], softcap_attr: str | None) -> Callable[..., Any]:
+    """Wraps ``original`` (keeping its signature, which Trainer and generate() inspect)."""
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        call = _bind(signature, self, args, kwargs)
+        if call is None or not _wants_fused_loss(self, call):
+            return original(self, *args, **kwargs)
+        plan = lm_head_plan(self.lm_head)
+        if plan is None:
+            return original(self, *args, **kwargs)
+        return _fused_forward(self, call, plan, softcap_attr)
+
+    forward.__cpt_patched__ = True  # type: ignore[attr-defined]
+    forward.__cpt_original__ = original  # type: ignore[attr-defined]
+    return forward
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+class _Call:
+    """The original forward's arguments, split into named ones and its ``**kwargs``."""
+
+    def __init__(self, named: dict[str, Any], extra: dict[str, Any], return_dict: bool | None) -> None:
+        self.named, self.extra, self.return_dict = named, extra, return_dict
+
+
+def _bind(signature: inspect.Signature, self: nn.Module, args: tuple, kwargs: dict[str, Any]) -> _Call | None:
+    kwargs = dict(kwargs)
+    return_dict = kwargs.pop("return_dict", None)
+    try:
+        bound = signature.bind(self, *args, **kwargs)
+    except TypeError:
+        return None
+    named = dict(bound.arguments)
+    extra: dict[str, Any] = {}
+    params = list(signature.parameters.values())
+    named.pop(params[0].name, None)  # self
+    for param in params:
+        if param.kind is param.VAR_KEYWORD:
+            extra = dict(named.pop(param.name, {}))
+        elif param.kind is param.VAR_POSITIONAL and named.pop(param.name, ()):
+            return None  # positional extras we cannot route safely
+    return _Call(named, extra, return_dict)
+
+
+def _wants_fused_loss(self: nn.Module, call: _Call) -> bool:
+    if call.named.get("labels") is None:
+        return False
+    if not hasattr(self, "model") or not hasattr(self, "lm_head"):
+        return False
+    loss_function = getattr(self, "loss_function", None)
+    if getattr(loss_function, "__name__", "ForCausalLMLoss") != "ForCausalLMLoss":
+        return False  # a custom loss was set on the model: respect it
+    flag = getattr(self, "cpt_fused_loss", None)
+    if flag is not None:
+        return bool(flag)
+    return self.training
+
+
+def _fused_forward(self: nn.Module, call: _Call, plan: HeadPlan, softcap_attr: str | None) -> Any:
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    from cpt_plugin.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
+
+    named = dict(call.named)
+    labels = named.pop("labels")
+    logits_to_keep = named.pop("logits_to_keep", 0)
+    outputs = self.model(**named, **call.extra)
+
+    hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
+    ignore_index = call.extra.get("ignore_index", -100)
+    shift_labels = call.extra.get("shift_labels")
+    if shift_labels is None:
+        shift_labels = nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    hidden, shift_labels = _keep(hidden, shift_labels, logits_to_keep)
+
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    flat_labels = shift_labels.reshape(-1).to(flat_hidden.device)
+    head_hidden, weight, bias = plan(flat_hidden)
+    num_items = call.extra.get("num_items_in_batch")
+    if torch.is_tensor(num_items):
+        num_items = num_items.to(flat_hidden.device)
+    softcap = getattr(self.config, softcap_attr, None) if softcap_attr else None
+    loss = fused_linear_cross_entropy(
+        head_hidden,
+        weight,
+        flat_labels,
+        bias,
+        ignore_index=ignore_index,
+        reduction="mean",
+        num_items_in_batch=num_items,
+        softcap=softcap,
+    )
+
+    fields = CausalLMOutputWithPast.__dataclass_fields__
+    cache_field = "cache" if "cache" in fields else "past_key_values"
+    cache = (
+        getattr(outputs, "cache", None)
+        if hasattr(outputs, "cache")
+        else getattr(outputs, "past_key_values", None)
+    )
+    result = CausalLMOutputWithPast(
+        loss=loss,
+        logits=None,
+        hidden_states=getattr(outputs, "hidden_states", None),
+        attentions=getattr(outputs, "attentions", None),
+        **{cache_field: cache},
+    )
+    return_dict = call.return_dict
+    if return_dict is None:
+        return_dict = getattr(self.config, "return_dict", True)
+    return result if return_dict else result.to_tuple()
+
+
+def _keep(
+    hidden: torch.Tensor, labels: torch.Tensor, logits_to_keep: int | torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keeps the same positions of hidden states and shifted labels, as ``logits_to_keep`` says."""
+    if isinstance(logits_to_keep, int):
+        if logits_to_keep == 0:
+            return hidden, labels
+        index: slice | torch.Tensor = slice(-logits_to_keep, None)
+    else:
+        index = logits_to_keep
+    hidden = hidden[:, index, :]
+    if labels.shape[-1] != hidden.shape[1]:
+        labels = labels[..., index]
+    return hidden, labels
+
+
+# ------------------------------------------------------------------------------------------------
+# The LM head's effective weight.
+
+
+def lm_head_plan(head: nn.Module) -> HeadPlan | None:
+    """How to feed ``head`` to the fused loss, or None when it is a kind we do not understand."""
+    peft_types = _peft_types()
+    if peft_types is not None:
+        modules_to_save_wrapper, lora_linear = peft_types
+        if isinstance(head, modules_to_save_wrapper):
+            return lm_head_plan(_active_copy(head))
+        if isinstance(head, lora_linear):
+            return _lora_plan(head)
+    if isinstance(head, nn.Linear) and type(head).forward is nn.Linear.forward:
+        weight, bias = head.weight, head.bias
+        return lambda hidden: (hidden, weight, bias)
+    return None
+
+
+def _peft_types() -> tuple[type, type] | None:
+    try:
+        from peft.tuners.lora import Linear as LoraLinear
+        from peft.utils.other import ModulesToSaveWrapper
+    except ImportError:
+        return None
+    return ModulesToSaveWrapper, LoraLinear
+
+
+def _active_copy(wrapper: nn.Module) -> nn.Module:
+    """The module a ``ModulesToSaveWrapper`` forwards to right now (mirrors its forward)."""
+    active = list(wrapper.active_adapters)
+    if wrapper.disable_adapters or not active or any(a not in wrapper.modules_to_save for a in active):
+        return wrapper.original_module
+    return wrapper.modules_to_save[active[0]]
+
+
+def _lora_plan(layer: nn.Module) -> HeadPlan | None:
+    base = lm_head_plan(layer.get_base_layer())
+    if base is None:
+        return None
+    if layer.disable_adapters or layer.merged:
+        return base
+    adapters = [a for a in layer.active_adapters if a in layer.lora_A]
+    if any(a in getattr(layer, "lora_variant", {}) for a in adapters):
+        return None  # DoRA and other variants: use the original path
+    if getattr(layer, "use_dora", {}) and any(layer.use_dora.get(a, False) for a in adapters):
+        return None
+
+    def plan(hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        hidden_out, weight, bias = base(hidden)
+        hidden_parts, weight_parts = [hidden_out], [weight]
+        for adapter in adapters:
+            lora_a, lora_b = layer.lora_A[adapter], layer.lora_B[adapter]
+            scaling = layer.scaling[adapter]
+            x = layer.lora_dropout[adapter](hidden.to(lora_a.weight.dtype))
+            hidden_parts.append(nn.functional.linear(x, lora_a.weight).to(hidden_out.dtype))
+            weight_parts.append((lora_b.weight * scaling).to(weight.dtype))
+            if lora_b.bias is not None:
+                extra_bias = (lora_b.bias * scaling).to(weight.dtype)
+                bias = extra_bias if bias is None else bias + extra_bias
+        return torch.cat(hidden_parts, dim=-1), torch.cat(weight_parts, dim=-1), bias
+
+    return plan

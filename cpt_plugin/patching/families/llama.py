@@ -1,0 +1,12 @@
+"""Llama (LlamaForCausalLM): SwiGLU MLP, Llama-style RMSNorm casting."""
+
+from cpt_plugin.patching.family import FamilySpec
+
+LLAMA = FamilySpec(
+    name="llama",
+    model_types=("llama",),
+    module="transformers.models.llama.modeling_llama",
+    rms_norm_class="LlamaRMSNorm",
+    mlp_class="LlamaMLP",
+    causal_lm_classes=("LlamaForCausalLM",),
+)
