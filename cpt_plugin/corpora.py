@@ -143,7 +143,9 @@ def write_default_corpora(out_dir: str | os.PathLike, max_mb: float = 1.5) -> di
             f"No standard-library sources found under {stdlib}; cannot build the default corpora."
         )
     new_train, new_heldout = _split(modules, budget)
-    old_train, old_heldout = _split(_prose_documents(stdlib, modules), budget)
+    # Name-hash order mixes topics, LICENSE and docstrings, so any budget gives a varied sample.
+    prose = sorted(_prose_documents(stdlib, modules), key=lambda doc: _digest(doc[0]))
+    old_train, old_heldout = _split(prose, budget)
     paths = {
         "old_train": out / "old_train.jsonl",
         "old_heldout": out / "old_heldout.jsonl",
