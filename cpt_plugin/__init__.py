@@ -9,12 +9,13 @@ from typing import TYPE_CHECKING, Any
 
 from cpt_plugin.config import CPTConfig, CPTConfigError
 
-__all__ = ["CPTConfig", "CPTConfigError", "CPTCallback", "prepare_model", "patch", "unpatch"]
+__all__ = ["CPTConfig", "CPTConfigError", "CPTCallback", "prepare_model", "setup_model", "patch", "unpatch"]
 __version__ = "0.1.0"
 
 _LAZY = {
     "CPTCallback": "cpt_plugin.integrations.hf",
     "prepare_model": "cpt_plugin.recipe",
+    "setup_model": "cpt_plugin.core",
     "patch": "cpt_plugin.patching.registry",
     "unpatch": "cpt_plugin.patching.registry",
 }
@@ -22,6 +23,7 @@ _LAZY = {
 if TYPE_CHECKING:  # pragma: no cover
     from cpt_plugin.integrations.hf import CPTCallback
     from cpt_plugin.patching.registry import patch, unpatch
+    from cpt_plugin.core import setup_model
     from cpt_plugin.recipe import prepare_model
 
 

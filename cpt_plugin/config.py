@@ -55,7 +55,7 @@ class CPTConfig:
     embedding_learning_rate: float | None = None  # None: learning_rate * embedding_lr_ratio
     embedding_lr_ratio: float = 0.1
     weight_decay: float | None = None  # None: TrainingArguments.weight_decay
-    optimizer: str = "adamw_torch_fused"  # falls back to plain AdamW where fused is unavailable
+    optimizer: str | None = None  # None: follow TrainingArguments.optim (AdamW kinds), else fused AdamW
     # --- schedule ---------------------------------------------------------------------------
     schedule: str = "cosine"
     warmup_ratio: float | None = None  # None: TrainingArguments warm-up
@@ -165,7 +165,7 @@ class CPTConfig:
             if value is not None:
                 check_number(key, value, allow_zero=key != "learning_rate")
         check_number("embedding_lr_ratio", self.embedding_lr_ratio, allow_zero=True)
-        if self.optimizer not in OPTIMIZERS:
+        if self.optimizer is not None and self.optimizer not in OPTIMIZERS:
             close = difflib.get_close_matches(str(self.optimizer), OPTIMIZERS, n=1)
             fix = f"Did you mean '{close[0]}'?" if close else f"Choose one of {', '.join(OPTIMIZERS)}."
             fail("optimizer", f"unsupported optimizer {self.optimizer!r}", fix)

@@ -1,0 +1,175 @@
+"""prepare_model: turns a base causal LM into the trainable CPT model through PEFT.
+
+The recipe: rank-stabilized LoRA (scale alpha/sqrt(r)) on every attention and MLP projection, and the
+input embeddings and lm_head fully trained as PEFT ``modules_to_save`` copies (their learning rate is
+set by the optimizer groups, see optim.py). Tied input/output embeddings stay tied: PEFT's
+``ensure_weight_tying`` makes both wrappers share one trainable copy, so merging keeps them tied too.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from torch import nn
+
+from cpt_plugin.config import CPTConfig, CPTConfigError
+
+logger = logging.getLogger(__name__)
+
+# Names that are not LoRA targets whatever the architecture: they are trained fully instead.
+_EMBEDDING_NAMES = {"embed_tokens", "lm_head", "wte", "word_embeddings", "embed_out", "output"}
+
+
+def _module_name(model: nn.Module, target: nn.Module | None) -> str | None:
+    if target is None:
+        return None
+    for name, module in model.named_modules():
+        if module is target:
+            return name
+    return None
+
+
+def _embedding_names(model: nn.Module) -> tuple[str | None, str | None]:
+    input_embeddings = model.get_input_embeddings()
+    try:
+        output_embeddings = model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        output_embeddings = None
+    return _module_name(model, input_embeddings), _module_name(model, output_embeddings)
+
+
+def embeddings_tied(model: nn.Module) -> bool:
+    """True when the input embeddings and lm_head share one weight tensor."""
+    try:
+        output_embeddings = model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return False
+    if output_embeddings is None:
+        return False
+    return model.get_input_embeddings().weight is output_embeddings.weight
+
+
+def _is_linear(module: nn.Module) -> bool:
+    if isinstance(module, nn.Linear):
+        return True
+    # bitsandbytes' Linear4bit/Linear8bitLt subclass nn.Linear; other quantized layers name themselves so
+    return type(module).__name__ in {"Linear4bit", "Linear8bitLt", "QuantLinear"}
+
+
+def resolve_target_modules(model: nn.Module, requested: list[str] | str | None) -> tuple[list[str], list[str]]:
+    """Returns (LoRA targets, names moved to full training).
+
+    Default: the leaf names of every linear layer except the embeddings and lm_head (for Llama-style
+    models: q/k/v/o_proj and gate/up/down_proj). Embedding names that a user lists as LoRA targets
+    (a habit from other tools' notebooks) are moved to full training.
+    """
+    input_name, output_name = _embedding_names(model)
+    embedding_leafs = {n.split(".")[-1] for n in (input_name, output_name) if n} | _EMBEDDING_NAMES
+    if requested is None or requested == "all-linear":
+        names = sorted(
+            {
+                name.split(".")[-1]
+                for name, module in model.named_modules()
+                if _is_linear(module) and name and name != output_name
+            }
+            - embedding_leafs
+        )
+        if not names:
+            raise CPTConfigError("cpt-plugin: found no linear layers to put LoRA on. Set 'target_modules' explicitly.")
+        return names, []
+    requested_list = [requested] if isinstance(requested, str) else list(requested)
+    moved = [name for name in requested_list if name.split(".")[-1] in embedding_leafs]
+    targets = [name for name in requested_list if name not in moved]
+    if not targets:
+        raise CPTConfigError(
+            "cpt-plugin config 'target_modules': only embeddings were listed. Add the projections "
+            "(e.g. q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj) or leave it unset."
+        )
+    return targets, moved
+
+
+def _count(params: Any) -> int:
+    seen: set[int] = set()
+    total = 0
+    for param in params:
+        if id(param) not in seen:
+            seen.add(id(param))
+            total += param.numel()
+    return total
+
+
+def trainable_summary(model: nn.Module) -> str:
+    """One line: trainable parameters by group (LoRA, embeddings) and of the whole model."""
+    from cpt_plugin.optim import embedding_parameter_ids
+
+    embedding_ids = embedding_parameter_ids(model)
+    all_params = list(model.parameters())
+    trainable = [p for p in all_params if p.requires_grad]
+    embedding = [p for p in trainable if id(p) in embedding_ids]
+    lora = [p for p in trainable if id(p) not in embedding_ids]
+    total, n_train = _count(all_params), _count(trainable)
+    tied = " (tied: one shared copy)" if embeddings_tied(getattr(model, "base_model", model)) else ""
+    return (
+        f"cpt-plugin: trainable {n_train / 1e6:.2f}M of {total / 1e6:.2f}M parameters "
+        f"({100.0 * n_train / max(total, 1):.2f}%): LoRA {_count(lora) / 1e6:.2f}M, "
+        f"embeddings {_count(embedding) / 1e6:.2f}M{tied}"
+    )
+
+
+def build_lora_config(model: nn.Module, config: CPTConfig) -> Any:
+    """The PEFT LoraConfig of the CPT recipe for this model."""
+    from peft import LoraConfig
+
+    targets, moved = resolve_target_modules(model, config.target_modules)
+    input_name, output_name = _embedding_names(model)
+    tied = embeddings_tied(model)
+    modules_to_save: list[str] = []
+    if config.train_embeddings or moved:
+        if moved and not config.train_embeddings:
+            logger.warning(
+                "cpt-plugin: %s listed in target_modules are trained fully (modules_to_save), not as LoRA "
+                "factors: a fused loss reads lm_head.weight directly and would leave LoRA factors untrained.",
+                ", ".join(moved),
+            )
+        elif moved:
+            logger.warning(
+                "cpt-plugin: %s removed from LoRA targets; embeddings and lm_head are trained fully "
+                "(train_embeddings=True).",
+                ", ".join(moved),
+            )
+        for name in (input_name, output_name):
+            if name and not (tied and name == output_name):
+                modules_to_save.append(name.split(".")[-1])
+    return LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        use_rslora=config.use_rslora,
+        target_modules=targets,
+        modules_to_save=modules_to_save or None,
+        ensure_weight_tying=bool(tied and modules_to_save),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def prepare_model(model: nn.Module, config: CPTConfig | dict | None = None, **overrides: Any) -> Any:
+    """Wraps ``model`` as a PEFT model with the CPT recipe and returns it.
+
+    Kernels are not applied here (see ``cpt_plugin.patch``); this only decides what is trained.
+    """
+    from peft import PeftModel, get_peft_model
+
+    config = CPTConfig.coerce(config, **overrides)
+    if isinstance(model, PeftModel) or hasattr(model, "peft_config"):
+        raise CPTConfigError(
+            "cpt-plugin: prepare_model got a model that is already a PEFT model. Pass the base model "
+            "(before get_peft_model), or unload the adapter first with model.merge_and_unload() / "
+            "model.get_base_model(); cpt-plugin sets up LoRA and the embeddings itself."
+        )
+    lora_config = build_lora_config(model, config)
+    peft_model = get_peft_model(model, lora_config)
+    peft_model.cpt_config = config
+    print(trainable_summary(peft_model))
+    return peft_model

@@ -1,0 +1,58 @@
+import pytest
+
+from cpt_plugin.config import CPTConfig, CPTConfigError
+
+
+def test_defaults():
+    config = CPTConfig()
+    assert config.lora_r == 128 and config.lora_alpha == 32 and config.use_rslora
+    assert config.train_embeddings and config.embedding_lr_ratio == 0.1
+    assert config.resolved_embedding_lr(2e-4) == pytest.approx(2e-5)
+    assert CPTConfig(embedding_learning_rate=1e-6).resolved_embedding_lr(2e-4) == 1e-6
+
+
+def test_unknown_key_names_closest():
+    with pytest.raises(CPTConfigError, match="Unknown cpt-plugin config key 'lora_rank'.*'lora_r'"):
+        CPTConfig.from_dict({"lora_rank": 8})
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("lora_r", 0, "lora_r"),
+        ("lora_r", -4, "lora_r"),
+        ("learning_rate", -1e-4, "learning_rate"),
+        ("embedding_learning_rate", -1.0, "embedding_learning_rate"),
+        ("replay_ratio", 1.0, r"replay_ratio.*\[0, 1\)"),
+        ("replay_ratio", -0.1, "replay_ratio"),
+        ("max_seq_length", 0, "max_seq_length"),
+        ("optimizer", "adamw_8bitt", "Did you mean 'adamw_8bit'"),
+        ("schedule", "cosin", "Did you mean 'cosine'"),
+        ("kernels", ["rmsnorm"], "Did you mean 'rms_norm'"),
+        ("gradient_checkpointing", "yes", "gradient_checkpointing"),
+        ("rope_scaling", {"factor": 2.0}, "rope_scaling"),
+    ],
+)
+def test_bad_values_raise_with_key_and_fix(key, value, message):
+    with pytest.raises(CPTConfigError, match=message):
+        CPTConfig(**{key: value})
+
+
+def test_yaml_and_dict_and_kwargs(tmp_path):
+    path = tmp_path / "cpt.yaml"
+    path.write_text("lora_r: 16\nschedule: wsd\nreplay_ratio: 0.25\n")
+    config = CPTConfig.coerce(path, lora_alpha=8)
+    assert (config.lora_r, config.schedule, config.replay_ratio, config.lora_alpha) == (16, "wsd", 0.25, 8)
+    assert CPTConfig.coerce({"lora_r": 4}).lora_r == 4
+    with pytest.raises(CPTConfigError, match="Unknown"):
+        CPTConfig.coerce(path, lora_alfa=3)
+
+
+def test_unbuilt_feature_raises_not_available(monkeypatch):
+    from cpt_plugin import config as config_module
+
+    monkeypatch.setattr(config_module, "AVAILABLE_FEATURES", set())
+    with pytest.raises(CPTConfigError, match="not available yet"):
+        CPTConfig(gradient_checkpointing="offload")
+    with pytest.raises(CPTConfigError, match="not available yet"):
+        CPTConfig(kernels=True)
