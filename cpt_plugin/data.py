@@ -14,6 +14,10 @@ Packing contract (see :func:`pack_documents`):
   document; the label at block position 0 is always -100 as well (HF causal-LM losses shift labels
   left, so that label is never a target anyway, and masking it keeps ``num_items_in_batch`` exact);
 - the final partial block is dropped by default (``drop_last=False`` pads it instead).
+
+Special tokens: documents are tokenized with ``add_special_tokens=False``; EOS is appended to every
+document, and BOS is prepended only when the tokenizer adds one by itself (Llama, Gemma: the model was
+pretrained with it; Qwen adds none), so each packed document looks like a document the model has seen.
 """
 
 from __future__ import annotations
@@ -140,7 +144,13 @@ def _iter_path(path: Path, text_field: str, split: str) -> Iterator[str]:
     elif _is_jsonl(path):
         yield from _iter_jsonl(path, text_field)
     else:
-        yield from _iter_text_file(path, split)
+        try:
+            yield from _iter_text_file(path, split)
+        except UnicodeDecodeError as error:
+            raise DataSourceError(
+                f"'{path}' is not UTF-8 text ({error.reason} at byte {error.start}). "
+                "Convert it to UTF-8, or point at a folder (undecodable files there are skipped)."
+            ) from None
 
 
 def _is_jsonl(path: Path) -> bool:

@@ -250,6 +250,9 @@ def test_source_errors(tmp_path):
         list(iter_documents(tmp_path / "empty.txt"))
     with pytest.raises(DataSourceError, match="has no documents"):
         list(iter_documents([]))
+    (tmp_path / "latin.txt").write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(DataSourceError, match=r"latin\.txt' is not UTF-8 text"):
+        list(iter_documents(tmp_path / "latin.txt"))
     with pytest.raises(DataSourceError, match="yielded a int"):
         list(iter_documents([1, 2]))
 
@@ -314,6 +317,14 @@ def test_dataset_streams_without_reading_everything(tokenizer):
     block = next(iter(ds))
     assert block["input_ids"].shape == (16,)
     assert len(consumed) <= 16
+
+
+def test_dataset_shuffle_buffer_is_a_seeded_permutation(tokenizer):
+    docs = _docs(150)
+    plain = [tuple(b["input_ids"].tolist()) for b in CPTDataset(docs, tokenizer, 16)]
+    shuffled = [tuple(b["input_ids"].tolist()) for b in CPTDataset(docs, tokenizer, 16, shuffle_buffer=8)]
+    again = [tuple(b["input_ids"].tolist()) for b in CPTDataset(docs, tokenizer, 16, shuffle_buffer=8)]
+    assert shuffled == again and shuffled != plain and sorted(shuffled) == sorted(plain)
 
 
 def test_dataset_refuses_one_shot_iterator(tokenizer):
