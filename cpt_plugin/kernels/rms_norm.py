@@ -126,8 +126,13 @@ def _rms_norm_bwd_kernel(
     tl.store(DW_PARTIAL + pid.to(tl.int64) * n_cols + cols, tl.sum(dw_acc, axis=0), mask=col_mask)
 
 
-def _launch_shape(n_cols: int, target: int) -> tuple[int, int, int]:
-    """(BLOCK_COLS, BLOCK_ROWS, num_warps): one row per program for big rows, several for small ones."""
+def _launch_shape(n_cols: int, target: int, device: torch.device) -> tuple[int, int, int]:
+    """(BLOCK_COLS, BLOCK_ROWS, num_warps): one row per program for big rows, several for small ones.
+
+    The interpreter pays per operation, not per element: there, fewer and bigger programs.
+    """
+    if device.type != "cuda":
+        target *= 8
     block_cols = triton.next_power_of_2(n_cols)
     block_rows = max(1, min(64, target // block_cols))
     return block_cols, block_rows, warps_for(block_rows * block_cols)
@@ -146,7 +151,7 @@ class _RMSNormFunction(torch.autograd.Function):
             out_dtype = torch.promote_types(x.dtype, weight.dtype)
         y = torch.empty((n_rows, n_cols), dtype=out_dtype, device=x.device)
         rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-        block_cols, block_rows, num_warps = _launch_shape(n_cols, target=4096)
+        block_cols, block_rows, num_warps = _launch_shape(n_cols, 4096, x.device)
         if n_rows > 0:
             _rms_norm_fwd_kernel[(triton.cdiv(n_rows, block_rows),)](
                 x2,
@@ -176,8 +181,8 @@ class _RMSNormFunction(torch.autograd.Function):
         n_rows, n_cols = x2.shape
         dy2 = as_rows(dy)
         dx = torch.empty((n_rows, n_cols), dtype=x2.dtype, device=x2.device)
-        block_cols, block_rows, num_warps = _launch_shape(n_cols, target=2048)
-        n_programs = max(1, min(num_programs_for(x2.device), n_rows))
+        block_cols, block_rows, num_warps = _launch_shape(n_cols, 2048, x2.device)
+        n_programs = max(1, min(num_programs_for(x2.device, cpu=2), n_rows))
         rows_per_program = triton.cdiv(max(n_rows, 1), n_programs)
         n_programs = triton.cdiv(max(n_rows, 1), rows_per_program)
         dw_partial = torch.empty((n_programs, n_cols), dtype=torch.float32, device=x2.device)
