@@ -1,0 +1,340 @@
+"""Gradient checkpointing that can keep each decoder layer's input in pinned host memory.
+
+Why: with checkpointing, what stays on the GPU between forward and backward is one hidden state per
+decoder layer (``layers x tokens x hidden``), which dominates at long context. In "offload" mode that
+input is copied to pinned CPU memory on a side CUDA stream while the layer computes, the GPU copy is
+freed as soon as the transfer is done, and in backward the input of layer ``i - 1`` is copied back while
+layer ``i`` is recomputed, so the copies hide behind compute.
+
+How it plugs in: transformers routes every way of enabling checkpointing (``gradient_checkpointing_enable``,
+``activation_checkpointing_enable``, the Trainer, PEFT) through ``PreTrainedModel._set_gradient_checkpointing``
+(5.17 and 5.24). We wrap that method on the model instances so that our checkpoint function is the one
+installed on every checkpointed layer, now and whenever checkpointing is enabled again later.
+
+The recompute itself is ``torch.utils.checkpoint`` (non-reentrant: RNG and autocast state preserved, works
+with DDP, no need for inputs that require grad). For offload, the layer input is handed to it through a
+small handle instead of as a tensor argument, so that checkpoint's closure does not keep it on the GPU; on
+recompute the handle returns the copy fetched back from the host.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import types
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+logger = logging.getLogger(__name__)
+
+MODES = ("off", "recompute", "offload")
+_WARNED_NO_CUDA = False
+
+
+# ----------------------------------------------------------------------------------------------
+# Host buffer pool
+# ----------------------------------------------------------------------------------------------
+class HostBufferPool:
+    """Reuses (pinned) host buffers across steps so that host memory stays flat.
+
+    Buffers are flat byte tensors, keyed by device (a buffer is only reused on the stream that last used
+    it, so stream order alone protects it). A request takes the smallest free buffer that fits; when none
+    fits, free buffers that are too small (left over from other shapes) are dropped before a new one is
+    allocated, so the pool holds roughly the peak number of buffers in flight.
+    """
+
+    def __init__(self) -> None:
+        self._free: dict[Any, list[torch.Tensor]] = {}
+        self._lock = threading.Lock()
+        self.count = 0  # buffers owned by the pool (free or lent out)
+        self.bytes = 0
+        self.allocations = 0  # total allocations so far (grows only when the pool grows)
+
+    def get(self, nbytes: int, key: Any, pin: bool) -> torch.Tensor:
+        with self._lock:
+            free = self._free.setdefault(key, [])
+            best = -1
+            for i, buf in enumerate(free):
+                if buf.numel() >= nbytes and (best < 0 or buf.numel() < free[best].numel()):
+                    best = i
+            if best >= 0:
+                return free.pop(best)
+            for buf in [b for b in free if b.numel() < nbytes]:
+                free.remove(buf)
+                self.count -= 1
+                self.bytes -= buf.numel()
+            self.count += 1
+            self.bytes += nbytes
+            self.allocations += 1
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+
+    def put(self, buf: torch.Tensor, key: Any) -> None:
+        with self._lock:
+            self._free.setdefault(key, []).append(buf)
+
+    def clear(self) -> None:
+        """Frees every buffer not lent out."""
+        with self._lock:
+            for free in self._free.values():
+                for buf in free:
+                    self.count -= 1
+                    self.bytes -= buf.numel()
+            self._free.clear()
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {"count": self.count, "bytes": self.bytes, "allocations": self.allocations}
+
+
+POOL = HostBufferPool()
+
+
+def offload_pool_stats() -> dict[str, int]:
+    """Buffers and bytes held by the host buffer pool (for tests and memory logging)."""
+    return POOL.stats()
+
+
+# ----------------------------------------------------------------------------------------------
+# Offloading one layer input
+# ----------------------------------------------------------------------------------------------
+class _Engine:
+    """Per-process state: one side stream per CUDA device and the link to the last offloaded input."""
+
+    def __init__(self) -> None:
+        self._streams: dict[int, torch.cuda.Stream] = {}
+        self._anchors: dict[torch.device, torch.Tensor] = {}
+        self.last: weakref.ref[_OffloadedInput] | None = None
+
+    def stream(self, device: torch.device) -> torch.cuda.Stream:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        stream = self._streams.get(index)
+        if stream is None:
+            stream = self._streams[index] = torch.cuda.Stream(device=index)
+        return stream
+
+    def anchor(self, device: torch.device) -> torch.Tensor:
+        """An empty tensor on the layer's device: lets checkpoint see the device whose RNG it must keep."""
+        tensor = self._anchors.get(device)
+        if tensor is None:
+            tensor = self._anchors[device] = torch.empty(0, device=device)
+        return tensor
+
+
+_ENGINE = _Engine()
+
+
+class _OffloadedInput:
+    """A layer input parked in host memory between the layer's forward and its recompute."""
+
+    __slots__ = (
+        "_x",
+        "_host",
+        "_buf",
+        "_key",
+        "_gpu",
+        "_ready",
+        "_prev",
+        "_simulate",
+        "shape",
+        "dtype",
+        "device",
+        "fetches",
+        "_taken",
+        "__weakref__",
+    )
+
+    def __init__(self, x: torch.Tensor, simulate: bool) -> None:
+        self._x: torch.Tensor | None = x
+        self._simulate = simulate
+        self.shape, self.dtype, self.device = x.shape, x.dtype, x.device
+        self._gpu: torch.Tensor | None = None
+        self._ready: torch.cuda.Event | None = None
+        self.fetches = 0
+        self._taken = False
+        nbytes = x.numel() * x.element_size()
+        self._key = ("host", None) if simulate else ("cuda", x.device.index)
+        self._buf = POOL.get(nbytes, self._key, pin=not simulate)
+        self._host = self._buf[:nbytes].view(x.dtype).view(x.shape)
+        if simulate:
+            self._host.copy_(x)
+        else:
+            compute = torch.cuda.current_stream(x.device)
+            side = _ENGINE.stream(x.device)
+            side.wait_stream(compute)  # x is complete in stream order; the copy overlaps the layer
+            with torch.cuda.stream(side):
+                self._host.copy_(x, non_blocking=True)
+            x.record_stream(side)  # its memory is reused only after the copy, not before
+        last = _ENGINE.last() if _ENGINE.last is not None else None
+        self._prev = weakref.ref(last) if last is not None else None
+        _ENGINE.last = weakref.ref(self)
+
+    def __del__(self) -> None:
+        buf = getattr(self, "_buf", None)
+        if buf is not None:
+            self._buf = None
+            POOL.put(buf, self._key)
+
+    def forward_done(self) -> None:
+        self._x = None
+
+    def get(self) -> torch.Tensor:
+        if self._x is not None:  # the forward itself
+            return self._x
+        return self._take()
+
+    def start_fetch(self) -> None:
+        """Starts copying the input back to the device (no-op when already fetched)."""
+        if self._gpu is not None or self._buf is None:
+            return
+        self.fetches += 1
+        if self._simulate:
+            self._gpu = self._host.clone()
+            return
+        compute = torch.cuda.current_stream(self.device)
+        side = _ENGINE.stream(self.device)
+        gpu = torch.empty(self.shape, dtype=self.dtype, device=self.device)  # a compute-stream block
+        side.wait_stream(compute)  # the block may still be in use by queued compute work
+        with torch.cuda.stream(side):
+            gpu.copy_(self._host, non_blocking=True)
+            self._ready = side.record_event()
+        self._gpu = gpu
+
+    def _take(self) -> torch.Tensor:
+        self.start_fetch()
+        prev = self._prev() if self._prev is not None else None
+        if prev is not None and not prev._taken and prev._x is None:
+            prev.start_fetch()  # layer i - 1's input travels while layer i recomputes
+        if self._ready is not None:
+            torch.cuda.current_stream(self.device).wait_event(self._ready)
+        gpu, self._gpu, self._ready = self._gpu, None, None
+        self._taken = True
+        return gpu
+
+
+def _run_with_handle(function: Callable, handle: _OffloadedInput, _anchor: torch.Tensor, *args: Any) -> Any:
+    return function(handle.get(), *args)
+
+
+class CheckpointFunction:
+    """The function installed as ``_gradient_checkpointing_func`` on checkpointed layers.
+
+    Small and free of device state (the streams and the pool are per process), so models carrying it
+    can still be deep-copied or pickled.
+    """
+
+    def __init__(self, offload: bool, simulate_offload: bool = False) -> None:
+        self.offload = offload
+        self.simulate_offload = simulate_offload  # tests: "offload" into plain host memory on CPU
+
+    def __call__(self, function: Callable, *args: Any, **kwargs: Any) -> Any:
+        if not torch.is_grad_enabled():  # nothing to save without backward
+            return function(*args)
+        kwargs.pop("use_reentrant", None)
+        kwargs.setdefault("preserve_rng_state", True)
+        x = args[0] if args else None
+        if not (self.offload and isinstance(x, torch.Tensor) and x.is_floating_point()):
+            return checkpoint(function, *args, use_reentrant=False, **kwargs)
+        if not (x.is_cuda or self.simulate_offload):
+            return checkpoint(function, *args, use_reentrant=False, **kwargs)
+        handle = _OffloadedInput(x, simulate=not x.is_cuda)
+        try:
+            return checkpoint(
+                _run_with_handle,
+                function,
+                handle,
+                _ENGINE.anchor(x.device),
+                *args[1:],
+                use_reentrant=False,
+                **kwargs,
+            )
+        finally:
+            handle.forward_done()
+
+    def __repr__(self) -> str:
+        return f"CheckpointFunction(offload={self.offload})"
+
+
+# ----------------------------------------------------------------------------------------------
+# Installation on a model
+# ----------------------------------------------------------------------------------------------
+def _set_gradient_checkpointing_wrapper(
+    self: torch.nn.Module,
+    enable: bool = True,
+    gradient_checkpointing_func: Callable | None = None,
+    **kwargs: Any,
+) -> Any:
+    """Instance replacement of ``_set_gradient_checkpointing``: enabling installs our function instead."""
+    ours = self.__dict__.get("_cpt_checkpoint_func")
+    if enable and ours is not None:
+        gradient_checkpointing_func = ours
+    if gradient_checkpointing_func is None:
+        gradient_checkpointing_func = checkpoint
+    original = type(self)._set_gradient_checkpointing.__get__(self)
+    return original(enable=enable, gradient_checkpointing_func=gradient_checkpointing_func, **kwargs)
+
+
+def _pretrained_models(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Every transformers model inside ``model`` (a PeftModel holds one; composite models hold several)."""
+    from transformers import PreTrainedModel
+
+    return [m for m in model.modules() if isinstance(m, PreTrainedModel)]
+
+
+def _resolve_mode(mode: str, simulate_offload: bool) -> str:
+    global _WARNED_NO_CUDA
+    if mode not in MODES:
+        raise ValueError(f"gradient checkpointing mode must be one of {MODES}, got {mode!r}")
+    if mode == "offload" and not simulate_offload and not torch.cuda.is_available():
+        if not _WARNED_NO_CUDA:
+            _WARNED_NO_CUDA = True
+            logger.warning(
+                "cpt-plugin: no CUDA device, so checkpoint offloading falls back to plain recompute."
+            )
+        return "recompute"
+    return mode
+
+
+def enable_checkpointing(
+    model: torch.nn.Module, mode: str = "recompute", *, _simulate_offload: bool = False
+) -> str:
+    """Turns gradient checkpointing on (``recompute`` / ``offload``) or off for ``model``; returns the mode used.
+
+    Works on a transformers model or a PeftModel around one. The choice survives later calls of
+    ``gradient_checkpointing_enable`` / ``activation_checkpointing_enable`` (e.g. by the Trainer), which
+    then install our function instead of transformers' default. ``off`` removes our wrapper and turns
+    checkpointing off. ``_simulate_offload`` (tests only) runs the offload path on CPU tensors.
+    """
+    mode = _resolve_mode(mode, _simulate_offload)
+    models = _pretrained_models(model)
+    if not models:
+        raise ValueError(f"{type(model).__name__} holds no transformers PreTrainedModel to checkpoint.")
+    for m in models:
+        m.__dict__.pop("_set_gradient_checkpointing", None)
+        m.__dict__.pop("_cpt_checkpoint_func", None)
+    if mode == "off":
+        for m in models:
+            if getattr(m, "supports_gradient_checkpointing", False):
+                m._set_gradient_checkpointing(enable=False)
+        return mode
+    func = CheckpointFunction(offload=mode == "offload", simulate_offload=_simulate_offload)
+    for m in models:
+        m.__dict__["_cpt_checkpoint_func"] = func
+        m.__dict__["_set_gradient_checkpointing"] = types.MethodType(_set_gradient_checkpointing_wrapper, m)
+    root = models[0]  # modules() yields the outermost first: it reaches every layer
+    if not getattr(root, "supports_gradient_checkpointing", False):
+        raise ValueError(f"{type(root).__name__} does not support gradient checkpointing.")
+    root._set_gradient_checkpointing(enable=True)
+    return mode
+
+
+def checkpointing_mode(model: torch.nn.Module) -> str:
+    """The mode our function gives the model's checkpointed layers ("off" when none is installed)."""
+    for module in model.modules():
+        func = module.__dict__.get("_gradient_checkpointing_func")
+        if isinstance(func, CheckpointFunction) and getattr(module, "gradient_checkpointing", False):
+            return "offload" if func.offload else "recompute"
+    return "off"

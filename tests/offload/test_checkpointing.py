@@ -1,0 +1,184 @@
+"""Checkpointing modes give the gradients of an unchekpointed model; offload logic runs on CPU too."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from offload_models import tiny_llama
+
+from cpt_plugin.offload import checkpointing as ckpt
+from cpt_plugin.offload.checkpointing import CheckpointFunction, checkpointing_mode, enable_checkpointing
+
+
+def _grads(
+    model: torch.nn.Module, batches: list[torch.Tensor]
+) -> tuple[list[float], dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    losses = []
+    for ids in batches:
+        loss = model(input_ids=ids, labels=ids).loss / len(batches)
+        loss.backward()
+        losses.append(loss.item())
+    return losses, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _count_mlp_calls(model: torch.nn.Module) -> list[int]:
+    calls = [0]
+
+    def hook(*_):
+        calls[0] += 1
+
+    for layer in model.model.layers:
+        layer.mlp.register_forward_pre_hook(hook)
+    return calls
+
+
+def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys() and a
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("mode,simulate", [("recompute", False), ("offload", False), ("offload", True)])
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_gradients_match_no_checkpointing(mode: str, simulate: bool, micro_batches: int) -> None:
+    reference = tiny_llama(layers=3)
+    model = copy.deepcopy(reference)
+    batches = [torch.randint(0, 257, (2, 33)) for _ in range(micro_batches)]
+    ref_losses, ref_grads = _grads(reference, batches)
+
+    used = enable_checkpointing(model, mode, _simulate_offload=simulate)
+    assert used == ("offload" if simulate else "recompute")
+    calls = _count_mlp_calls(model)
+    losses, grads = _grads(model, batches)
+    assert losses == pytest.approx(ref_losses, rel=1e-6)
+    _assert_same(grads, ref_grads)
+    # each layer ran twice per micro-batch: forward and recompute
+    assert calls[0] == 2 * 3 * micro_batches
+
+
+def test_offload_path_prefetches_previous_layer(monkeypatch) -> None:
+    model = tiny_llama(layers=3)
+    enable_checkpointing(model, "offload", _simulate_offload=True)
+    handles = []
+    original = ckpt._OffloadedInput.__init__
+
+    def spy(self, x, simulate):
+        original(self, x, simulate)
+        handles.append(self)
+
+    monkeypatch.setattr(ckpt._OffloadedInput, "__init__", spy)
+    ids = torch.randint(0, 257, (1, 17))
+    loss = model(input_ids=ids, labels=ids).loss
+    assert len(handles) == 3
+    assert all(h._x is None for h in handles)  # nothing kept on the "device" after the forward
+    assert handles[1]._prev() is handles[0] and handles[2]._prev() is handles[1]
+    loss.backward()
+    assert [h.fetches for h in handles] == [1, 1, 1]  # each fetched exactly once (two of them ahead of use)
+    assert all(h._taken and h._gpu is None for h in handles)
+
+
+def test_rng_preserved_with_dropout() -> None:
+    reference = tiny_llama(layers=2, attention_dropout=0.3)
+    model = copy.deepcopy(reference)
+    ids = torch.randint(0, 257, (2, 19))
+    torch.manual_seed(1)
+    _, ref_grads = _grads(reference, [ids])
+    enable_checkpointing(model, "offload", _simulate_offload=True)
+    torch.manual_seed(1)
+    _, grads = _grads(model, [ids])
+    _assert_same(grads, ref_grads)
+
+
+def test_no_grad_eval_saves_and_offloads_nothing(monkeypatch) -> None:
+    model = tiny_llama(layers=2)
+    enable_checkpointing(model, "offload", _simulate_offload=True)
+    created = []
+    monkeypatch.setattr(ckpt, "_OffloadedInput", lambda *a, **k: created.append(1))
+    ids = torch.randint(0, 257, (1, 9))
+    with torch.no_grad():
+        out_train = model(input_ids=ids).logits
+        model.eval()
+        out_eval = model(input_ids=ids).logits
+    torch.testing.assert_close(out_train, out_eval)
+    assert created == []
+    before = ckpt.POOL.stats()["allocations"]
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert ckpt.POOL.stats()["allocations"] == before
+
+
+def test_host_pool_stays_flat_over_steps() -> None:
+    model = tiny_llama(layers=2)
+    enable_checkpointing(model, "offload", _simulate_offload=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    sizes = []
+    for _ in range(50):
+        ids = torch.randint(0, 257, (1, 24))
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        sizes.append(ckpt.POOL.stats())
+    assert sizes[1] == sizes[-1]
+    assert sizes[-1]["count"] <= sizes[0]["count"] + 2
+
+
+def test_survives_later_gradient_checkpointing_enable() -> None:
+    model = tiny_llama(layers=2)
+    enable_checkpointing(model, "offload", _simulate_offload=True)
+    model.gradient_checkpointing_disable()
+    assert checkpointing_mode(model) == "off"
+    # what the Trainer does (5.24: activation_checkpointing_enable; 5.17: gradient_checkpointing_enable)
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    assert checkpointing_mode(model) == "offload"
+    with pytest.warns(FutureWarning):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert checkpointing_mode(model) == "offload"
+    assert all(
+        isinstance(layer._gradient_checkpointing_func, CheckpointFunction) for layer in model.model.layers
+    )
+    calls = _count_mlp_calls(model)
+    ids = torch.randint(0, 257, (1, 9))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert calls[0] == 4
+
+
+def test_peft_model_and_off_mode() -> None:
+    from peft import LoraConfig, get_peft_model
+
+    base = tiny_llama(layers=2)
+    reference = copy.deepcopy(base)
+    config = LoraConfig(
+        r=4, target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"], init_lora_weights=False
+    )
+    peft_ref = get_peft_model(reference, copy.deepcopy(config))
+    peft_model = get_peft_model(base, config)
+    peft_model.load_state_dict(peft_ref.state_dict())
+    enable_checkpointing(peft_model, "offload", _simulate_offload=True)
+    peft_model.gradient_checkpointing_enable()  # through PeftModel to the base model
+    assert checkpointing_mode(peft_model) == "offload"
+    ids = torch.randint(0, 257, (2, 21))
+    _, ref_grads = _grads(peft_ref, [ids])
+    _, grads = _grads(peft_model, [ids])
+    assert any("lora_A" in n for n in grads)
+    _assert_same(grads, ref_grads)
+
+    assert enable_checkpointing(peft_model, "off") == "off"
+    assert checkpointing_mode(peft_model) == "off"
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in peft_model.modules())
+    assert "_set_gradient_checkpointing" not in peft_model.get_base_model().__dict__
+
+
+def test_model_with_our_function_deepcopies() -> None:
+    model = tiny_llama(layers=2)
+    enable_checkpointing(model, "recompute")
+    clone = copy.deepcopy(model)
+    assert clone._set_gradient_checkpointing.__self__ is clone
+    assert checkpointing_mode(clone) == "recompute"
+
+
+def test_bad_mode() -> None:
+    with pytest.raises(ValueError, match="one of"):
+        enable_checkpointing(tiny_llama(), "sometimes")
