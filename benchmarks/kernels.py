@@ -1,0 +1,303 @@
+"""Kernel micro-benchmarks: forward + backward of each op, PyTorch eager vs Liger-Kernel vs cpt-plugin.
+
+  python -m benchmarks.kernels [--out DIR] [--device cpu] [--ops rms_norm,swiglu,rope,flce] [--impls ...]
+
+Time: triton.testing.do_bench, median (GPU); every input is far larger than L2, so no rotation is needed.
+Bytes (for % of the device copy rate measured in the same run): per pass, each input read once and each
+output written once, forward and backward counted separately (e.g. SwiGLU: fwd a, b -> c; bwd dc, a, b ->
+da, db: 8 tensors). Extra peak memory: peak during forward + backward beyond the inputs, the output
+gradients and the input gradients. Rel. err: ||out - ref|| / ||ref|| over outputs and input gradients,
+ref = eager on float32 copies of the inputs. Writes DIR/kernels.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.hw import copy_gbps, environment, matmul_tflops, time_ms
+
+EPS = 1e-6
+
+
+# -- eager references (HF's math) ---------------------------------------------------------------
+def rms_norm_eager(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + EPS)
+    return w * y.to(x.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rope_eager(q, k, cos, sin):
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def flce_eager(h, w, labels):
+    return F.cross_entropy((h @ w.t()).float(), labels)
+
+
+# -- implementations --------------------------------------------------------------------------------
+def _liger(op: str) -> Callable:
+    import liger_kernel.transformers.functional as LF
+
+    return {
+        "rms_norm": lambda x, w: LF.liger_rms_norm(x, w, EPS),
+        "swiglu": LF.liger_swiglu,
+        "rope": LF.liger_rope,
+        "flce": LF.liger_fused_linear_cross_entropy,
+    }[op]
+
+
+def _cpt(op: str) -> Callable:
+    if op == "rms_norm":
+        from cpt_plugin.kernels.rms_norm import rms_norm
+
+        return lambda x, w: rms_norm(x, w, EPS)
+    if op == "swiglu":
+        from cpt_plugin.kernels.swiglu import swiglu
+
+        return swiglu
+    if op == "rope":
+        from cpt_plugin.kernels.rope import apply_rope
+
+        return apply_rope
+    from cpt_plugin.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
+
+    return fused_linear_cross_entropy
+
+
+EAGER = {
+    "rms_norm": rms_norm_eager,
+    "swiglu": lambda a, b: F.silu(a) * b,
+    "rope": rope_eager,
+    "flce": flce_eager,
+}
+IMPLS = ("eager", "liger", "cpt")
+OPS = ("rms_norm", "swiglu", "rope", "flce")
+
+
+def get_impl(op: str, impl: str) -> Callable:
+    if impl == "eager":
+        return EAGER[op]
+    return _liger(op) if impl == "liger" else _cpt(op)
+
+
+# -- cases ----------------------------------------------------------------------------------------
+@dataclass
+class Case:
+    """Inputs of one op: leaves that need gradients, other inputs, output gradients, counted work."""
+
+    shape: str
+    grad_inputs: list[torch.Tensor]
+    other_inputs: list[torch.Tensor]
+    grad_outputs: list[torch.Tensor] | None  # None: scalar loss
+    bytes: int
+    flops: float = 0.0
+
+    def args(self) -> list[torch.Tensor]:
+        return [*self.grad_inputs, *self.other_inputs]
+
+
+def make_case(op: str, device: str, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> Case:
+    """GPU shapes from ANCHORS.md; tiny odd shapes on the CPU (a dry run)."""
+    gpu = device.startswith("cuda")
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(*shape, grad=False, scale=1.0):
+        t = torch.randn(*shape, device=device, dtype=dtype, generator=gen) * scale
+        return t.requires_grad_(grad)
+
+    if op == "rms_norm":
+        n, d = (16384, 4096) if gpu else (37, 64)
+        x, w, dy = randn(n, d, grad=True), randn(d, grad=True), randn(n, d)
+        e = x.element_size()
+        return Case(f"{n}×{d}", [x, w], [], [dy], 5 * n * d * e + 3 * d * e)
+    if op == "swiglu":
+        n, d = (8192, 14336) if gpu else (33, 96)
+        a, b, dc = randn(n, d, grad=True), randn(n, d, grad=True), randn(n, d)
+        return Case(f"{n}×{d}", [a, b], [], [dc], 8 * n * d * a.element_size())
+    if op == "rope":
+        bsz, hq, hk, t, hd = (4, 32, 8, 4096, 128) if gpu else (2, 4, 2, 17, 32)
+        q, k = randn(bsz, hq, t, hd, grad=True), randn(bsz, hk, t, hd, grad=True)
+        pos = torch.arange(t, device=device, dtype=torch.float32)
+        inv = 1.0 / (500000.0 ** (torch.arange(0, hd, 2, device=device, dtype=torch.float32) / hd))
+        ang = torch.outer(pos, inv)
+        ang = torch.cat((ang, ang), dim=-1)
+        cos = ang.cos().to(dtype).expand(bsz, t, hd).contiguous()
+        sin = ang.sin().to(dtype).expand(bsz, t, hd).contiguous()
+        dq, dk = randn(bsz, hq, t, hd), randn(bsz, hk, t, hd)
+        e = q.element_size()
+        nbytes = 4 * (q.numel() + k.numel()) * e + 4 * cos.numel() * e
+        return Case(
+            f"q {hq} heads + k {hk} heads, {bsz}×{t}, head_dim {hd}", [q, k], [cos, sin], [dq, dk], nbytes
+        )
+    if op == "flce":
+        n, hdim, vocab = (8192, 2048, 128256) if gpu else (29, 64, 257)
+        h, w = randn(n, hdim, grad=True), randn(vocab, hdim, grad=True, scale=0.02)
+        labels = torch.randint(0, vocab, (n,), device=device, generator=gen)
+        e = h.element_size()
+        return Case(
+            f"{n} tokens × {hdim} × {vocab} vocab",
+            [h, w],
+            [labels],
+            None,
+            2 * (h.numel() + w.numel()) * e,
+            6.0 * n * hdim * vocab,
+        )
+    raise ValueError(f"unknown op {op!r}")
+
+
+def fwd_bwd(fn: Callable, case: Case) -> Callable[[], Any]:
+    def run():
+        out = fn(*case.args())
+        outs = list(out) if isinstance(out, (tuple, list)) else [out]
+        if case.grad_outputs is None:
+            outs[0].backward()
+        else:
+            torch.autograd.backward(outs, case.grad_outputs)
+        return outs
+
+    return run
+
+
+def rel_err(fn: Callable, case: Case, op: str) -> float:
+    """Largest relative error over outputs and input gradients against eager on float32 copies."""
+
+    def grads_of(f, leaves, others, gouts):
+        out = f(*leaves, *others)
+        outs = list(out) if isinstance(out, (tuple, list)) else [out]
+        if gouts is None:
+            outs[0].backward()
+        else:
+            torch.autograd.backward(outs, gouts)
+        return [o.detach().float() for o in outs] + [leaf.grad.float() for leaf in leaves]
+
+    leaves = [t.detach().clone().requires_grad_(True) for t in case.grad_inputs]
+    gouts = None if case.grad_outputs is None else [g.clone() for g in case.grad_outputs]
+    got = grads_of(fn, leaves, case.other_inputs, gouts)
+    ref_leaves = [t.detach().float().requires_grad_(True) for t in case.grad_inputs]
+    ref_others = [t.float() if t.is_floating_point() else t for t in case.other_inputs]
+    ref_gouts = None if case.grad_outputs is None else [g.float() for g in case.grad_outputs]
+    ref = grads_of(EAGER[op], ref_leaves, ref_others, ref_gouts)
+    worst = 0.0
+    for a, b in zip(got, ref, strict=True):
+        if not torch.isfinite(a).all():
+            return float("nan")
+        worst = max(worst, ((a - b).norm() / b.norm().clamp_min(1e-30)).item())
+    return worst
+
+
+def extra_peak_gib(run: Callable[[], Any], case: Case, device: str) -> float | None:
+    if not device.startswith("cuda"):
+        return None
+    for t in case.grad_inputs:
+        t.grad = None
+    gc.collect()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    run()
+    torch.cuda.synchronize()
+    grads = sum(t.numel() * t.element_size() for t in case.grad_inputs)
+    extra = torch.cuda.max_memory_allocated() - base - grads
+    for t in case.grad_inputs:
+        t.grad = None
+    return extra / 2**30
+
+
+def bench_one(
+    op: str, impl: str, device: str, copy_rate: float | None, matmul_rate: float | None
+) -> dict[str, Any]:
+    row: dict[str, Any] = {"op": op, "impl": impl}
+    case = None
+    try:
+        fn = get_impl(op, impl)
+        case = make_case(op, device)
+        row["shape"] = case.shape
+        row["rel_err"] = rel_err(fn, case, op)
+        run = fwd_bwd(fn, case)
+        row["extra_peak_gib"] = extra_peak_gib(run, case, device)
+        ms = time_ms(run, device, grad_to_none=case.grad_inputs)
+        row.update(status="ok", ms=ms, bytes=case.bytes, gbps=case.bytes / (ms * 1e-3) / 1e9)
+        if copy_rate:
+            row["pct_copy"] = 100.0 * row["gbps"] / copy_rate
+        if case.flops:
+            row["tflops"] = case.flops / (ms * 1e-3) / 1e12
+            if matmul_rate:
+                row["pct_matmul"] = 100.0 * row["tflops"] / matmul_rate
+    except Exception as exc:  # noqa: BLE001 - recorded per row
+        missing = isinstance(exc, (ImportError, AttributeError))
+        row.update(
+            status="unavailable" if missing else "error",
+            error=f"{type(exc).__name__}: {exc}"[:500],
+            traceback=traceback.format_exc()[-1500:],
+        )
+        if case is not None:
+            row.setdefault("shape", case.shape)
+    finally:
+        del case
+        gc.collect()
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.kernels",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--out", default="outputs/bench")
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument("--ops", default=",".join(OPS))
+    parser.add_argument("--impls", default=",".join(IMPLS))
+    args = parser.parse_args(argv)
+    device = args.device
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {
+        "device": device,
+        "environment": environment(device),
+        "command": "python -m benchmarks.kernels " + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
+    result.update(copy_gbps(device))
+    result.update(matmul_tflops(device))
+    print(
+        f"copy {result['copy_gbps']:.0f} GB/s, bf16 matmul {result['matmul_tflops']:.1f} TFLOP/s", flush=True
+    )
+    rows = []
+    for op in [o.strip() for o in args.ops.split(",") if o.strip()]:
+        for impl in [i.strip() for i in args.impls.split(",") if i.strip()]:
+            row = bench_one(op, impl, device, result["copy_gbps"], result["matmul_tflops"])
+            rows.append(row)
+            if row["status"] == "ok":
+                print(
+                    f"{op:>9} {impl:<6} {row['ms']:9.3f} ms  {row.get('pct_copy', 0):5.1f}% copy  "
+                    f"err {row['rel_err']:.1e}  extra {row.get('extra_peak_gib')}",
+                    flush=True,
+                )
+            else:
+                print(f"{op:>9} {impl:<6} {row['status']}: {row['error'][:160]}", flush=True)
+            result["rows"] = rows
+            (out / "kernels.json").write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

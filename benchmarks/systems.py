@@ -1,0 +1,225 @@
+"""The systems under test: how each builds the same CPT workload (model, PEFT set-up, optimizer).
+
+- ``hf``: transformers + PEFT (rsLoRA, embed_tokens/lm_head in modules_to_save), SDPA, non-reentrant
+  gradient checkpointing, fused AdamW with two parameter groups.
+- ``liger``: Liger-Kernel's patch for the family (fused linear cross-entropy, RMSNorm, SwiGLU, RoPE)
+  applied before the model is built, then exactly the ``hf`` set-up.
+- ``cpt`` / ``cpt_offload``: cpt-plugin's own path (patch -> build -> prepare_model -> checkpointing ->
+  create_optimizer), recomputing / offloading checkpointed activations (+ tiled MLP for the latter).
+Every system loads the model in bf16, keeps LoRA parameters as its PEFT set-up creates them (PEFT upcasts
+them to fp32) and runs forward under bf16 autocast. Weights are re-initialised deterministically by
+parameter name, so every system starts from the same model and sees the same loss curve.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from benchmarks.workloads import EMBEDDING_LR, LORA_ALPHA, LORA_LR, LORA_R, LORA_TARGETS, Workload
+
+SYSTEMS = ("hf", "liger", "cpt", "cpt_offload")
+
+# CPTConfig overrides of the two cpt-plugin systems (edit here to benchmark other switches).
+CPT_VARIANTS: dict[str, dict[str, Any]] = {
+    "cpt": dict(gradient_checkpointing="recompute", tiled_mlp=False),
+    "cpt_offload": dict(gradient_checkpointing="offload", tiled_mlp=True),
+}
+
+LIGER_PATCHERS = {
+    "llama": "apply_liger_kernel_to_llama",
+    "qwen3": "apply_liger_kernel_to_qwen3",
+    "mistral": "apply_liger_kernel_to_mistral",
+}
+
+
+class SystemUnavailable(RuntimeError):
+    """A system cannot be set up in this environment (missing package or cpt-plugin piece)."""
+
+
+@dataclass
+class Built:
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _seed_of(name: str, seed: int) -> int:
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+
+
+@torch.no_grad()
+def init_base_weights(model: torch.nn.Module, seed: int, std: float = 0.02) -> None:
+    """Same weights for every system whatever its module construction order: one generator per name."""
+    for name, param in sorted(model.named_parameters()):
+        if param.ndim == 1:
+            param.fill_(1.0 if "norm" in name else 0.0)
+            continue
+        gen = torch.Generator(device=param.device).manual_seed(_seed_of(name, seed))
+        param.normal_(0.0, std, generator=gen)
+
+
+def _lora_key(name: str) -> str:
+    """Parameter name without the PEFT wrapper prefixes, so different wrappers give the same key."""
+    for prefix in ("base_model.model.", "base_model."):
+        if name.startswith(prefix):
+            name = name[len(prefix) :]
+    return name
+
+
+@torch.no_grad()
+def init_lora_weights(model: torch.nn.Module, seed: int) -> int:
+    """Deterministic LoRA A (uniform, bound 1/sqrt(fan_in), as PEFT's kaiming init); B stays zero."""
+    count = 0
+    for name, param in sorted(model.named_parameters()):
+        if ".lora_A." in name and param.ndim == 2:
+            gen = torch.Generator(device=param.device).manual_seed(_seed_of(_lora_key(name), seed))
+            bound = 1.0 / param.shape[1] ** 0.5
+            param.uniform_(-bound, bound, generator=gen)
+            count += 1
+    return count
+
+
+def _build_model(workload: Workload, device: str, dtype: torch.dtype, seed: int) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    config = workload.make_config()
+    config.use_cache = False
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    init_base_weights(model, seed)
+    model.train()
+    return model
+
+
+def _enable_hf_checkpointing(model: torch.nn.Module) -> None:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _is_embedding_param(name: str) -> bool:
+    return "embed_tokens" in name or "lm_head" in name
+
+
+def hf_optimizer(model: torch.nn.Module) -> tuple[torch.optim.Optimizer, bool]:
+    """AdamW with LoRA at LORA_LR and the trained embeddings at EMBEDDING_LR; fused where supported."""
+    lora, embed = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (embed if _is_embedding_param(name) else lora).append(param)
+    groups = [
+        {"params": lora, "lr": LORA_LR, "weight_decay": 0.0},
+        {"params": embed, "lr": EMBEDDING_LR, "weight_decay": 0.0},
+    ]
+    try:
+        return torch.optim.AdamW(groups, lr=LORA_LR, fused=True), True
+    except (RuntimeError, ValueError):  # fused unsupported for this device/dtype
+        return torch.optim.AdamW(groups, lr=LORA_LR), False
+
+
+def _hf_peft(model: torch.nn.Module) -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=LORA_R,
+        lora_alpha=LORA_ALPHA,
+        use_rslora=True,
+        lora_dropout=0.0,
+        bias="none",
+        target_modules=list(LORA_TARGETS),
+        modules_to_save=["embed_tokens", "lm_head"],
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def _apply_liger(workload: Workload) -> None:
+    try:
+        import liger_kernel.transformers as liger
+    except ImportError as exc:
+        raise SystemUnavailable(f"liger-kernel not importable: {exc}") from exc
+    patcher = getattr(liger, LIGER_PATCHERS[workload.model_type])
+    patcher(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=True)
+
+
+def _build_hf(system: str, workload: Workload, device: str, dtype: torch.dtype, seed: int) -> Built:
+    if system == "liger":
+        _apply_liger(workload)
+    model = _build_model(workload, device, dtype, seed)
+    _enable_hf_checkpointing(model)
+    model = _hf_peft(model)
+    init_lora_weights(model, seed)
+    optimizer, fused = hf_optimizer(model)
+    return Built(model, optimizer, {"fused_adamw": fused})
+
+
+def cpt_config(system: str):  # -> cpt_plugin.CPTConfig
+    from cpt_plugin import CPTConfig
+
+    return CPTConfig(
+        lora_r=LORA_R,
+        lora_alpha=LORA_ALPHA,
+        kernels=True,
+        learning_rate=LORA_LR,
+        embedding_learning_rate=EMBEDDING_LR,
+        weight_decay=0.0,
+        **CPT_VARIANTS[system],
+    )
+
+
+def _build_cpt(system: str, workload: Workload, device: str, dtype: torch.dtype, seed: int) -> Built:
+    """cpt-plugin's path; any missing piece becomes SystemUnavailable (an OOM stays an OOM)."""
+    stage = "import"
+    try:
+        from cpt_plugin import patch, prepare_model
+
+        stage = "CPTConfig"
+        cfg = cpt_config(system)
+        stage = "patch"
+        patch(workload.model_type, cfg)
+        stage = "build"
+        model = _build_model(workload, device, dtype, seed)
+        _enable_hf_checkpointing(model)
+        stage = "prepare_model"
+        model = prepare_model(model, cfg)
+        init_lora_weights(model, seed)
+        stage = "enable_checkpointing"
+        from cpt_plugin.offload.checkpointing import enable_checkpointing
+
+        enable_checkpointing(model, cfg.gradient_checkpointing)
+        stage = "create_optimizer"
+        from cpt_plugin.optim import create_optimizer
+
+        optimizer = create_optimizer(model, cfg, learning_rate=LORA_LR, weight_decay=0.0)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any missing piece of cpt-plugin
+        raise SystemUnavailable(f"{stage}: {type(exc).__name__}: {exc}") from exc
+    return Built(model, optimizer, {"cpt_config": cfg.to_dict()})
+
+
+def build_system(
+    system: str, workload: Workload, device: str, dtype: torch.dtype = torch.bfloat16, seed: int = 0
+) -> Built:
+    """Builds ``system`` on ``workload``; raises SystemUnavailable when it cannot exist here."""
+    if system in ("hf", "liger"):
+        built = _build_hf(system, workload, device, dtype, seed)
+    elif system in CPT_VARIANTS:
+        built = _build_cpt(system, workload, device, dtype, seed)
+    else:
+        raise ValueError(f"unknown system {system!r}; choose from {', '.join(SYSTEMS)}")
+    params = list(built.model.parameters())
+    built.info.update(
+        trainable_params=sum(p.numel() for p in params if p.requires_grad),
+        total_params=sum(p.numel() for p in params),
+        trainable_dtypes=sorted({str(p.dtype) for p in params if p.requires_grad}),
+        optimizer=type(built.optimizer).__name__,
+        param_group_lrs=[g.get("lr") for g in built.optimizer.param_groups],
+    )
+    return built
