@@ -1,0 +1,168 @@
+"""The decoder MLP run over the sequence in chunks, for long-context memory.
+
+Why: with checkpointing, peak memory per token is one layer's recompute working set, dominated by the
+MLP intermediates (gate, up, activation: ~48 KiB/token at Llama-1B size). Running the MLP over
+``chunk_tokens`` tokens at a time bounds that to one chunk. The forward keeps only the MLP output; the
+backward recomputes each chunk with grad and accumulates the parameter gradients (LoRA weights included),
+so the cost is one extra MLP forward.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from typing import Any
+
+import torch
+from torch import nn
+
+_AUTOCAST_DEVICES = ("cuda", "cpu")
+
+
+def _autocast_state() -> list[tuple[str, bool, torch.dtype]]:
+    return [(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in _AUTOCAST_DEVICES]
+
+
+class _TiledMLP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, mlp_forward: Callable, chunk_tokens: int, x: torch.Tensor, *params: torch.Tensor):
+        ctx.mlp_forward, ctx.chunk_tokens, ctx.params = mlp_forward, chunk_tokens, params
+        ctx.autocast = _autocast_state()
+        ctx.cpu_rng = torch.get_rng_state()
+        ctx.cuda_rng = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
+        ctx.save_for_backward(x)
+        flat = x.reshape(-1, x.shape[-1])
+        out = None
+        with torch.no_grad():
+            for start in range(0, flat.shape[0], chunk_tokens):
+                piece = mlp_forward(flat[start : start + chunk_tokens])
+                if out is None:
+                    out = piece.new_empty(flat.shape[0], piece.shape[-1])
+                out[start : start + piece.shape[0]] = piece
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        params = ctx.params
+        need_x = ctx.needs_input_grad[2]
+        need_params = [p for p, need in zip(params, ctx.needs_input_grad[3:], strict=True) if need]
+        flat = x.reshape(-1, x.shape[-1])
+        grad_flat = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_x = torch.empty_like(flat) if need_x else None
+        param_grads: list[torch.Tensor | None] = [None] * len(need_params)
+        devices = [x.device] if x.is_cuda else []
+        with ExitStack() as stack:
+            stack.enter_context(torch.random.fork_rng(devices=devices))
+            torch.set_rng_state(ctx.cpu_rng)  # same chunk order as the forward: same dropout masks
+            if ctx.cuda_rng is not None:
+                torch.cuda.set_rng_state(ctx.cuda_rng, x.device)
+            for device_type, enabled, dtype in ctx.autocast:
+                stack.enter_context(torch.autocast(device_type=device_type, dtype=dtype, enabled=enabled))
+            for start in range(0, flat.shape[0], ctx.chunk_tokens):
+                stop = min(start + ctx.chunk_tokens, flat.shape[0])
+                chunk = flat[start:stop].detach().requires_grad_(need_x)
+                with torch.enable_grad():
+                    piece = ctx.mlp_forward(chunk)
+                inputs = ([chunk] if need_x else []) + need_params
+                if not inputs or not piece.requires_grad:
+                    continue
+                grads = torch.autograd.grad(piece, inputs, grad_flat[start:stop], allow_unused=True)
+                if need_x:
+                    grad_x[start:stop] = grads[0] if grads[0] is not None else 0
+                    grads = grads[1:]
+                for i, g in enumerate(grads):
+                    if g is not None:
+                        param_grads[i] = g if param_grads[i] is None else param_grads[i].add_(g)
+        it = iter(param_grads)
+        out_params = [next(it) if need else None for need in ctx.needs_input_grad[3:]]
+        ctx.params = ctx.mlp_forward = None
+        return (None, None, grad_x.view_as(x) if need_x else None, *out_params)
+
+
+def _module_params(mlp_forward: Callable) -> list[torch.Tensor]:
+    owner = mlp_forward if isinstance(mlp_forward, nn.Module) else getattr(mlp_forward, "__self__", None)
+    if isinstance(owner, nn.Module):
+        return [p for p in owner.parameters() if p.requires_grad]
+    return []
+
+
+def tiled_mlp(
+    mlp_forward: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    chunk_tokens: int,
+    params: Sequence[torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """``mlp_forward(x)`` computed over chunks of ``chunk_tokens`` tokens (all leading dims flattened).
+
+    ``params`` are the trainable tensors ``mlp_forward`` uses; by default those of the module it is
+    (or is bound to). Their gradients are accumulated over the chunks and returned through autograd.
+    """
+    if chunk_tokens <= 0:
+        raise ValueError(f"chunk_tokens must be > 0, got {chunk_tokens}")
+    tokens = x.numel() // max(x.shape[-1], 1) if x.dim() >= 2 else 0
+    if tokens <= chunk_tokens:
+        return mlp_forward(x)
+    params = list(_module_params(mlp_forward) if params is None else params)
+    return _TiledMLP.apply(mlp_forward, chunk_tokens, x, *params)
+
+
+# ----------------------------------------------------------------------------------------------
+# Installation on a model's decoder layers
+# ----------------------------------------------------------------------------------------------
+_INNER = "_cpt_tiled_inner_forward"
+_CHUNK = "_cpt_tiled_chunk_tokens"
+
+
+def _tiled_forward(self: nn.Module, x: Any, *args: Any, **kwargs: Any) -> Any:
+    """Instance ``forward`` of a decoder MLP: the class's forward (or an earlier instance wrapper), tiled."""
+    inner = self.__dict__.get(_INNER)
+    base = inner if inner is not None else types.MethodType(type(self).forward, self)  # class patches apply
+    chunk_tokens = self.__dict__[_CHUNK]
+    if args or kwargs or not isinstance(x, torch.Tensor) or x.dim() < 2:
+        return base(x, *args, **kwargs)
+    if not torch.is_grad_enabled() or x.numel() // x.shape[-1] <= chunk_tokens:
+        return base(x)  # nothing to save without grad; short sequences run as is
+    return tiled_mlp(base, x, chunk_tokens, params=[p for p in self.parameters() if p.requires_grad])
+
+
+def _decoder_mlps(model: nn.Module) -> list[nn.Module]:
+    mlps = []
+    for module in model.modules():
+        mlp = module._modules.get("mlp") if isinstance(module, nn.Module) else None
+        if isinstance(mlp, nn.Module) and mlp not in mlps:
+            mlps.append(mlp)
+    return mlps
+
+
+def enable_tiled_mlp(model: nn.Module, chunk_tokens: int = 4096) -> int:
+    """Wraps every decoder layer's ``mlp`` (instance level) to run in chunks; returns how many were wrapped.
+
+    Calling again changes the chunk size. The class's ``forward`` is looked up at each call, so a kernel
+    patch applied to the class before or after this still runs inside the tiles.
+    """
+    if chunk_tokens <= 0:
+        raise ValueError(f"chunk_tokens must be > 0, got {chunk_tokens}")
+    mlps = _decoder_mlps(model)
+    for mlp in mlps:
+        if _CHUNK not in mlp.__dict__:
+            mlp.__dict__[_INNER] = mlp.__dict__.get("forward")
+            mlp.__dict__["forward"] = types.MethodType(_tiled_forward, mlp)
+        mlp.__dict__[_CHUNK] = int(chunk_tokens)
+    return len(mlps)
+
+
+def disable_tiled_mlp(model: nn.Module) -> int:
+    """Undoes :func:`enable_tiled_mlp`; returns how many MLPs were restored."""
+    restored = 0
+    for mlp in _decoder_mlps(model):
+        if _CHUNK in mlp.__dict__:
+            del mlp.__dict__[_CHUNK]
+            inner = mlp.__dict__.pop(_INNER, None)
+            if inner is None:
+                mlp.__dict__.pop("forward", None)
+            else:
+                mlp.__dict__["forward"] = inner
+            restored += 1
+    return restored
