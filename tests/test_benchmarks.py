@@ -1,0 +1,256 @@
+"""CPU tests of the GPU benchmark harness (benchmarks/): arguments, FLOPs, search, reports, workers."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from benchmarks import report, run
+from benchmarks.flops import flops_per_token, mfu
+from benchmarks.search import memory_slope_kib_per_token, search_max_context
+from benchmarks.workloads import WORKLOADS, resolve_workload
+
+# -- arguments -------------------------------------------------------------------------------------
+
+
+def test_parse_shapes_and_suite_defaults(tmp_path):
+    assert run.parse_shapes("4x2048, 1X16384") == ((4, 2048), (1, 16384))
+    with pytest.raises(Exception, match="bad shape"):
+        run.parse_shapes("4by2048")
+    args = run.resolve_args(["--suite", "quick", "--out", str(tmp_path)])
+    assert args.systems == ["hf", "liger", "cpt", "cpt_offload"]
+    assert args.workloads == ["llama-1b"] and args.shapes == ((4, 2048),)
+    assert args.maxctx_workloads == ["llama-1b"] and args.warmup >= 3 and args.steps >= 10
+    full = run.resolve_args(["--suite", "full", "--systems", "hf,cpt", "--workloads", "qwen3-0.6b,mistral-7b"])
+    assert full.systems == ["hf", "cpt"] and (1, 16384) in full.shapes and full.maxctx_workloads == ["mistral-7b"]
+    cpu = run.resolve_args(["--device", "cpu"])
+    assert max(s for _, s in cpu.shapes) <= 256 and cpu.maxctx_cap <= 1024
+    assert resolve_workload("llama-1b", "cpu").hidden_size == 64
+
+
+def test_bad_system_name_is_an_argument_error():
+    with pytest.raises(SystemExit):
+        run.resolve_args(["--systems", "hf,unsloth"])
+
+
+def test_workload_configs_match_the_brief():
+    cfg = WORKLOADS["llama-1b"].make_config()
+    assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers) == (2048, 8192, 16)
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.vocab_size) == (32, 8, 128256)
+    assert cfg.tie_word_embeddings and cfg.max_position_embeddings == 131072 and cfg.head_dim == 64
+    qwen = WORKLOADS["qwen3-0.6b"].make_config()
+    assert qwen.head_dim == 128 and qwen.num_hidden_layers == 28 and qwen.tie_word_embeddings
+    mistral = WORKLOADS["mistral-7b"].make_config()
+    assert mistral.vocab_size == 32768 and not mistral.tie_word_embeddings and mistral.intermediate_size == 14336
+
+
+# -- FLOPs -----------------------------------------------------------------------------------------
+
+
+def test_flops_formula_llama_1b():
+    f = flops_per_token(WORKLOADS["llama-1b"], 2048)
+    assert f.forward == pytest.approx(2.786e9, rel=1e-3)  # ANCHORS: forward 2.8
+    assert f.total == pytest.approx(6.41e9, rel=1e-2)  # ANCHORS: ~6.3 (backward counted slightly differently)
+    # The attention term is linear in seq per token: 2 * seq * heads * head_dim * layers forward, 3x in total.
+    longer = flops_per_token(WORKLOADS["llama-1b"], 4096)
+    assert longer.total - f.total == pytest.approx(3 * 2 * 2048 * 32 * 64 * 16)
+    assert mfu(WORKLOADS["llama-1b"], 2048, 31684.0, 790e12) == pytest.approx(f.total * 31684 / 790e12)
+    assert math.isnan(mfu(WORKLOADS["llama-1b"], 2048, 1.0, 0.0))
+
+
+# -- max-context search ----------------------------------------------------------------------------
+
+
+def _threshold_probe(limit: int, calls: list[int], status_over: str = "oom"):
+    def probe(seq: int, timeout: float) -> dict:
+        calls.append(seq)
+        return {"status": "ok" if seq <= limit else status_over, "peak_allocated_gib": 1.0 + seq / 1000}
+
+    return probe
+
+
+@pytest.mark.parametrize("limit", [8192, 20000, 73728, 100001, 131071])
+def test_search_brackets_the_limit(limit):
+    calls: list[int] = []
+    res = search_max_context(_threshold_probe(limit, calls), start=8192, cap=262144, granularity=4096)
+    assert res.status == "exact"
+    assert res.max_ok <= limit < res.min_fail and res.min_fail - res.max_ok <= 4096
+    assert res.max_ok % 4096 == 0 and len(calls) == len(set(calls)) == len(res.probes)
+
+
+def test_search_cap_start_failure_budget_and_unavailable():
+    res = search_max_context(_threshold_probe(10**9, []), start=8192, cap=100000, granularity=4096)
+    assert res.status == "cap" and res.max_ok == 100000 and res.min_fail is None
+    assert [p["seq"] for p in res.probes] == [8192, 16384, 32768, 65536, 100000]
+    res = search_max_context(_threshold_probe(5000, []), start=8192, cap=262144, granularity=1024)
+    assert res.max_ok == 4096 and res.min_fail == 5120
+    res = search_max_context(_threshold_probe(-1, []), start=8192, cap=262144, granularity=4096)
+    assert res.status == "no_ok" and res.max_ok is None
+    now = [0.0]
+
+    def slow_probe(seq, timeout):
+        now[0] += 30.0
+        assert timeout <= 95.0
+        return {"status": "ok"}
+
+    res = search_max_context(slow_probe, 8192, 10**7, 4096, budget_s=95.0, clock=lambda: now[0])
+    assert res.status == "budget" and res.max_ok == 32768 and len(res.probes) == 3
+    res = search_max_context(lambda s, t: {"status": "unavailable"}, 8192, 262144, 4096)
+    assert res.status == "unavailable" and len(res.probes) == 1
+
+
+def test_memory_slope():
+    points = [(16384, 10.0), (32768, 10.0 + 16384 * 100 / 2**20), (65536, 10.0 + 49152 * 100 / 2**20)]
+    assert memory_slope_kib_per_token(points) == pytest.approx(100.0)
+    assert memory_slope_kib_per_token(points[:1]) is None
+    assert memory_slope_kib_per_token([(8192, 1.0), *points], min_seq=16384) == pytest.approx(100.0)
+
+
+# -- the harness with a fake worker ----------------------------------------------------------------
+
+
+def _fake_worker(job: dict, timeout: float) -> dict:
+    if job["mode"] == "matmul":
+        return {"status": "ok", "matmul_tflops": 800.0, "matmul_n": 8192,
+                "environment": {"card": "NVIDIA H100 80GB HBM3", "torch": "2.11.0", "date": "2026-11-26"}}
+    if job["system"] == "cpt":
+        return {"status": "unavailable", "error": "prepare_model: ImportError: nope"}
+    limit = {"hf": 40000, "liger": 300000}[job["system"]]
+    if job["mode"] == "probe":
+        ok = job["seq"] <= limit
+        return {"status": "ok" if ok else "oom", "peak_allocated_gib": 5 + job["seq"] * 200 / 2**20}
+    speed = {"hf": 30000.0, "liger": 36000.0}[job["system"]]
+    return {"status": "ok", "tokens_per_s": speed, "peak_allocated_gib": 20.0 if job["system"] == "hf" else 8.5,
+            "peak_reserved_gib": 22.0, "losses": [12.16, 11.9, 11.5], "info": {"trainable_params": 615_500_000}}
+
+
+def test_harness_flow_with_fake_worker(tmp_path, monkeypatch):
+    monkeypatch.setattr(run, "run_worker", _fake_worker)
+    argv = ["--suite", "quick", "--systems", "hf,liger,cpt", "--out", str(tmp_path)]
+    assert run.main(argv) == 0
+    data = json.loads((tmp_path / "results.json").read_text())
+    rows = {r["system"]: r for r in data["train"]}
+    assert rows["cpt"]["status"] == "unavailable" and "ImportError" in rows["cpt"]["error"]
+    assert rows["hf"]["mfu"] == pytest.approx(flops_per_token(WORKLOADS["llama-1b"], 2048).total * 30000 / 800e12)
+    ctx = {r["system"]: r for r in data["maxctx"]}
+    assert ctx["hf"]["max_ok"] <= 40000 < ctx["hf"]["min_fail"] and ctx["hf"]["status"] == "exact"
+    assert ctx["liger"]["status"] == "cap" and ctx["liger"]["max_ok"] == 131072
+    assert ctx["liger"]["kib_per_token"] == pytest.approx(200.0)
+    assert ctx["cpt"]["status"] == "unavailable" and ctx["cpt"]["probes"] == []
+    md = (tmp_path / "report.md").read_text()
+    assert "1.20x" in md and "0.42x" in md and "NVIDIA H100" in md and "unavailable" in md
+
+
+# -- report ----------------------------------------------------------------------------------------
+
+
+def _fake_results(tmp_path):
+    results = {
+        "meta": {"suite": "quick", "device": "cuda", "command": "python -m benchmarks.run --suite quick",
+                 "warmup": 3, "steps": 10, "seed": 0, "precision": "bf16", "allocator": "expandable"},
+        "hardware": {"status": "ok", "matmul_tflops": 790.0, "matmul_n": 8192,
+                     "environment": {"card": "NVIDIA H200", "card_memory_gib": 139.8, "torch": "2.11.0+cu130",
+                                     "transformers": "5.17.0", "date": "2026-11-26T00:00:00+00:00"}},
+        "train": [
+            {"system": "hf", "workload": "llama-1b", "batch": 4, "seq": 2048, "status": "ok", "tokens_per_s": 31684.0,
+             "peak_allocated_gib": 20.6, "peak_reserved_gib": 22.0, "mfu": 0.257, "losses": [12.164, 11.5, 10.885]},
+            {"system": "liger", "workload": "llama-1b", "batch": 4, "seq": 2048, "status": "ok",
+             "tokens_per_s": 37956.0, "peak_allocated_gib": 8.5, "peak_reserved_gib": 9.0, "mfu": 0.31,
+             "losses": [12.164, 11.51, 10.886]},
+            {"system": "cpt", "workload": "llama-1b", "batch": 4, "seq": 2048, "status": "oom", "error": "CUDA OOM"},
+        ],
+        "maxctx": [
+            {"system": "hf", "workload": "llama-1b", "status": "exact", "max_ok": 73728, "min_fail": 77824,
+             "granularity": 4096, "cap": 262144, "kib_per_token": 1843.0, "reserved_kib_per_token": 1900.0,
+             "probes": [{"seq": 65536, "status": "ok", "peak_allocated_gib": 115.0, "peak_reserved_gib": 118.0},
+                        {"seq": 73728, "status": "ok", "peak_allocated_gib": 129.0, "peak_reserved_gib": 131.0},
+                        {"seq": 77824, "status": "oom"}]},
+        ],
+    }
+    kernels = {"device": "cuda", "copy_gbps": 4275.0, "matmul_tflops": 790.0, "rows": [
+        {"op": "swiglu", "impl": "eager", "shape": "8192×14336", "status": "ok", "ms": 0.78, "gbps": 2400.0,
+         "pct_copy": 56.0, "rel_err": 2e-3, "extra_peak_gib": 0.2},
+        {"op": "swiglu", "impl": "liger", "shape": "8192×14336", "status": "ok", "ms": 0.45, "gbps": 4180.0,
+         "pct_copy": 98.0, "rel_err": 2e-3, "extra_peak_gib": 0.0},
+        {"op": "swiglu", "impl": "cpt", "status": "unavailable", "error": "ImportError: x"},
+    ]}
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    (tmp_path / "kernels.json").write_text(json.dumps(kernels))
+
+
+def test_report_tables_docs_and_summary(tmp_path):
+    _fake_results(tmp_path)
+    docs = tmp_path / "BENCHMARKS.md"
+    docs.write_text("# Benchmarks\n\nintro text\n")
+    md = report.write_report(tmp_path, docs)
+    assert "| llama-1b | 4 × 2048 | liger | 37,956 | 1.20x | 31.0% | 8.50 | 0.41x |" in md
+    assert "73,728" in md and "77,824 (oom)" in md and "1843" in md
+    assert "12.164 11.510 10.886 | 0.0100" in md
+    assert "| swiglu (8192×14336) | liger | 0.450 | 1.73x |" in md and "unavailable: ImportError" in md
+    assert "NVIDIA H200" in md and "790.0 TFLOP/s" in md and "6.41 GFLOP/token" in md
+    report.write_report(tmp_path, docs)  # a rerun replaces its block instead of appending
+    text = docs.read_text()
+    assert text.startswith("# Benchmarks\n\nintro text") and text.count("<!-- results:quick-cuda:start -->") == 1
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "training.png").stat().st_size > 1000 and (tmp_path / "maxctx.png").stat().st_size > 1000
+    summary = report.summary(report.load(tmp_path))
+    assert "SUMMARY" in summary and "37,956 tok/s (1.20x)" in summary and "maxctx llama-1b hf" in summary
+
+
+# -- real workers on the CPU (tiny models) ---------------------------------------------------------
+
+
+def test_worker_trains_tiny_llama_hf_on_cpu():
+    from benchmarks.worker import run_train
+
+    args = {"mode": "train", "system": "hf", "workload": "llama-1b", "batch": 2, "seq": 16, "device": "cpu",
+            "warmup": 1, "steps": 1, "seed": 0}
+    first = run_train(args)
+    assert first["status"] == "ok", first
+    assert first["workload_built"] == "tiny-llama" and len(first["losses"]) == 2
+    assert all(math.isfinite(x) for x in first["losses"]) and first["tokens_per_s"] > 0
+    assert first["info"]["param_group_lrs"] == [5e-5, 5e-6]
+    assert "torch.float32" in first["info"]["trainable_dtypes"]  # LoRA kept as PEFT makes it
+    again = run_train({**args, "mode": "probe"})
+    assert again["status"] == "ok" and len(again["losses"]) == 1
+    assert again["losses"][0] == pytest.approx(first["losses"][0], abs=1e-6)  # same weights, same data
+
+
+def test_run_worker_records_failures_in_a_subprocess():
+    bad = run.run_worker({"mode": "train", "system": "nope", "workload": "llama-1b", "batch": 1, "seq": 8,
+                          "device": "cpu"}, timeout=120)
+    assert bad["status"] == "error" and "unknown system" in bad["error"]
+    slow = run.run_worker({"mode": "matmul", "device": "cpu"}, timeout=0.01)
+    assert slow["status"] == "timeout"
+
+
+def test_kernel_bench_rows_on_cpu():
+    from benchmarks.kernels import bench_one
+
+    row = bench_one("swiglu", "eager", "cpu", copy_rate=1.0, matmul_rate=None)
+    assert row["status"] == "ok" and row["rel_err"] < 1e-2 and row["bytes"] == 8 * 33 * 96 * 2
+    row = bench_one("flce", "eager", "cpu", copy_rate=None, matmul_rate=1.0)
+    assert row["status"] == "ok" and row["tflops"] > 0 and row["rel_err"] < 1e-2
+
+
+# -- on the GPU machine ----------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_worker_trains_tiny_llama_hf_on_gpu():
+    from benchmarks.worker import run_train
+
+    res = run_train({"mode": "train", "system": "hf", "workload": "tiny-llama", "batch": 2, "seq": 64,
+                     "device": "cuda", "warmup": 1, "steps": 2})
+    assert res["status"] == "ok", res
+    assert res["peak_allocated_gib"] > 0 and all(math.isfinite(x) for x in res["losses"])
+
+
+@pytest.mark.gpu
+def test_kernel_bench_eager_on_gpu():
+    from benchmarks.kernels import bench_one
+
+    row = bench_one("rms_norm", "eager", "cuda", copy_rate=1000.0, matmul_rate=None)
+    assert row["status"] == "ok" and row["rel_err"] < 2e-2 and row["extra_peak_gib"] is not None
