@@ -278,7 +278,8 @@ class Harness:
                     self.results["maxctx"].append(record)
                     self.save()
                     continue
-                share = self.remaining() / (len(systems) - i)
+                pending = [s for s in systems[i:] if s not in unavailable]
+                share = self.remaining() / max(1, len(pending))
 
                 def probe(
                     seq: int, timeout: float, system: str = system, wname: str = wname

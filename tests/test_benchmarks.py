@@ -23,8 +23,14 @@ def test_parse_shapes_and_suite_defaults(tmp_path):
     assert args.systems == ["hf", "liger", "cpt", "cpt_offload"]
     assert args.workloads == ["llama-1b"] and args.shapes == ((4, 2048),)
     assert args.maxctx_workloads == ["llama-1b"] and args.warmup >= 3 and args.steps >= 10
-    full = run.resolve_args(["--suite", "full", "--systems", "hf,cpt", "--workloads", "qwen3-0.6b,mistral-7b"])
-    assert full.systems == ["hf", "cpt"] and (1, 16384) in full.shapes and full.maxctx_workloads == ["mistral-7b"]
+    full = run.resolve_args(
+        ["--suite", "full", "--systems", "hf,cpt", "--workloads", "qwen3-0.6b,mistral-7b"]
+    )
+    assert (
+        full.systems == ["hf", "cpt"]
+        and (1, 16384) in full.shapes
+        and full.maxctx_workloads == ["mistral-7b"]
+    )
     cpu = run.resolve_args(["--device", "cpu"])
     assert max(s for _, s in cpu.shapes) <= 256 and cpu.maxctx_cap <= 1024
     assert resolve_workload("llama-1b", "cpu").hidden_size == 64
@@ -43,7 +49,9 @@ def test_workload_configs_match_the_brief():
     qwen = WORKLOADS["qwen3-0.6b"].make_config()
     assert qwen.head_dim == 128 and qwen.num_hidden_layers == 28 and qwen.tie_word_embeddings
     mistral = WORKLOADS["mistral-7b"].make_config()
-    assert mistral.vocab_size == 32768 and not mistral.tie_word_embeddings and mistral.intermediate_size == 14336
+    assert (
+        mistral.vocab_size == 32768 and not mistral.tie_word_embeddings and mistral.intermediate_size == 14336
+    )
 
 
 # -- FLOPs -----------------------------------------------------------------------------------------
@@ -113,8 +121,12 @@ def test_memory_slope():
 
 def _fake_worker(job: dict, timeout: float) -> dict:
     if job["mode"] == "matmul":
-        return {"status": "ok", "matmul_tflops": 800.0, "matmul_n": 8192,
-                "environment": {"card": "NVIDIA H100 80GB HBM3", "torch": "2.11.0", "date": "2026-11-26"}}
+        return {
+            "status": "ok",
+            "matmul_tflops": 800.0,
+            "matmul_n": 8192,
+            "environment": {"card": "NVIDIA H100 80GB HBM3", "torch": "2.11.0", "date": "2026-11-26"},
+        }
     if job["system"] == "cpt":
         return {"status": "unavailable", "error": "prepare_model: ImportError: nope"}
     limit = {"hf": 40000, "liger": 300000}[job["system"]]
@@ -122,8 +134,14 @@ def _fake_worker(job: dict, timeout: float) -> dict:
         ok = job["seq"] <= limit
         return {"status": "ok" if ok else "oom", "peak_allocated_gib": 5 + job["seq"] * 200 / 2**20}
     speed = {"hf": 30000.0, "liger": 36000.0}[job["system"]]
-    return {"status": "ok", "tokens_per_s": speed, "peak_allocated_gib": 20.0 if job["system"] == "hf" else 8.5,
-            "peak_reserved_gib": 22.0, "losses": [12.16, 11.9, 11.5], "info": {"trainable_params": 615_500_000}}
+    return {
+        "status": "ok",
+        "tokens_per_s": speed,
+        "peak_allocated_gib": 20.0 if job["system"] == "hf" else 8.5,
+        "peak_reserved_gib": 22.0,
+        "losses": [12.16, 11.9, 11.5],
+        "info": {"trainable_params": 615_500_000},
+    }
 
 
 def test_harness_flow_with_fake_worker(tmp_path, monkeypatch):
@@ -133,7 +151,9 @@ def test_harness_flow_with_fake_worker(tmp_path, monkeypatch):
     data = json.loads((tmp_path / "results.json").read_text())
     rows = {r["system"]: r for r in data["train"]}
     assert rows["cpt"]["status"] == "unavailable" and "ImportError" in rows["cpt"]["error"]
-    assert rows["hf"]["mfu"] == pytest.approx(flops_per_token(WORKLOADS["llama-1b"], 2048).total * 30000 / 800e12)
+    assert rows["hf"]["mfu"] == pytest.approx(
+        flops_per_token(WORKLOADS["llama-1b"], 2048).total * 30000 / 800e12
+    )
     ctx = {r["system"]: r for r in data["maxctx"]}
     assert ctx["hf"]["max_ok"] <= 40000 < ctx["hf"]["min_fail"] and ctx["hf"]["status"] == "exact"
     assert ctx["liger"]["status"] == "cap" and ctx["liger"]["max_ok"] == 131072
@@ -148,34 +168,111 @@ def test_harness_flow_with_fake_worker(tmp_path, monkeypatch):
 
 def _fake_results(tmp_path):
     results = {
-        "meta": {"suite": "quick", "device": "cuda", "command": "python -m benchmarks.run --suite quick",
-                 "warmup": 3, "steps": 10, "seed": 0, "precision": "bf16", "allocator": "expandable"},
-        "hardware": {"status": "ok", "matmul_tflops": 790.0, "matmul_n": 8192,
-                     "environment": {"card": "NVIDIA H200", "card_memory_gib": 139.8, "torch": "2.11.0+cu130",
-                                     "transformers": "5.17.0", "date": "2026-11-26T00:00:00+00:00"}},
+        "meta": {
+            "suite": "quick",
+            "device": "cuda",
+            "command": "python -m benchmarks.run --suite quick",
+            "warmup": 3,
+            "steps": 10,
+            "seed": 0,
+            "precision": "bf16",
+            "allocator": "expandable",
+        },
+        "hardware": {
+            "status": "ok",
+            "matmul_tflops": 790.0,
+            "matmul_n": 8192,
+            "environment": {
+                "card": "NVIDIA H200",
+                "card_memory_gib": 139.8,
+                "torch": "2.11.0+cu130",
+                "transformers": "5.17.0",
+                "date": "2026-11-26T00:00:00+00:00",
+            },
+        },
         "train": [
-            {"system": "hf", "workload": "llama-1b", "batch": 4, "seq": 2048, "status": "ok", "tokens_per_s": 31684.0,
-             "peak_allocated_gib": 20.6, "peak_reserved_gib": 22.0, "mfu": 0.257, "losses": [12.164, 11.5, 10.885]},
-            {"system": "liger", "workload": "llama-1b", "batch": 4, "seq": 2048, "status": "ok",
-             "tokens_per_s": 37956.0, "peak_allocated_gib": 8.5, "peak_reserved_gib": 9.0, "mfu": 0.31,
-             "losses": [12.164, 11.51, 10.886]},
-            {"system": "cpt", "workload": "llama-1b", "batch": 4, "seq": 2048, "status": "oom", "error": "CUDA OOM"},
+            {
+                "system": "hf",
+                "workload": "llama-1b",
+                "batch": 4,
+                "seq": 2048,
+                "status": "ok",
+                "tokens_per_s": 31684.0,
+                "peak_allocated_gib": 20.6,
+                "peak_reserved_gib": 22.0,
+                "mfu": 0.257,
+                "losses": [12.164, 11.5, 10.885],
+            },
+            {
+                "system": "liger",
+                "workload": "llama-1b",
+                "batch": 4,
+                "seq": 2048,
+                "status": "ok",
+                "tokens_per_s": 37956.0,
+                "peak_allocated_gib": 8.5,
+                "peak_reserved_gib": 9.0,
+                "mfu": 0.31,
+                "losses": [12.164, 11.51, 10.886],
+            },
+            {
+                "system": "cpt",
+                "workload": "llama-1b",
+                "batch": 4,
+                "seq": 2048,
+                "status": "oom",
+                "error": "CUDA OOM",
+            },
         ],
         "maxctx": [
-            {"system": "hf", "workload": "llama-1b", "status": "exact", "max_ok": 73728, "min_fail": 77824,
-             "granularity": 4096, "cap": 262144, "kib_per_token": 1843.0, "reserved_kib_per_token": 1900.0,
-             "probes": [{"seq": 65536, "status": "ok", "peak_allocated_gib": 115.0, "peak_reserved_gib": 118.0},
-                        {"seq": 73728, "status": "ok", "peak_allocated_gib": 129.0, "peak_reserved_gib": 131.0},
-                        {"seq": 77824, "status": "oom"}]},
+            {
+                "system": "hf",
+                "workload": "llama-1b",
+                "status": "exact",
+                "max_ok": 73728,
+                "min_fail": 77824,
+                "granularity": 4096,
+                "cap": 262144,
+                "kib_per_token": 1843.0,
+                "reserved_kib_per_token": 1900.0,
+                "probes": [
+                    {"seq": 65536, "status": "ok", "peak_allocated_gib": 115.0, "peak_reserved_gib": 118.0},
+                    {"seq": 73728, "status": "ok", "peak_allocated_gib": 129.0, "peak_reserved_gib": 131.0},
+                    {"seq": 77824, "status": "oom"},
+                ],
+            },
         ],
     }
-    kernels = {"device": "cuda", "copy_gbps": 4275.0, "matmul_tflops": 790.0, "rows": [
-        {"op": "swiglu", "impl": "eager", "shape": "8192×14336", "status": "ok", "ms": 0.78, "gbps": 2400.0,
-         "pct_copy": 56.0, "rel_err": 2e-3, "extra_peak_gib": 0.2},
-        {"op": "swiglu", "impl": "liger", "shape": "8192×14336", "status": "ok", "ms": 0.45, "gbps": 4180.0,
-         "pct_copy": 98.0, "rel_err": 2e-3, "extra_peak_gib": 0.0},
-        {"op": "swiglu", "impl": "cpt", "status": "unavailable", "error": "ImportError: x"},
-    ]}
+    kernels = {
+        "device": "cuda",
+        "copy_gbps": 4275.0,
+        "matmul_tflops": 790.0,
+        "rows": [
+            {
+                "op": "swiglu",
+                "impl": "eager",
+                "shape": "8192×14336",
+                "status": "ok",
+                "ms": 0.78,
+                "gbps": 2400.0,
+                "pct_copy": 56.0,
+                "rel_err": 2e-3,
+                "extra_peak_gib": 0.2,
+            },
+            {
+                "op": "swiglu",
+                "impl": "liger",
+                "shape": "8192×14336",
+                "status": "ok",
+                "ms": 0.45,
+                "gbps": 4180.0,
+                "pct_copy": 98.0,
+                "rel_err": 2e-3,
+                "extra_peak_gib": 0.0,
+            },
+            {"op": "swiglu", "impl": "cpt", "status": "unavailable", "error": "ImportError: x"},
+        ],
+    }
     (tmp_path / "results.json").write_text(json.dumps(results))
     (tmp_path / "kernels.json").write_text(json.dumps(kernels))
 
@@ -192,9 +289,13 @@ def test_report_tables_docs_and_summary(tmp_path):
     assert "NVIDIA H200" in md and "790.0 TFLOP/s" in md and "6.41 GFLOP/token" in md
     report.write_report(tmp_path, docs)  # a rerun replaces its block instead of appending
     text = docs.read_text()
-    assert text.startswith("# Benchmarks\n\nintro text") and text.count("<!-- results:quick-cuda:start -->") == 1
+    assert (
+        text.startswith("# Benchmarks\n\nintro text") and text.count("<!-- results:quick-cuda:start -->") == 1
+    )
     pytest.importorskip("matplotlib")
-    assert (tmp_path / "training.png").stat().st_size > 1000 and (tmp_path / "maxctx.png").stat().st_size > 1000
+    assert (tmp_path / "training.png").stat().st_size > 1000 and (
+        tmp_path / "maxctx.png"
+    ).stat().st_size > 1000
     summary = report.summary(report.load(tmp_path))
     assert "SUMMARY" in summary and "37,956 tok/s (1.20x)" in summary and "maxctx llama-1b hf" in summary
 
@@ -205,8 +306,17 @@ def test_report_tables_docs_and_summary(tmp_path):
 def test_worker_trains_tiny_llama_hf_on_cpu():
     from benchmarks.worker import run_train
 
-    args = {"mode": "train", "system": "hf", "workload": "llama-1b", "batch": 2, "seq": 16, "device": "cpu",
-            "warmup": 1, "steps": 1, "seed": 0}
+    args = {
+        "mode": "train",
+        "system": "hf",
+        "workload": "llama-1b",
+        "batch": 2,
+        "seq": 16,
+        "device": "cpu",
+        "warmup": 1,
+        "steps": 1,
+        "seed": 0,
+    }
     first = run_train(args)
     assert first["status"] == "ok", first
     assert first["workload_built"] == "tiny-llama" and len(first["losses"]) == 2
@@ -219,8 +329,10 @@ def test_worker_trains_tiny_llama_hf_on_cpu():
 
 
 def test_run_worker_records_failures_in_a_subprocess():
-    bad = run.run_worker({"mode": "train", "system": "nope", "workload": "llama-1b", "batch": 1, "seq": 8,
-                          "device": "cpu"}, timeout=120)
+    bad = run.run_worker(
+        {"mode": "train", "system": "nope", "workload": "llama-1b", "batch": 1, "seq": 8, "device": "cpu"},
+        timeout=120,
+    )
     assert bad["status"] == "error" and "unknown system" in bad["error"]
     slow = run.run_worker({"mode": "matmul", "device": "cpu"}, timeout=0.01)
     assert slow["status"] == "timeout"
@@ -242,8 +354,18 @@ def test_kernel_bench_rows_on_cpu():
 def test_worker_trains_tiny_llama_hf_on_gpu():
     from benchmarks.worker import run_train
 
-    res = run_train({"mode": "train", "system": "hf", "workload": "tiny-llama", "batch": 2, "seq": 64,
-                     "device": "cuda", "warmup": 1, "steps": 2})
+    res = run_train(
+        {
+            "mode": "train",
+            "system": "hf",
+            "workload": "tiny-llama",
+            "batch": 2,
+            "seq": 64,
+            "device": "cuda",
+            "warmup": 1,
+            "steps": 2,
+        }
+    )
     assert res["status"] == "ok", res
     assert res["peak_allocated_gib"] > 0 and all(math.isfinite(x) for x in res["losses"])
 
