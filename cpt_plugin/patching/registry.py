@@ -52,6 +52,7 @@ class Registry:
         self._patchers: dict[str, Patcher] = {}
         self._by_spec: dict[int, FamilyPatcher] = {}
         self._warned: set[str] = set()
+        self._patch_order: list[Patcher] = []  # so that unpatch() undoes nested patches newest first
         self.plugin_manager = pluggy.PluginManager(PROJECT)
         self.plugin_manager.add_hookspecs(PatcherHookSpecs)
         self.plugin_manager.hook.cpt_plugin_register_patchers.call_historic(kwargs={"registry": self})
@@ -111,6 +112,17 @@ class Registry:
                 unique.append(patcher)
         return unique
 
+    def note_patched(self, patcher: Patcher) -> None:
+        if all(patcher is not p for p in self._patch_order):
+            self._patch_order.append(patcher)
+
+    def unpatch_all(self) -> None:
+        """Every patcher's unpatch, the most recently first-patched first."""
+        patched = list(reversed(self._patch_order))
+        for patcher in patched + [p for p in self.patchers() if all(p is not q for q in patched)]:
+            patcher.unpatch(None)
+        self._patch_order.clear()
+
     def warn_unknown(self, model_type: str | None) -> None:
         key = str(model_type)
         if key in self._warned:
@@ -163,6 +175,7 @@ def patch(target: str | nn.Module, config: Any = None, **kernel_switches: bool) 
         for kernel in kernels:
             report.skip(kernel, "unsupported model_type")
         return report
+    registry.note_patched(patcher)
     report = patcher.patch(model, kernels)
     logger.info("%s", report)
     return report
@@ -172,8 +185,7 @@ def unpatch(target: str | nn.Module | None = None) -> None:
     """Restores the originals: of every family (no target), of one model_type, or of a model's family."""
     registry = get_registry()
     if target is None:
-        for patcher in registry.patchers():
-            patcher.unpatch(None)
+        registry.unpatch_all()
         return
     model = None if isinstance(target, str) else _base_model(target)
     model_type = target if isinstance(target, str) else _model_type(model)
