@@ -1,0 +1,112 @@
+"""RoPE scaling set on the config before the model is built; eager attention warned about."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
+
+from cpt_plugin.long_context import apply_rope_scaling, check_attention_implementation
+
+
+def _config(**overrides) -> LlamaConfig:
+    values = dict(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=257,
+        max_position_embeddings=128,
+    )
+    values.update(overrides)
+    return LlamaConfig(**values)
+
+
+def test_no_change_within_trained_context() -> None:
+    config = _config()
+    before = dict(config.rope_parameters)
+    assert apply_rope_scaling(config, 128) is None
+    assert config.rope_parameters == before and config.max_position_embeddings == 128
+
+
+def test_default_is_yarn_with_the_extension_ratio() -> None:
+    config = _config(rope_theta=50_000.0)
+    with pytest.warns(UserWarning, match="yarn with factor 4"):
+        message = apply_rope_scaling(config, 512)
+    assert "yarn" in message
+    params = config.rope_parameters
+    assert params["rope_type"] == "yarn" and params["factor"] == 4.0
+    assert params["rope_theta"] == 50_000.0  # kept
+    assert params["original_max_position_embeddings"] == 128
+    assert config.max_position_embeddings == 512
+    model = LlamaForCausalLM(config)  # the model builds and runs with it
+    assert model.model.rotary_emb.rope_type == "yarn"
+    model(input_ids=torch.randint(0, 257, (1, 300)))
+
+
+@pytest.mark.parametrize("rope_type", ["linear", "dynamic", "yarn"])
+def test_given_rope_scaling(rope_type: str) -> None:
+    config = _config()
+    with pytest.warns(UserWarning, match=rope_type):
+        apply_rope_scaling(config, 300, {"rope_type": rope_type, "factor": 3.0})
+    assert config.rope_parameters["rope_type"] == rope_type
+    assert config.rope_parameters["factor"] == 3.0
+    assert config.rope_parameters["rope_theta"] == 10_000.0
+    assert config.max_position_embeddings == (128 if rope_type == "dynamic" else 300)
+    LlamaForCausalLM(config)(input_ids=torch.randint(0, 257, (1, 20)))
+
+
+def test_factor_defaults_to_ratio_and_bad_type_fails() -> None:
+    config = _config()
+    with pytest.warns(UserWarning):
+        apply_rope_scaling(config, 256, {"rope_type": "linear"})
+    assert config.rope_parameters["factor"] == 2.0
+    with pytest.raises(ValueError, match="rope_type"):
+        apply_rope_scaling(_config(), 256, {"rope_type": "ntk-magic", "factor": 2})
+
+
+def test_existing_llama3_scaling_keeps_its_type() -> None:
+    rope = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+        "rope_theta": 500_000.0,
+    }
+    config = _config(rope_parameters=rope)
+    with pytest.warns(UserWarning, match="llama3 with factor 16"):
+        apply_rope_scaling(config, 256)
+    assert (
+        config.rope_parameters["rope_type"] == "llama3" and config.rope_parameters["rope_theta"] == 500_000.0
+    )
+    LlamaForCausalLM(config)(input_ids=torch.randint(0, 257, (1, 20)))
+
+
+def test_nested_rope_parameters_scale_full_attention_only() -> None:
+    config = Gemma3TextConfig(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=257,
+        max_position_embeddings=128,
+    )
+    sliding_before = dict(config.rope_parameters["sliding_attention"])
+    with pytest.warns(UserWarning):
+        apply_rope_scaling(config, 512)
+    assert config.rope_parameters["sliding_attention"] == sliding_before
+    full = config.rope_parameters["full_attention"]
+    assert full["factor"] > 1 and "rope_theta" in full
+
+
+def test_eager_attention_warns() -> None:
+    config = _config()
+    config._attn_implementation = "eager"
+    with pytest.warns(UserWarning, match="eager"):
+        assert check_attention_implementation(config, 4096)
+    config._attn_implementation = "sdpa"
+    assert check_attention_implementation(config) is None
