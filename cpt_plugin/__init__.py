@@ -21,9 +21,9 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:  # pragma: no cover
+    from cpt_plugin.core import setup_model
     from cpt_plugin.integrations.hf import CPTCallback
     from cpt_plugin.patching.registry import patch, unpatch
-    from cpt_plugin.core import setup_model
     from cpt_plugin.recipe import prepare_model
 
 

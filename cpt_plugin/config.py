@@ -108,7 +108,9 @@ class CPTConfig:
         return cls.from_dict(data)
 
     @classmethod
-    def coerce(cls, value: CPTConfig | Mapping[str, Any] | str | Path | None = None, **kwargs: Any) -> CPTConfig:
+    def coerce(
+        cls, value: CPTConfig | Mapping[str, Any] | str | Path | None = None, **kwargs: Any
+    ) -> CPTConfig:
         """Accepts a config, a dict, a YAML path or keyword arguments."""
         if isinstance(value, CPTConfig):
             return value.replace(**kwargs) if kwargs else value
@@ -184,34 +186,68 @@ class CPTConfig:
         if not 0 <= self.decay_ratio <= 1:
             fail("decay_ratio", f"got {self.decay_ratio!r}", "Use a fraction in [0, 1] of the steps.")
         if not 0 < self.constant_lr_ratio <= 1:
-            fail("constant_lr_ratio", f"got {self.constant_lr_ratio!r}", "Use a fraction in (0, 1] of the peak LR.")
+            fail(
+                "constant_lr_ratio",
+                f"got {self.constant_lr_ratio!r}",
+                "Use a fraction in (0, 1] of the peak LR.",
+            )
         if self.schedule.startswith("infinite") and self.min_lr_ratio > self.constant_lr_ratio:
-            fail("min_lr_ratio", "is above constant_lr_ratio", "The final anneal must go down: keep min_lr_ratio <= constant_lr_ratio.")
+            fail(
+                "min_lr_ratio",
+                "is above constant_lr_ratio",
+                "The final anneal must go down: keep min_lr_ratio <= constant_lr_ratio.",
+            )
         check_number("inv_sqrt_alpha", self.inv_sqrt_alpha, allow_zero=False)
         check_number("max_seq_length", self.max_seq_length, allow_zero=False, integer=True)
         check_number("tiled_mlp_chunk_tokens", self.tiled_mlp_chunk_tokens, allow_zero=False, integer=True)
-        if isinstance(self.replay_ratio, bool) or not isinstance(self.replay_ratio, (int, float)) or not 0 <= self.replay_ratio < 1:
-            fail("replay_ratio", f"got {self.replay_ratio!r}", "Use a fraction in [0, 1), e.g. 0.05 for 5% replayed tokens.")
+        if (
+            isinstance(self.replay_ratio, bool)
+            or not isinstance(self.replay_ratio, (int, float))
+            or not 0 <= self.replay_ratio < 1
+        ):
+            fail(
+                "replay_ratio",
+                f"got {self.replay_ratio!r}",
+                "Use a fraction in [0, 1), e.g. 0.05 for 5% replayed tokens.",
+            )
         if isinstance(self.target_modules, str) and self.target_modules not in ("all-linear",):
             self.target_modules = [self.target_modules]
         if self.kernels not in (True, False):
             if isinstance(self.kernels, str):
                 self.kernels = [self.kernels]
             if not isinstance(self.kernels, (list, tuple)):
-                fail("kernels", f"got {self.kernels!r}", f"Use true, false or a list out of {', '.join(KERNEL_NAMES)}.")
+                fail(
+                    "kernels",
+                    f"got {self.kernels!r}",
+                    f"Use true, false or a list out of {', '.join(KERNEL_NAMES)}.",
+                )
             for name in self.kernels:
                 if name not in KERNEL_NAMES:
                     close = difflib.get_close_matches(str(name), KERNEL_NAMES, n=1)
-                    fix = f"Did you mean '{close[0]}'?" if close else f"Choose from {', '.join(KERNEL_NAMES)}."
+                    fix = (
+                        f"Did you mean '{close[0]}'?" if close else f"Choose from {', '.join(KERNEL_NAMES)}."
+                    )
                     fail("kernels", f"unknown kernel {name!r}", fix)
             self.kernels = list(self.kernels)
         if self.gradient_checkpointing not in CHECKPOINTING_MODES:
-            fail("gradient_checkpointing", f"got {self.gradient_checkpointing!r}", f"Choose one of {', '.join(CHECKPOINTING_MODES)}.")
+            fail(
+                "gradient_checkpointing",
+                f"got {self.gradient_checkpointing!r}",
+                f"Choose one of {', '.join(CHECKPOINTING_MODES)}.",
+            )
         if self.rope_scaling is not None:
             if not isinstance(self.rope_scaling, dict) or "rope_type" not in self.rope_scaling:
-                fail("rope_scaling", f"got {self.rope_scaling!r}", 'Give a mapping such as {"rope_type": "yarn", "factor": 4.0}.')
+                fail(
+                    "rope_scaling",
+                    f"got {self.rope_scaling!r}",
+                    'Give a mapping such as {"rope_type": "yarn", "factor": 4.0}.',
+                )
             if self.rope_scaling["rope_type"] not in ("linear", "dynamic", "yarn"):
-                fail("rope_scaling", f"unknown rope_type {self.rope_scaling['rope_type']!r}", "Use linear, dynamic or yarn.")
+                fail(
+                    "rope_scaling",
+                    f"unknown rope_type {self.rope_scaling['rope_type']!r}",
+                    "Use linear, dynamic or yarn.",
+                )
         self._check_available()
 
     def _check_available(self) -> None:

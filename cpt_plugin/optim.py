@@ -75,7 +75,9 @@ def build_param_groups(
                     }
                 )
     if not groups:
-        raise CPTConfigError("cpt-plugin: the model has no trainable parameters. Call prepare_model(model, config) first.")
+        raise CPTConfigError(
+            "cpt-plugin: the model has no trainable parameters. Call prepare_model(model, config) first."
+        )
     return groups
 
 
@@ -117,4 +119,6 @@ def create_optimizer(
     fused = name == "adamw_torch_fused" and _fused_supported(groups)
     if name == "adamw_torch_fused" and not fused:
         logger.info("cpt-plugin: fused AdamW needs CUDA parameters; using the foreach AdamW instead.")
-    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused or None)
+    return torch.optim.AdamW(
+        groups, lr=learning_rate, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused or None
+    )

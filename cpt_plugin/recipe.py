@@ -57,7 +57,9 @@ def _is_linear(module: nn.Module) -> bool:
     return type(module).__name__ in {"Linear4bit", "Linear8bitLt", "QuantLinear"}
 
 
-def resolve_target_modules(model: nn.Module, requested: list[str] | str | None) -> tuple[list[str], list[str]]:
+def resolve_target_modules(
+    model: nn.Module, requested: list[str] | str | None
+) -> tuple[list[str], list[str]]:
     """Returns (LoRA targets, names moved to full training).
 
     Default: the leaf names of every linear layer except the embeddings and lm_head (for Llama-style
@@ -76,7 +78,9 @@ def resolve_target_modules(model: nn.Module, requested: list[str] | str | None) 
             - embedding_leafs
         )
         if not names:
-            raise CPTConfigError("cpt-plugin: found no linear layers to put LoRA on. Set 'target_modules' explicitly.")
+            raise CPTConfigError(
+                "cpt-plugin: found no linear layers to put LoRA on. Set 'target_modules' explicitly."
+            )
         return names, []
     requested_list = [requested] if isinstance(requested, str) else list(requested)
     moved = [name for name in requested_list if name.split(".")[-1] in embedding_leafs]

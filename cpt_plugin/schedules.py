@@ -104,7 +104,9 @@ def build_plan(config: CPTConfig, total_steps: int, warmup_steps: int) -> Schedu
     )
 
 
-def create_scheduler(optimizer: Optimizer, config: CPTConfig, total_steps: int, warmup_steps: int) -> LambdaLR:
+def create_scheduler(
+    optimizer: Optimizer, config: CPTConfig, total_steps: int, warmup_steps: int
+) -> LambdaLR:
     """One LambdaLR for all groups: each group's own peak LR times the same factor."""
     plan = build_plan(config, total_steps, warmup_steps)
 

@@ -65,7 +65,11 @@ def test_one_flag_gives_groups_schedule_and_metrics(tmp_path):
 
 def test_trainer_without_callback_is_untouched(tmp_path):
     CPTCallback()  # installs the hooks
-    trainer = Trainer(model=tiny_llama(), args=_args(tmp_path, max_steps=1, save_strategy="no"), train_dataset=RandomBlocks())
+    trainer = Trainer(
+        model=tiny_llama(),
+        args=_args(tmp_path, max_steps=1, save_strategy="no"),
+        train_dataset=RandomBlocks(),
+    )
     assert type(trainer.model).__name__ == "LlamaForCausalLM"
     trainer.train()
     assert not any("cpt_group" in g for g in trainer.optimizer.param_groups)
@@ -85,7 +89,9 @@ def test_resume_continues_exactly(tmp_path):
     full = run()
     full_losses = _losses(full)
     checkpoint = os.path.join(tmp_path, "out", "checkpoint-3")
-    assert os.path.exists(os.path.join(checkpoint, "adapter_model.safetensors"))  # an adapter, not full weights
+    assert os.path.exists(
+        os.path.join(checkpoint, "adapter_model.safetensors")
+    )  # an adapter, not full weights
     resumed = run(resume=checkpoint)
     resumed_losses = _losses(resumed)
     assert resumed.state.global_step == 6 and set(resumed_losses) >= {4, 5, 6}
@@ -97,11 +103,18 @@ def test_resume_continues_exactly(tmp_path):
     state_full = full.optimizer.state_dict()["state"]
     state_resumed = resumed.optimizer.state_dict()["state"]
     for key in state_full:
-        torch.testing.assert_close(state_resumed[key]["exp_avg_sq"], state_full[key]["exp_avg_sq"], rtol=1e-5, atol=1e-9)
+        torch.testing.assert_close(
+            state_resumed[key]["exp_avg_sq"], state_full[key]["exp_avg_sq"], rtol=1e-5, atol=1e-9
+        )
 
 
 def test_unwritable_output_dir_fails_before_training(tmp_path):
     blocked = tmp_path / "file"
     blocked.write_text("not a folder")
     with pytest.raises(CPTConfigError, match="not writable"):
-        Trainer(model=tiny_llama(), args=_args(tmp_path, output_dir=str(blocked / "out")), train_dataset=RandomBlocks(), callbacks=[CPTCallback(lora_r=4)])
+        Trainer(
+            model=tiny_llama(),
+            args=_args(tmp_path, output_dir=str(blocked / "out")),
+            train_dataset=RandomBlocks(),
+            callbacks=[CPTCallback(lora_r=4)],
+        )

@@ -20,7 +20,10 @@ def test_groups_and_learning_rates_after_a_step():
     by_name = {g["cpt_group"]: g for g in optimizer.param_groups}
     assert by_name["lora"]["lr"] == pytest.approx(1e-3)
     assert by_name["embeddings"]["lr"] == pytest.approx(1e-4)
-    embedding_ids = {id(model.get_input_embeddings().modules_to_save["default"].weight), id(model.get_output_embeddings().modules_to_save["default"].weight)}
+    embedding_ids = {
+        id(model.get_input_embeddings().modules_to_save["default"].weight),
+        id(model.get_output_embeddings().modules_to_save["default"].weight),
+    }
     assert {id(p) for p in by_name["embeddings"]["params"]} == embedding_ids
     assert all(g["weight_decay"] == 0.0 for n, g in by_name.items() if n.endswith("no_decay"))
     assert by_name["lora"]["weight_decay"] == 0.01

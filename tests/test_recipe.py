@@ -58,7 +58,10 @@ def test_embedding_targets_become_full_training(caplog):
     targets, moved = resolve_target_modules(model, ["q_proj", "v_proj", "embed_tokens", "lm_head"])
     assert targets == ["q_proj", "v_proj"] and moved == ["embed_tokens", "lm_head"]
     with caplog.at_level("WARNING"):
-        peft_model = prepare_model(model, CPTConfig(lora_r=4, target_modules=["q_proj", "embed_tokens", "lm_head"], train_embeddings=False))
+        peft_model = prepare_model(
+            model,
+            CPTConfig(lora_r=4, target_modules=["q_proj", "embed_tokens", "lm_head"], train_embeddings=False),
+        )
     assert "trained fully" in caplog.text
     head = peft_model.get_output_embeddings()
     assert type(head).__name__ == "ModulesToSaveWrapper"  # not a LoRA layer

@@ -27,7 +27,11 @@ def test_wsd():
 
 def test_infinite_cosine_matches_paper_formulas():
     config = CPTConfig(
-        schedule="infinite_cosine", constant_lr_ratio=0.5, min_lr_ratio=0.05, cooldown_steps=40, anneal_steps=20
+        schedule="infinite_cosine",
+        constant_lr_ratio=0.5,
+        min_lr_ratio=0.05,
+        cooldown_steps=40,
+        anneal_steps=20,
     )
     f = factors(config, total=200, warmup=10)
     eta_max, eta_const, eta_min = 1.0, 0.5, 0.05
@@ -43,7 +47,14 @@ def test_infinite_cosine_matches_paper_formulas():
 
 def test_infinite_inv_sqrt_matches_paper_formula():
     alpha = 10.0
-    config = CPTConfig(schedule="infinite_inv_sqrt", constant_lr_ratio=0.4, min_lr_ratio=0.04, cooldown_steps=50, anneal_steps=0, inv_sqrt_alpha=alpha)
+    config = CPTConfig(
+        schedule="infinite_inv_sqrt",
+        constant_lr_ratio=0.4,
+        min_lr_ratio=0.04,
+        cooldown_steps=50,
+        anneal_steps=0,
+        inv_sqrt_alpha=alpha,
+    )
     f = factors(config, total=300, warmup=0)
 
     def g(x):

@@ -23,7 +23,9 @@ logger = logging.getLogger(__name__)
 
 def checkpointing_requested(args: Any) -> bool:
     """TrainingArguments' checkpointing switch (``activation_checkpointing`` in 5.24, older name before)."""
-    return bool(getattr(args, "activation_checkpointing", None) or getattr(args, "gradient_checkpointing", False))
+    return bool(
+        getattr(args, "activation_checkpointing", None) or getattr(args, "gradient_checkpointing", False)
+    )
 
 
 def resolve_checkpointing_mode(config: CPTConfig, args: Any) -> str:

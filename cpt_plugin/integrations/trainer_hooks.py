@@ -35,7 +35,10 @@ def install_trainer_hooks() -> None:
 
     if _INSTALLED:
         return
-    originals = {name: getattr(Trainer, name) for name in ("__init__", "create_optimizer", "create_scheduler", "training_step", "log")}
+    originals = {
+        name: getattr(Trainer, name)
+        for name in ("__init__", "create_optimizer", "create_scheduler", "training_step", "log")
+    }
     init_signature = inspect.signature(originals["__init__"])
 
     @functools.wraps(originals["__init__"])
@@ -52,11 +55,14 @@ def install_trainer_hooks() -> None:
         callback = _trainer_callback(self)
         if callback is None or self.optimizer is not None:
             return originals["create_optimizer"](self, *args, **kwargs)
-        from cpt_plugin.optim import create_optimizer as build, optimizer_name_from_trainer
+        from cpt_plugin.optim import create_optimizer as build
+        from cpt_plugin.optim import optimizer_name_from_trainer
 
         config = callback.config
         if config.optimizer is None:
-            config = config.replace(optimizer=optimizer_name_from_trainer(self.args.optim) or "adamw_torch_fused")
+            config = config.replace(
+                optimizer=optimizer_name_from_trainer(self.args.optim) or "adamw_torch_fused"
+            )
         model = (args[0] if args else kwargs.get("model")) or self.model
         self.optimizer = build(
             model,
@@ -73,9 +79,12 @@ def install_trainer_hooks() -> None:
         callback = _trainer_callback(self)
         if callback is None or callback.config.schedule == "none" or self.lr_scheduler is not None:
             return originals["create_scheduler"](self, num_training_steps, optimizer)
-        from cpt_plugin.schedules import create_scheduler as build, resolve_warmup_steps
+        from cpt_plugin.schedules import create_scheduler as build
+        from cpt_plugin.schedules import resolve_warmup_steps
 
-        warmup = resolve_warmup_steps(callback.config, num_training_steps, self.args.get_warmup_steps(num_training_steps))
+        warmup = resolve_warmup_steps(
+            callback.config, num_training_steps, self.args.get_warmup_steps(num_training_steps)
+        )
         self.lr_scheduler = build(optimizer or self.optimizer, callback.config, num_training_steps, warmup)
         self._created_lr_scheduler = True
         return self.lr_scheduler

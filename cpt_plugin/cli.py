@@ -1,0 +1,64 @@
+"""`cpt-plugin` command line: `train [CONFIG.yaml]` (embedded default without one), `default-config`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import yaml
+
+
+def _parse_value(text: str):
+    return yaml.safe_load(text)
+
+
+def _apply_overrides(raw: dict, assignments: list[str]) -> dict:
+    """`--set training.max_steps=50 cpt.lora_r=16`: dotted keys into the YAML mapping."""
+    for assignment in assignments:
+        if "=" not in assignment:
+            raise SystemExit(f"cpt-plugin: --set expects SECTION.KEY=VALUE, got {assignment!r}")
+        dotted, value = assignment.split("=", 1)
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = _parse_value(value)
+    return raw
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="cpt-plugin", description="Fast, memory-lean continued pretraining."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="run a CPT job (the embedded CPU default when no CONFIG is given)")
+    train.add_argument("config", nargs="?", help="run config YAML (see `cpt-plugin default-config`)")
+    train.add_argument("--output-dir", help="where the adapter, loss curve and summary go")
+    train.add_argument(
+        "--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE", help="override config values"
+    )
+    sub.add_parser("default-config", help="print the embedded default run config")
+    args = parser.parse_args(argv)
+
+    from cpt_plugin.config import CPTConfigError
+    from cpt_plugin.pipeline import RunConfig, default_config_text, run
+
+    if args.command == "default-config":
+        sys.stdout.write(default_config_text())
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("httpx", "urllib3", "datasets", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        text = open(args.config, encoding="utf-8").read() if args.config else default_config_text()
+        raw = _apply_overrides(yaml.safe_load(text) or {}, args.set)
+        run(RunConfig.from_dict(raw), output_dir=args.output_dir)
+    except (CPTConfigError, FileNotFoundError, ValueError) as error:
+        print(f"cpt-plugin: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

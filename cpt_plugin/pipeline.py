@@ -1,0 +1,325 @@
+"""The `cpt-plugin train` job: config → corpora/tokenizer → model → (base) → CPT → evaluate → save.
+
+It drives a stock ``transformers.Trainer`` with ``CPTCallback``, exactly as a user's own script would.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import math
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from cpt_plugin.config import CPTConfig, CPTConfigError
+
+logger = logging.getLogger(__name__)
+
+RUN_KEYS = {"model", "tokenizer", "data", "cpt", "training", "base_pretraining", "compare_without_replay"}
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """A `cpt-plugin train` YAML: where the model and data come from, CPTConfig and TrainingArguments."""
+
+    model: dict[str, Any]
+    data: dict[str, Any]
+    cpt: CPTConfig
+    training: dict[str, Any]
+    tokenizer: dict[str, Any] = dataclasses.field(default_factory=dict)
+    base_pretraining: dict[str, Any] | None = None
+    compare_without_replay: bool = False
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> RunConfig:
+        import difflib
+
+        for key in raw:
+            if key not in RUN_KEYS:
+                close = difflib.get_close_matches(key, sorted(RUN_KEYS), n=1)
+                hint = (
+                    f" Did you mean '{close[0]}'?"
+                    if close
+                    else f" Valid sections: {', '.join(sorted(RUN_KEYS))}."
+                )
+                raise CPTConfigError(f"Unknown section '{key}' in the run config.{hint}")
+        model = dict(raw.get("model") or {})
+        if not model.get("name_or_path") and not model.get("tiny_llama"):
+            raise CPTConfigError(
+                "Run config 'model': set model.name_or_path (hub id or local path) or model.tiny_llama."
+            )
+        data = dict(raw.get("data") or {})
+        if not data.get("default_corpora") and not data.get("train"):
+            raise CPTConfigError(
+                "Run config 'data': set data.train (a file, folder, JSONL or saved dataset)."
+            )
+        training = dict(raw.get("training") or {})
+        if not training.get("max_steps"):
+            raise CPTConfigError(
+                "Run config 'training.max_steps': the corpus is streamed, so the number of optimizer steps must "
+                "be given (cpt_plugin.data.estimate_steps helps to pick it)."
+            )
+        return cls(
+            model=model,
+            data=data,
+            cpt=CPTConfig.from_dict(raw.get("cpt") or {}),
+            training=training,
+            tokenizer=dict(raw.get("tokenizer") or {}),
+            base_pretraining=raw.get("base_pretraining"),
+            compare_without_replay=bool(raw.get("compare_without_replay", False)),
+        )
+
+    @classmethod
+    def from_yaml(cls, path: str | Path | None) -> RunConfig:
+        if path is None:
+            text = resources.files("cpt_plugin").joinpath("defaults/default.yaml").read_text(encoding="utf-8")
+        else:
+            text = Path(path).read_text(encoding="utf-8")
+        return cls.from_dict(yaml.safe_load(text) or {})
+
+
+def default_config_text() -> str:
+    return resources.files("cpt_plugin").joinpath("defaults/default.yaml").read_text(encoding="utf-8")
+
+
+# ------------------------------------------------------------------------------------------------
+def _load_tokenizer(run: RunConfig, corpora: dict[str, Path], out: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    source = run.tokenizer.get("name_or_path") or run.model.get("name_or_path")
+    if source:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    else:
+        from cpt_plugin.corpora import train_tokenizer
+
+        paths = [corpora[k] for k in ("old_train", "new_train") if k in corpora] or [run.data["train"]]
+        tokenizer = train_tokenizer(
+            paths, vocab_size=int(run.tokenizer.get("train_vocab_size", 2048)), out_dir=out / "tokenizer"
+        )
+    if tokenizer.eos_token_id is None:
+        raise CPTConfigError(
+            f"The tokenizer of {source or 'the run'} has no EOS token, which packing puts between documents. "
+            "Set tokenizer.name_or_path to one that has, or add one (tokenizer.eos_token = ...)."
+        )
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _load_model(run: RunConfig, tokenizer: Any) -> Any:
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    if run.model.get("tiny_llama"):
+        torch.manual_seed(run.training.get("seed", 42))
+        config = LlamaConfig(
+            vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id, **run.model["tiny_llama"]
+        )
+        config._attn_implementation = "sdpa"
+        return LlamaForCausalLM(config)
+    path = run.model["name_or_path"]
+    model_config = AutoConfig.from_pretrained(path)
+    if run.cpt.max_seq_length > getattr(model_config, "max_position_embeddings", math.inf):
+        from cpt_plugin.long_context import apply_rope_scaling
+
+        apply_rope_scaling(model_config, run.cpt.max_seq_length, run.cpt.rope_scaling)
+    if run.cpt.enabled_kernels():
+        from cpt_plugin.patching.registry import patch
+
+        patch(model_config.model_type, run.cpt)
+    kwargs: dict[str, Any] = {
+        "config": model_config,
+        "attn_implementation": run.model.get("attn_implementation", "sdpa"),
+    }
+    dtype = run.model.get("dtype", "auto")
+    kwargs["dtype"] = dtype if dtype == "auto" else getattr(torch, dtype)
+    if run.model.get("load_in_4bit") or run.model.get("load_in_8bit"):
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=bool(run.model.get("load_in_4bit")),
+            load_in_8bit=bool(run.model.get("load_in_8bit")),
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if "quantization_config" in kwargs:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return model
+
+
+def _dataset(source: Any, tokenizer: Any, run: RunConfig, **kwargs: Any) -> Any:
+    from cpt_plugin.data import CPTDataset
+
+    return CPTDataset(
+        source,
+        tokenizer,
+        run.cpt.max_seq_length,
+        seed=run.cpt.seed,
+        text_field=run.data.get("text_field", "text"),
+        **kwargs,
+    )
+
+
+@torch.no_grad()
+def heldout_loss(model: Any, blocks: list[dict[str, Any]], batch_size: int = 8) -> float:
+    """Token-weighted mean loss over fixed held-out blocks (the same blocks before and after)."""
+    from cpt_plugin.data import collate_packed
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, len(blocks), batch_size):
+        batch = {k: v.to(device) for k, v in collate_packed(blocks[start : start + batch_size]).items()}
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        total += float(model(**batch, use_cache=False).loss) * n
+        count += n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def _training_args(run: RunConfig, out: Path, overrides: dict[str, Any] | None = None) -> Any:
+    from transformers import TrainingArguments
+
+    values = {
+        "report_to": [],
+        "save_strategy": "steps",
+        "logging_steps": 10,
+        **run.training,
+        **(overrides or {}),
+    }
+    values["output_dir"] = str(
+        overrides.get("output_dir") if overrides and "output_dir" in overrides else out
+    )
+    if not torch.cuda.is_available():
+        values.setdefault("use_cpu", True)
+    return TrainingArguments(**values)
+
+
+def _train(model: Any, dataset: Any, args: Any, callbacks: list[Any]) -> Any:
+    from transformers import Trainer
+
+    from cpt_plugin.data import collate_packed
+
+    trainer = Trainer(
+        model=model, args=args, train_dataset=dataset, data_collator=collate_packed, callbacks=callbacks
+    )
+    trainer.train()
+    return trainer
+
+
+def run(run_config: RunConfig, output_dir: str | None = None) -> dict[str, Any]:
+    """Runs the job and returns the summary (also written to output_dir/summary.json)."""
+    from cpt_plugin.integrations.hf import CPTCallback, check_output_dir
+    from cpt_plugin.plots import plot_loss_curves
+
+    started = time.perf_counter()
+    out = Path(output_dir or run_config.training.get("output_dir", "cpt-output"))
+    check_output_dir(str(out))
+    corpora: dict[str, Path] = {}
+    if run_config.data.get("default_corpora"):
+        from cpt_plugin.corpora import write_default_corpora
+
+        corpora = write_default_corpora(
+            out / "corpora", max_mb=float(run_config.data.get("corpora_max_mb", 1.0))
+        )
+    train_source = run_config.data.get("train") or corpora.get("new_train")
+    replay_source = run_config.data.get("replay") or corpora.get("old_train")
+    eval_sources = {
+        "new domain": run_config.data.get("eval_new") or corpora.get("new_heldout"),
+        "old domain": run_config.data.get("eval_old") or corpora.get("old_heldout"),
+    }
+    tokenizer = _load_tokenizer(run_config, corpora, out)
+    model = _load_model(run_config, tokenizer)
+    eval_blocks = {
+        name: list(_dataset(src, tokenizer, run_config).iter_blocks())[
+            : int(run_config.data.get("eval_max_blocks", 64))
+        ]
+        for name, src in eval_sources.items()
+        if src
+    }
+    curves: dict[str, list[tuple[int, float]]] = {}
+    if run_config.base_pretraining:
+        if not replay_source:
+            raise CPTConfigError("Run config 'base_pretraining' needs data.replay (the old-domain corpus).")
+        base_args = _training_args(
+            run_config,
+            out,
+            {**run_config.base_pretraining, "output_dir": out / "base", "save_strategy": "no"},
+        )
+        base_trainer = _train(model, _dataset(replay_source, tokenizer, run_config), base_args, callbacks=[])
+        curves["base pretraining (old domain)"] = _curve(base_trainer)
+    before = {name: heldout_loss(model, blocks) for name, blocks in eval_blocks.items()}
+    base_copy = copy.deepcopy(model) if run_config.compare_without_replay else None
+
+    cfg = run_config.cpt
+    replay = replay_source if cfg.replay_ratio > 0 else None
+    trainer = _train(
+        model,
+        _dataset(train_source, tokenizer, run_config, replay_source=replay, replay_ratio=cfg.replay_ratio),
+        _training_args(run_config, out),
+        [CPTCallback(cfg)],
+    )
+    trainer.save_model(str(out / "adapter"))
+    tokenizer.save_pretrained(str(out / "adapter"))
+    curves[f"CPT, replay {cfg.replay_ratio:.0%}"] = _curve(trainer)
+    results = {
+        f"CPT, replay {cfg.replay_ratio:.0%}": {
+            name: heldout_loss(trainer.model, b) for name, b in eval_blocks.items()
+        }
+    }
+
+    if base_copy is not None and cfg.replay_ratio > 0:
+        no_replay_cfg = cfg.replace(replay_ratio=0.0)
+        args = _training_args(run_config, out, {"output_dir": out / "no-replay", "save_strategy": "no"})
+        other = _train(
+            base_copy, _dataset(train_source, tokenizer, run_config), args, [CPTCallback(no_replay_cfg)]
+        )
+        curves["CPT, no replay"] = _curve(other)
+        results["CPT, no replay"] = {name: heldout_loss(other.model, b) for name, b in eval_blocks.items()}
+
+    plot_loss_curves(curves, out / "loss_curve.png")
+    summary = {
+        "heldout_loss": {"base": before, **results},
+        "adapter": str(out / "adapter"),
+        "loss_curve": str(out / "loss_curve.png"),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    print(format_summary(summary))
+    return summary
+
+
+def _curve(trainer: Any) -> list[tuple[int, float]]:
+    return [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The before/after table: adaptation (new domain) and forgetting (old domain) side by side."""
+    table = summary["heldout_loss"]
+    domains = list(table["base"])
+    width = max(len(k) for k in table) + 2
+    lines = [
+        "",
+        "Held-out loss (lower is better)",
+        "model".ljust(width) + "".join(d.rjust(14) for d in domains),
+    ]
+    for name, losses in table.items():
+        lines.append(name.ljust(width) + "".join(f"{losses[d]:14.3f}" for d in domains))
+    lines += [
+        "",
+        f"adapter: {summary['adapter']}",
+        f"loss curve: {summary['loss_curve']}",
+        f"took {summary['seconds']} s",
+    ]
+    return "\n".join(lines)
