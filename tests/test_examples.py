@@ -1,0 +1,20 @@
+"""The single-process examples run on the tiny default on CPU (as users would start them)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_hf_trainer_example_runs(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("TRITON_INTERPRET", None)  # a user's CPU run: kernels off by default
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "hf_trainer.py"), "--max-steps", "2", "--output-dir", str(tmp_path)],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    assert "cpt-plugin: trainable" in result.stdout
