@@ -5,7 +5,7 @@
 # report.md, training.png, maxctx.png. The summary is printed last (only the tail of stdout comes back).
 # Knobs (environment):
 #   STAGES="tests kernels quick"   stages to run, in this order (also: "full" for the full suite)
-#   TOTAL_BUDGET=540               seconds for the whole script (stages get timeouts that fit in it)
+#   TOTAL_BUDGET=530               seconds for the whole script (stages get timeouts that fit in it)
 #   TESTS_TIMEOUT=150 KERNELS_TIMEOUT=110
 #   RUN_ARGS="..."                 extra arguments for benchmarks.run (e.g. "--systems hf,cpt_offload")
 #   KERNEL_ARGS="..."              extra arguments for benchmarks.kernels (e.g. "--ops flce")
@@ -15,7 +15,7 @@ T0=$(date +%s)
 OUT=${OUT:-outputs/gpu_check}
 mkdir -p "$OUT"
 STAGES=${STAGES:-"tests kernels quick"}
-TOTAL_BUDGET=${TOTAL_BUDGET:-540}
+TOTAL_BUDGET=${TOTAL_BUDGET:-530}
 TESTS_TIMEOUT=${TESTS_TIMEOUT:-150}
 KERNELS_TIMEOUT=${KERNELS_TIMEOUT:-110}
 RUN_ARGS=${RUN_ARGS:-}

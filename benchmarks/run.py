@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-budget", type=float, default=float("inf"), help="seconds for the whole run")
     p.add_argument("--timeout", type=float, default=240.0, help="seconds per throughput subprocess")
     p.add_argument("--probe-timeout", type=float, default=150.0, help="seconds per max-context probe")
+    p.add_argument(
+        "--min-probe-s", type=float, default=30.0, help="start no probe with less budget left than this"
+    )
     p.add_argument("--no-report", action="store_true")
     return p
 
@@ -285,7 +288,10 @@ class Harness:
                     seq: int, timeout: float, system: str = system, wname: str = wname
                 ) -> dict[str, Any]:
                     job = self.job(mode="probe", system=system, workload=wname, batch=1, seq=seq)
-                    result = run_worker(job, min(self.args.probe_timeout, timeout))
+                    limit = min(self.args.probe_timeout, timeout)
+                    result = run_worker(job, limit)
+                    if result.get("status") == "timeout" and limit < self.args.probe_timeout:
+                        result["status"] = "budget"  # cut by the time budget, not by the probe's own limit
                     keep = (
                         "status",
                         "error",
@@ -308,6 +314,7 @@ class Harness:
                     self.args.maxctx_cap,
                     self.args.maxctx_granularity,
                     budget_s=share,
+                    min_probe_s=self.args.min_probe_s,
                 )
                 record.update(found.to_dict())
                 ok_points = [

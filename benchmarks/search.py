@@ -39,7 +39,8 @@ def search_max_context(
     """Doubles from ``start`` until a probe fails or ``cap`` passes, then bisects between the last success
     and the first failure down to ``granularity`` tokens (midpoints on multiples of it). A probe counts as
     passed only when its status is "ok"; each gets at most the remaining budget as its timeout; a status in
-    ``abort_statuses`` (the system cannot run at all) ends the search."""
+    ``abort_statuses`` (the system cannot run at all) ends the search, and so does a probe whose status is
+    "budget" (stopped by the time budget rather than by its own limit)."""
     deadline = clock() + budget_s
     probes: list[dict[str, Any]] = []
     ok: int | None = None
@@ -56,6 +57,8 @@ def search_max_context(
         probes.append({"seq": seq, **result})
         if result.get("status") in abort_statuses:
             aborted = True
+            return None
+        if result.get("status") == "budget":  # cut short by the budget: says nothing about memory
             return None
         return result.get("status") == "ok"
 

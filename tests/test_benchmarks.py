@@ -107,6 +107,8 @@ def test_search_cap_start_failure_budget_and_unavailable():
     assert res.status == "budget" and res.max_ok == 32768 and len(res.probes) == 3
     res = search_max_context(lambda s, t: {"status": "unavailable"}, 8192, 262144, 4096)
     assert res.status == "unavailable" and len(res.probes) == 1
+    res = search_max_context(lambda s, t: {"status": "ok" if s < 20000 else "budget"}, 8192, 262144, 4096)
+    assert res.status == "budget" and res.max_ok == 16384 and res.min_fail is None
 
 
 def test_memory_slope():
