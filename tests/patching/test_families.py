@@ -37,3 +37,25 @@ def test_patched_model_matches_unpatched(model_type: str) -> None:
 
     unpatch(model)
     assert not any(type(m).__name__.startswith("CPT") for m in model.modules())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_patched_model_matches_unpatched_on_gpu(model_type: str, dtype: torch.dtype) -> None:
+    """The real Triton kernels: same loss and gradients as transformers (bf16: bf16-level tolerance)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = tiny_model(model_type, hidden_size=128, intermediate_size=352, vocab_size=1031).to("cuda", dtype)
+    inputs = {k: v.cuda() for k, v in batch(shape=(2, 67)).items()}
+    want_loss, want_grads, _ = train_step(model, inputs)
+    patch(model)
+    got_loss, got_grads, out = train_step(model, inputs)
+    assert out.logits is None
+    tol = dict(rtol=1e-3, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got_loss, want_loss, **tol)
+    for name, want in want_grads.items():
+        got = got_grads[name].float()
+        want = want.float()
+        # relative to the gradient's scale: bf16 reductions differ in order
+        scale = want.abs().max().clamp_min(1e-6)
+        assert ((got - want).abs().max() / scale) < (2e-3 if dtype == torch.float32 else 6e-2), name
