@@ -1,14 +1,20 @@
-"""Test set-up. TRITON_INTERPRET must be set before anything imports triton (ENVIRONMENT.md trap 1)."""
+"""Test set-up. TRITON_INTERPRET must be set before anything imports triton (ENVIRONMENT.md trap 1).
+
+On a CPU machine the Triton kernels run through the interpreter; on a GPU machine they run for real
+(`import torch` does not import triton, so checking CUDA first is safe).
+"""
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
