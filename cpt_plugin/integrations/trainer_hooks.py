@@ -13,6 +13,15 @@ import inspect
 from typing import Any
 
 _INSTALLED: dict[str, Any] = {}
+_AUTO: dict[str, Any] = {}  # {"config": CPTConfig} when auto-activation is on
+
+
+def set_auto_config(config: Any) -> None:
+    """Auto-activation: every Trainer without a CPTCallback gets one built from ``config``."""
+    if config is None:
+        _AUTO.clear()
+    else:
+        _AUTO["config"] = config
 
 
 def find_cpt_callback(callbacks: Any) -> Any:
@@ -45,6 +54,11 @@ def install_trainer_hooks() -> None:
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         bound = init_signature.bind_partial(self, *args, **kwargs)
         callback = find_cpt_callback(bound.arguments.get("callbacks"))
+        if callback is None and "config" in _AUTO:
+            from cpt_plugin.integrations.hf import CPTCallback
+
+            callback = CPTCallback(_AUTO["config"])
+            bound.arguments["callbacks"] = [*(bound.arguments.get("callbacks") or []), callback]
         model = bound.arguments.get("model")
         if callback is not None and model is not None:
             bound.arguments["model"] = callback.prepare_model_for_trainer(model, bound.arguments.get("args"))
@@ -121,3 +135,4 @@ def uninstall_trainer_hooks() -> None:
     for name, original in _INSTALLED.items():
         setattr(Trainer, name, original)
     _INSTALLED.clear()
+    _AUTO.clear()

@@ -26,7 +26,9 @@ def _char_tokenizer():
     vocab = {c: i for i, c in enumerate(["<pad>", "</s>", "<unk>", *string.printable])}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
 
 
 @pytest.mark.parametrize("packing", [False, True])
@@ -36,8 +38,15 @@ def test_sft_trainer_gets_groups_schedule_and_peft(tmp_path, packing):
     trainer = trl.SFTTrainer(
         model=tiny_llama(vocab_size=len(tokenizer)),
         args=trl.SFTConfig(
-            output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2, learning_rate=1e-3,
-            report_to=[], use_cpu=True, packing=packing, max_length=32, logging_steps=1,
+            output_dir=str(tmp_path),
+            max_steps=3,
+            per_device_train_batch_size=2,
+            learning_rate=1e-3,
+            report_to=[],
+            use_cpu=True,
+            packing=packing,
+            max_length=32,
+            logging_steps=1,
         ),
         train_dataset=datasets.Dataset.from_dict({"text": texts}),
         processing_class=tokenizer,
