@@ -19,6 +19,12 @@ from torch import nn
 from cpt_plugin.kernels._utils import as_rows, cast_rn, num_programs_for, use_triton, warps_for
 
 CAST_MODES = ("llama", "gemma")
+# Launch knobs (elements per program in forward/backward, persistent backward programs per SM).
+_FWD_TARGET = 4096
+_BWD_TARGET = 2048
+_BWD_PER_SM = 2
+_BWD_WARPS: int | None = None
+_BWD_STAGES: int | None = 3  # software-pipelined row loop: +10% of copy rate on an H200
 
 
 def rms_norm_reference(
@@ -93,6 +99,7 @@ def _rms_norm_bwd_kernel(
     CAST_LLAMA: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_COLS: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
     """Each program walks a contiguous chunk of rows and keeps its own fp32 partial dweight."""
     pid = tl.program_id(0)
@@ -102,7 +109,7 @@ def _rms_norm_bwd_kernel(
     dw_acc = tl.zeros((BLOCK_ROWS, BLOCK_COLS), dtype=tl.float32)
     row_start = pid * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, n_rows)
-    for start in range(row_start, row_end, BLOCK_ROWS):
+    for start in tl.range(row_start, row_end, BLOCK_ROWS, num_stages=NUM_STAGES):
         rows = start + tl.arange(0, BLOCK_ROWS)
         row_mask = rows < row_end
         mask = row_mask[:, None] & col_mask[None, :]
@@ -151,7 +158,7 @@ class _RMSNormFunction(torch.autograd.Function):
             out_dtype = torch.promote_types(x.dtype, weight.dtype)
         y = torch.empty((n_rows, n_cols), dtype=out_dtype, device=x.device)
         rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-        block_cols, block_rows, num_warps = _launch_shape(n_cols, 4096, x.device)
+        block_cols, block_rows, num_warps = _launch_shape(n_cols, _FWD_TARGET, x.device)
         if n_rows > 0:
             _rms_norm_fwd_kernel[(triton.cdiv(n_rows, block_rows),)](
                 x2,
@@ -181,8 +188,8 @@ class _RMSNormFunction(torch.autograd.Function):
         n_rows, n_cols = x2.shape
         dy2 = as_rows(dy)
         dx = torch.empty((n_rows, n_cols), dtype=x2.dtype, device=x2.device)
-        block_cols, block_rows, num_warps = _launch_shape(n_cols, 2048, x2.device)
-        n_programs = max(1, min(num_programs_for(x2.device, cpu=2), n_rows))
+        block_cols, block_rows, num_warps = _launch_shape(n_cols, _BWD_TARGET, x2.device)
+        n_programs = max(1, min(num_programs_for(x2.device, per_sm=_BWD_PER_SM, cpu=2), n_rows))
         rows_per_program = triton.cdiv(max(n_rows, 1), n_programs)
         n_programs = triton.cdiv(max(n_rows, 1), rows_per_program)
         dw_partial = torch.empty((n_programs, n_cols), dtype=torch.float32, device=x2.device)
@@ -204,7 +211,8 @@ class _RMSNormFunction(torch.autograd.Function):
                 CAST_LLAMA=ctx.cast_llama,
                 BLOCK_ROWS=block_rows,
                 BLOCK_COLS=block_cols,
-                num_warps=num_warps,
+                NUM_STAGES=_BWD_STAGES,
+                num_warps=_BWD_WARPS or num_warps,
             )
         else:
             dw_partial.zero_()

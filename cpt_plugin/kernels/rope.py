@@ -14,6 +14,8 @@ import triton.language as tl
 
 from cpt_plugin.kernels._utils import cast_rn, use_triton, warps_for
 
+_NUM_WARPS: int | None = None  # None: scaled with the elements of one token (q and k heads)
+
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1 = x[..., : x.shape[-1] // 2]
@@ -159,7 +161,7 @@ def _launch(
     block_pass = triton.next_power_of_2(pass_dims) if pass_dims > 0 else 0
     block_qh = triton.next_power_of_2(n_q_heads)
     block_kh = triton.next_power_of_2(n_k_heads)
-    num_warps = warps_for((block_qh + block_kh) * block_half * 2, lo=1, hi=8, per_warp=1024)
+    num_warps = _NUM_WARPS or warps_for((block_qh + block_kh) * block_half * 2, lo=4, hi=8, per_warp=2048)
     _rope_kernel[(bsz * seq_len,)](
         q, q.stride(0), q.stride(1), q.stride(2),
         qo, qo.stride(0), qo.stride(1), qo.stride(2),

@@ -12,7 +12,8 @@ from tests.kernels._helpers import DTYPES, TOL, assert_close_scaled
 
 def _cos_sin(position_ids: torch.Tensor, rotary_dim: int, dtype: torch.dtype, base: float = 10000.0):
     """cos/sin as HF's rotary embeddings build them: [B, T, rotary_dim], halves duplicated."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim))
+    arange = torch.arange(0, rotary_dim, 2, dtype=torch.float32, device=position_ids.device)
+    inv_freq = 1.0 / (base ** (arange / rotary_dim))
     freqs = position_ids[..., None].float() * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
