@@ -202,6 +202,8 @@ def test_axolotl_versions(axolotl_report):
         "cpt_schedule",
         "rslora_scale",
         "modules_to_save",
+        "message[optimizer: muon]",
+        "checkpointing_on",
         "trained_steps",
         "cpt_metrics_logged",
         "adapter_saved",

@@ -199,7 +199,10 @@ def main(work: Path) -> None:
     from axolotl.train import train
     from axolotl.utils.dict import DictDefault  # noqa: F401
 
-    cfg = load(base_config(work, model_dir, data))
+    # muon: Axolotl's trainer would build its own optimizer (optimizer_cls_and_kwargs) without the plugin's pin
+    REPORT["messages"].clear()
+    cfg = load(base_config(work, model_dir, data, optimizer="muon", gradient_checkpointing=True))
+    check("message[optimizer: muon]", any("optimizer: muon ignored" in n for n in REPORT["messages"]))
     captured: dict = {}
     from transformers import Trainer
 
@@ -261,6 +264,10 @@ def main(work: Path) -> None:
     )
     logged = [h for h in trainer.state.log_history if "embedding_learning_rate" in h]
     check("cpt_metrics_logged", bool(logged), history=trainer.state.log_history[:2])
+    check(
+        "checkpointing_on",
+        any(getattr(m, "gradient_checkpointing", False) is True for m in peft_model.modules()),
+    )
     check(
         "adapter_saved",
         any((work / "out").glob("adapter_config.json")),
