@@ -123,14 +123,21 @@ def test_check_config_reads_the_example_yaml():
 
 # --- the real Axolotl -------------------------------------------------------------------------------------
 def _run(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    except subprocess.TimeoutExpired as error:
+        pytest.fail(
+            f"{' '.join(cmd[:5])} took over {timeout:.0f} s (a busy machine or a slow index?): {error}"
+        )
 
 
 def _ensure_venv() -> Path:
     """Creates or refreshes .venv-axolotl (torch pinned to the main environment's build, cpt-plugin editable)."""
     python = VENV / "bin" / "python"
     probe = [str(python), "-c", "import axolotl, cpt_plugin; print(cpt_plugin.__file__)"]
-    with open(ROOT / ".venv-axolotl.lock", "w") as lock:
+    lock_dir = ROOT / ".venv-axolotl-lock"  # a folder: .gitignore's ".venv-*/" covers it
+    lock_dir.mkdir(exist_ok=True)
+    with open(lock_dir / "lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if python.exists():
             result = _run(probe, 120)
