@@ -144,6 +144,7 @@ class _OffloadedInput:
         "device",
         "fetches",
         "_taken",
+        "_requires_grad",
         "__weakref__",
     )
 
@@ -151,6 +152,7 @@ class _OffloadedInput:
         self._x: torch.Tensor | None = x
         self._simulate = simulate
         self.shape, self.dtype, self.device = x.shape, x.dtype, x.device
+        self._requires_grad = x.requires_grad  # the recompute must save what the forward saved
         self._gpu: torch.Tensor | None = None
         self._ready: torch.cuda.Event | None = None
         self.fetches = 0
@@ -159,14 +161,15 @@ class _OffloadedInput:
         self._key = ("host", None) if simulate else ("cuda", x.device.index)
         self._buf = POOL.get(nbytes, self._key, pin=not simulate)
         self._host = self._buf[:nbytes].view(x.dtype).view(x.shape)
+        source = x.detach()  # a copy, not a graph edge: the host buffer must not join the autograd graph
         if simulate:
-            self._host.copy_(x)
+            self._host.copy_(source)
         else:
             compute = torch.cuda.current_stream(x.device)
             side = _ENGINE.stream(x.device)
             side.wait_stream(compute)  # x is complete in stream order; the copy overlaps the layer
             with torch.cuda.stream(side):
-                self._host.copy_(x, non_blocking=True)
+                self._host.copy_(source, non_blocking=True)
             x.record_stream(side)  # its memory is reused only after the copy, not before
         last = _ENGINE.last() if _ENGINE.last is not None else None
         self._prev = weakref.ref(last) if last is not None else None
@@ -212,7 +215,7 @@ class _OffloadedInput:
             torch.cuda.current_stream(self.device).wait_event(self._ready)
         gpu, self._gpu, self._ready = self._gpu, None, None
         self._taken = True
-        return gpu
+        return gpu.requires_grad_(self._requires_grad)
 
 
 def _run_with_handle(function: Callable, handle: _OffloadedInput, _anchor: torch.Tensor, *args: Any) -> Any:

@@ -74,6 +74,7 @@ def test_offload_path_prefetches_previous_layer(monkeypatch) -> None:
     loss = model(input_ids=ids, labels=ids).loss
     assert len(handles) == 3
     assert all(h._x is None for h in handles)  # nothing kept on the "device" after the forward
+    assert all(h._host.grad_fn is None and not h._host.requires_grad for h in handles)
     assert handles[1]._prev() is handles[0] and handles[2]._prev() is handles[1]
     loss.backward()
     assert [h.fetches for h in handles] == [1, 1, 1]  # each fetched exactly once (two of them ahead of use)
