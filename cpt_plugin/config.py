@@ -28,7 +28,7 @@ KERNEL_NAMES = ("rms_norm", "rope", "swiglu", "fused_linear_cross_entropy")
 
 # Features whose implementation has landed. A switch for a feature not in here raises a clear
 # "not available yet" error instead of silently doing nothing.
-AVAILABLE_FEATURES: set[str] = set()
+AVAILABLE_FEATURES: set[str] = {"kernels", "offload", "tiled_mlp", "offload_embeddings", "rope_scaling"}
 
 
 class CPTConfigError(ValueError):
