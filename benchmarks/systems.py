@@ -26,7 +26,7 @@ SYSTEMS = ("hf", "liger", "cpt", "cpt_offload")
 # CPTConfig overrides of the two cpt-plugin systems (edit here to benchmark other switches).
 CPT_VARIANTS: dict[str, dict[str, Any]] = {
     "cpt": dict(gradient_checkpointing="recompute", tiled_mlp=False),
-    "cpt_offload": dict(gradient_checkpointing="offload", tiled_mlp=True),
+    "cpt_offload": dict(gradient_checkpointing="offload", tiled_mlp=True, offload_embeddings=True),
 }
 
 LIGER_PATCHERS = {
@@ -177,7 +177,7 @@ def _build_cpt(system: str, workload: Workload, device: str, dtype: torch.dtype,
     """cpt-plugin's path; any missing piece becomes SystemUnavailable (an OOM stays an OOM)."""
     stage = "import"
     try:
-        from cpt_plugin import patch, prepare_model
+        from cpt_plugin import patch
 
         stage = "CPTConfig"
         cfg = cpt_config(system)
@@ -186,13 +186,11 @@ def _build_cpt(system: str, workload: Workload, device: str, dtype: torch.dtype,
         stage = "build"
         model = _build_model(workload, device, dtype, seed)
         _enable_hf_checkpointing(model)
-        stage = "prepare_model"
-        model = prepare_model(model, cfg)
-        init_lora_weights(model, seed)
-        stage = "enable_checkpointing"
-        from cpt_plugin.offload.checkpointing import enable_checkpointing
+        stage = "setup_model"
+        from cpt_plugin import setup_model
 
-        enable_checkpointing(model, cfg.gradient_checkpointing)
+        model = setup_model(model, cfg, checkpointing=cfg.gradient_checkpointing)
+        init_lora_weights(model, seed)
         stage = "create_optimizer"
         from cpt_plugin.optim import create_optimizer
 
