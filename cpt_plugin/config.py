@@ -72,7 +72,7 @@ class CPTConfig:
     replay_ratio: float = 0.0
     seed: int = 42
     # --- speed and memory ---------------------------------------------------------------------
-    kernels: bool | list[str] = False  # True: every kernel; or a list out of KERNEL_NAMES
+    kernels: bool | list[str] | None = None  # None: every kernel when CUDA is available; True/False; or a list
     gradient_checkpointing: str = "auto"  # auto: follow TrainingArguments.gradient_checkpointing
     offload_embeddings: bool = False  # keep PEFT's frozen embedding originals off the GPU
     tiled_mlp: bool = False  # run the MLP over the sequence in chunks (long-context memory)
@@ -134,6 +134,10 @@ class CPTConfig:
 
     # ------------------------------------------------------------------------------------------
     def enabled_kernels(self) -> tuple[str, ...]:
+        if self.kernels is None:  # auto: the Triton kernels are for GPUs
+            import torch
+
+            return KERNEL_NAMES if torch.cuda.is_available() else ()
         if self.kernels is True:
             return KERNEL_NAMES
         if not self.kernels:
@@ -212,7 +216,7 @@ class CPTConfig:
             )
         if isinstance(self.target_modules, str) and self.target_modules not in ("all-linear",):
             self.target_modules = [self.target_modules]
-        if self.kernels not in (True, False):
+        if self.kernels not in (True, False, None):
             if isinstance(self.kernels, str):
                 self.kernels = [self.kernels]
             if not isinstance(self.kernels, (list, tuple)):
