@@ -22,7 +22,7 @@ from typing import Any
 
 from benchmarks.flops import flops_per_token, mfu
 from benchmarks.search import memory_slope_kib_per_token, search_max_context
-from benchmarks.systems import SYSTEMS
+from benchmarks.systems import EXTRA_SYSTEMS, SYSTEMS
 from benchmarks.worker import RESULT_PREFIX
 from benchmarks.workloads import CPU_MAXCTX, CPU_SHAPES, CPU_STEPS, SUITES, WORKLOADS, resolve_workload
 
@@ -91,14 +91,14 @@ def resolve_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     suite = SUITES[args.suite]
     try:
-        args.systems = _names(args.systems, SYSTEMS, "system")
+        args.systems = _names(args.systems, SYSTEMS + EXTRA_SYSTEMS, "system")
         args.workloads = (
             _names(args.workloads, [w for w in WORKLOADS], "workload")
             if args.workloads
             else list(suite.workloads)
         )
         args.maxctx_systems = (
-            _names(args.maxctx_systems, SYSTEMS, "system") if args.maxctx_systems else list(args.systems)
+            _names(args.maxctx_systems, SYSTEMS + EXTRA_SYSTEMS, "system") if args.maxctx_systems else list(args.systems)
         )
     except argparse.ArgumentTypeError as exc:
         parser.error(str(exc))

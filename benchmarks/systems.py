@@ -21,12 +21,14 @@ import torch
 
 from benchmarks.workloads import EMBEDDING_LR, LORA_ALPHA, LORA_LR, LORA_R, LORA_TARGETS, Workload
 
-SYSTEMS = ("hf", "liger", "cpt", "cpt_offload")
+SYSTEMS = ("hf", "liger", "cpt", "cpt_offload")  # the default run order
+EXTRA_SYSTEMS = ("cpt_offload_only",)  # on request (--systems): offload alone, to compare with recompute
 
 # CPTConfig overrides of the two cpt-plugin systems (edit here to benchmark other switches).
 CPT_VARIANTS: dict[str, dict[str, Any]] = {
     "cpt": dict(gradient_checkpointing="recompute", tiled_mlp=False),
     "cpt_offload": dict(gradient_checkpointing="offload", tiled_mlp=True, offload_embeddings=True),
+    "cpt_offload_only": dict(gradient_checkpointing="offload", tiled_mlp=False, offload_embeddings=False),
 }
 
 LIGER_PATCHERS = {
@@ -211,7 +213,7 @@ def build_system(
     elif system in CPT_VARIANTS:
         built = _build_cpt(system, workload, device, dtype, seed)
     else:
-        raise ValueError(f"unknown system {system!r}; choose from {', '.join(SYSTEMS)}")
+        raise ValueError(f"unknown system {system!r}; choose from {', '.join(SYSTEMS + EXTRA_SYSTEMS)}")
     params = list(built.model.parameters())
     built.info.update(
         trainable_params=sum(p.numel() for p in params if p.requires_grad),
