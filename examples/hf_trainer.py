@@ -15,7 +15,14 @@ import argparse
 import tempfile
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Trainer,
+    TrainingArguments,
+)
 
 from cpt_plugin import CPTCallback
 from cpt_plugin.data import CPTDataset, collate_packed
@@ -23,7 +30,9 @@ from cpt_plugin.data import CPTDataset, collate_packed
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--model", default="tiny", help="hub id / local path, or 'tiny' for a random tiny Llama")
+    parser.add_argument(
+        "--model", default="tiny", help="hub id / local path, or 'tiny' for a random tiny Llama"
+    )
     parser.add_argument("--data", help="new-domain text: file, folder, JSONL or saved dataset")
     parser.add_argument("--replay", help="old-domain text replayed to limit forgetting")
     parser.add_argument("--output-dir", default=tempfile.mkdtemp(prefix="cpt-example-"))
@@ -38,16 +47,28 @@ def main() -> None:
         corpora = write_default_corpora(f"{args.output_dir}/corpora", max_mb=0.4)
         args.data, args.replay = args.data or corpora["new_train"], args.replay or corpora["old_train"]
         tokenizer = train_tokenizer([corpora["new_train"], corpora["old_train"]], vocab_size=512)
-        config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                             num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=1024)
+        config = LlamaConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=1024,
+        )
         model = LlamaForCausalLM(config)
     else:
         tokenizer = AutoTokenizer.from_pretrained(args.model)
         dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, attn_implementation="sdpa")
 
-    train_dataset = CPTDataset(args.data, tokenizer, max_seq_length=args.seq_len,
-                               replay_source=args.replay, replay_ratio=0.25 if args.replay else 0.0)
+    train_dataset = CPTDataset(
+        args.data,
+        tokenizer,
+        max_seq_length=args.seq_len,
+        replay_source=args.replay,
+        replay_ratio=0.25 if args.replay else 0.0,
+    )
     trainer = Trainer(
         model=model,
         args=TrainingArguments(
@@ -63,7 +84,11 @@ def main() -> None:
         ),
         train_dataset=train_dataset,
         data_collator=collate_packed,
-        callbacks=[CPTCallback(lora_r=16 if args.model == "tiny" else 128, max_seq_length=args.seq_len, schedule="cosine")],
+        callbacks=[
+            CPTCallback(
+                lora_r=16 if args.model == "tiny" else 128, max_seq_length=args.seq_len, schedule="cosine"
+            )
+        ],
     )
     trainer.train()
     trainer.save_model(f"{args.output_dir}/adapter")
