@@ -98,7 +98,9 @@ def resolve_args(argv: list[str] | None = None) -> argparse.Namespace:
             else list(suite.workloads)
         )
         args.maxctx_systems = (
-            _names(args.maxctx_systems, SYSTEMS + EXTRA_SYSTEMS, "system") if args.maxctx_systems else list(args.systems)
+            _names(args.maxctx_systems, SYSTEMS + EXTRA_SYSTEMS, "system")
+            if args.maxctx_systems
+            else list(args.systems)
         )
     except argparse.ArgumentTypeError as exc:
         parser.error(str(exc))

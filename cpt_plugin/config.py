@@ -72,7 +72,9 @@ class CPTConfig:
     replay_ratio: float = 0.0
     seed: int = 42
     # --- speed and memory ---------------------------------------------------------------------
-    kernels: bool | list[str] | None = None  # None: every kernel when CUDA is available; True/False; or a list
+    kernels: bool | list[str] | None = (
+        None  # None: every kernel when CUDA is available; True/False; or a list
+    )
     gradient_checkpointing: str = "auto"  # auto: follow TrainingArguments.gradient_checkpointing
     offload_embeddings: bool = False  # keep PEFT's frozen embedding originals off the GPU
     tiled_mlp: bool = False  # run the MLP over the sequence in chunks (long-context memory)

@@ -10,7 +10,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-
 @pytest.mark.parametrize("script", ["hf_trainer.py", "trl_sft.py"])
 def test_single_process_example_runs(tmp_path, script):
     if script == "trl_sft.py":
