@@ -31,15 +31,15 @@ def _char_tokenizer():
     )
 
 
-@pytest.mark.parametrize("packing", [False, True])
-def test_sft_trainer_gets_groups_schedule_and_peft(tmp_path, packing):
+@pytest.mark.parametrize("packing, kernels", [(False, False), (True, False), (True, True)])
+def test_sft_trainer_gets_groups_schedule_and_peft(tmp_path, packing, kernels):
     tokenizer = _char_tokenizer()
     texts = [f"document {i} about topic {i % 7}. " * (3 + i % 5) for i in range(40)]
     trainer = trl.SFTTrainer(
         model=tiny_llama(vocab_size=len(tokenizer)),
         args=trl.SFTConfig(
             output_dir=str(tmp_path),
-            max_steps=3,
+            max_steps=1 if kernels else 3,
             per_device_train_batch_size=2,
             learning_rate=1e-3,
             report_to=[],
@@ -50,7 +50,7 @@ def test_sft_trainer_gets_groups_schedule_and_peft(tmp_path, packing):
         ),
         train_dataset=datasets.Dataset.from_dict({"text": texts}),
         processing_class=tokenizer,
-        callbacks=[CPTCallback(lora_r=4, schedule="wsd")],
+        callbacks=[CPTCallback(lora_r=4, schedule="wsd", kernels=kernels)],
     )
     assert type(trainer.model).__name__ == "PeftModelForCausalLM"
     trainer.train()
@@ -58,3 +58,7 @@ def test_sft_trainer_gets_groups_schedule_and_peft(tmp_path, packing):
     assert groups["embeddings"]["initial_lr"] == pytest.approx(groups["lora"]["initial_lr"] / 10)
     assert plan_of(trainer.lr_scheduler).name == "wsd"
     assert all("embedding_learning_rate" in h for h in trainer.state.log_history if "loss" in h)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert losses and all(loss == loss for loss in losses)  # finite, TRL's own fused LM head included
+    if kernels:
+        assert any(getattr(type(m), "__cpt_patched__", False) for m in trainer.model.modules())
