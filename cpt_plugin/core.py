@@ -32,8 +32,9 @@ def warn_if_context_too_long(model: Any, config: CPTConfig) -> None:
 def setup_model(model: Any, config: CPTConfig | dict | None = None, checkpointing: str | None = None) -> Any:
     """Returns the trainable CPT model (a PeftModel) built from ``model``.
 
-    ``checkpointing`` overrides ``config.gradient_checkpointing`` ("off", "recompute", "offload"); "auto"
-    or None leaves checkpointing to whoever enables it (the Trainer), with our function swapped in.
+    ``checkpointing`` overrides ``config.gradient_checkpointing`` ("off", "recompute", "offload"). "auto"
+    changes nothing here: CPTCallback resolves it from TrainingArguments (offload when the Trainer
+    checkpoints) before calling this function.
     """
     from cpt_plugin.recipe import prepare_model
 
