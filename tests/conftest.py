@@ -30,6 +30,10 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _seed_and_isolate():
+    """Fresh seed per test; kernels patched into model classes by one test never leak into the next."""
     torch.manual_seed(0)
     yield
+    from cpt_plugin.patching.registry import unpatch
+
+    unpatch()

@@ -29,6 +29,7 @@ _WANTED = "_cpt_offload_wanted"
 _HOOKED = "_cpt_offload_hooks"
 _HOME = "_cpt_home_device"
 _HOST_PTR = "_cpt_host_ptr"
+_SIBLINGS = "_cpt_offload_siblings"  # kept in __dict__, so the wrappers are not registered as submodules
 
 
 def _wrappers(model: nn.Module) -> list[nn.Module]:
@@ -82,11 +83,22 @@ def _before_original(module: nn.Module, args: tuple[Any, ...]) -> None:
 
 
 def _before_wrapper(wrapper: nn.Module, args: tuple[Any, ...]) -> None:
-    """Pre-hook on the wrapper: with adapters active the original is idle, so keep it off the device."""
-    if wrapper.__dict__.get(_WANTED) and _adapters_active(wrapper):
-        storage = wrapper.__dict__[_WANTED]
-        for param in _frozen_params(wrapper):
-            _offload_param(param, storage)
+    """Pre-hook on a wrapper: with adapters active the originals are idle, so keep them off the device;
+    with adapters disabled bring them to the input's device.
+
+    It looks after every wrapper of the model (its siblings), not only itself: a fused loss reads the
+    lm_head's weight without calling the lm_head wrapper, but the input-embedding wrapper runs every step.
+    """
+    device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+    for sibling in wrapper.__dict__.get(_SIBLINGS, [wrapper]):
+        storage = sibling.__dict__.get(_WANTED)
+        if storage is None:
+            continue
+        for param in _frozen_params(sibling):
+            if _adapters_active(sibling):
+                _offload_param(param, storage)
+            elif device is not None:
+                _restore_param(param, device)
 
 
 def _unload_restoring(self: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:
@@ -114,10 +126,10 @@ def offload_frozen_embeddings(peft_model: nn.Module, storage_device: str | torch
     """
     storage = torch.device(storage_device)
     moved = 0
-    for wrapper in _wrappers(peft_model):
-        if wrapper.original_module is None:
-            continue
+    wrappers = [w for w in _wrappers(peft_model) if w.original_module is not None]
+    for wrapper in wrappers:
         _install_hooks(wrapper)
+        wrapper.__dict__[_SIBLINGS] = wrappers
         wrapper.__dict__[_WANTED] = storage
         if _adapters_active(wrapper):
             for param in _frozen_params(wrapper):
@@ -131,6 +143,7 @@ def restore_frozen_embeddings(peft_model: nn.Module, device: str | torch.device 
     restored = 0
     for wrapper in _wrappers(peft_model):
         wrapper.__dict__.pop(_WANTED, None)
+        wrapper.__dict__.pop(_SIBLINGS, None)
         for handle in wrapper.__dict__.pop(_HOOKED, None) or []:
             handle.remove()
         wrapper.__dict__.pop("unload_and_optionally_merge_module", None)
