@@ -97,10 +97,9 @@ if BaseModel is not object:
 
 
 def _trainer_has_cpt_callback(trainer: Any) -> bool:
-    from cpt_plugin.integrations.trainer_hooks import find_cpt_callback
+    from cpt_plugin.integrations.trainer_hooks import trainer_cpt_callback
 
-    handler = getattr(trainer, "callback_handler", None)
-    return find_cpt_callback(getattr(handler, "callbacks", None)) is not None
+    return trainer_cpt_callback(trainer) is not None
 
 
 class CPTPlugin(BasePlugin):  # type: ignore[misc,valid-type]

@@ -33,7 +33,8 @@ def find_cpt_callback(callbacks: Any) -> Any:
     return None
 
 
-def _trainer_callback(trainer: Any) -> Any:
+def trainer_cpt_callback(trainer: Any) -> Any:
+    """The CPTCallback a trainer carries, or None."""
     handler = getattr(trainer, "callback_handler", None)
     return find_cpt_callback(getattr(handler, "callbacks", None))
 
@@ -66,7 +67,7 @@ def install_trainer_hooks() -> None:
 
     @functools.wraps(originals["create_optimizer"])
     def create_optimizer(self, *args: Any, **kwargs: Any) -> Any:
-        callback = _trainer_callback(self)
+        callback = trainer_cpt_callback(self)
         if callback is None or self.optimizer is not None:
             return originals["create_optimizer"](self, *args, **kwargs)
         from cpt_plugin.optim import create_optimizer as build
@@ -90,7 +91,7 @@ def install_trainer_hooks() -> None:
 
     @functools.wraps(originals["create_scheduler"])
     def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
-        callback = _trainer_callback(self)
+        callback = trainer_cpt_callback(self)
         if callback is None or callback.config.schedule == "none" or self.lr_scheduler is not None:
             return originals["create_scheduler"](self, num_training_steps, optimizer)
         from cpt_plugin.schedules import create_scheduler as build
@@ -105,14 +106,14 @@ def install_trainer_hooks() -> None:
 
     @functools.wraps(originals["training_step"])
     def training_step(self, model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
-        callback = _trainer_callback(self)
+        callback = trainer_cpt_callback(self)
         if callback is not None:
             callback.count_tokens(inputs)
         return originals["training_step"](self, model, inputs, *args, **kwargs)
 
     @functools.wraps(originals["log"])
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        callback = _trainer_callback(self)
+        callback = trainer_cpt_callback(self)
         if callback is not None and "loss" in logs:
             logs.update(callback.metrics())
         return originals["log"](self, logs, *args, **kwargs)
