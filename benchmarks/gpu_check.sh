@@ -10,6 +10,19 @@
 #   RUN_ARGS="..."                 extra arguments for benchmarks.run (e.g. "--systems hf,cpt_offload")
 #   KERNEL_ARGS="..."              extra arguments for benchmarks.kernels (e.g. "--ops flce")
 #   DEVICE=cpu                     dry run of this script on a CPU machine (tiny models, no timing claims)
+# Long-context stages (each writes its own subfolder of $OUT: results.json, report.md, PNGs):
+#   longctx       Llama-3.2-1B shapes at batch 1 x LONGCTX_SHAPES: ours (recompute / offload) vs HF and the
+#                 activation offloading of transformers >= 5.24, TRL and Axolotl; on the carried newest
+#                 transformers (.whl/tf524) when it imports there, else on the image's
+#   qlora         Mistral-7B shapes, QLoRA recipe (NF4, r=32, AdamW8bit) at batch 1 x QLORA_SHAPES
+#   qlora_maxctx  one-step probes of cpt_offload on the QLoRA workload from QLORA_MAXCTX_START to _CAP
+#   tf524tests    `pytest -m gpu` again on the carried newest transformers
+LONGCTX_SYSTEMS=${LONGCTX_SYSTEMS:-hf,hf_offload,trl_offload,axolotl_offload,cpt,cpt_offload_only,cpt_offload}
+LONGCTX_SHAPES=${LONGCTX_SHAPES:-1x16384,1x32768}
+QLORA_SYSTEMS=${QLORA_SYSTEMS:-hf,cpt,cpt_offload_only,cpt_offload}
+QLORA_SHAPES=${QLORA_SHAPES:-1x8192,1x32768}
+QLORA_MAXCTX_START=${QLORA_MAXCTX_START:-131072}
+QLORA_MAXCTX_CAP=${QLORA_MAXCTX_CAP:-131072}
 set -uo pipefail
 T0=$(date +%s)
 OUT=${OUT:-outputs/gpu_check}
@@ -37,6 +50,14 @@ else
   echo "WARNING: no .whl/ folder: liger-kernel rows will be 'unavailable' (run bash ../shared/tools/prepare_device_wheels.sh)"
 fi
 export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+# The newest transformers (+ peft) beside the image's, used by the longctx and tf524tests stages only.
+NEWEST_PYTHONPATH=$PYTHONPATH
+if [[ " $STAGES " == *" longctx "* || " $STAGES " == *" tf524tests "* ]] && ls .whl/tf524/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site-tf524 .whl/tf524/*.whl \
+    && PYTHONPATH=/tmp/site-tf524:$PYTHONPATH python3 -c "import transformers, peft, trl; print('newest:', transformers.__version__, peft.__version__)" \
+    && NEWEST_PYTHONPATH=/tmp/site-tf524:$PYTHONPATH \
+    || echo "WARNING: the carried newest transformers does not import here; longctx runs on the image's"
+fi
 export PYTORCH_ALLOC_CONF=expandable_segments:True
 [ "$DEVICE" = cuda ] && export TRITON_INTERPRET=0  # tests/conftest.py defaults it to 1 (CPU); real kernels here
 export HF_HUB_OFFLINE=1 TRANSFORMERS_NO_ADVISORY_WARNINGS=1 TOKENIZERS_PARALLELISM=false
@@ -79,8 +100,30 @@ for stage in $STAGES; do
       timeout -k 10 "$t" python3 -m benchmarks.run --suite "$stage" --out "$OUT" --time-budget $(( t - 20 )) --no-report --device "$DEVICE" $RUN_ARGS
       note "$stage: exit $?"
       ;;
+    longctx|qlora|qlora_maxctx)
+      t=$(left)
+      if (( t < 60 )); then note "$stage: skipped (time budget)"; continue; fi
+      echo "== $stage (timeout ${t}s)"
+      mkdir -p "$OUT/$stage"
+      case $stage in
+        longctx) py=$NEWEST_PYTHONPATH; args=(--workloads llama-1b --systems "$LONGCTX_SYSTEMS" --shapes "$LONGCTX_SHAPES" --warmup 1 --steps 3 --no-maxctx) ;;
+        qlora) py=$PYTHONPATH; args=(--workloads mistral-7b-qlora --systems "$QLORA_SYSTEMS" --shapes "$QLORA_SHAPES" --warmup 1 --steps 3 --no-maxctx) ;;
+        qlora_maxctx) py=$PYTHONPATH; args=(--workloads mistral-7b-qlora --systems cpt_offload --no-train --maxctx-start "$QLORA_MAXCTX_START" --maxctx-cap "$QLORA_MAXCTX_CAP" --maxctx-granularity 16384 --probe-timeout $(( t - 40 ))) ;;
+      esac
+      PYTHONPATH=$py timeout -k 10 "$t" python3 -m benchmarks.run --suite full --out "$OUT/$stage" --time-budget $(( t - 20 )) --device "$DEVICE" "${args[@]}" $RUN_ARGS | tail -40
+      note "$stage: exit ${PIPESTATUS[0]}"
+      timeout 30 python3 -m benchmarks.report "$OUT/$stage" --summary | tail -30 || true
+      ;;
+    tf524tests)
+      t=$(( $(left) < TESTS_TIMEOUT ? $(left) : TESTS_TIMEOUT ))
+      if (( t < 20 )); then note "tf524tests: skipped (time budget)"; continue; fi
+      echo "== tests on the newest transformers (timeout ${t}s)"
+      PYTHONPATH=$NEWEST_PYTHONPATH timeout -k 10 "$t" python3 -m pytest -m gpu -q -p no:cacheprovider tests/ 2>&1 | tee "$OUT/gpu_tests_tf524.log" | tail -15
+      rc=${PIPESTATUS[0]}
+      note "tf524tests: exit $rc ($(grep -E '[0-9]+ (passed|failed)' "$OUT/gpu_tests_tf524.log" | tail -1))"
+      ;;
     *)
-      note "unknown stage '$stage' (use tests, kernels, quick, full)"
+      note "unknown stage '$stage' (use tests, kernels, quick, full, longctx, qlora, qlora_maxctx, tf524tests)"
       ;;
   esac
 done

@@ -71,7 +71,17 @@ def environment(device: str) -> dict[str, Any]:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
     }
-    for name in ("transformers", "peft", "accelerate", "triton", "liger-kernel", "cpt-plugin"):
+    for name in (
+        "transformers",
+        "peft",
+        "accelerate",
+        "triton",
+        "liger-kernel",
+        "bitsandbytes",
+        "trl",
+        "axolotl",
+        "cpt-plugin",
+    ):
         info[name] = _version(name)
     try:
         import cpt_plugin

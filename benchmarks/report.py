@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.flops import FORMULA
+from benchmarks.search import memory_slope_kib_per_token
 
 BASELINE = "hf"
 
@@ -60,7 +61,18 @@ def environment_lines(data: dict[str, Any]) -> list[str]:
         lines.append(f"- Card: **{env.get('card')}**" + (f" ({mem:.1f} GiB visible)" if mem else ""))
         versions = ", ".join(
             f"{k} {env.get(k)}"
-            for k in ("torch", "transformers", "peft", "accelerate", "triton", "liger-kernel", "cpt-plugin")
+            for k in (
+                "torch",
+                "transformers",
+                "peft",
+                "accelerate",
+                "triton",
+                "liger-kernel",
+                "bitsandbytes",
+                "trl",
+                "axolotl",
+                "cpt-plugin",
+            )
             if env.get(k)
         )
         lines.append(f"- Versions: {versions}; CUDA {env.get('cuda')}")
@@ -171,6 +183,52 @@ def maxctx_table(data: dict[str, Any]) -> list[str]:
     return out
 
 
+def _batch1_points(data: dict[str, Any]) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """Successful batch-1 training rows grouped by (workload, system), sorted by length."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in data.get("train", []):
+        if r.get("status") == "ok" and r.get("batch") == 1 and r.get("peak_allocated_gib") is not None:
+            groups.setdefault((r["workload"], r["system"]), []).append(r)
+    return {k: sorted(v, key=lambda r: r["seq"]) for k, v in groups.items()}
+
+
+def slope_table(data: dict[str, Any]) -> list[str]:
+    """Memory per token of context: the slope of peak memory over the batch-1 training rows (>= 2 lengths),
+    with each length's tokens/s next to the baseline's."""
+    groups = {k: v for k, v in _batch1_points(data).items() if len({r["seq"] for r in v}) >= 2}
+    if not groups:
+        return []
+    seqs = sorted({r["seq"] for rows in groups.values() for r in rows})
+    head = " | ".join(f"tokens/s at {s:,} (vs HF)" for s in seqs)
+    out = [
+        f"| workload | system | KiB/token (alloc) | vs HF | peak alloc (GiB) at {', '.join(f'{s:,}' for s in seqs)} | {head} |",
+        "|---|---|---|---|---|" + "---|" * len(seqs),
+    ]
+    slopes = {
+        key: memory_slope_kib_per_token([(r["seq"], r["peak_allocated_gib"]) for r in rows])
+        for key, rows in groups.items()
+    }
+    train_rows = data.get("train", [])
+    for (workload, system), rows in groups.items():
+        by_seq = {r["seq"]: r for r in rows}
+        peaks = " / ".join(_f(by_seq[s]["peak_allocated_gib"]) if s in by_seq else "–" for s in seqs)
+        speeds = []
+        for s in seqs:
+            r = by_seq.get(s)
+            base = (_baseline(train_rows, r) or {}) if r else {}
+            speeds.append(
+                f"{_f(r['tokens_per_s'], ',.0f')} ({_ratio(r['tokens_per_s'], base.get('tokens_per_s'))})"
+                if r
+                else "–"
+            )
+        slope = slopes[(workload, system)]
+        out.append(
+            f"| {workload} | {system} | {_f(slope, '.0f')} | {_ratio(slope, slopes.get((workload, BASELINE)))} | "
+            f"{peaks} | " + " | ".join(speeds) + " |"
+        )
+    return out
+
+
 def kernel_table(data: dict[str, Any]) -> list[str]:
     kern = data.get("kernels", {})
     rows = kern.get("rows", [])
@@ -208,6 +266,10 @@ def render_markdown(data: dict[str, Any], images: list[str] | None = None) -> st
     for title, table in (
         ("Training throughput and memory", train_table(data)),
         ("First losses (same seed, same data for every system)", loss_table(data)),
+        (
+            "Memory per token of context (batch 1, slope of peak memory over the lengths run)",
+            slope_table(data),
+        ),
         ("Largest context at batch 1", maxctx_table(data)),
         ("Kernels (forward + backward)", kernel_table(data)),
     ):
@@ -262,6 +324,43 @@ def plot_training(data: dict[str, Any], path: Path) -> bool:
     axes[0].legend()
     card = (data.get("hardware", {}).get("environment") or {}).get("card", "")
     fig.suptitle(f"CPT workload: throughput and peak memory ({card})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_memory_vs_length(data: dict[str, Any], path: Path) -> bool:
+    """Peak allocated memory against sequence length at batch 1, one line per (workload, system), from the
+    training rows and the max-context probes together."""
+    plt = _pyplot()
+    points: dict[tuple[str, str], dict[int, float]] = {}
+    for key, rows in _batch1_points(data).items():
+        points.setdefault(key, {}).update({r["seq"]: r["peak_allocated_gib"] for r in rows})
+    for r in data.get("maxctx", []):
+        for p in r.get("probes") or []:
+            if p.get("status") == "ok" and p.get("peak_allocated_gib") is not None:
+                points.setdefault((r["workload"], r["system"]), {}).setdefault(
+                    p["seq"], p["peak_allocated_gib"]
+                )
+    points = {k: v for k, v in points.items() if len(v) >= 2}
+    if plt is None or not points:
+        return False
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    for (workload, system), by_seq in points.items():
+        seqs = sorted(by_seq)
+        slope = memory_slope_kib_per_token([(s, by_seq[s]) for s in seqs])
+        label = (
+            f"{workload} {system} ({slope:.0f} KiB/token)" if slope is not None else f"{workload} {system}"
+        )
+        ax.plot(seqs, [by_seq[s] for s in seqs], marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("sequence length at batch 1 (tokens)")
+    ax.set_ylabel("peak allocated (GiB)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    card = (data.get("hardware", {}).get("environment") or {}).get("card", "")
+    ax.set_title(f"Peak memory against context length ({card})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -333,6 +432,8 @@ def write_report(out_dir: str | Path, docs: str | Path | None = None) -> str:
         images.append("training.png")
     if plot_maxctx(data, out / "maxctx.png"):
         images.append("maxctx.png")
+    if plot_memory_vs_length(data, out / "memory_vs_length.png"):
+        images.append("memory_vs_length.png")
     markdown = render_markdown(data, images)
     (out / "report.md").write_text(markdown + "\n")
     if docs:

@@ -6,23 +6,37 @@
   applied before the model is built, then exactly the ``hf`` set-up.
 - ``cpt`` / ``cpt_offload``: cpt-plugin's own path (patch -> build -> prepare_model -> checkpointing ->
   create_optimizer), recomputing / offloading checkpointed activations (+ tiled MLP for the latter).
+- ``hf_offload`` / ``trl_offload`` / ``axolotl_offload``: the ``hf`` set-up with the activation offloading
+  that other tools ship, for side-by-side long-context runs: transformers >= 5.24
+  ``activation_checkpointing_enable(offload=True)`` (``save_on_cpu`` around each checkpoint, copies on the
+  compute stream); TRL's ``activation_offloading=True`` context (torchtune's ``OffloadActivations``,
+  also what Axolotl's ``activation_offloading: true`` wraps); Axolotl 0.19's
+  ``activation_offloading: hidden_states`` (offloads only the checkpointed layer inputs, on a side stream).
+  Each is "unavailable" where its package (version) is missing.
 Every system loads the model in bf16, keeps LoRA parameters as its PEFT set-up creates them (PEFT upcasts
 them to fp32) and runs forward under bf16 autocast. Weights are re-initialised deterministically by
-parameter name, so every system starts from the same model and sees the same loss curve.
+parameter name, so every system starts from the same model and sees the same loss curve. The workload's
+recipe (benchmarks/workloads.py) says what is trained: the CPT recipe, or QLoRA (NF4 base through
+bitsandbytes, set up as PEFT's ``prepare_model_for_kbit_training`` does, LoRA only, 8-bit AdamW).
 """
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from benchmarks.workloads import EMBEDDING_LR, LORA_ALPHA, LORA_LR, LORA_R, LORA_TARGETS, Workload
+from benchmarks.workloads import EMBEDDING_LR, LORA_ALPHA, LORA_LR, LORA_TARGETS, Workload
 
 SYSTEMS = ("hf", "liger", "cpt", "cpt_offload")  # the default run order
-EXTRA_SYSTEMS = ("cpt_offload_only",)  # on request (--systems): offload alone, to compare with recompute
+# On request (--systems): offload alone (to compare with recompute), and other tools' activation offloading.
+OFFLOAD_COMPETITORS = ("hf_offload", "trl_offload", "axolotl_offload")
+EXTRA_SYSTEMS = ("cpt_offload_only", *OFFLOAD_COMPETITORS)
 
 # CPTConfig overrides of the two cpt-plugin systems (edit here to benchmark other switches).
 CPT_VARIANTS: dict[str, dict[str, Any]] = {
@@ -47,6 +61,8 @@ class Built:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     info: dict[str, Any] = field(default_factory=dict)
+    # Entered around each step's forward and backward (how TRL/Axolotl apply their offloading contexts).
+    step_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
 
 
 def _seed_of(name: str, seed: int) -> int:
@@ -85,6 +101,42 @@ def init_lora_weights(model: torch.nn.Module, seed: int) -> int:
     return count
 
 
+@torch.no_grad()
+def quantize_decoder_linears_4bit(model: torch.nn.Module) -> int:
+    """Replaces every nn.Linear of the decoder layers by a bitsandbytes NF4 Linear4bit (double quant, bf16
+    compute), quantizing the weights in place on their device, as ``BitsAndBytesConfig(load_in_4bit=True,
+    bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)`` stores them (lm_head stays 16-bit)."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError as exc:
+        raise SystemUnavailable(f"bitsandbytes not importable: {exc}") from exc
+    layers = model.get_decoder().layers
+    count = 0
+    for parent in list(layers.modules()):
+        for child_name, child in list(parent.named_children()):
+            if type(child) is not torch.nn.Linear:
+                continue
+            weight = child.weight.data
+            quantized = bnb.nn.Linear4bit(
+                child.in_features,
+                child.out_features,
+                bias=child.bias is not None,
+                compute_dtype=torch.bfloat16,
+                compress_statistics=True,
+                quant_type="nf4",
+                device="meta",
+            )
+            quantized.weight = bnb.nn.Params4bit(
+                weight, requires_grad=False, compress_statistics=True, quant_type="nf4", module=quantized
+            ).to(weight.device)
+            if child.bias is not None:
+                quantized.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
+            setattr(parent, child_name, quantized)
+            count += 1
+    model.is_loaded_in_4bit = True  # what transformers' bnb quantizer sets; PEFT dispatches on it
+    return count
+
+
 def _build_model(workload: Workload, device: str, dtype: torch.dtype, seed: int) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
@@ -93,6 +145,14 @@ def _build_model(workload: Workload, device: str, dtype: torch.dtype, seed: int)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
     init_base_weights(model, seed)
+    if workload.recipe.quantize_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        quantize_decoder_linears_4bit(model)
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        # PEFT's QLoRA set-up (as cpt-plugin's pipeline does): 16-bit leftovers upcast to fp32, input grads.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model.train()
     return model
 
@@ -109,33 +169,42 @@ def _is_embedding_param(name: str) -> bool:
     return "embed_tokens" in name or "lm_head" in name
 
 
-def hf_optimizer(model: torch.nn.Module) -> tuple[torch.optim.Optimizer, bool]:
-    """AdamW with LoRA at LORA_LR and the trained embeddings at EMBEDDING_LR; fused where supported."""
+def hf_optimizer(
+    model: torch.nn.Module, optimizer: str = "adamw_fused"
+) -> tuple[torch.optim.Optimizer, bool]:
+    """AdamW with LoRA at LORA_LR and the trained embeddings (if any) at EMBEDDING_LR; torch's fused AdamW
+    where supported, or bitsandbytes' AdamW8bit when the recipe asks for it."""
     lora, embed = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
             (embed if _is_embedding_param(name) else lora).append(param)
-    groups = [
-        {"params": lora, "lr": LORA_LR, "weight_decay": 0.0},
-        {"params": embed, "lr": EMBEDDING_LR, "weight_decay": 0.0},
-    ]
+    groups = [{"params": lora, "lr": LORA_LR, "weight_decay": 0.0}]
+    if embed:
+        groups.append({"params": embed, "lr": EMBEDDING_LR, "weight_decay": 0.0})
+    if optimizer == "adamw_8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError as exc:
+            raise SystemUnavailable(f"bitsandbytes not importable: {exc}") from exc
+        return bnb.optim.AdamW8bit(groups, lr=LORA_LR), False
     try:
         return torch.optim.AdamW(groups, lr=LORA_LR, fused=True), True
     except (RuntimeError, ValueError):  # fused unsupported for this device/dtype
         return torch.optim.AdamW(groups, lr=LORA_LR), False
 
 
-def _hf_peft(model: torch.nn.Module) -> torch.nn.Module:
+def _hf_peft(model: torch.nn.Module, workload: Workload) -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model
 
+    recipe = workload.recipe
     config = LoraConfig(
-        r=LORA_R,
+        r=recipe.lora_r,
         lora_alpha=LORA_ALPHA,
         use_rslora=True,
         lora_dropout=0.0,
         bias="none",
         target_modules=list(LORA_TARGETS),
-        modules_to_save=["embed_tokens", "lm_head"],
+        modules_to_save=["embed_tokens", "lm_head"] if recipe.train_embeddings else None,
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)
@@ -150,23 +219,69 @@ def _apply_liger(workload: Workload) -> None:
     patcher(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=True)
 
 
+def _enable_transformers_offload(model: torch.nn.Module) -> None:
+    """transformers >= 5.24: ``activation_checkpointing_enable(offload=True)``."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is None or "offload" not in inspect.signature(enable).parameters:
+        import transformers
+
+        raise SystemUnavailable(
+            f"transformers {transformers.__version__} has no activation_checkpointing_enable(offload=...) "
+            "(added in 5.24)"
+        )
+    enable(activation_checkpointing_kwargs={"use_reentrant": False}, offload=True)
+
+
+def _trl_offload_context(model: torch.nn.Module) -> Callable[[], contextlib.AbstractContextManager]:
+    """TRL's ``SFTConfig(activation_offloading=True)``: one context per step around forward and backward."""
+    try:
+        from trl.models.activation_offloading import get_act_offloading_ctx_manager
+    except ImportError as exc:
+        raise SystemUnavailable(f"trl's activation offloading not importable: {exc}") from exc
+    return lambda: get_act_offloading_ctx_manager(model)
+
+
+def _axolotl_offload_context() -> Callable[[], contextlib.AbstractContextManager]:
+    """Axolotl's ``activation_offloading: hidden_states``: offloads the checkpointed layer inputs."""
+    try:
+        from axolotl.monkeypatch.checkpoint_activation_offload import (
+            get_checkpoint_hidden_states_offloading_ctx_manager,
+        )
+    except ImportError as exc:
+        raise SystemUnavailable(f"axolotl's checkpoint offloading not importable: {exc}") from exc
+    return get_checkpoint_hidden_states_offloading_ctx_manager
+
+
 def _build_hf(system: str, workload: Workload, device: str, dtype: torch.dtype, seed: int) -> Built:
+    if system in OFFLOAD_COMPETITORS and not device.startswith("cuda"):
+        raise SystemUnavailable(f"{system} needs a CUDA device (pinned host memory and streams)")
     if system == "liger":
         _apply_liger(workload)
     model = _build_model(workload, device, dtype, seed)
-    _enable_hf_checkpointing(model)
-    model = _hf_peft(model)
+    if system == "hf_offload":
+        _enable_transformers_offload(model)
+    else:
+        _enable_hf_checkpointing(model)
+    model = _hf_peft(model, workload)
     init_lora_weights(model, seed)
-    optimizer, fused = hf_optimizer(model)
-    return Built(model, optimizer, {"fused_adamw": fused})
+    optimizer, fused = hf_optimizer(model, workload.recipe.optimizer)
+    step_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    if system == "trl_offload":
+        step_context = _trl_offload_context(model)
+    elif system == "axolotl_offload":
+        step_context = _axolotl_offload_context()
+    return Built(model, optimizer, {"fused_adamw": fused}, step_context)
 
 
-def cpt_config(system: str):  # -> cpt_plugin.CPTConfig
+def cpt_config(system: str, workload: Workload):  # -> cpt_plugin.CPTConfig
     from cpt_plugin import CPTConfig
 
+    recipe = workload.recipe
     return CPTConfig(
-        lora_r=LORA_R,
+        lora_r=recipe.lora_r,
         lora_alpha=LORA_ALPHA,
+        train_embeddings=recipe.train_embeddings,
+        optimizer="adamw_8bit" if recipe.optimizer == "adamw_8bit" else None,
         kernels=True,
         learning_rate=LORA_LR,
         embedding_learning_rate=EMBEDDING_LR,
@@ -182,7 +297,7 @@ def _build_cpt(system: str, workload: Workload, device: str, dtype: torch.dtype,
         from cpt_plugin import patch
 
         stage = "CPTConfig"
-        cfg = cpt_config(system)
+        cfg = cpt_config(system, workload)
         stage = "patch"
         patch(workload.model_type, cfg)
         stage = "build"
@@ -208,7 +323,7 @@ def build_system(
     system: str, workload: Workload, device: str, dtype: torch.dtype = torch.bfloat16, seed: int = 0
 ) -> Built:
     """Builds ``system`` on ``workload``; raises SystemUnavailable when it cannot exist here."""
-    if system in ("hf", "liger"):
+    if system in ("hf", "liger", *OFFLOAD_COMPETITORS):
         built = _build_hf(system, workload, device, dtype, seed)
     elif system in CPT_VARIANTS:
         built = _build_cpt(system, workload, device, dtype, seed)

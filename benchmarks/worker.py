@@ -51,13 +51,17 @@ def batch_for_step(step: int, batch: int, seq: int, vocab: int, seed: int):
     return torch.randint(0, vocab, (batch, seq), generator=gen)
 
 
-def train_step(model, optimizer, input_ids, device: str):
-    """Forward under bf16 autocast (labels = inputs), backward, optimizer step; returns the loss."""
+def train_step(model, optimizer, input_ids, device: str, step_context=None):
+    """Forward under bf16 autocast (labels = inputs), backward, optimizer step; returns the loss.
+    ``step_context`` (a factory) is entered around forward and backward, as TRL/Axolotl do."""
+    import contextlib
+
     import torch
 
-    with torch.autocast(device.split(":")[0], dtype=torch.bfloat16):
-        loss = model(input_ids=input_ids, labels=input_ids).loss
-    loss.backward()
+    with (step_context or contextlib.nullcontext)():
+        with torch.autocast(device.split(":")[0], dtype=torch.bfloat16):
+            loss = model(input_ids=input_ids, labels=input_ids).loss
+        loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss.detach()
@@ -108,7 +112,7 @@ def run_train(args: dict[str, Any]) -> dict[str, Any]:
             input_ids = batch_for_step(step, batch, seq, workload.vocab_size, seed).to(device)
             synchronize(device)
             start = time.perf_counter()
-            losses.append(train_step(model, optimizer, input_ids, device))
+            losses.append(train_step(model, optimizer, input_ids, device, built.step_context))
             synchronize(device)
             times.append(time.perf_counter() - start)
     except Exception as exc:  # noqa: BLE001 - recorded, never raised

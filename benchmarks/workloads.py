@@ -13,6 +13,25 @@ EMBEDDING_LR = 5e-6  # 1/10 of the LoRA learning rate
 
 
 @dataclass(frozen=True)
+class Recipe:
+    """What is trained and how the frozen base is stored; every system builds the same recipe."""
+
+    lora_r: int
+    train_embeddings: bool  # embed_tokens/lm_head fully trained (PEFT modules_to_save) at EMBEDDING_LR
+    quantize_4bit: bool  # decoder-layer linears as bitsandbytes NF4 (double quant, bf16 compute)
+    optimizer: str  # "adamw_fused" (torch) | "adamw_8bit" (bitsandbytes)
+
+
+RECIPES: dict[str, Recipe] = {
+    # The CPT recipe of the product: rsLoRA r=128 everywhere + both embeddings trained.
+    "cpt": Recipe(lora_r=LORA_R, train_embeddings=True, quantize_4bit=False, optimizer="adamw_fused"),
+    # The Mistral-7B QLoRA workload of ../shared/ANCHORS.md: NF4 base, LoRA r=32 on the 7 projections,
+    # no embeddings trained, bitsandbytes AdamW8bit.
+    "qlora": Recipe(lora_r=32, train_embeddings=False, quantize_4bit=True, optimizer="adamw_8bit"),
+}
+
+
+@dataclass(frozen=True)
 class Workload:
     """One model shape; ``model_type`` selects the transformers config class and the patchers."""
 
@@ -29,7 +48,12 @@ class Workload:
     max_position_embeddings: int
     head_dim: int | None = None
     rms_norm_eps: float = 1e-5
+    recipe_name: str = "cpt"
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def recipe(self) -> Recipe:
+        return RECIPES[self.recipe_name]
 
     @property
     def resolved_head_dim(self) -> int:
@@ -108,6 +132,20 @@ WORKLOADS: dict[str, Workload] = {
         rope_theta=1000000.0,
         max_position_embeddings=32768,
     ),
+    "mistral-7b-qlora": Workload(
+        name="mistral-7b-qlora",
+        model_type="mistral",
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=32768,
+        tie_word_embeddings=False,
+        rope_theta=1000000.0,
+        max_position_embeddings=32768,
+        recipe_name="qlora",
+    ),
     # Tiny shapes for `--device cpu` dry runs and tests: same code path, no timing claims.
     "tiny-llama": Workload(
         name="tiny-llama",
@@ -150,10 +188,29 @@ WORKLOADS: dict[str, Workload] = {
         rope_theta=1000000.0,
         max_position_embeddings=4096,
     ),
+    "tiny-mistral-qlora": Workload(
+        name="tiny-mistral-qlora",
+        model_type="mistral",
+        hidden_size=64,
+        intermediate_size=112,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=251,
+        tie_word_embeddings=False,
+        rope_theta=1000000.0,
+        max_position_embeddings=4096,
+        recipe_name="qlora",
+    ),
 }
 
 # On `--device cpu` every workload is replaced by its tiny counterpart (same family, same code path).
-TINY_OF = {"llama-1b": "tiny-llama", "qwen3-0.6b": "tiny-qwen3", "mistral-7b": "tiny-mistral"}
+TINY_OF = {
+    "llama-1b": "tiny-llama",
+    "qwen3-0.6b": "tiny-qwen3",
+    "mistral-7b": "tiny-mistral",
+    "mistral-7b-qlora": "tiny-mistral-qlora",
+}
 
 
 @dataclass(frozen=True)

@@ -302,6 +302,90 @@ def test_report_tables_docs_and_summary(tmp_path):
     assert "SUMMARY" in summary and "37,956 tok/s (1.20x)" in summary and "maxctx llama-1b hf" in summary
 
 
+def test_memory_slope_table_and_plot_from_batch1_rows(tmp_path):
+    def row(system, seq, peak, tps):
+        return {
+            "system": system,
+            "workload": "llama-1b",
+            "batch": 1,
+            "seq": seq,
+            "status": "ok",
+            "tokens_per_s": tps,
+            "peak_allocated_gib": peak,
+        }
+
+    gib_per_16k_at = {"hf": 1024.0, "cpt_offload": 64.0}  # KiB/token
+    rows = []
+    for system, kib in gib_per_16k_at.items():
+        for seq in (16384, 32768):
+            rows.append(row(system, seq, 5.0 + seq * kib / 2**20, 20000.0 if system == "hf" else 22000.0))
+    rows.append(row("trl_offload", 16384, 9.0, 15000.0))  # one length only: no slope row
+    data = {"meta": {"suite": "full", "device": "cuda"}, "train": rows}
+    table = "\n".join(report.slope_table(data))
+    assert "| llama-1b | hf | 1024 | 1.00x |" in table
+    assert "| llama-1b | cpt_offload | 64 | 0.06x |" in table and "22,000 (1.10x)" in table
+    assert "trl_offload" not in table
+    assert report.plot_memory_vs_length(data, tmp_path / "mem.png") == (report._pyplot() is not None)
+
+
+def test_qlora_workload_recipe():
+    qlora = WORKLOADS["mistral-7b-qlora"]
+    assert qlora.recipe.quantize_4bit and qlora.recipe.lora_r == 32 and not qlora.recipe.train_embeddings
+    assert qlora.recipe.optimizer == "adamw_8bit" and WORKLOADS["llama-1b"].recipe.train_embeddings
+    assert resolve_workload("mistral-7b-qlora", "cpu").name == "tiny-mistral-qlora"
+    assert qlora.make_config().hidden_size == 4096 and "recipe_name" not in qlora.config_kwargs()
+
+
+def test_quantize_decoder_linears_4bit_keeps_the_model_close():
+    """NF4 replaces every decoder linear (not lm_head); the logits stay close to the 16-bit model's."""
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+    import torch
+
+    from benchmarks.systems import _build_model, quantize_decoder_linears_4bit
+
+    workload = WORKLOADS["tiny-mistral"]
+    model = _build_model(workload, "cpu", torch.float32, seed=0)
+    ids = torch.randint(0, workload.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        count = quantize_decoder_linears_4bit(model)
+        after = model(input_ids=ids).logits
+    assert count == 7 * workload.num_hidden_layers and model.is_loaded_in_4bit
+    assert isinstance(model.model.layers[0].mlp.gate_proj, bnb.nn.Linear4bit)
+    assert type(model.lm_head) is torch.nn.Linear
+    # NF4 noise (4 bits per weight), not garbage: the logits keep their direction
+    cosine = torch.nn.functional.cosine_similarity(after.flatten(), before.flatten(), dim=0)
+    assert cosine > 0.95, cosine
+
+
+def test_qlora_workers_agree_and_use_8bit_adam_on_cpu():
+    """HF + PEFT QLoRA and cpt-plugin on the same NF4 model: same trainable set, same losses."""
+    pytest.importorskip("bitsandbytes")
+    from benchmarks.worker import run_train
+
+    args = {"mode": "train", "workload": "mistral-7b-qlora", "batch": 1, "seq": 24, "device": "cpu"}
+    args.update(warmup=1, steps=1, seed=0)
+    hf = run_train({**args, "system": "hf"})
+    cpt = run_train({**args, "system": "cpt_offload"})
+    assert hf["status"] == "ok" and cpt["status"] == "ok", (hf, cpt)
+    for res in (hf, cpt):
+        assert res["workload_built"] == "tiny-mistral-qlora"
+        assert res["info"]["optimizer"] == "AdamW8bit" and res["info"]["param_group_lrs"] == [5e-5]
+    assert hf["info"]["trainable_params"] == cpt["info"]["trainable_params"]
+    assert hf["losses"] == pytest.approx(cpt["losses"], abs=1e-3)
+
+
+def test_offload_competitors_are_unavailable_on_cpu():
+    from benchmarks.worker import run_train
+
+    for system in ("hf_offload", "trl_offload", "axolotl_offload"):
+        res = run_train(
+            {"mode": "train", "system": system, "workload": "llama-1b", "batch": 1, "seq": 8, "device": "cpu"}
+        )
+        assert res["status"] == "unavailable" and "CUDA" in res["error"], res
+
+
 # -- real workers on the CPU (tiny models) ---------------------------------------------------------
 
 
@@ -378,3 +462,17 @@ def test_kernel_bench_eager_on_gpu():
 
     row = bench_one("rms_norm", "eager", "cuda", copy_rate=1000.0, matmul_rate=None)
     assert row["status"] == "ok" and row["rel_err"] < 2e-2 and row["extra_peak_gib"] is not None
+
+
+@pytest.mark.gpu
+def test_qlora_workers_agree_on_gpu():
+    """The NF4 workload with real Triton kernels, fused loss and offloading: same losses as HF + PEFT."""
+    pytest.importorskip("bitsandbytes")
+    from benchmarks.worker import run_train
+
+    args = {"mode": "train", "workload": "tiny-mistral-qlora", "batch": 2, "seq": 96, "device": "cuda"}
+    args.update(warmup=1, steps=2, seed=0)
+    hf = run_train({**args, "system": "hf"})
+    cpt = run_train({**args, "system": "cpt_offload"})
+    assert hf["status"] == "ok" and cpt["status"] == "ok", (hf, cpt)
+    assert hf["losses"] == pytest.approx(cpt["losses"], abs=2e-2)
