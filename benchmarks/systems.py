@@ -238,7 +238,8 @@ def _trl_offload_context(model: torch.nn.Module) -> Callable[[], contextlib.Abst
         from trl.models.activation_offloading import get_act_offloading_ctx_manager
     except ImportError as exc:
         raise SystemUnavailable(f"trl's activation offloading not importable: {exc}") from exc
-    return lambda: get_act_offloading_ctx_manager(model)
+    manager = get_act_offloading_ctx_manager(model)  # made once and entered every step, as SFTTrainer does
+    return lambda: manager
 
 
 def _axolotl_offload_context() -> Callable[[], contextlib.AbstractContextManager]:
@@ -249,7 +250,8 @@ def _axolotl_offload_context() -> Callable[[], contextlib.AbstractContextManager
         )
     except ImportError as exc:
         raise SystemUnavailable(f"axolotl's checkpoint offloading not importable: {exc}") from exc
-    return get_checkpoint_hidden_states_offloading_ctx_manager
+    manager = get_checkpoint_hidden_states_offloading_ctx_manager()  # once, entered every step (its pool)
+    return lambda: manager
 
 
 def _build_hf(system: str, workload: Workload, device: str, dtype: torch.dtype, seed: int) -> Built:
