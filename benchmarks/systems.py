@@ -17,7 +17,9 @@ Every system loads the model in bf16, keeps LoRA parameters as its PEFT set-up c
 them to fp32) and runs forward under bf16 autocast. Weights are re-initialised deterministically by
 parameter name, so every system starts from the same model and sees the same loss curve. The workload's
 recipe (benchmarks/workloads.py) says what is trained: the CPT recipe, or QLoRA (NF4 base through
-bitsandbytes, set up as PEFT's ``prepare_model_for_kbit_training`` does, LoRA only, 8-bit AdamW).
+bitsandbytes, LoRA only, 8-bit AdamW; HF-based systems prepare it with PEFT's
+``prepare_model_for_kbit_training``, which upcasts the 16-bit leftovers to fp32, cpt-plugin with its own
+``prepare_kbit_model``, which keeps them bf16 — each as its users get it).
 """
 
 from __future__ import annotations
@@ -146,15 +148,23 @@ def _build_model(workload: Workload, device: str, dtype: torch.dtype, seed: int)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
     init_base_weights(model, seed)
     if workload.recipe.quantize_4bit:
-        from peft import prepare_model_for_kbit_training
-
         quantize_decoder_linears_4bit(model)
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
-        # PEFT's QLoRA set-up (as cpt-plugin's pipeline does): 16-bit leftovers upcast to fp32, input grads.
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model.train()
     return model
+
+
+def _prepare_kbit(system: str, model: torch.nn.Module) -> torch.nn.Module:
+    """HF-based systems: PEFT's QLoRA set-up (16-bit leftovers upcast to fp32, input grads); cpt-plugin:
+    its own (cpt_plugin.quantized: the leftovers stay bf16), as its pipeline loads a 4-bit model."""
+    if system in CPT_VARIANTS:
+        from cpt_plugin.quantized import prepare_kbit_model
+
+        return prepare_kbit_model(model)
+    from peft import prepare_model_for_kbit_training
+
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 
 def _enable_hf_checkpointing(model: torch.nn.Module) -> None:
@@ -260,6 +270,8 @@ def _build_hf(system: str, workload: Workload, device: str, dtype: torch.dtype, 
     if system == "liger":
         _apply_liger(workload)
     model = _build_model(workload, device, dtype, seed)
+    if workload.recipe.quantize_4bit:
+        model = _prepare_kbit(system, model)
     if system == "hf_offload":
         _enable_transformers_offload(model)
     else:
@@ -304,6 +316,8 @@ def _build_cpt(system: str, workload: Workload, device: str, dtype: torch.dtype,
         patch(workload.model_type, cfg)
         stage = "build"
         model = _build_model(workload, device, dtype, seed)
+        if workload.recipe.quantize_4bit:
+            model = _prepare_kbit(system, model)
         _enable_hf_checkpointing(model)
         stage = "setup_model"
         from cpt_plugin import setup_model

@@ -151,9 +151,9 @@ def _load_model(run: RunConfig, tokenizer: Any) -> Any:
         )
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if "quantization_config" in kwargs:
-        from peft import prepare_model_for_kbit_training
+        from cpt_plugin.quantized import prepare_kbit_model
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        model = prepare_kbit_model(model, torch.bfloat16 if dtype == "auto" else getattr(torch, dtype))
     return model
 
 
