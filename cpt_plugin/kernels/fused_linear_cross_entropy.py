@@ -271,7 +271,9 @@ def _forward_with_grads(
         if grad_bias is not None:
             grad_bias.add_(logits.sum(dim=0, dtype=torch.float32))
 
-    loss = (loss_rows.sum() * scale).squeeze(0)
+    # Not a view (no squeeze): the Trainer scales the returned loss in place (`loss *= world size`), which
+    # autograd forbids on a view made inside a custom Function.
+    loss = loss_rows.sum() * scale.reshape(())
     if grad_hidden is not None and grad_hidden.dtype != hidden.dtype:
         grad_hidden = grad_hidden.to(hidden.dtype)
     if grad_bias is not None:

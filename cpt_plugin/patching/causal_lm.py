@@ -36,6 +36,7 @@ def make_causal_lm_forward(original: Callable[..., Any], softcap_attr: str | Non
         call = _bind(signature, self, args, kwargs)
         if call is None or not _wants_fused_loss(self, call):
             return original(self, *args, **kwargs)
+        _unshard_fsdp(self.lm_head)
         plan = lm_head_plan(self.lm_head)
         if plan is None:
             return original(self, *args, **kwargs)
@@ -158,6 +159,23 @@ def _keep(
     if labels.shape[-1] != hidden.shape[1]:
         labels = labels[..., index]
     return hidden, labels
+
+
+def _unshard_fsdp(head: nn.Module) -> None:
+    """FSDP2: all-gathers an LM head that is an FSDP unit of its own.
+
+    accelerate puts lm_head (with the input embeddings when tied) into its own FSDP2 unit, whose
+    parameters are all-gathered by that unit's forward pre-hook. The fused loss reads the weight without
+    calling the head, so without this the weight would still be a shard (a DTensor). FSDP2 reduce-scatters
+    the gradient and reshards the unit at the end of backward, as for any unit left unsharded.
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2
+        return
+    for module in head.modules():
+        if isinstance(module, FSDPModule):
+            module.unshard()
 
 
 # ------------------------------------------------------------------------------------------------

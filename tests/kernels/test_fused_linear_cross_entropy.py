@@ -130,6 +130,29 @@ def test_grad_output_not_one():
     _check(hidden, weight, bias, labels, torch.float32, grad_scale=3.0)
 
 
+def test_loss_can_be_scaled_in_place():
+    # transformers' Trainer does `loss *= world_size` on the model's loss (with num_items_in_batch, also in
+    # one process); autograd forbids that on a view returned by a custom Function, so the loss is no view.
+    hidden, weight, _, labels = _inputs(33, 16, 300, torch.float32)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss = fused_linear_cross_entropy(h, w, labels, num_items_in_batch=torch.tensor(66))
+    assert loss.dim() == 0 and not loss._is_view()
+    loss *= 2
+    loss.backward()
+    ref_loss, (ref_h, ref_w) = _run(
+        fused_linear_cross_entropy_reference,
+        hidden,
+        weight,
+        None,
+        labels,
+        grad_scale=2.0,
+        num_items_in_batch=66,
+    )
+    torch.testing.assert_close(loss.detach(), 2 * ref_loss)
+    torch.testing.assert_close(h.grad, ref_h, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(w.grad, ref_w, rtol=1e-5, atol=1e-6)
+
+
 def test_non_contiguous_hidden():
     base = torch.randn(48, 66)
     hidden = base.t()[::2]  # [33, 48], strides (2, 66)
