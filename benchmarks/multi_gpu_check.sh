@@ -5,7 +5,7 @@
 #   single          python benchmarks/distributed/train.py on GPU 0, the whole global batch per step
 #   ddp, fsdp2      accelerate launch --config_file benchmarks/distributed/{ddp,fsdp2}.yaml on 2 GPUs
 #   deepspeed_zero2 the same with deepspeed_zero2.yaml when `import deepspeed` works, else 'unavailable'
-#   ddp_offload, fsdp2_offload   offloaded checkpointing (the others recompute)
+#   ddp_offload, fsdp2_offload, deepspeed_zero2_offload   offloaded checkpointing (the others recompute)
 # then benchmarks/distributed/compare.py (exit 1 on a loss mismatch). Everything lands flat in $OUT
 # (<= 10 files): multi_gpu_check.log (this output), stages.log (every stage's full output), one JSON per
 # stage, summary.md. The summary table is printed last.
@@ -122,8 +122,8 @@ CFG=benchmarks/distributed
 PORT=29611
 reap() {  # workers of this stage left behind (torchrun starts them in sessions of their own): by PID
   local name=$1 pid
-  for pid in $(ls /proc | grep -E '^[0-9]+$'); do
-    if tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "--out $OUT/$name.json"; then
+  for pid in $(ls /proc 2>/dev/null | grep -E '^[0-9]+$'); do
+    if { tr '\0' ' ' < "/proc/$pid/cmdline"; } 2>/dev/null | grep -qF -- "--out $OUT/$name.json"; then
       echo "killing leftover process $pid of $name"; kill -9 "$pid" 2>/dev/null
     fi
   done
@@ -179,6 +179,12 @@ for stage in $STAGES; do
       fi ;;
     ddp_offload) launch ddp ddp_offload --checkpointing offload ;;
     fsdp2_offload) launch fsdp2 fsdp2_offload --checkpointing offload ;;
+    deepspeed_zero2_offload)
+      if [ "$DEVICE" = cpu ] || ! "$PYTHON" -c "import deepspeed" >/dev/null 2>&1; then
+        note "deepspeed_zero2_offload: unavailable"; stub deepspeed_zero2_offload unavailable "no deepspeed here"
+      else
+        launch deepspeed_zero2 deepspeed_zero2_offload --checkpointing offload
+      fi ;;
     *) note "unknown stage '$stage'" ;;
   esac
 done

@@ -240,6 +240,10 @@ def versions() -> dict[str, str]:
             out[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             out[name] = "missing"
+    if out.get("cpt-plugin") == "missing":  # run from a source checkout (the GPU machine), not installed
+        import cpt_plugin
+
+        out["cpt-plugin"] = f"{cpt_plugin.__version__} (source)"
     return out
 
 
