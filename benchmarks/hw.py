@@ -54,6 +54,20 @@ def copy_gbps(device: str, nbytes: int | None = None) -> dict[str, float]:
     return {"copy_bytes": 2 * nbytes, "copy_ms": ms, "copy_gbps": 2 * nbytes / (ms * 1e-3) / 1e9}
 
 
+# The libraries whose versions are recorded with every result (and printed by the report).
+PACKAGES = (
+    "transformers",
+    "peft",
+    "accelerate",
+    "triton",
+    "liger-kernel",
+    "bitsandbytes",
+    "trl",
+    "axolotl",
+    "cpt-plugin",
+)
+
+
 def _version(name: str) -> str | None:
     try:
         from importlib.metadata import version
@@ -71,17 +85,7 @@ def environment(device: str) -> dict[str, Any]:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
     }
-    for name in (
-        "transformers",
-        "peft",
-        "accelerate",
-        "triton",
-        "liger-kernel",
-        "bitsandbytes",
-        "trl",
-        "axolotl",
-        "cpt-plugin",
-    ):
+    for name in PACKAGES:
         info[name] = _version(name)
     try:
         import cpt_plugin

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.flops import FORMULA
+from benchmarks.hw import PACKAGES
 from benchmarks.search import memory_slope_kib_per_token
 
 BASELINE = "hf"
@@ -59,22 +60,7 @@ def environment_lines(data: dict[str, Any]) -> list[str]:
     if env:
         mem = env.get("card_memory_gib")
         lines.append(f"- Card: **{env.get('card')}**" + (f" ({mem:.1f} GiB visible)" if mem else ""))
-        versions = ", ".join(
-            f"{k} {env.get(k)}"
-            for k in (
-                "torch",
-                "transformers",
-                "peft",
-                "accelerate",
-                "triton",
-                "liger-kernel",
-                "bitsandbytes",
-                "trl",
-                "axolotl",
-                "cpt-plugin",
-            )
-            if env.get(k)
-        )
+        versions = ", ".join(f"{k} {env.get(k)}" for k in ("torch", *PACKAGES) if env.get(k))
         lines.append(f"- Versions: {versions}; CUDA {env.get('cuda')}")
         lines.append(f"- Date: {env.get('date')}")
     if meta:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -132,20 +132,6 @@ WORKLOADS: dict[str, Workload] = {
         rope_theta=1000000.0,
         max_position_embeddings=32768,
     ),
-    "mistral-7b-qlora": Workload(
-        name="mistral-7b-qlora",
-        model_type="mistral",
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=32768,
-        tie_word_embeddings=False,
-        rope_theta=1000000.0,
-        max_position_embeddings=32768,
-        recipe_name="qlora",
-    ),
     # Tiny shapes for `--device cpu` dry runs and tests: same code path, no timing claims.
     "tiny-llama": Workload(
         name="tiny-llama",
@@ -188,21 +174,10 @@ WORKLOADS: dict[str, Workload] = {
         rope_theta=1000000.0,
         max_position_embeddings=4096,
     ),
-    "tiny-mistral-qlora": Workload(
-        name="tiny-mistral-qlora",
-        model_type="mistral",
-        hidden_size=64,
-        intermediate_size=112,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=251,
-        tie_word_embeddings=False,
-        rope_theta=1000000.0,
-        max_position_embeddings=4096,
-        recipe_name="qlora",
-    ),
 }
+# The QLoRA recipe on the Mistral shapes (the workload of ../shared/ANCHORS.md's Mistral-7B section).
+for _base in ("mistral-7b", "tiny-mistral"):
+    WORKLOADS[f"{_base}-qlora"] = replace(WORKLOADS[_base], name=f"{_base}-qlora", recipe_name="qlora")
 
 # On `--device cpu` every workload is replaced by its tiny counterpart (same family, same code path).
 TINY_OF = {
