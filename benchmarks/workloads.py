@@ -131,6 +131,9 @@ WORKLOADS: dict[str, Workload] = {
         tie_word_embeddings=False,
         rope_theta=1000000.0,
         max_position_embeddings=32768,
+        # Mistral-7B-v0.3 has no sliding window; MistralConfig's default (4096) would make every system
+        # build a seq x seq mask and leave the flash SDPA path.
+        extra={"sliding_window": None},
     ),
     # Tiny shapes for `--device cpu` dry runs and tests: same code path, no timing claims.
     "tiny-llama": Workload(
@@ -173,6 +176,7 @@ WORKLOADS: dict[str, Workload] = {
         tie_word_embeddings=False,
         rope_theta=1000000.0,
         max_position_embeddings=4096,
+        extra={"sliding_window": None},
     ),
 }
 # The QLoRA recipe on the Mistral shapes (the workload of ../shared/ANCHORS.md's Mistral-7B section).

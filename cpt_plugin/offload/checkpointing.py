@@ -218,8 +218,44 @@ class _OffloadedInput:
         return gpu.requires_grad_(self._requires_grad)
 
 
-def _run_with_handle(function: Callable, handle: _OffloadedInput, _anchor: torch.Tensor, *args: Any) -> Any:
-    return function(handle.get(), *args)
+# ----------------------------------------------------------------------------------------------
+# Knowing whether a layer runs for the first time or is being recomputed
+# ----------------------------------------------------------------------------------------------
+_STATE = threading.local()
+
+
+def in_recompute() -> bool:
+    """True while a layer checkpointed by our function is being recomputed during backward.
+
+    Lets parts of the layer skip work whose result the recompute throws away (see ``tiled_mlp``).
+    Thread-local: the recompute runs on the autograd engine's thread, inside this module's call.
+    """
+    return getattr(_STATE, "recomputing", False)
+
+
+class _Region:
+    """One checkpointed call: its first run is the forward, every later run a recompute."""
+
+    __slots__ = ("runs",)
+
+    def __init__(self) -> None:
+        self.runs = 0
+
+
+def _run_region(region: _Region, function: Callable, *args: Any) -> Any:
+    previous = in_recompute()
+    _STATE.recomputing = region.runs > 0
+    region.runs += 1
+    try:
+        return function(*args)
+    finally:
+        _STATE.recomputing = previous
+
+
+def _run_with_handle(
+    region: _Region, function: Callable, handle: _OffloadedInput, _anchor: torch.Tensor, *args: Any
+) -> Any:
+    return _run_region(region, function, handle.get(), *args)
 
 
 class CheckpointFunction:
@@ -239,14 +275,14 @@ class CheckpointFunction:
         kwargs.pop("use_reentrant", None)
         kwargs.setdefault("preserve_rng_state", True)
         x = args[0] if args else None
-        if not (self.offload and isinstance(x, torch.Tensor) and x.is_floating_point()):
-            return checkpoint(function, *args, use_reentrant=False, **kwargs)
-        if not (x.is_cuda or self.simulate_offload):
-            return checkpoint(function, *args, use_reentrant=False, **kwargs)
+        offload = self.offload and isinstance(x, torch.Tensor) and x.is_floating_point()
+        if not (offload and (x.is_cuda or self.simulate_offload)):
+            return checkpoint(_run_region, _Region(), function, *args, use_reentrant=False, **kwargs)
         handle = _OffloadedInput(x, simulate=not x.is_cuda)
         try:
             return checkpoint(
                 _run_with_handle,
+                _Region(),
                 function,
                 handle,
                 _ENGINE.anchor(x.device),
@@ -278,6 +314,45 @@ def _set_gradient_checkpointing_wrapper(
         gradient_checkpointing_func = checkpoint
     original = type(self)._set_gradient_checkpointing.__get__(self)
     return original(enable=enable, gradient_checkpointing_func=gradient_checkpointing_func, **kwargs)
+
+
+def _enable_input_require_grads_wrapper(self: torch.nn.Module) -> None:
+    """Instance replacement of ``enable_input_require_grads`` while our checkpointing is installed.
+
+    transformers (and PEFT) make the input embeddings' output require grad whenever checkpointing is
+    enabled, because reentrant checkpointing loses the parameter gradients of a layer whose input does
+    not. Ours is non-reentrant, where that is not needed, and the hook costs memory: the embedding output
+    becomes an autograd leaf that the graph keeps on the GPU for the whole step (hidden x 2 bytes per
+    token, defeating the offload of layer 0's input), plus its gradient at the end of backward.
+    """
+    _drop_input_require_grads(self)
+
+
+# The hooks transformers' ``enable_input_require_grads`` (5.17, 5.24) and PEFT's
+# ``prepare_model_for_kbit_training`` register on the input embeddings.
+_INPUT_GRAD_HOOK_NAMES = frozenset({"make_inputs_require_grads", "make_inputs_require_grad"})
+
+
+def _drop_input_require_grads(model: torch.nn.Module) -> None:
+    """Removes every input-require-grads hook from ``model``'s input embeddings.
+
+    By function name, not by the handles transformers keeps: each ``enable_input_require_grads`` call
+    overwrites the handle(s) of the previous one, so after two calls (PEFT's k-bit preparation, then the
+    Trainer enabling checkpointing) ``disable_input_require_grads`` would leave a hook behind.
+    """
+    try:
+        embeddings = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return
+    if not isinstance(embeddings, torch.nn.Module):
+        return
+    for hook_id, hook in list(embeddings._forward_hooks.items()):
+        if getattr(hook, "__name__", "") in _INPUT_GRAD_HOOK_NAMES:
+            del embeddings._forward_hooks[hook_id]
+            embeddings._forward_hooks_with_kwargs.pop(hook_id, None)
+            embeddings._forward_hooks_always_called.pop(hook_id, None)
+    for attr in ("_require_grads_hooks", "_require_grads_hook"):
+        model.__dict__.pop(attr, None)
 
 
 def _pretrained_models(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -317,6 +392,7 @@ def enable_checkpointing(
         raise ValueError(f"{type(model).__name__} holds no transformers PreTrainedModel to checkpoint.")
     for m in models:
         m.__dict__.pop("_set_gradient_checkpointing", None)
+        m.__dict__.pop("enable_input_require_grads", None)
         m.__dict__.pop("_cpt_checkpoint_func", None)
     if mode == "off":
         for m in models:
@@ -327,6 +403,8 @@ def enable_checkpointing(
     for m in models:
         m.__dict__["_cpt_checkpoint_func"] = func
         m.__dict__["_set_gradient_checkpointing"] = types.MethodType(_set_gradient_checkpointing_wrapper, m)
+        m.__dict__["enable_input_require_grads"] = types.MethodType(_enable_input_require_grads_wrapper, m)
+        _drop_input_require_grads(m)
     root = models[0]  # modules() yields the outermost first: it reaches every layer
     if not getattr(root, "supports_gradient_checkpointing", False):
         raise ValueError(f"{type(root).__name__} does not support gradient checkpointing.")

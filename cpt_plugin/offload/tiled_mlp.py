@@ -5,6 +5,12 @@ MLP intermediates (gate, up, activation: ~48 KiB/token at Llama-1B size). Runnin
 ``chunk_tokens`` tokens at a time bounds that to one chunk. The forward keeps only the MLP output; the
 backward recomputes each chunk with grad and accumulates the parameter gradients (LoRA weights included),
 so the cost is one extra MLP forward.
+
+That extra forward is avoided inside our checkpointing: when a decoder layer is recomputed in backward,
+the recompute only has to reproduce the tensors the layer saved, and for the families whose MLP output
+goes straight into the residual add (Llama, Mistral, Qwen2/3) the tiled MLP saves its input and nothing
+downstream saves anything derived from its output. There the recompute skips the chunk loop and returns
+an uninitialized tensor of the right shape, which only feeds the thrown-away layer output.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from cpt_plugin.offload.checkpointing import in_recompute
+
 _AUTOCAST_DEVICES = ("cuda", "cpu")
 
 
@@ -26,12 +34,22 @@ def _autocast_state() -> list[tuple[str, bool, torch.dtype]]:
 
 class _TiledMLP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, mlp_forward: Callable, chunk_tokens: int, x: torch.Tensor, *params: torch.Tensor):
+    def forward(
+        ctx: Any,
+        mlp_forward: Callable,
+        chunk_tokens: int,
+        unused_output: tuple[int, torch.dtype] | None,
+        x: torch.Tensor,
+        *params: torch.Tensor,
+    ):
         ctx.mlp_forward, ctx.chunk_tokens, ctx.params = mlp_forward, chunk_tokens, params
         ctx.autocast = _autocast_state()
         ctx.cpu_rng = torch.get_rng_state()
         ctx.cuda_rng = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
         ctx.save_for_backward(x)
+        if unused_output is not None:  # a recompute whose output nobody reads: (features, dtype)
+            features, dtype = unused_output
+            return x.new_empty(*x.shape[:-1], features, dtype=dtype)
         flat = x.reshape(-1, x.shape[-1])
         out = None
         with torch.no_grad():
@@ -46,8 +64,8 @@ class _TiledMLP(torch.autograd.Function):
     def backward(ctx: Any, grad_out: torch.Tensor):
         (x,) = ctx.saved_tensors
         params = ctx.params
-        need_x = ctx.needs_input_grad[2]
-        need_params = [p for p, need in zip(params, ctx.needs_input_grad[3:], strict=True) if need]
+        need_x = ctx.needs_input_grad[3]
+        need_params = [p for p, need in zip(params, ctx.needs_input_grad[4:], strict=True) if need]
         flat = x.reshape(-1, x.shape[-1])
         grad_flat = grad_out.reshape(-1, grad_out.shape[-1])
         grad_x = torch.empty_like(flat) if need_x else None
@@ -76,9 +94,9 @@ class _TiledMLP(torch.autograd.Function):
                     if g is not None:
                         param_grads[i] = g if param_grads[i] is None else param_grads[i].add_(g)
         it = iter(param_grads)
-        out_params = [next(it) if need else None for need in ctx.needs_input_grad[3:]]
+        out_params = [next(it) if need else None for need in ctx.needs_input_grad[4:]]
         ctx.params = ctx.mlp_forward = None
-        return (None, None, grad_x.view_as(x) if need_x else None, *out_params)
+        return (None, None, None, grad_x.view_as(x) if need_x else None, *out_params)
 
 
 def _module_params(mlp_forward: Callable) -> list[torch.Tensor]:
@@ -93,11 +111,14 @@ def tiled_mlp(
     x: torch.Tensor,
     chunk_tokens: int,
     params: Sequence[torch.Tensor] | None = None,
+    unused_output: tuple[int, torch.dtype] | None = None,
 ) -> torch.Tensor:
     """``mlp_forward(x)`` computed over chunks of ``chunk_tokens`` tokens (all leading dims flattened).
 
     ``params`` are the trainable tensors ``mlp_forward`` uses; by default those of the module it is
     (or is bound to). Their gradients are accumulated over the chunks and returned through autograd.
+    ``unused_output`` = (features, dtype) says the caller will not read the output (a recompute): the
+    graph and the saved input are built as usual, the chunks are not computed.
     """
     if chunk_tokens <= 0:
         raise ValueError(f"chunk_tokens must be > 0, got {chunk_tokens}")
@@ -105,7 +126,7 @@ def tiled_mlp(
     if tokens <= chunk_tokens:
         return mlp_forward(x)
     params = list(_module_params(mlp_forward) if params is None else params)
-    return _TiledMLP.apply(mlp_forward, chunk_tokens, x, *params)
+    return _TiledMLP.apply(mlp_forward, chunk_tokens, unused_output, x, *params)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -113,6 +134,13 @@ def tiled_mlp(
 # ----------------------------------------------------------------------------------------------
 _INNER = "_cpt_tiled_inner_forward"
 _CHUNK = "_cpt_tiled_chunk_tokens"
+_SKIP = "_cpt_tiled_skip_recompute"  # the layer adds the MLP output to the residual and saves nothing of it
+_OUT = "_cpt_tiled_output"  # (features, dtype) of the last computed output
+
+# Decoder layers whose MLP output only goes into the residual add (no norm after the MLP, unlike Gemma 2/3).
+RESIDUAL_MLP_LAYERS = frozenset(
+    {"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer"}
+)
 
 
 def _tiled_forward(self: nn.Module, x: Any, *args: Any, **kwargs: Any) -> Any:
@@ -124,41 +152,51 @@ def _tiled_forward(self: nn.Module, x: Any, *args: Any, **kwargs: Any) -> Any:
         return base(x, *args, **kwargs)
     if not torch.is_grad_enabled() or x.numel() // x.shape[-1] <= chunk_tokens:
         return base(x)  # nothing to save without grad; short sequences run as is
-    return tiled_mlp(base, x, chunk_tokens, params=[p for p in self.parameters() if p.requires_grad])
+    params = [p for p in self.parameters() if p.requires_grad]
+    unused_output = self.__dict__.get(_OUT) if self.__dict__.get(_SKIP) and in_recompute() else None
+    out = tiled_mlp(base, x, chunk_tokens, params=params, unused_output=unused_output)
+    if unused_output is None:
+        self.__dict__[_OUT] = (out.shape[-1], out.dtype)
+    return out
 
 
-def _decoder_mlps(model: nn.Module) -> list[nn.Module]:
-    mlps = []
+def _decoder_mlps(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
+    """(decoder layer, its mlp) pairs."""
+    pairs: list[tuple[nn.Module, nn.Module]] = []
     for module in model.modules():
         mlp = module._modules.get("mlp") if isinstance(module, nn.Module) else None
-        if isinstance(mlp, nn.Module) and mlp not in mlps:
-            mlps.append(mlp)
-    return mlps
+        if isinstance(mlp, nn.Module) and all(mlp is not m for _, m in pairs):
+            pairs.append((module, mlp))
+    return pairs
 
 
 def enable_tiled_mlp(model: nn.Module, chunk_tokens: int = 4096) -> int:
     """Wraps every decoder layer's ``mlp`` (instance level) to run in chunks; returns how many were wrapped.
 
     Calling again changes the chunk size. The class's ``forward`` is looked up at each call, so a kernel
-    patch applied to the class before or after this still runs inside the tiles.
+    patch applied to the class before or after this still runs inside the tiles. In the layers listed in
+    ``RESIDUAL_MLP_LAYERS`` the recompute of our checkpointing skips the MLP's chunks (see module doc).
     """
     if chunk_tokens <= 0:
         raise ValueError(f"chunk_tokens must be > 0, got {chunk_tokens}")
-    mlps = _decoder_mlps(model)
-    for mlp in mlps:
+    pairs = _decoder_mlps(model)
+    for layer, mlp in pairs:
         if _CHUNK not in mlp.__dict__:
             mlp.__dict__[_INNER] = mlp.__dict__.get("forward")
             mlp.__dict__["forward"] = types.MethodType(_tiled_forward, mlp)
         mlp.__dict__[_CHUNK] = int(chunk_tokens)
-    return len(mlps)
+        mlp.__dict__[_SKIP] = type(layer).__name__ in RESIDUAL_MLP_LAYERS
+    return len(pairs)
 
 
 def disable_tiled_mlp(model: nn.Module) -> int:
     """Undoes :func:`enable_tiled_mlp`; returns how many MLPs were restored."""
     restored = 0
-    for mlp in _decoder_mlps(model):
+    for _, mlp in _decoder_mlps(model):
         if _CHUNK in mlp.__dict__:
             del mlp.__dict__[_CHUNK]
+            mlp.__dict__.pop(_SKIP, None)
+            mlp.__dict__.pop(_OUT, None)
             inner = mlp.__dict__.pop(_INNER, None)
             if inner is None:
                 mlp.__dict__.pop("forward", None)

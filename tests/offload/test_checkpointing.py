@@ -183,3 +183,34 @@ def test_model_with_our_function_deepcopies() -> None:
 def test_bad_mode() -> None:
     with pytest.raises(ValueError, match="one of"):
         enable_checkpointing(tiny_llama(), "sometimes")
+
+
+@pytest.mark.parametrize("mode", ["recompute", "offload"])
+def test_frozen_embedding_output_not_kept_as_autograd_leaf(mode: str) -> None:
+    """transformers/PEFT make the embedding output require grad whenever checkpointing is enabled (for
+    reentrant checkpointing); with ours that leaf would pin hidden x 2 bytes per token on the GPU."""
+    from peft import LoraConfig, get_peft_model
+
+    base = tiny_llama(layers=2)
+    reference = copy.deepcopy(base)
+    config = LoraConfig(r=4, target_modules=["q_proj", "down_proj"], init_lora_weights=False)
+    peft_ref = get_peft_model(reference, copy.deepcopy(config))
+    peft_model = get_peft_model(base, config)
+    peft_model.load_state_dict(peft_ref.state_dict())
+    peft_model.enable_input_require_grads()  # as PEFT's prepare_model_for_kbit_training does,
+    peft_model.enable_input_require_grads()  # twice: the first handle is lost by transformers
+    enable_checkpointing(peft_model, mode, _simulate_offload=mode == "offload")
+    peft_model.gradient_checkpointing_enable()  # as the Trainer does: transformers re-adds the hook
+    seen = []
+    peft_model.get_input_embeddings().register_forward_hook(lambda _m, _i, out: seen.append(out))
+    ids = torch.randint(0, 257, (2, 15))
+    _, grads = _grads(peft_model, [ids])
+    assert seen and not seen[0].requires_grad
+    _, ref_grads = _grads(peft_ref, [ids])
+    _assert_same(grads, ref_grads)
+
+    enable_checkpointing(peft_model, "off")  # transformers' own behaviour comes back
+    peft_model.enable_input_require_grads()
+    seen.clear()
+    peft_model(input_ids=ids)
+    assert seen[0].requires_grad
