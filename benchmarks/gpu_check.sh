@@ -15,7 +15,8 @@
 #                 activation offloading of transformers >= 5.24, TRL and Axolotl; on the carried newest
 #                 transformers (.whl/tf524) when it imports there, else on the image's
 #   qlora         Mistral-7B shapes, QLoRA recipe (NF4, r=32, AdamW8bit) at batch 1 x QLORA_SHAPES
-#   qlora_maxctx  one-step probes of cpt_offload on the QLoRA workload from QLORA_MAXCTX_START to _CAP
+#   qlora_maxctx  one-step probes of QLORA_MAXCTX_SYSTEMS (default cpt_offload) on the QLoRA workload from
+#                 QLORA_MAXCTX_START to _CAP, bisected down to QLORA_MAXCTX_GRANULARITY tokens
 #   tf524tests    `pytest -m gpu` again on the carried newest transformers
 LONGCTX_SYSTEMS=${LONGCTX_SYSTEMS:-hf,hf_offload,trl_offload,axolotl_offload,cpt,cpt_offload_only,cpt_offload}
 LONGCTX_SHAPES=${LONGCTX_SHAPES:-1x16384,1x32768}
@@ -23,6 +24,8 @@ QLORA_SYSTEMS=${QLORA_SYSTEMS:-hf,cpt,cpt_offload_only,cpt_offload}
 QLORA_SHAPES=${QLORA_SHAPES:-1x8192,1x32768}
 QLORA_MAXCTX_START=${QLORA_MAXCTX_START:-131072}
 QLORA_MAXCTX_CAP=${QLORA_MAXCTX_CAP:-131072}
+QLORA_MAXCTX_SYSTEMS=${QLORA_MAXCTX_SYSTEMS:-cpt_offload}
+QLORA_MAXCTX_GRANULARITY=${QLORA_MAXCTX_GRANULARITY:-16384}
 set -uo pipefail
 T0=$(date +%s)
 OUT=${OUT:-outputs/gpu_check}
@@ -108,7 +111,7 @@ for stage in $STAGES; do
       case $stage in
         longctx) py=$NEWEST_PYTHONPATH; args=(--workloads llama-1b --systems "$LONGCTX_SYSTEMS" --shapes "$LONGCTX_SHAPES" --warmup 1 --steps 3 --no-maxctx) ;;
         qlora) py=$PYTHONPATH; args=(--workloads mistral-7b-qlora --systems "$QLORA_SYSTEMS" --shapes "$QLORA_SHAPES" --warmup 1 --steps 3 --no-maxctx) ;;
-        qlora_maxctx) py=$PYTHONPATH; args=(--workloads mistral-7b-qlora --systems cpt_offload --no-train --maxctx-start "$QLORA_MAXCTX_START" --maxctx-cap "$QLORA_MAXCTX_CAP" --maxctx-granularity 16384 --probe-timeout $(( t - 40 ))) ;;
+        qlora_maxctx) py=$PYTHONPATH; args=(--workloads mistral-7b-qlora --systems "$QLORA_MAXCTX_SYSTEMS" --no-train --maxctx-start "$QLORA_MAXCTX_START" --maxctx-cap "$QLORA_MAXCTX_CAP" --maxctx-granularity "$QLORA_MAXCTX_GRANULARITY" --probe-timeout $(( t - 40 ))) ;;
       esac
       PYTHONPATH=$py timeout -k 10 "$t" python3 -m benchmarks.run --suite full --out "$OUT/$stage" --time-budget $(( t - 20 )) --device "$DEVICE" "${args[@]}" $RUN_ARGS | tail -40
       note "$stage: exit ${PIPESTATUS[0]}"

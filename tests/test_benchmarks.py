@@ -476,3 +476,25 @@ def test_qlora_workers_agree_on_gpu():
     cpt = run_train({**args, "system": "cpt_offload"})
     assert hf["status"] == "ok" and cpt["status"] == "ok", (hf, cpt)
     assert hf["losses"] == pytest.approx(cpt["losses"], abs=2e-2)
+
+
+def test_memory_trace_finds_the_blocks_alive_at_the_peak() -> None:
+    from benchmarks.memory_trace import frame_key, group_blocks, live_at_peak
+
+    frames_a = [
+        {"filename": "/x/torch/nn/modules/module.py", "line": 1, "name": "_call_impl"},
+        {"filename": "/x/cpt_plugin/kernels/rope.py", "line": 144, "name": "_out_like"},
+        {"filename": "/x/transformers/models/mistral/modeling_mistral.py", "line": 9, "name": "forward"},
+    ]
+    events = [
+        {"action": "alloc", "addr": 1, "size": 100, "frames": frames_a},
+        {"action": "alloc", "addr": 2, "size": 50, "frames": frames_a},
+        {"action": "alloc", "addr": 3, "size": 30, "frames": []},
+        {"action": "free_requested", "addr": 1, "size": 100},
+        {"action": "alloc", "addr": 4, "size": 60, "frames": []},  # 140 < the peak of 180
+        {"action": "free_requested", "addr": 99, "size": 7},  # allocated before the trace: ignored
+    ]
+    peak, blocks = live_at_peak(events)
+    assert peak == 180 and {b["addr"] for b in blocks} == {1, 2, 3}
+    assert frame_key(frames_a) == "kernels/rope.py:144 _out_like < mistral/modeling_mistral.py:9 forward"
+    assert group_blocks(blocks) == [(frame_key(frames_a), 150, 2), ("(no python frame)", 30, 1)]
