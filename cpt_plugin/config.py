@@ -24,6 +24,7 @@ SCHEDULES = (
 )
 OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_8bit")
 CHECKPOINTING_MODES = ("off", "recompute", "offload", "auto")
+TRAINED_EMBEDDINGS_DTYPES = ("float32", "model")
 KERNEL_NAMES = ("rms_norm", "rope", "swiglu", "fused_linear_cross_entropy")
 
 # Features whose implementation has landed. A switch for a feature not in here raises a clear
@@ -50,6 +51,9 @@ class CPTConfig:
     use_rslora: bool = True
     target_modules: list[str] | str | None = None  # None: every attention and MLP projection
     train_embeddings: bool = True  # input embeddings and lm_head fully trained
+    # dtype of the trained embedding copies: "float32" (16-bit models: small embedding-LR updates would
+    # round away in bf16) or "model" (keep the model's dtype, as plain PEFT does)
+    trained_embeddings_dtype: str = "float32"
     # --- learning rates ---------------------------------------------------------------------
     learning_rate: float | None = None  # None: TrainingArguments.learning_rate
     embedding_learning_rate: float | None = None  # None: learning_rate * embedding_lr_ratio
@@ -235,6 +239,12 @@ class CPTConfig:
                     )
                     fail("kernels", f"unknown kernel {name!r}", fix)
             self.kernels = list(self.kernels)
+        if self.trained_embeddings_dtype not in TRAINED_EMBEDDINGS_DTYPES:
+            fail(
+                "trained_embeddings_dtype",
+                f"got {self.trained_embeddings_dtype!r}",
+                f"Choose one of {', '.join(TRAINED_EMBEDDINGS_DTYPES)}.",
+            )
         if self.gradient_checkpointing not in CHECKPOINTING_MODES:
             fail(
                 "gradient_checkpointing",

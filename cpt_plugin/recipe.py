@@ -4,6 +4,8 @@ The recipe: rank-stabilized LoRA (scale alpha/sqrt(r)) on every attention and ML
 input embeddings and lm_head fully trained as PEFT ``modules_to_save`` copies (their learning rate is
 set by the optimizer groups, see optim.py). Tied input/output embeddings stay tied: PEFT's
 ``ensure_weight_tying`` makes both wrappers share one trainable copy, so merging keeps them tied too.
+On 16-bit models the trained copies are kept in fp32 (``trained_embeddings_dtype``, see
+embedding_precision.py) so that updates at the small embedding learning rate are not rounded away.
 """
 
 from __future__ import annotations
@@ -175,5 +177,9 @@ def prepare_model(model: nn.Module, config: CPTConfig | dict | None = None, **ov
     lora_config = build_lora_config(model, config)
     peft_model = get_peft_model(model, lora_config)
     peft_model.cpt_config = config
+    if config.train_embeddings and config.trained_embeddings_dtype == "float32":
+        from cpt_plugin.embedding_precision import keep_trained_embeddings_fp32
+
+        keep_trained_embeddings_fp32(peft_model)
     print(trainable_summary(peft_model))
     return peft_model

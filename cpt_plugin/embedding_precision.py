@@ -1,0 +1,84 @@
+"""Trained embedding copies kept in fp32 on 16-bit models, with the residual stream left in 16 bits.
+
+Why: the CPT recipe trains embed_tokens and lm_head at about 1/10 of the LoRA learning rate. On a model
+loaded in bf16 the trainable copies PEFT makes are bf16 too, and an AdamW step of ~lr (5e-6) on weights of
+magnitude ~0.02 is far below bf16's resolution (8 significant bits): most updates round away and the
+embeddings barely train. Keeping the copies in fp32 (as Unsloth does for its trained embeddings) makes
+every update count, and the fp32 weights are what the adapter checkpoint saves, so resume stays exact.
+
+The input embeddings' output is cast back to the dtype the model had, so activations, the residual stream
+and offloaded layer inputs stay 16-bit. lm_head runs under autocast as before; without autocast its input
+is cast up to fp32. Cost: per trained parameter 2 more bytes of weight, 2 of gradient and 4 of AdamW state.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+_SIXTEEN_BIT = (torch.bfloat16, torch.float16)
+_HOOKED = "_cpt_fp32_embedding_hook"
+
+
+def _embedding_roles(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """("input" | "output", module) for the model's input embeddings and lm_head (PEFT wrappers included)."""
+    roles = []
+    for role, getter in (("input", "get_input_embeddings"), ("output", "get_output_embeddings")):
+        try:
+            module = getattr(model, getter)()
+        except (AttributeError, NotImplementedError):
+            module = None
+        if isinstance(module, nn.Module):
+            roles.append((role, module))
+    return roles
+
+
+def _trained_leaf_modules(module: nn.Module) -> list[nn.Module]:
+    """The submodules that directly own trainable parameters (PEFT's trainable copy inside its wrapper)."""
+    return [m for m in module.modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
+
+
+def _cast_output(dtype: torch.dtype):
+    def hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        return output.to(dtype) if isinstance(output, torch.Tensor) and output.dtype != dtype else output
+
+    return hook
+
+
+def _input_to_weight_dtype(module: nn.Module, inputs: tuple) -> tuple | None:
+    weight = getattr(module, "weight", None)
+    if not inputs or not isinstance(inputs[0], torch.Tensor) or weight is None:
+        return None
+    x = inputs[0]
+    if x.dtype == weight.dtype or torch.is_autocast_enabled(x.device.type):
+        return None
+    return (x.to(weight.dtype), *inputs[1:])
+
+
+def keep_trained_embeddings_fp32(model: nn.Module) -> int:
+    """Casts the trainable 16-bit parameters of the input embeddings and lm_head to fp32 and hooks the
+    modules that own them (see module doc). Returns how many parameter tensors were cast; 0 when the
+    model is not 16-bit or trains no embeddings. Call it before the optimizer is built."""
+    originals: dict[int, torch.dtype] = {}  # id(param) -> its dtype before the cast (tied copies: once)
+    for role, module in _embedding_roles(model):
+        for owner in _trained_leaf_modules(module):
+            original = None
+            for param in owner.parameters(recurse=False):
+                if param.requires_grad and param.dtype in _SIXTEEN_BIT:
+                    originals[id(param)] = param.dtype
+                    param.data = param.data.float()
+                original = original or originals.get(id(param))
+            if original is None or _HOOKED in owner.__dict__:
+                continue
+            if role == "input":
+                owner.__dict__[_HOOKED] = owner.register_forward_hook(_cast_output(original))
+            else:
+                owner.__dict__[_HOOKED] = owner.register_forward_pre_hook(_input_to_weight_dtype)
+    cast = len(originals)
+    if cast:
+        logger.info("cpt-plugin: %d trained embedding tensors kept in fp32 (the model stays 16-bit)", cast)
+    return cast
