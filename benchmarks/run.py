@@ -194,7 +194,10 @@ class Harness:
                 "warmup": args.warmup,
                 "steps": args.steps,
                 "seed": args.seed,
-                "precision": "bf16 weights, bf16 autocast; LoRA parameters as PEFT creates them (fp32)",
+                "precision": (
+                    "bf16 weights, bf16 autocast; LoRA parameters as PEFT creates them (fp32); trained "
+                    "embedding copies fp32 for cpt-plugin (trained_embeddings_dtype), bf16 for HF/Liger"
+                ),
                 "allocator": "PYTORCH_ALLOC_CONF=expandable_segments:True",
             },
             "hardware": {},
