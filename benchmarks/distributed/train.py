@@ -384,6 +384,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         lora_alpha=LORA_ALPHA,
         train_embeddings=True,
         embedding_lr_ratio=0.1,
+        # "model" keeps PEFT's choice for the copies; "fp32" is also cpt-plugin's default
+        trained_embeddings_dtype="model" if args.trainable_dtype == "model" else "float32",
         kernels=kernels,
         gradient_checkpointing=args.checkpointing,
         schedule="cosine",
