@@ -10,7 +10,7 @@ That extra forward is avoided inside our checkpointing: when a decoder layer is 
 the recompute only has to reproduce the tensors the layer saved, and for the families whose MLP output
 goes straight into the residual add (Llama, Mistral, Qwen2/3) the tiled MLP saves its input and nothing
 downstream saves anything derived from its output. There the recompute skips the chunk loop and returns
-an uninitialized tensor of the right shape, which only feeds the thrown-away layer output.
+zeros of the right shape, which only feed the thrown-away layer output.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ class _TiledMLP(torch.autograd.Function):
         ctx.save_for_backward(x)
         if unused_output is not None:  # a recompute whose output nobody reads: (features, dtype)
             features, dtype = unused_output
-            return x.new_empty(*x.shape[:-1], features, dtype=dtype)
+            return x.new_zeros(*x.shape[:-1], features, dtype=dtype)  # zeros: hooks never see garbage
         flat = x.reshape(-1, x.shape[-1])
         out = None
         with torch.no_grad():
