@@ -10,7 +10,8 @@ from offload_models import tiny_llama
 from transformers.models.llama.modeling_llama import LlamaMLP
 
 from cpt_plugin.offload.checkpointing import enable_checkpointing
-from cpt_plugin.offload.tiled_mlp import disable_tiled_mlp, enable_tiled_mlp, tiled_mlp
+from cpt_plugin.offload.tiled_mlp import RESIDUAL_MLP_LAYERS, disable_tiled_mlp, enable_tiled_mlp, tiled_mlp
+from tests.patching.models import FAMILIES, tiny_model
 
 
 def _grads(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -79,32 +80,23 @@ def test_model_with_lora_tiled_equals_untiled(seq: int, checkpointing: str) -> N
         assert calls[0] == 2 * (1 + (checkpointing != "off"))
 
 
-def test_recompute_runs_the_chunks_when_a_norm_follows_the_mlp() -> None:
-    """Gemma 2 normalizes the MLP output before the residual add: that norm saves it, so the recompute
-    must compute it (and gradients must still match)."""
-    from transformers import Gemma2Config, Gemma2ForCausalLM
-
-    config = Gemma2Config(
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        vocab_size=101,
-        attn_implementation="eager",
-    )
-    torch.manual_seed(0)
-    reference = Gemma2ForCausalLM(config).float().train()
+@pytest.mark.parametrize("family", FAMILIES)
+def test_recompute_skips_the_chunks_only_where_the_output_is_unused(family: str) -> None:
+    """Llama/Mistral/Qwen add the MLP output to the residual and save nothing of it: the recompute skips
+    the chunks. Gemma 2/3 normalize it first (that norm saves it): their recompute must compute them."""
+    reference = tiny_model(family, num_hidden_layers=2)
     model = copy.deepcopy(reference)
     assert enable_tiled_mlp(model, chunk_tokens=8) == 2
     enable_checkpointing(model, "offload", _simulate_offload=True)
     calls = [0]
     for layer in model.model.layers:
         layer.mlp.up_proj.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
-    ids = torch.randint(0, 101, (2, 11))
+    ids = torch.randint(0, 257, (2, 11))
     _assert_same(_grads(model, ids), _grads(reference, ids), rtol=1e-4, atol=1e-5)
-    assert calls[0] == 2 * 3 * 3  # forward, recompute and backward, 3 chunks each
+    skips = type(model.model.layers[0]).__name__ in RESIDUAL_MLP_LAYERS
+    assert skips == (not family.startswith("gemma"))
+    passes = 2 if skips else 3  # forward and tiled backward, plus the recompute where it is needed
+    assert calls[0] == 2 * passes * 3  # 2 layers, 22 tokens in 3 chunks
 
 
 def test_lora_dropout_masks_reproduced_in_backward() -> None:
