@@ -25,7 +25,7 @@ SCHEDULES = (
 OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_8bit")
 CHECKPOINTING_MODES = ("off", "recompute", "offload", "auto")
 TRAINED_EMBEDDINGS_DTYPES = ("float32", "model")
-KERNEL_NAMES = ("rms_norm", "rope", "swiglu", "fused_linear_cross_entropy")
+KERNEL_NAMES = ("rms_norm", "rope", "swiglu", "fused_linear_cross_entropy", "fused_lora")
 
 # Features whose implementation has landed. A switch for a feature not in here raises a clear
 # "not available yet" error instead of silently doing nothing.

@@ -45,6 +45,10 @@ def setup_model(model: Any, config: CPTConfig | dict | None = None, checkpointin
         patch(model, config)
     warn_if_context_too_long(model, config)
     peft_model = prepare_model(model, config)
+    if "fused_lora" in config.enabled_kernels():
+        from cpt_plugin.patching.lora import enable_fused_lora
+
+        enable_fused_lora(peft_model)
     mode = checkpointing or config.gradient_checkpointing
     if mode in ("recompute", "offload"):
         from cpt_plugin.offload.checkpointing import enable_checkpointing

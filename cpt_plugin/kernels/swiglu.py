@@ -85,32 +85,52 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.view(-1) if x.is_contiguous() else x.contiguous().view(-1)
 
 
+def glu_forward(gate: torch.Tensor, up: torch.Tensor, gelu: bool) -> torch.Tensor:
+    """act(gate) * up without autograd (Triton where it runs, else the reference); used by fused callers."""
+    if not use_triton(gate, up):
+        ref = geglu_reference if gelu else swiglu_reference
+        return ref(gate, up)
+    g, u = _flat(gate), _flat(up)
+    y = torch.empty_like(g)
+    n = g.numel()
+    if n:
+        _glu_fwd_kernel[(triton.cdiv(n, _BLOCK),)](g, u, y, n, GELU=gelu, BLOCK=_BLOCK, num_warps=_NUM_WARPS)
+    return y.view(gate.shape)
+
+
+def glu_backward(
+    dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, gelu: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d gate, d up) of act(gate) * up for the upstream gradient ``dy``, without autograd."""
+    if not use_triton(dy, gate, up):
+        ref = geglu_reference if gelu else swiglu_reference
+        with torch.enable_grad():
+            g = gate.detach().requires_grad_(True)
+            u = up.detach().requires_grad_(True)
+            dg, du = torch.autograd.grad(ref(g, u), (g, u), dy)
+        return dg, du
+    g, u, d = _flat(gate), _flat(up), _flat(dy)
+    dg, du = torch.empty_like(g), torch.empty_like(u)
+    n = g.numel()
+    if n:
+        _glu_bwd_kernel[(triton.cdiv(n, _BLOCK),)](
+            d, g, u, dg, du, n, GELU=gelu, BLOCK=_BLOCK, num_warps=_NUM_WARPS
+        )
+    return dg.view(gate.shape), du.view(gate.shape)
+
+
 class _GLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor, gelu: bool):
-        g, u = _flat(gate), _flat(up)
-        y = torch.empty_like(g)
-        n = g.numel()
-        if n:
-            _glu_fwd_kernel[(triton.cdiv(n, _BLOCK),)](
-                g, u, y, n, GELU=gelu, BLOCK=_BLOCK, num_warps=_NUM_WARPS
-            )
-        ctx.save_for_backward(g, u)
+        ctx.save_for_backward(gate, up)
         ctx.gelu = gelu
-        ctx.shape = gate.shape
-        return y.view(gate.shape)
+        return glu_forward(gate, up, gelu)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        g, u = ctx.saved_tensors
-        dy = _flat(dy)
-        dg, du = torch.empty_like(g), torch.empty_like(u)
-        n = g.numel()
-        if n:
-            _glu_bwd_kernel[(triton.cdiv(n, _BLOCK),)](
-                dy, g, u, dg, du, n, GELU=ctx.gelu, BLOCK=_BLOCK, num_warps=_NUM_WARPS
-            )
-        return dg.view(ctx.shape), du.view(ctx.shape), None
+        gate, up = ctx.saved_tensors
+        dg, du = glu_backward(dy, gate, up, ctx.gelu)
+        return dg, du, None
 
 
 def _glu(gate: torch.Tensor, up: torch.Tensor, gelu: bool) -> torch.Tensor:

@@ -99,6 +99,11 @@ def make_mlp_forward(original_forward: Any, spec: FamilySpec) -> Any:
         kernel = kernels.get(activation) if isinstance(activation, str) else None
         if kernel is None or args or kwargs:
             return original_forward(self, x, *args, **kwargs)
+        from cpt_plugin.patching.lora import fused_gated_mlp
+
+        fused = fused_gated_mlp(self, x, kernel)  # LoRA on gate, up and down: one fused function
+        if fused is not None:
+            return fused
         from cpt_plugin.kernels import swiglu as swiglu_module
 
         gated = getattr(swiglu_module, kernel)(self.gate_proj(x), self.up_proj(x))

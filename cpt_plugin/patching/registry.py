@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 PROJECT = "cpt_plugin"
 ENTRY_POINT_GROUP = "cpt_plugin.patchers"
 BUILTIN_PLUGIN = "cpt_plugin.patching.families"
-KERNEL_NAMES = ("rms_norm", "rope", "swiglu", "fused_linear_cross_entropy")
+KERNEL_NAMES = ("rms_norm", "rope", "swiglu", "fused_linear_cross_entropy", "fused_lora")
 
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
@@ -186,6 +186,9 @@ def unpatch(target: str | nn.Module | None = None) -> None:
     registry = get_registry()
     if target is None:
         registry.unpatch_all()
+        from cpt_plugin.patching.lora import unpatch_fused_lora
+
+        unpatch_fused_lora()
         return
     model = None if isinstance(target, str) else _base_model(target)
     model_type = target if isinstance(target, str) else _model_type(model)

@@ -1,0 +1,292 @@
+"""LoRA projections computed in the activation dtype: ``y = x W^T + b + s * (x A^T) B^T``.
+
+Why: PEFT's LoRA layers cast the 16-bit activation to the fp32 LoRA weight dtype, autocast casts it back
+for each matmul, the scaled LoRA product is added in separate kernels, and backward casts the gradients
+again: about 28% of a CPT step's GPU time on Llama-1B shapes went to those copies. Here:
+
+* the fp32 LoRA factors are cast to the compute dtype once per call (``A`` as is, ``B`` pre-multiplied by
+  the scale), the activation is never cast when it already has the compute dtype;
+* the LoRA product is accumulated into the base output by one ``addmm`` (no separate scale or add pass);
+* backward forms dX from the base and the LoRA path in one buffer (``addmm_``), and dA, dB from the
+  saved 16-bit activation and the small ``x A^T`` (tokens x r), so no fp32 copy of an activation exists;
+* a gated MLP (``down(act(gate(x)) * up(x))``, SwiGLU or tanh-GeGLU) is one function: it saves the input,
+  the two pre-activations and three tokens x r products, and recomputes ``act(gate) * up`` in backward
+  instead of keeping it.
+
+The compute dtype is autocast's dtype when autocast is on for the input's device, else the input's dtype.
+That matches PEFT under autocast (its matmuls then run in the autocast dtype too). Without autocast on a
+16-bit model PEFT computes the LoRA branch in fp32; here it runs in the model's dtype.
+
+Base weights are frozen: plain tensors, or a bitsandbytes 4-bit weight given with a ``dequantize``
+callable that returns it in the compute dtype (called once per pass: in forward and again in backward,
+so no dequantized copy stays alive between them). ``*_reference`` functions are the same math in plain
+PyTorch autograd, for tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from cpt_plugin.kernels.swiglu import geglu_reference, glu_backward, glu_forward, swiglu_reference
+
+Dequantize = Callable[[torch.dtype], torch.Tensor]
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the projections run in: autocast's when it is on for ``x``'s device, else ``x``'s."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+@dataclass(frozen=True)
+class LoraProjection:
+    """One LoRA projection's tensors: frozen base ``weight`` (out x in) and ``bias``, factors ``lora_a``
+    (r x in) and ``lora_b`` (out x r), and the scale (``alpha / r`` or rsLoRA's ``alpha / sqrt(r)``)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    lora_a: torch.Tensor
+    lora_b: torch.Tensor
+    scale: float
+    dequantize: Dequantize | None = None  # 4-bit base: returns the weight in the requested dtype
+
+    def tensors(self) -> tuple[torch.Tensor | None, ...]:
+        return (self.weight, self.bias, self.lora_a, self.lora_b)
+
+
+# ------------------------------------------------------------------------------------------------
+# The building blocks: one projection forward and backward on 2-D inputs in the compute dtype.
+# ------------------------------------------------------------------------------------------------
+def _base_weight(weight: torch.Tensor, dequantize: Dequantize | None, dtype: torch.dtype) -> torch.Tensor:
+    if dequantize is not None:
+        return dequantize(dtype)
+    return weight if weight.dtype == dtype else weight.to(dtype)
+
+
+def _cast_factors(lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, dtype: torch.dtype):
+    """(A, s * B) in the compute dtype: the only casts of LoRA parameters in a call."""
+    a = lora_a if lora_a.dtype == dtype else lora_a.to(dtype)
+    b_scaled = (lora_b * scale).to(dtype)
+    return a, b_scaled
+
+
+def _project(x2: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b_scaled):
+    """(x W^T + b + (x A^T)(s B)^T, x A^T) with the LoRA product accumulated into the base output."""
+    xa = torch.mm(x2, a.t())
+    if bias is not None:
+        out = torch.addmm(bias.to(x2.dtype), x2, w.t())
+    else:
+        out = torch.mm(x2, w.t())
+    out.addmm_(xa, b_scaled.t())
+    return out, xa
+
+
+def _project_backward(
+    g2: torch.Tensor,
+    x2: torch.Tensor,
+    xa: torch.Tensor,
+    a: torch.Tensor,
+    b_scaled: torch.Tensor,
+    scale: float,
+    dx: torch.Tensor | None,
+    w: torch.Tensor | None,
+    need: tuple[bool, bool, bool],
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of one projection: (dX accumulated into ``dx`` or new, dA, dB); ``need`` = (x, A, B)."""
+    need_x, need_a, need_b = need
+    grad_b = torch.mm(g2.t(), xa).mul_(scale) if need_b else None  # d(sB) = g^T xa; dB = s d(sB)
+    dxa = torch.mm(g2, b_scaled) if (need_x or need_a) else None
+    grad_a = torch.mm(dxa.t(), x2) if need_a else None
+    if need_x:
+        if dx is None:
+            dx = torch.mm(g2, w)
+        else:
+            dx.addmm_(g2, w)
+        dx.addmm_(dxa, a)
+    return dx, grad_a, grad_b
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+class _NoAutocast:
+    """Runs a block with autocast off on ``device_type``: operands are already in the compute dtype."""
+
+    def __init__(self, device_type: str) -> None:
+        self._ctx = torch.autocast(device_type=device_type, enabled=False)
+
+    def __enter__(self) -> None:
+        self._ctx.__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        self._ctx.__exit__(*exc)
+
+
+# ------------------------------------------------------------------------------------------------
+# One projection
+# ------------------------------------------------------------------------------------------------
+class _LoraLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scale, dequantize, dtype):
+        x2 = _rows(x)
+        if x2.dtype != dtype:
+            x2 = x2.to(dtype)
+        with _NoAutocast(x.device.type):
+            w = _base_weight(weight, dequantize, dtype)
+            a, b_scaled = _cast_factors(lora_a, lora_b, scale, dtype)
+            out, xa = _project(x2, w, bias, a, b_scaled)
+        ctx.save_for_backward(x2, weight, a, b_scaled, xa)
+        ctx.meta = (scale, dequantize, dtype, x.shape, x.dtype)
+        ctx.need_bias = bias is not None and ctx.needs_input_grad[2]
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x2, weight, a, b_scaled, xa = ctx.saved_tensors
+        scale, dequantize, dtype, x_shape, x_dtype = ctx.meta
+        need_x, need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
+        g2 = _rows(grad_out)
+        if g2.dtype != dtype:
+            g2 = g2.to(dtype)
+        w = _base_weight(weight, dequantize, dtype) if need_x else None
+        dx, grad_a, grad_b = _project_backward(
+            g2, x2, xa, a, b_scaled, scale, None, w, (need_x, need_a, need_b)
+        )
+        grad_bias = g2.sum(0) if ctx.need_bias else None
+        return (
+            dx.view(x_shape).to(x_dtype) if dx is not None else None,
+            None,
+            grad_bias,
+            grad_a,
+            grad_b,
+            None,
+            None,
+            None,
+        )
+
+
+def lora_linear(x: torch.Tensor, projection: LoraProjection) -> torch.Tensor:
+    """``x W^T + b + s (x A^T) B^T`` in the compute dtype (see module doc), with a fused backward."""
+    p = projection
+    return _LoraLinear.apply(x, p.weight, p.bias, p.lora_a, p.lora_b, p.scale, p.dequantize, compute_dtype(x))
+
+
+def lora_linear_reference(x: torch.Tensor, projection: LoraProjection) -> torch.Tensor:
+    """The same math in plain PyTorch autograd (casts made explicitly, no autocast inside)."""
+    p = projection
+    dtype = compute_dtype(x)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        xc = x.to(dtype)
+        w = _base_weight(p.weight, p.dequantize, dtype)
+        out = torch.nn.functional.linear(xc, w, None if p.bias is None else p.bias.to(dtype))
+        lora = torch.nn.functional.linear(
+            torch.nn.functional.linear(xc, p.lora_a.to(dtype)), p.lora_b.to(dtype)
+        )
+        return out + lora * p.scale
+
+
+# ------------------------------------------------------------------------------------------------
+# A gated MLP: down(act(gate(x)) * up(x)), three LoRA projections in one function
+# ------------------------------------------------------------------------------------------------
+class _LoraGatedMLP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, gelu, scales, dequantizers, dtype, *tensors):
+        # tensors: (weight, bias, lora_a, lora_b) for gate, up and down
+        x2 = _rows(x)
+        if x2.dtype != dtype:
+            x2 = x2.to(dtype)
+        params = [tensors[i : i + 4] for i in range(0, 12, 4)]
+        with _NoAutocast(x.device.type):
+            casts = [_cast_factors(p[2], p[3], s, dtype) for p, s in zip(params, scales, strict=True)]
+            w = _base_weight(params[0][0], dequantizers[0], dtype)
+            gate, xa_gate = _project(x2, w, params[0][1], *casts[0])
+            w = _base_weight(params[1][0], dequantizers[1], dtype)
+            up, xa_up = _project(x2, w, params[1][1], *casts[1])
+            hidden = glu_forward(gate, up, gelu)
+            w = _base_weight(params[2][0], dequantizers[2], dtype)
+            out, ha_down = _project(hidden, w, params[2][1], *casts[2])
+            del hidden, w
+        flat_casts = [t for pair in casts for t in pair]
+        weights = [p[0] for p in params]
+        ctx.save_for_backward(x2, gate, up, xa_gate, xa_up, ha_down, *flat_casts, *weights)
+        ctx.meta = (gelu, scales, dequantizers, dtype, x.shape, x.dtype)
+        ctx.need_bias = [
+            p[1] is not None and ctx.needs_input_grad[5 + 4 * i + 1] for i, p in enumerate(params)
+        ]
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x2, gate, up, xa_gate, xa_up, ha_down, *rest = ctx.saved_tensors
+        casts = [(rest[0], rest[1]), (rest[2], rest[3]), (rest[4], rest[5])]
+        weights = rest[6:9]
+        gelu, scales, dequantizers, dtype, x_shape, x_dtype = ctx.meta
+        need = ctx.needs_input_grad
+        need_x = need[0]
+        need_ab = [(need[5 + 4 * i + 2], need[5 + 4 * i + 3]) for i in range(3)]
+        g2 = _rows(grad_out)
+        if g2.dtype != dtype:
+            g2 = g2.to(dtype)
+        grads: list[Any] = [None] * 12
+        # down: its input (act(gate) * up) is recomputed, used for dA and freed
+        hidden = glu_forward(gate, up, gelu)
+        w = _base_weight(weights[2], dequantizers[2], dtype)
+        dh, grads[10], grads[11] = _project_backward(
+            g2, hidden, ha_down, *casts[2], scales[2], None, w, (True, *need_ab[2])
+        )
+        if ctx.need_bias[2]:
+            grads[9] = g2.sum(0)
+        del hidden, w
+        d_gate, d_up = glu_backward(dh, gate, up, gelu)
+        del dh
+        dx = None
+        for index, (d, xa) in enumerate(((d_gate, xa_gate), (d_up, xa_up))):
+            w = _base_weight(weights[index], dequantizers[index], dtype) if need_x else None
+            dx, grads[4 * index + 2], grads[4 * index + 3] = _project_backward(
+                d, x2, xa, *casts[index], scales[index], dx, w, (need_x, *need_ab[index])
+            )
+            if ctx.need_bias[index]:
+                grads[4 * index + 1] = d.sum(0)
+        dx = dx.view(x_shape).to(x_dtype) if dx is not None else None
+        return (dx, None, None, None, None, *grads)
+
+
+def lora_gated_mlp(
+    x: torch.Tensor,
+    gate: LoraProjection,
+    up: LoraProjection,
+    down: LoraProjection,
+    activation: str = "swiglu",
+) -> torch.Tensor:
+    """``down(act(gate(x)) * up(x))`` for three LoRA projections; ``activation`` "swiglu" or "geglu"."""
+    if activation not in ("swiglu", "geglu"):
+        raise ValueError(f"activation must be 'swiglu' or 'geglu', got {activation!r}")
+    projections: Sequence[LoraProjection] = (gate, up, down)
+    tensors = [t for p in projections for t in p.tensors()]
+    return _LoraGatedMLP.apply(
+        x,
+        activation == "geglu",
+        tuple(p.scale for p in projections),
+        tuple(p.dequantize for p in projections),
+        compute_dtype(x),
+        *tensors,
+    )
+
+
+def lora_gated_mlp_reference(
+    x: torch.Tensor,
+    gate: LoraProjection,
+    up: LoraProjection,
+    down: LoraProjection,
+    activation: str = "swiglu",
+) -> torch.Tensor:
+    act = geglu_reference if activation == "geglu" else swiglu_reference
+    hidden = act(lora_linear_reference(x, gate), lora_linear_reference(x, up))
+    return lora_linear_reference(hidden, down)

@@ -1,0 +1,193 @@
+"""Where the fused LoRA compute (kernels/lora.py) plugs into PEFT's LoRA layers.
+
+Only the computation changes: PEFT's module tree, parameter names, adapter files, ``merge_and_unload``,
+``disable_adapter`` and saving stay exactly as they are. How:
+
+* ``peft.tuners.lora.Linear.forward`` (and bitsandbytes' ``Linear4bit``) are replaced at class level by a
+  forward that takes our path only for layers marked by :func:`enable_fused_lora` and only while the call
+  is plain: one active adapter, not merged, adapters enabled, no extra arguments. Everything else (other
+  PEFT models in the process, ``disable_adapter()``, mixed-adapter batches) runs PEFT's own forward.
+* Layers whose set-up the fused path does not compute (``lora_dropout > 0``, DoRA and other PEFT variants,
+  ``lora_bias``, ``fan_in_fan_out`` / Conv1D bases, 8-bit bases, trainable base weights) are left on
+  PEFT's path, with one notice per reason: never a silent wrong answer.
+* A decoder MLP whose gate, up and down projections are all marked runs as one fused function from the
+  family's patched MLP forward (see family.py), with the SwiGLU/GeGLU kernel inside.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections import Counter
+from typing import Any
+
+import torch
+from torch import nn
+
+from cpt_plugin.kernels.lora import LoraProjection, lora_gated_mlp, lora_linear
+from cpt_plugin.patching.base import Ledger
+
+logger = logging.getLogger(__name__)
+
+_FUSED = "_cpt_fused_lora"
+_LEDGER = Ledger()
+
+
+def _peft_lora_classes() -> list[type]:
+    """PEFT's dense LoRA layer and its bitsandbytes 4-bit variant (when bitsandbytes imports)."""
+    from peft.tuners.lora.layer import Linear
+
+    classes: list[type] = [Linear]
+    try:
+        from peft.tuners.lora import bnb as peft_bnb
+
+        four_bit = getattr(peft_bnb, "Linear4bit", None)
+        if isinstance(four_bit, type):
+            classes.append(four_bit)
+    except Exception:  # noqa: BLE001 - bitsandbytes missing or broken: dense layers only
+        pass
+    return classes
+
+
+def _is_4bit(base: nn.Module) -> bool:
+    weight = getattr(base, "weight", None)
+    return type(weight).__name__ == "Params4bit" and getattr(weight, "quant_state", None) is not None
+
+
+def unsupported_reason(layer: nn.Module) -> str | None:
+    """Why ``layer`` (a PEFT LoRA layer) must keep PEFT's own computation, or None when ours is exact."""
+    base = getattr(layer, "base_layer", None)
+    if getattr(layer, "fan_in_fan_out", False) or type(base).__name__ == "Conv1D":
+        return "the base layer stores its weight transposed (fan_in_fan_out / Conv1D)"
+    if getattr(layer, "lora_variant", None):
+        return "a PEFT LoRA variant (DoRA or another) is set"
+    if len(getattr(layer, "lora_A", {})) != 1:
+        return "more than one adapter is loaded"
+    (name,) = layer.lora_A.keys()
+    dropout = layer.lora_dropout[name] if name in layer.lora_dropout else None
+    if dropout is not None and not isinstance(dropout, nn.Identity):
+        return "lora_dropout > 0 (the fused path computes without dropout)"
+    if layer.lora_B[name].bias is not None or layer.lora_A[name].bias is not None:
+        return "lora_bias is set"
+    if _is_4bit(base):
+        return None
+    if not isinstance(base, nn.Linear) or type(base).__name__ in ("Linear8bitLt",):
+        return f"the base layer is {type(base).__name__} (fused path: nn.Linear and 4-bit bitsandbytes)"
+    if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
+        return "the base weight is trained"
+    return None
+
+
+def _dequantizer(base: nn.Module) -> Any:
+    """A callable returning a 4-bit base's weight in the requested dtype (once per pass)."""
+    import bitsandbytes.functional as bnb_functional
+
+    weight = base.weight
+
+    def dequantize(dtype: torch.dtype) -> torch.Tensor:
+        full = bnb_functional.dequantize_4bit(weight.data, weight.quant_state)
+        return full if full.dtype == dtype else full.to(dtype)
+
+    return dequantize
+
+
+def projection_of(layer: nn.Module) -> LoraProjection | None:
+    """The tensors of a marked layer for a plain call now, or None when PEFT's forward must run."""
+    if not layer.__dict__.get(_FUSED) or layer.disable_adapters or layer.merged:
+        return None
+    active = layer.active_adapters
+    if len(active) != 1 or active[0] not in layer.lora_A:
+        return None
+    name = active[0]
+    base = layer.base_layer
+    four_bit = _is_4bit(base)
+    return LoraProjection(
+        weight=base.weight,
+        bias=base.bias,
+        lora_a=layer.lora_A[name].weight,
+        lora_b=layer.lora_B[name].weight,
+        scale=float(layer.scaling[name]),
+        dequantize=_dequantizer(base) if four_bit else None,
+    )
+
+
+def _make_forward(original: Any) -> Any:
+    @functools.wraps(original)
+    def forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        projection = projection_of(self) if not (args or kwargs) else None
+        if projection is None:
+            return original(self, x, *args, **kwargs)
+        return lora_linear(x, projection)
+
+    forward.__cpt_patched__ = True  # type: ignore[attr-defined]
+    return forward
+
+
+def _install_class_forwards() -> None:
+    for cls in _peft_lora_classes():
+        current = cls.__dict__.get("forward")
+        if not getattr(current, "__cpt_patched__", False):
+            _LEDGER.replace(cls, "forward", _make_forward(current))
+
+
+def _lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    from peft.tuners.lora.layer import LoraLayer
+
+    return [
+        (name, m) for name, m in model.named_modules() if isinstance(m, LoraLayer) and hasattr(m, "lora_A")
+    ]
+
+
+def enable_fused_lora(model: nn.Module) -> int:
+    """Marks every LoRA layer of ``model`` that the fused path computes exactly; returns how many.
+
+    The others keep PEFT's computation; each distinct reason is logged once, with the layer count.
+    """
+    _install_class_forwards()
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    fused, reasons = 0, Counter()
+    for _, layer in _lora_layers(model):
+        if not isinstance(layer, tuple(_peft_lora_classes())) and not isinstance(layer, LoraLinear):
+            reasons[f"{type(layer).__name__} layers have no fused path"] += 1
+            continue
+        reason = unsupported_reason(layer)
+        if reason is None:
+            layer.__dict__[_FUSED] = True
+            fused += 1
+        else:
+            layer.__dict__.pop(_FUSED, None)
+            reasons[reason] += 1
+    for reason, count in reasons.items():
+        logger.warning("cpt-plugin: %d LoRA layer(s) run PEFT's own (slower) computation: %s.", count, reason)
+    if fused:
+        logger.info("cpt-plugin: fused LoRA compute on %d layers", fused)
+    return fused
+
+
+def disable_fused_lora(model: nn.Module) -> int:
+    """Unmarks every LoRA layer of ``model`` (they run PEFT's forward again); returns how many were marked."""
+    count = 0
+    for _, layer in _lora_layers(model):
+        if layer.__dict__.pop(_FUSED, None):
+            count += 1
+    return count
+
+
+def unpatch_fused_lora() -> None:
+    """Restores PEFT's class-level forwards (layers still marked then simply run PEFT's path)."""
+    _LEDGER.restore()
+
+
+def fused_gated_mlp(mlp: nn.Module, x: torch.Tensor, activation: str) -> torch.Tensor | None:
+    """The whole MLP as one fused function when gate, up and down are all marked; else None."""
+    projections = []
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        layer = getattr(mlp, name, None)
+        projection = (
+            projection_of(layer) if isinstance(layer, nn.Module) and _FUSED in layer.__dict__ else None
+        )
+        if projection is None:
+            return None
+        projections.append(projection)
+    return lora_gated_mlp(x, *projections, activation=activation)

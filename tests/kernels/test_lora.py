@@ -1,0 +1,114 @@
+"""The fused LoRA projection and gated MLP against their plain-PyTorch references (forward and gradients)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cpt_plugin.kernels.lora import (
+    LoraProjection,
+    compute_dtype,
+    lora_gated_mlp,
+    lora_gated_mlp_reference,
+    lora_linear,
+    lora_linear_reference,
+)
+from tests.kernels._helpers import assert_close_scaled
+
+# bf16 outputs of a sum of two matmuls: a few ulps of the largest term
+TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
+
+
+def _projection(
+    n_in: int, n_out: int, rank: int, dtype: torch.dtype, bias: bool, scale: float
+) -> LoraProjection:
+    weight = (torch.randn(n_out, n_in) / n_in**0.5).to(dtype)
+    return LoraProjection(
+        weight=weight,
+        bias=(0.1 * torch.randn(n_out)).to(dtype) if bias else None,
+        lora_a=(torch.randn(rank, n_in) / n_in**0.5).requires_grad_(True),  # fp32, as PEFT keeps them
+        lora_b=(0.5 * torch.randn(n_out, rank) / rank**0.5).requires_grad_(True),
+        scale=scale,
+    )
+
+
+def _grads(out: torch.Tensor, tensors: list[torch.Tensor], seed: int) -> list[torch.Tensor]:
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.dtype)
+    return list(torch.autograd.grad(out, tensors, upstream))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("tokens", "n_in", "n_out", "rank", "bias"),
+    [(7, 48, 56, 8, False), (33, 80, 24, 16, True), (5, 40, 72, 128, False), (1, 24, 40, 256, True)],
+)
+def test_lora_linear_matches_reference(dtype, tokens, n_in, n_out, rank, bias):
+    p = _projection(n_in, n_out, rank, dtype, bias, scale=32 / rank**0.5)
+    x = torch.randn(3, tokens, n_in).to(dtype).requires_grad_(True)
+    got = lora_linear(x, p)
+    want = lora_linear_reference(x, p)
+    assert got.dtype == want.dtype == dtype
+    assert_close_scaled(got, want, TOL[dtype], "output")
+    inputs = [x, p.lora_a, p.lora_b]
+    for name, g, w in zip(("x", "A", "B"), _grads(got, inputs, 1), _grads(want, inputs, 1), strict=True):
+        assert g.dtype == w.dtype, name
+        assert_close_scaled(g, w, TOL[dtype], name)
+
+
+def test_lora_linear_under_autocast_keeps_the_activation_dtype():
+    """bf16 autocast on an fp32 input: computed in bf16 (as PEFT under autocast), gradient back in fp32."""
+    p = _projection(32, 40, 8, torch.float32, True, 2.0)
+    x = torch.randn(9, 32, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert compute_dtype(x) is torch.bfloat16
+        got = lora_linear(x, p)
+        want = lora_linear_reference(x, p)
+    assert got.dtype == torch.bfloat16
+    assert_close_scaled(got, want, TOL[torch.bfloat16], "output")
+    gx, ga = _grads(got, [x, p.lora_a], 2)
+    wx, wa = _grads(want, [x, p.lora_a], 2)
+    assert gx.dtype == torch.float32 and ga.dtype == torch.float32
+    assert_close_scaled(gx, wx, TOL[torch.bfloat16], "x")
+    assert_close_scaled(ga, wa, TOL[torch.bfloat16], "A")
+
+
+def test_lora_linear_against_float64():
+    """Independent of the reference's own rounding: fp32 kernel vs the float64 formula."""
+    p = _projection(50, 30, 8, torch.float32, True, 0.7)
+    x = torch.randn(13, 50)
+    got = lora_linear(x, p).double()
+    d = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in vars(p).items()}
+    x64 = x.double()
+    want = x64 @ d["weight"].t() + d["bias"] + 0.7 * (x64 @ d["lora_a"].t()) @ d["lora_b"].t()
+    assert (got - want).norm() / want.norm() < 1e-6
+
+
+def test_only_needed_gradients_are_formed():
+    p = _projection(16, 16, 4, torch.float32, False, 1.0)
+    x = torch.randn(5, 16)  # no grad: the first layer after frozen embeddings
+    out = lora_linear(x, p)
+    (ga,) = torch.autograd.grad(out.sum(), [p.lora_a])
+    assert ga.shape == p.lora_a.shape
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "geglu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("tokens", "hidden", "inter", "rank"), [(7, 48, 80, 8), (17, 40, 56, 128)])
+def test_gated_mlp_matches_reference(activation, dtype, tokens, hidden, inter, rank):
+    gate = _projection(hidden, inter, rank, dtype, False, 32 / rank**0.5)
+    up = _projection(hidden, inter, rank, dtype, True, 32 / rank**0.5)
+    down = _projection(inter, hidden, rank, dtype, False, 32 / rank**0.5)
+    x = torch.randn(2, tokens, hidden).to(dtype).requires_grad_(True)
+    got = lora_gated_mlp(x, gate, up, down, activation)
+    want = lora_gated_mlp_reference(x, gate, up, down, activation)
+    assert_close_scaled(got, want, TOL[dtype], "output")
+    inputs = [x] + [t for p in (gate, up, down) for t in (p.lora_a, p.lora_b)]
+    names = ["x", "gate.A", "gate.B", "up.A", "up.B", "down.A", "down.B"]
+    for name, g, w in zip(names, _grads(got, inputs, 3), _grads(want, inputs, 3), strict=True):
+        assert_close_scaled(g, w, 2 * TOL[dtype], name)
+
+
+def test_gated_mlp_rejects_unknown_activation():
+    p = _projection(8, 8, 2, torch.float32, False, 1.0)
+    with pytest.raises(ValueError, match="swiglu"):
+        lora_gated_mlp(torch.randn(2, 8), p, p, p, "relu")

@@ -1,0 +1,203 @@
+"""The fused LoRA path inside PEFT models: same numbers as PEFT, PEFT's API untouched, honest fallbacks."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from peft import PeftModel
+
+from cpt_plugin import CPTConfig, setup_model
+from cpt_plugin.kernels import lora as lora_kernels
+from cpt_plugin.patching.lora import disable_fused_lora, enable_fused_lora
+from cpt_plugin.patching.registry import unpatch
+from tests.patching.models import FAMILIES, assert_same_grads, batch, tiny_model, train_step
+
+NO_FUSED = ["rms_norm", "rope", "swiglu", "fused_linear_cross_entropy"]
+
+
+def _config(**overrides) -> CPTConfig:
+    return CPTConfig(**{"lora_r": 8, "lora_alpha": 16, "gradient_checkpointing": "off", **overrides})
+
+
+@torch.no_grad()
+def _randomize_lora_b(model: torch.nn.Module, seed: int = 5) -> None:
+    """PEFT starts B at zero, which would hide every error in the LoRA branch and in dA."""
+    generator = torch.Generator().manual_seed(seed)
+    for name, param in sorted(model.named_parameters()):
+        if "lora_B" in name:
+            param.copy_(0.1 * torch.randn(param.shape, generator=generator))
+
+
+def _setup(family: str, config: CPTConfig, **model_overrides) -> torch.nn.Module:
+    model = setup_model(tiny_model(family, **model_overrides), config)
+    _randomize_lora_b(model)
+    return model
+
+
+def _count_calls(monkeypatch) -> dict[str, int]:
+    calls = {"linear": 0, "mlp": 0}
+    for key, fn_name in (("linear", "lora_linear"), ("mlp", "lora_gated_mlp")):
+        original = getattr(lora_kernels, fn_name)
+
+        def counting(*args, _original=original, _key=key, **kwargs):
+            calls[_key] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(f"cpt_plugin.patching.lora.{fn_name}", counting)
+    return calls
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_patched_model_matches_unpatched_peft(family, tied, monkeypatch):
+    """Every kernel on (fused LoRA included) against plain PEFT on the unpatched model: loss and grads."""
+    inputs = batch()
+    reference = _setup(family, _config(kernels=False), tie_word_embeddings=tied)
+    want_loss, want_grads, _ = train_step(reference, inputs)
+    calls = _count_calls(monkeypatch)
+    fused = _setup(family, _config(kernels=True), tie_word_embeddings=tied)
+    got_loss, got_grads, _ = train_step(fused, inputs)
+    assert calls["mlp"] == 1 and calls["linear"] == 4  # one decoder layer: q, k, v, o + the fused MLP
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-6)
+    assert_same_grads(got_grads, want_grads, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_lora_alone_matches_peft_bf16_autocast():
+    """bf16 autocast, as the Trainer runs: the fused path against PEFT within bf16 tolerance."""
+    inputs = batch(shape=(2, 13))
+    reference = _setup("llama", _config(kernels=NO_FUSED))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want_loss, want_grads, _ = train_step(reference, inputs)
+    fused = _setup("llama", _config(kernels=True))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got_loss, got_grads, _ = train_step(fused, inputs)
+    torch.testing.assert_close(got_loss, want_loss, rtol=2e-2, atol=2e-2)
+    for name, want in want_grads.items():
+        got = got_grads[name]
+        assert got.dtype == want.dtype, name
+        err = (got - want).norm() / want.norm().clamp_min(1e-12)
+        assert err < 5e-2, f"{name}: relative error {err:.3g}"
+
+
+def test_peft_api_is_untouched(tmp_path):
+    """disable_adapter, merge_and_unload and an adapter saved by the fused path loaded in plain PEFT."""
+    model = _setup("llama", _config(kernels=True))
+    model.eval()
+    ids = batch()["input_ids"]
+    with torch.no_grad():
+        fused_logits = model(input_ids=ids).logits
+        with model.disable_adapter():
+            base_logits = model(input_ids=ids).logits
+    assert not torch.allclose(fused_logits, base_logits)
+    model.save_pretrained(tmp_path / "adapter")
+    # plain PEFT, nothing of cpt-plugin active: a fresh base model with the same weights
+    unpatch()
+    base = tiny_model("llama")
+    loaded = PeftModel.from_pretrained(base, tmp_path / "adapter")
+    loaded.eval()
+    with torch.no_grad():
+        plain_logits = loaded(input_ids=ids).logits
+        merged = loaded.merge_and_unload()
+        merged_logits = merged(input_ids=ids).logits
+    torch.testing.assert_close(plain_logits, fused_logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(merged_logits, fused_logits, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        base_again = tiny_model("llama")(input_ids=ids).logits
+    torch.testing.assert_close(base_again, base_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_parameter_names_and_state_dict_unchanged():
+    a = _setup("llama", _config(kernels=NO_FUSED))
+    b = _setup("llama", _config(kernels=True))
+    assert [n for n, _ in a.named_parameters()] == [n for n, _ in b.named_parameters()]
+    assert a.state_dict().keys() == b.state_dict().keys()
+
+
+def test_dropout_falls_back_to_peft_with_one_notice(caplog, monkeypatch):
+    calls = _count_calls(monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="cpt_plugin.patching.lora"):
+        model = _setup("llama", _config(kernels=True, lora_dropout=0.1))
+    notices = [r.getMessage() for r in caplog.records if "PEFT's own" in r.getMessage()]
+    assert len(notices) == 1 and "lora_dropout > 0" in notices[0] and notices[0].startswith("cpt-plugin: 7 ")
+    train_step(model, batch())
+    assert calls == {"linear": 0, "mlp": 0}
+
+
+def test_dora_falls_back_to_peft(caplog):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_model("llama"), LoraConfig(r=4, use_dora=True, target_modules=["q_proj"]))
+    with caplog.at_level(logging.WARNING, logger="cpt_plugin.patching.lora"):
+        assert enable_fused_lora(model) == 0
+    assert any("variant" in r.getMessage() for r in caplog.records)
+
+
+def test_disable_fused_lora_restores_peft_numbers():
+    model = _setup("llama", _config(kernels=True))
+    inputs = batch()
+    loss_fused, grads_fused, _ = train_step(model, inputs)
+    assert disable_fused_lora(model) == 7
+    loss_peft, grads_peft, _ = train_step(model, inputs)
+    torch.testing.assert_close(loss_fused, loss_peft, rtol=1e-5, atol=1e-6)
+    assert_same_grads(grads_fused, grads_peft)
+
+
+@pytest.mark.parametrize("mode", ["recompute", "offload"])
+@pytest.mark.parametrize("tiled", [False, True])
+def test_fused_lora_inside_checkpointing_and_tiled_mlp(mode, tiled):
+    from cpt_plugin.offload.checkpointing import enable_checkpointing
+    from cpt_plugin.offload.tiled_mlp import enable_tiled_mlp
+
+    inputs = batch(shape=(2, 9))
+    plain = _setup("llama", _config(kernels=True), num_hidden_layers=2)
+    want_loss, want_grads, _ = train_step(plain, inputs)
+    model = _setup("llama", _config(kernels=True), num_hidden_layers=2)
+    enable_checkpointing(model, mode, _simulate_offload=mode == "offload")
+    if tiled:
+        enable_tiled_mlp(model, chunk_tokens=5)
+    got_loss, got_grads, _ = train_step(model, inputs)
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-6)
+    assert_same_grads(got_grads, want_grads, rtol=1e-4, atol=1e-6)
+
+
+def test_four_bit_base_matches_peft():
+    """A bitsandbytes NF4 base (CPU build): the fused path dequantizes once per pass, same numbers as PEFT."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from peft import LoraConfig, get_peft_model
+
+    def build() -> torch.nn.Module:
+        torch.manual_seed(0)
+        linear = torch.nn.Linear(64, 48, bias=False)
+        quantized = bnb.nn.Linear4bit(64, 48, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+        quantized.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type="nf4")
+        try:
+            quantized.weight = quantized.weight.to("cpu")
+        except Exception as exc:  # noqa: BLE001
+            pytest.skip(f"bitsandbytes cannot quantize on this CPU: {exc}")
+
+        class Holder(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.proj = quantized
+
+            def forward(self, x):
+                return self.proj(x)
+
+        model = get_peft_model(Holder(), LoraConfig(r=8, lora_alpha=16, target_modules=["proj"]))
+        _randomize_lora_b(model)
+        return model
+
+    x = torch.randn(2, 7, 64)
+    reference = build()
+    want = reference(x)
+    want.square().sum().backward()
+    fused = build()
+    assert enable_fused_lora(fused) == 1
+    got = fused(x)
+    got.square().sum().backward()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    for (name, p), (_, q) in zip(fused.named_parameters(), reference.named_parameters(), strict=True):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
