@@ -193,6 +193,89 @@ def lora_linear_reference(x: torch.Tensor, projection: LoraProjection) -> torch.
 
 
 # ------------------------------------------------------------------------------------------------
+# Projections sharing one input (q, k, v): one x A^T product, one dX buffer
+# ------------------------------------------------------------------------------------------------
+class _LoraGroup(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scales, dequantizers, dtype, *tensors):
+        # tensors: (weight, bias, lora_a, lora_b) per projection
+        ctx.set_materialize_grads(False)  # an output nobody uses gets no gradient
+        x2 = _rows(x)
+        if x2.dtype != dtype:
+            x2 = x2.to(dtype)
+        params = [tensors[i : i + 4] for i in range(0, len(tensors), 4)]
+        ranks = [p[2].shape[0] for p in params]
+        with _NoAutocast(x.device.type):
+            a_all = torch.cat([p[2].to(dtype) for p in params])  # (sum r) x in
+            b_scaled = [(p[3] * s).to(dtype) for p, s in zip(params, scales, strict=True)]
+            xa_all = torch.mm(x2, a_all.t())
+            outs = []
+            offset = 0
+            for p, rank, b_s, dequantize in zip(params, ranks, b_scaled, dequantizers, strict=True):
+                w = _base_weight(p[0], dequantize, dtype)
+                out = torch.addmm(p[1].to(dtype), x2, w.t()) if p[1] is not None else torch.mm(x2, w.t())
+                out.addmm_(xa_all[:, offset : offset + rank], b_s.t())
+                outs.append(out.view(*x.shape[:-1], out.shape[-1]))
+                offset += rank
+        ctx.save_for_backward(x2, a_all, xa_all, *b_scaled, *[p[0] for p in params])
+        ctx.meta = (scales, dequantizers, dtype, x.shape, x.dtype, ranks)
+        ctx.need_bias = [
+            p[1] is not None and ctx.needs_input_grad[4 + 4 * i + 1] for i, p in enumerate(params)
+        ]
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grad_outs):
+        x2, a_all, xa_all, *rest = ctx.saved_tensors
+        scales, dequantizers, dtype, x_shape, x_dtype, ranks = ctx.meta
+        n = len(ranks)
+        b_scaled, weights = rest[:n], rest[n:]
+        need = ctx.needs_input_grad
+        need_x = need[0]
+        grads: list[Any] = [None] * (4 * n)
+        dxa_all = x2.new_zeros(x2.shape[0], a_all.shape[0])
+        dx = None
+        offset = 0
+        for i, (g, rank) in enumerate(zip(grad_outs, ranks, strict=True)):
+            if g is not None:
+                g2 = _rows(g)
+                if g2.dtype != dtype:
+                    g2 = g2.to(dtype)
+                if need[4 + 4 * i + 3]:
+                    grads[4 * i + 3] = torch.mm(g2.t(), xa_all[:, offset : offset + rank]).mul_(scales[i])
+                dxa_all[:, offset : offset + rank] = torch.mm(g2, b_scaled[i])
+                if need_x:
+                    w = _base_weight(weights[i], dequantizers[i], dtype)
+                    dx = torch.mm(g2, w) if dx is None else dx.addmm_(g2, w)
+                if ctx.need_bias[i]:
+                    grads[4 * i + 1] = g2.sum(0)
+            offset += rank
+        if any(need[4 + 4 * i + 2] for i in range(n)):
+            grad_a_all = torch.mm(dxa_all.t(), x2)
+            offset = 0
+            for i, rank in enumerate(ranks):
+                if need[4 + 4 * i + 2]:
+                    grads[4 * i + 2] = grad_a_all[offset : offset + rank]
+                offset += rank
+        if need_x:
+            dx = torch.mm(dxa_all, a_all) if dx is None else dx.addmm_(dxa_all, a_all)
+            dx = dx.view(x_shape).to(x_dtype)
+        return (dx, None, None, None, *grads)
+
+
+def lora_grouped_linear(x: torch.Tensor, projections: Sequence[LoraProjection]) -> tuple[torch.Tensor, ...]:
+    """Several LoRA projections of the same input (q, k, v): one ``x A^T``, dX formed in one buffer."""
+    tensors = [t for p in projections for t in p.tensors()]
+    return _LoraGroup.apply(
+        x,
+        tuple(p.scale for p in projections),
+        tuple(p.dequantize for p in projections),
+        compute_dtype(x),
+        *tensors,
+    )
+
+
+# ------------------------------------------------------------------------------------------------
 # A gated MLP: down(act(gate(x)) * up(x)), three LoRA projections in one function
 # ------------------------------------------------------------------------------------------------
 class _LoraGatedMLP(torch.autograd.Function):

@@ -24,13 +24,46 @@ from typing import Any
 import torch
 from torch import nn
 
-from cpt_plugin.kernels.lora import LoraProjection, lora_gated_mlp, lora_linear
+from cpt_plugin.kernels.lora import LoraProjection, lora_gated_mlp, lora_grouped_linear, lora_linear
 from cpt_plugin.patching.base import Ledger
 
 logger = logging.getLogger(__name__)
 
 _FUSED = "_cpt_fused_lora"
+_GROUP = "_cpt_lora_group"
 _LEDGER = Ledger()
+# Sibling projections that read the same input, computed together when the first one is called.
+GROUPS: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"),)
+
+
+class ProjectionGroup:
+    """Projections of one module called one after the other on the same input tensor (q, k, v).
+
+    The first call computes all of them in one fused function and keeps the others' outputs until they
+    are asked for with that same input object; any other call (another input, a projection not plain
+    now) computes on its own, so the group can only save work, never change a result.
+    """
+
+    def __init__(self, layers: list[nn.Module]) -> None:
+        self.layers = layers
+        self._input: torch.Tensor | None = None
+        self._pending: list[torch.Tensor | None] = []
+
+    def output(self, index: int, x: torch.Tensor) -> torch.Tensor | None:
+        if index == 0:
+            self._input, self._pending = None, []
+            projections = [projection_of(layer) for layer in self.layers]
+            if any(p is None for p in projections):
+                return None
+            first, *others = lora_grouped_linear(x, projections)
+            self._input, self._pending = x, [None, *others]
+            return first
+        if self._input is not x or index >= len(self._pending) or self._pending[index] is None:
+            return None
+        out, self._pending[index] = self._pending[index], None
+        if all(t is None for t in self._pending):
+            self._input, self._pending = None, []
+        return out
 
 
 def _peft_lora_classes() -> list[type]:
@@ -114,7 +147,14 @@ def projection_of(layer: nn.Module) -> LoraProjection | None:
 def _make_forward(original: Any) -> Any:
     @functools.wraps(original)
     def forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        projection = projection_of(self) if not (args or kwargs) else None
+        if args or kwargs:
+            return original(self, x, *args, **kwargs)
+        grouped = self.__dict__.get(_GROUP)
+        if grouped is not None:
+            out = grouped[0].output(grouped[1], x)
+            if out is not None:
+                return out
+        projection = projection_of(self)
         if projection is None:
             return original(self, x, *args, **kwargs)
         return lora_linear(x, projection)
@@ -158,6 +198,7 @@ def enable_fused_lora(model: nn.Module) -> int:
         else:
             layer.__dict__.pop(_FUSED, None)
             reasons[reason] += 1
+    _group_siblings(model)
     for reason, count in reasons.items():
         logger.warning("cpt-plugin: %d LoRA layer(s) run PEFT's own (slower) computation: %s.", count, reason)
     if fused:
@@ -165,10 +206,25 @@ def enable_fused_lora(model: nn.Module) -> int:
     return fused
 
 
+def _group_siblings(model: nn.Module) -> int:
+    """Links marked q/k/v projections of each attention module into one ProjectionGroup."""
+    count = 0
+    for module in model.modules():
+        for names in GROUPS:
+            layers = [module._modules.get(name) for name in names]
+            if all(isinstance(layer, nn.Module) and layer.__dict__.get(_FUSED) for layer in layers):
+                group = ProjectionGroup(layers)
+                for index, layer in enumerate(layers):
+                    layer.__dict__[_GROUP] = (group, index)
+                count += 1
+    return count
+
+
 def disable_fused_lora(model: nn.Module) -> int:
     """Unmarks every LoRA layer of ``model`` (they run PEFT's forward again); returns how many were marked."""
     count = 0
     for _, layer in _lora_layers(model):
+        layer.__dict__.pop(_GROUP, None)
         if layer.__dict__.pop(_FUSED, None):
             count += 1
     return count

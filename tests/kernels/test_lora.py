@@ -10,6 +10,7 @@ from cpt_plugin.kernels.lora import (
     compute_dtype,
     lora_gated_mlp,
     lora_gated_mlp_reference,
+    lora_grouped_linear,
     lora_linear,
     lora_linear_reference,
 )
@@ -112,3 +113,85 @@ def test_gated_mlp_rejects_unknown_activation():
     p = _projection(8, 8, 2, torch.float32, False, 1.0)
     with pytest.raises(ValueError, match="swiglu"):
         lora_gated_mlp(torch.randn(2, 8), p, p, p, "relu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("tokens", "hidden", "outs", "ranks"),
+    [(7, 48, (48, 16, 16), (8, 8, 8)), (19, 40, (40, 24, 24), (16, 4, 128))],
+)
+def test_grouped_linear_matches_reference(dtype, tokens, hidden, outs, ranks):
+    projections = [
+        _projection(hidden, n, r, dtype, i == 1, 2.0 / (i + 1))
+        for i, (n, r) in enumerate(zip(outs, ranks, strict=True))
+    ]
+    x = torch.randn(2, tokens, hidden).to(dtype).requires_grad_(True)
+    got = lora_grouped_linear(x, projections)
+    want = [lora_linear_reference(x, p) for p in projections]
+    inputs = [x] + [t for p in projections for t in (p.lora_a, p.lora_b)]
+    upstream = [torch.randn(w.shape).to(dtype) for w in want]
+    for g, w in zip(got, want, strict=True):
+        assert_close_scaled(g, w, TOL[dtype], "output")
+    got_grads = torch.autograd.grad(got, inputs, upstream)
+    want_grads = torch.autograd.grad(want, inputs, upstream)
+    for i, (g, w) in enumerate(zip(got_grads, want_grads, strict=True)):
+        assert_close_scaled(g, w, 2 * TOL[dtype], f"input {i}")
+
+
+def test_grouped_linear_with_an_unused_output():
+    projections = [_projection(24, 24, 4, torch.float32, False, 1.0) for _ in range(3)]
+    x = torch.randn(5, 24, requires_grad=True)
+    q, k, _ = lora_grouped_linear(x, projections)
+    gx, gb = torch.autograd.grad((q * k).sum(), [x, projections[2].lora_b], allow_unused=True)
+    rq, rk = (lora_linear_reference(x, p) for p in projections[:2])
+    (wx,) = torch.autograd.grad((rq * rk).sum(), [x])
+    assert_close_scaled(gx, wx, TOL[torch.float32], "x")
+    assert gb is None or not gb.any()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("activation", ["swiglu", "geglu"])
+def test_fused_lora_on_gpu_bf16(activation):
+    """Real Triton GLU kernel and cuBLAS bf16 matmuls: MLP, group and single projection against references."""
+    device = torch.device("cuda")
+    hidden, inter, rank, tokens = 320, 864, 128, 1031
+    gate, up, down = (
+        _projection(a, b, rank, torch.bfloat16, False, 32 / rank**0.5)
+        for a, b in ((hidden, inter),) * 2 + ((inter, hidden),)
+    )
+    gate, up, down = (
+        LoraProjection(
+            p.weight.to(device),
+            None,
+            p.lora_a.detach().to(device).requires_grad_(True),
+            p.lora_b.detach().to(device).requires_grad_(True),
+            p.scale,
+        )
+        for p in (gate, up, down)
+    )
+    x = torch.randn(2, tokens, hidden, device=device, dtype=torch.bfloat16, requires_grad=True)
+    got = lora_gated_mlp(x, gate, up, down, activation)
+    want = lora_gated_mlp_reference(x, gate, up, down, activation)
+    assert_close_scaled(got, want, TOL[torch.bfloat16], "mlp")
+    inputs = [x, gate.lora_a, up.lora_b, down.lora_a]
+    for g, w in zip(_grads(got, inputs, 4), _grads(want, inputs, 4), strict=True):
+        assert_close_scaled(g, w, 2 * TOL[torch.bfloat16], "mlp grads")
+    q, k = lora_grouped_linear(x, [gate, up])
+    assert_close_scaled(q, lora_linear_reference(x, gate), TOL[torch.bfloat16], "group")
+    assert_close_scaled(
+        lora_linear(
+            x,
+            down.__class__(
+                down.weight.t().contiguous(),
+                None,
+                down.lora_b.t().detach().requires_grad_(True),
+                down.lora_a.t().detach().requires_grad_(True),
+                1.0,
+            ),
+        ),
+        lora_linear_reference(
+            x, down.__class__(down.weight.t().contiguous(), None, down.lora_b.t(), down.lora_a.t(), 1.0)
+        ),
+        TOL[torch.bfloat16],
+        "linear",
+    )

@@ -37,8 +37,12 @@ def _setup(family: str, config: CPTConfig, **model_overrides) -> torch.nn.Module
 
 
 def _count_calls(monkeypatch) -> dict[str, int]:
-    calls = {"linear": 0, "mlp": 0}
-    for key, fn_name in (("linear", "lora_linear"), ("mlp", "lora_gated_mlp")):
+    calls = {"linear": 0, "group": 0, "mlp": 0}
+    for key, fn_name in (
+        ("linear", "lora_linear"),
+        ("group", "lora_grouped_linear"),
+        ("mlp", "lora_gated_mlp"),
+    ):
         original = getattr(lora_kernels, fn_name)
 
         def counting(*args, _original=original, _key=key, **kwargs):
@@ -59,7 +63,7 @@ def test_patched_model_matches_unpatched_peft(family, tied, monkeypatch):
     calls = _count_calls(monkeypatch)
     fused = _setup(family, _config(kernels=True), tie_word_embeddings=tied)
     got_loss, got_grads, _ = train_step(fused, inputs)
-    assert calls["mlp"] == 1 and calls["linear"] == 4  # one decoder layer: q, k, v, o + the fused MLP
+    assert calls == {"linear": 1, "group": 1, "mlp": 1}  # one decoder layer: q/k/v together, o, the MLP
     torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-6)
     assert_same_grads(got_grads, want_grads, rtol=1e-4, atol=1e-6)
 
@@ -122,7 +126,7 @@ def test_dropout_falls_back_to_peft_with_one_notice(caplog, monkeypatch):
     notices = [r.getMessage() for r in caplog.records if "PEFT's own" in r.getMessage()]
     assert len(notices) == 1 and "lora_dropout > 0" in notices[0] and notices[0].startswith("cpt-plugin: 7 ")
     train_step(model, batch())
-    assert calls == {"linear": 0, "mlp": 0}
+    assert calls == {"linear": 0, "group": 0, "mlp": 0}
 
 
 def test_dora_falls_back_to_peft(caplog):
@@ -201,3 +205,51 @@ def test_four_bit_base_matches_peft():
     for (name, p), (_, q) in zip(fused.named_parameters(), reference.named_parameters(), strict=True):
         if p.requires_grad:
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_group_falls_back_when_siblings_see_another_input(monkeypatch):
+    """k/v called on a tensor other than q's: each is computed on its own, with the right numbers."""
+    model = _setup("llama", _config(kernels=True))
+    attention = model.base_model.model.model.layers[0].self_attn
+    x, other = torch.randn(2, 5, 64), torch.randn(2, 5, 64)
+    q = attention.q_proj(x)
+    k_other = attention.k_proj(other)  # not the stashed input
+    v = attention.v_proj(x)
+    disable_fused_lora(model)
+    torch.testing.assert_close(q, attention.q_proj(x), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(k_other, attention.k_proj(other), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(v, attention.v_proj(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_four_bit_base_matches_peft_on_gpu():
+    """NF4 base with bf16 compute on CUDA under autocast (the QLoRA recipe): fused path vs PEFT's."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from peft import LoraConfig, get_peft_model
+
+    def build() -> torch.nn.Module:
+        torch.manual_seed(0)
+        linear = torch.nn.Linear(512, 384, bias=False).to(torch.bfloat16)
+        quantized = bnb.nn.Linear4bit(512, 384, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+        quantized.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type="nf4")
+        holder = torch.nn.Sequential()
+        holder.add_module("proj", quantized.to("cuda"))
+        model = get_peft_model(holder, LoraConfig(r=32, lora_alpha=32, target_modules=["proj"]))
+        _randomize_lora_b(model)
+        return model
+
+    x = torch.randn(3, 257, 512, device="cuda", dtype=torch.bfloat16)
+    outs = []
+    for fused in (False, True):
+        model = build()
+        if fused:
+            assert enable_fused_lora(model) == 1
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(x)
+        out.float().square().mean().backward()
+        grads = [p.grad.float() for p in model.parameters() if p.requires_grad]
+        outs.append((out.float(), grads))
+    (want, want_grads), (got, got_grads) = outs
+    assert (got - want).norm() / want.norm() < 1e-2
+    for g, w in zip(got_grads, want_grads, strict=True):
+        assert (g - w).norm() / w.norm() < 2e-2
