@@ -24,7 +24,8 @@ SCHEDULES = (
 )
 OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_8bit")
 CHECKPOINTING_MODES = ("off", "recompute", "offload", "auto")
-TRAINED_EMBEDDINGS_DTYPES = ("float32", "model")
+TRAINED_EMBEDDINGS_DTYPES = ("float32", "bfloat16_sr", "model")
+EMBEDDING_OPTIMIZERS = ("adamw", "adamw_8bit")
 KERNEL_NAMES = ("rms_norm", "rope", "swiglu", "fused_linear_cross_entropy", "fused_lora")
 
 # Features whose implementation has landed. A switch for a feature not in here raises a clear
@@ -52,7 +53,8 @@ class CPTConfig:
     target_modules: list[str] | str | None = None  # None: every attention and MLP projection
     train_embeddings: bool = True  # input embeddings and lm_head fully trained
     # dtype of the trained embedding copies: "float32" (16-bit models: small embedding-LR updates would
-    # round away in bf16) or "model" (keep the model's dtype, as plain PEFT does)
+    # round away in bf16), "bfloat16_sr" (bf16 copies, the optimizer rounds their update stochastically)
+    # or "model" (keep the model's dtype, as plain PEFT does)
     trained_embeddings_dtype: str = "float32"
     # --- learning rates ---------------------------------------------------------------------
     learning_rate: float | None = None  # None: TrainingArguments.learning_rate
@@ -60,6 +62,7 @@ class CPTConfig:
     embedding_lr_ratio: float = 0.1
     weight_decay: float | None = None  # None: TrainingArguments.weight_decay
     optimizer: str | None = None  # None: follow TrainingArguments.optim (AdamW kinds), else fused AdamW
+    embedding_optimizer: str = "adamw"  # "adamw_8bit": bitsandbytes 8-bit states for the embedding group
     # --- schedule ---------------------------------------------------------------------------
     schedule: str = "cosine"
     warmup_ratio: float | None = None  # None: TrainingArguments warm-up
@@ -244,6 +247,12 @@ class CPTConfig:
                 "trained_embeddings_dtype",
                 f"got {self.trained_embeddings_dtype!r}",
                 f"Choose one of {', '.join(TRAINED_EMBEDDINGS_DTYPES)}.",
+            )
+        if self.embedding_optimizer not in EMBEDDING_OPTIMIZERS:
+            fail(
+                "embedding_optimizer",
+                f"got {self.embedding_optimizer!r}",
+                f"Choose one of {', '.join(EMBEDDING_OPTIMIZERS)}.",
             )
         if self.gradient_checkpointing not in CHECKPOINTING_MODES:
             fail(

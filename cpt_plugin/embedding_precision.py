@@ -9,6 +9,10 @@ every update count, and the fp32 weights are what the adapter checkpoint saves, 
 The input embeddings' output is cast back to the dtype the model had, so activations, the residual stream
 and offloaded layer inputs stay 16-bit. lm_head runs under autocast as before; without autocast its input
 is cast up to fp32. Cost: per trained parameter 2 more bytes of weight, 2 of gradient and 4 of AdamW state.
+
+``bfloat16_sr`` keeps bf16 copies instead and lets the optimizer round their updates stochastically
+(stochastic_rounding.py, optim.CPTAdamW): updates survive in expectation at bf16's memory. That rounding is
+bf16-specific, so an fp16 model's copies are kept in fp32 under it.
 """
 
 from __future__ import annotations
@@ -82,3 +86,21 @@ def keep_trained_embeddings_fp32(model: nn.Module) -> int:
     if cast:
         logger.info("cpt-plugin: %d trained embedding tensors kept in fp32 (the model stays 16-bit)", cast)
     return cast
+
+
+def apply_trained_embeddings_dtype(model: nn.Module, dtype: str) -> int:
+    """Applies CPTConfig.trained_embeddings_dtype to a prepared PEFT model: "float32" casts the copies up,
+    "model" leaves them, "bfloat16_sr" leaves bf16 copies (the optimizer rounds their updates) and casts
+    fp16 ones up to fp32. Returns how many parameter tensors were cast."""
+    if dtype == "float32":
+        return keep_trained_embeddings_fp32(model)
+    if dtype == "bfloat16_sr":
+        trained = [
+            p for _role, module in _embedding_roles(model) for p in module.parameters() if p.requires_grad
+        ]
+        if any(p.dtype == torch.float16 for p in trained):
+            logger.info(
+                "cpt-plugin: bfloat16_sr rounds to bf16; an fp16 model's trained embeddings stay fp32"
+            )
+            return keep_trained_embeddings_fp32(model)
+    return 0

@@ -2,16 +2,23 @@
 
 Groups are fixed when the optimizer is created, so the scheduler's per-group state and the optimizer
 state saved in checkpoints always agree (adding groups later breaks resume).
+
+Trained embeddings kept bf16 with stochastic rounding (``trained_embeddings_dtype: bfloat16_sr``) or with
+8-bit AdamW states (``embedding_optimizer: adamw_8bit``) need an update torch's AdamW does not do. CPTAdamW
+is still ONE torch AdamW to the Trainer (scheduler per group, state_dict, zero_grad): groups marked
+``cpt_update: "torch"`` take torch's (fused) step, the others the updates in stochastic_rounding.py.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
+from cpt_plugin import stochastic_rounding as sr
 from cpt_plugin.config import CPTConfig, CPTConfigError
 
 logger = logging.getLogger(__name__)
@@ -78,6 +85,10 @@ def build_param_groups(
         raise CPTConfigError(
             "cpt-plugin: the model has no trainable parameters. Call prepare_model(model, config) first."
         )
+    if any((EMBEDDING_GROUP, no_decay) in buckets for no_decay in (False, True)):
+        from cpt_plugin.preflight import warn_if_embedding_lr_suspicious
+
+        warn_if_embedding_lr_suspicious(learning_rate, embedding_lr)
     return groups
 
 
@@ -96,6 +107,136 @@ def optimizer_name_from_trainer(optim: str | None) -> str | None:
     return None
 
 
+def _mark_updates(groups: list[dict[str, Any]], config: CPTConfig, name: str) -> bool:
+    """Marks each group with the update it takes (``cpt_update``, ``cpt_stochastic_rounding``); True when
+    some group needs CPTAdamW rather than a stock optimizer."""
+    special = False
+    for group in groups:
+        embedding = group["cpt_group"].startswith(EMBEDDING_GROUP)
+        rounding = (
+            embedding
+            and config.trained_embeddings_dtype == "bfloat16_sr"
+            and any(p.dtype == torch.bfloat16 for p in group["params"])
+        )
+        eight_bit = name == "adamw_8bit" or (embedding and config.embedding_optimizer == "adamw_8bit")
+        group["cpt_stochastic_rounding"] = rounding
+        group["cpt_update"] = "adamw_8bit" if eight_bit else ("adamw" if rounding else "torch")
+        special = special or rounding or (eight_bit and name != "adamw_8bit")
+    return special
+
+
+class CPTAdamW(torch.optim.AdamW):
+    """torch's AdamW whose groups may take another update, chosen per group by ``cpt_update``:
+
+    - ``"torch"``: torch's own step (fused on CUDA where the parameters allow);
+    - ``"adamw"``: the same math in fp32 chunks, bf16 tensors written back stochastically rounded;
+    - ``"adamw_8bit"``: bitsandbytes' blockwise 8-bit AdamW (uint8 moments), bf16 weights stochastically
+      rounded when ``cpt_stochastic_rounding`` is set.
+
+    The rounding of parameter i at step t is seeded from (``cpt_seed``, i, t): the seed is in the param
+    group and the step in the state, so a checkpoint carries everything and resume draws the same bits.
+    """
+
+    MIN_8BIT_SIZE = 4096  # as bitsandbytes: smaller tensors keep full-precision moments
+
+    def __init__(self, params: Any, *, seed: int = 0, **adamw_kwargs: Any) -> None:
+        super().__init__(params, **adamw_kwargs)
+        own_defaults = {"cpt_update": "torch", "cpt_stochastic_rounding": False, "cpt_seed": seed}
+        self.defaults.update(own_defaults)
+        for group in self.param_groups:
+            for key, value in own_defaults.items():
+                group.setdefault(key, value)
+        self._generators: dict[torch.device, torch.Generator] = {}
+        self._qmaps: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _indexed_params(self) -> Iterator[tuple[int, dict[str, Any], torch.Tensor]]:
+        """(index as in state_dict, group, param) over every parameter."""
+        index = 0
+        for group in self.param_groups:
+            for param in group["params"]:
+                yield index, group, param
+                index += 1
+
+    def _generator(self, device: torch.device, seed: int) -> torch.Generator:
+        generator = self._generators.get(device)
+        if generator is None:
+            generator = self._generators[device] = torch.Generator(device=device)
+        return generator.manual_seed(seed)
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        every_group = self.param_groups
+        torch_groups = [g for g in every_group if g.get("cpt_update", "torch") == "torch"]
+        if torch_groups:
+            self.param_groups = torch_groups  # torch's step over its own groups; state is shared
+            try:
+                super().step()
+            finally:
+                self.param_groups = every_group
+        for index, group, param in self._indexed_params():
+            if group.get("cpt_update", "torch") != "torch" and param.grad is not None:
+                self._own_step(index, group, param)
+        return loss
+
+    def _own_step(self, index: int, group: dict[str, Any], param: torch.Tensor) -> None:
+        if param.grad.is_sparse:
+            raise RuntimeError("cpt-plugin: CPTAdamW does not support sparse gradients")
+        state = self.state[param]
+        eight_bit = group["cpt_update"] == "adamw_8bit" and param.numel() >= self.MIN_8BIT_SIZE
+        if not state:
+            state["step"] = 0
+            if eight_bit:
+                state.update(sr.init_8bit_state(param))
+            else:  # bf16 moments for a bf16 weight (rounded stochastically), fp32 otherwise
+                moments = param.dtype if param.dtype == torch.bfloat16 else torch.float32
+                state["exp_avg"] = torch.zeros_like(param, dtype=moments)
+                state["exp_avg_sq"] = torch.zeros_like(param, dtype=moments)
+        state["step"] += 1
+        rounding = group["cpt_stochastic_rounding"] and param.dtype == torch.bfloat16
+        generator = (
+            self._generator(param.device, sr.rounding_seed(group["cpt_seed"], index, state["step"]))
+            if param.dtype == torch.bfloat16
+            else None
+        )
+        lr = float(group["lr"])
+        hyper = dict(step=state["step"], lr=lr, betas=group["betas"], eps=group["eps"])
+        if eight_bit:
+            qmaps = self._qmaps.get(param.device)
+            if qmaps is None:
+                qmaps = self._qmaps[param.device] = sr.dynamic_qmaps(param.device)
+            sr.adamw_8bit_step_(
+                param, param.grad, state, qmaps, **hyper, weight_decay=group["weight_decay"],
+                generator=generator if rounding else None,
+            )  # fmt: skip
+        else:
+            sr.adamw_step_(
+                param, param.grad, state["exp_avg"], state["exp_avg_sq"], **hyper,
+                weight_decay=group["weight_decay"], generator=generator,
+            )  # fmt: skip
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's loading, except that the state of our own groups keeps its dtypes (torch would cast
+        every floating state to the parameter's dtype: 8-bit absmax to bf16, for one)."""
+        saved = state_dict["state"]
+        own = {
+            index
+            for group in state_dict["param_groups"]
+            if group.get("cpt_update", "torch") != "torch"
+            for index in group["params"]
+        }
+        super().load_state_dict({**state_dict, "state": {k: v for k, v in saved.items() if k not in own}})
+        for index, _group, param in self._indexed_params():
+            if index in own and index in saved:
+                self.state[param] = {
+                    key: value.to(param.device, copy=True) if isinstance(value, torch.Tensor) else value
+                    for key, value in saved[index].items()
+                }
+
+
 def create_optimizer(
     model: nn.Module,
     config: CPTConfig,
@@ -104,21 +245,39 @@ def create_optimizer(
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
 ) -> torch.optim.Optimizer:
-    """AdamW over the CPT parameter groups: torch (fused where the parameters allow) or 8-bit."""
+    """AdamW over the CPT parameter groups: torch (fused where the parameters allow) or 8-bit; CPTAdamW
+    when the embeddings need stochastic rounding or 8-bit states of their own."""
     groups = build_param_groups(model, config, learning_rate, weight_decay)
     name = config.optimizer or "adamw_torch_fused"
-    if name == "adamw_8bit":
+    special = _mark_updates(groups, config, name)
+    if name == "adamw_8bit" or any(g["cpt_update"] == "adamw_8bit" for g in groups):
         try:
             import bitsandbytes as bnb
         except ImportError as error:
+            key = "optimizer" if name == "adamw_8bit" else "embedding_optimizer"
             raise CPTConfigError(
-                "cpt-plugin config 'optimizer': adamw_8bit needs bitsandbytes. "
-                "Install it with `pip install cpt-plugin[bnb]`, or use adamw_torch_fused."
+                f"cpt-plugin config '{key}': adamw_8bit needs bitsandbytes. "
+                "Install it with `pip install cpt-plugin[bnb]`, or use "
+                f"{'adamw_torch_fused' if key == 'optimizer' else 'adamw'}."
             ) from error
-        return bnb.optim.AdamW8bit(groups, lr=learning_rate, betas=betas, eps=eps, weight_decay=weight_decay)
+        if not special:
+            return bnb.optim.AdamW8bit(
+                groups, lr=learning_rate, betas=betas, eps=eps, weight_decay=weight_decay
+            )
     fused = name == "adamw_torch_fused" and _fused_supported(groups)
     if name == "adamw_torch_fused" and not fused:
         logger.info("cpt-plugin: fused AdamW needs CUDA parameters; using the foreach AdamW instead.")
-    return torch.optim.AdamW(
-        groups, lr=learning_rate, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused or None
-    )
+    kwargs = dict(lr=learning_rate, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused or None)
+    if not special:
+        return torch.optim.AdamW(groups, **kwargs)
+    for group in groups:
+        group["cpt_seed"] = config.seed
+    optimizer = CPTAdamW(groups, seed=config.seed, **kwargs)
+    for group in optimizer.param_groups:
+        if group["cpt_update"] != "torch":
+            logger.info(
+                "cpt-plugin: %s: %s%s", group["cpt_group"],
+                "8-bit AdamW states" if group["cpt_update"] == "adamw_8bit" else "AdamW",
+                ", bf16 weights rounded stochastically" if group["cpt_stochastic_rounding"] else "",
+            )  # fmt: skip
+    return optimizer

@@ -177,9 +177,9 @@ def prepare_model(model: nn.Module, config: CPTConfig | dict | None = None, **ov
     lora_config = build_lora_config(model, config)
     peft_model = get_peft_model(model, lora_config)
     peft_model.cpt_config = config
-    if config.train_embeddings and config.trained_embeddings_dtype == "float32":
-        from cpt_plugin.embedding_precision import keep_trained_embeddings_fp32
+    if config.train_embeddings:
+        from cpt_plugin.embedding_precision import apply_trained_embeddings_dtype
 
-        keep_trained_embeddings_fp32(peft_model)
+        apply_trained_embeddings_dtype(peft_model, config.trained_embeddings_dtype)
     print(trainable_summary(peft_model))
     return peft_model

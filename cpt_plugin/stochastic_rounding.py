@@ -1,0 +1,190 @@
+"""Stochastic rounding to bf16, and the AdamW updates that use it for 16-bit trained embeddings.
+
+Why: the CPT recipe trains embed_tokens and lm_head at about lr/10. An AdamW step of ~5e-6 on a weight
+of ~0.02 is below half a bf16 ulp, so round-to-nearest writes the old weight back and the update is lost.
+Rounding stochastically (up with probability equal to the distance from the lower neighbour, in ulps)
+makes the stored bf16 weight equal the fp32 result *in expectation*: small updates survive on average,
+at 2 bytes per weight instead of fp32's 4.
+
+The trick: an fp32 number whose lower 16 bits are zero is a bf16 number. Adding 16 uniform random bits to
+the lower half of the fp32 bit pattern and then clearing it rounds the magnitude up exactly when the
+random bits exceed the distance to the next bf16 value, so P(up) = (x - lo) / (hi - lo): unbiased.
+
+The randomness of one update is a pure function of (seed, parameter index, step): a stopped and resumed
+run draws the same bits (the seed lives in the optimizer's param group and the step in its state, both in
+the checkpoint), and every data-parallel rank rounds its replica identically.
+
+The moments of a bf16 parameter are kept in bf16 and rounded stochastically too (8 bytes per parameter,
+as torch's AdamW on a bf16 copy): with round-to-nearest, exp_avg_sq's per-step change (1 - beta2 = 0.1%)
+is below bf16's resolution and would never decay. Updates run over chunks of the flattened tensor, so the
+fp32 temporaries stay small next to a 128K-vocab embedding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+CHUNK_ELEMENTS = 1 << 22  # fp32 temporaries per chunk: a few times 16 MiB
+BLOCKWISE_8BIT = 256  # bitsandbytes' block size for 8-bit optimizer states (one absmax per block)
+_MASK = -(1 << 16)  # 0xFFFF0000 as int32: keeps sign, exponent and bf16's 7 mantissa bits
+_MIX = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
+
+
+def stochastic_round_to_bf16(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """x (fp32) rounded to bf16, up or down at random so that E[result] == x. inf and nan pass through."""
+    if x.dtype != torch.float32:
+        raise TypeError(f"stochastic_round_to_bf16 expects float32, got {x.dtype}")
+    bits = x.contiguous().view(torch.int32)
+    noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=x.device, generator=generator)
+    rounded = bits.add(noise).bitwise_and_(_MASK).view(torch.float32)
+    # inf/nan: the add could carry into the sign bit; round those to nearest (they stay inf/nan)
+    return torch.where(torch.isfinite(x), rounded, x).to(torch.bfloat16)
+
+
+def stochastic_round_reference(x: Tensor, noise: Tensor) -> Tensor:
+    """The same rounding written out for finite fp32 ``x`` and integer ``noise`` in [0, 2**16): with
+    lo, hi the bf16 neighbours toward and away from zero and p = (x - lo) / (hi - lo), round to hi iff
+    noise / 2**16 >= 1 - p (probability p)."""
+    truncated = x.contiguous().view(torch.int32) & _MASK
+    lo = truncated.view(torch.float32).double()
+    hi = (truncated + (1 << 16)).view(torch.float32).double()
+    p = (x.double() - lo) / (hi - lo)
+    up = (noise.double() / (1 << 16) >= 1 - p) & (p > 0)
+    return torch.where(up, hi, lo).to(torch.bfloat16)
+
+
+def rounding_seed(seed: int, index: int, step: int) -> int:
+    """A 63-bit seed for the rounding of parameter ``index`` at ``step`` (splitmix-style mixing)."""
+    value = (seed * _MIX[0] + (index + 1) * _MIX[1] + step * _MIX[2]) & ((1 << 64) - 1)
+    value ^= value >> 31
+    value = (value * _MIX[1]) & ((1 << 64) - 1)
+    return (value ^ (value >> 29)) & ((1 << 63) - 1)
+
+
+def _store(target: Tensor, value: Tensor, generator: torch.Generator) -> None:
+    """Writes fp32 ``value`` into ``target``: stochastic rounding for bf16, exact for fp32."""
+    if target.dtype == torch.bfloat16:
+        target.copy_(stochastic_round_to_bf16(value, generator))
+    else:
+        target.copy_(value)
+
+
+def _chunks(n: int, size: int | None = None) -> list[tuple[int, int]]:
+    size = size or CHUNK_ELEMENTS
+    return [(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+@torch.no_grad()
+def adamw_step_(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    *,
+    step: int,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+    generator: torch.Generator,
+) -> None:
+    """One AdamW step (torch.optim.AdamW's math, in fp32) in place. bf16 tensors among param, exp_avg and
+    exp_avg_sq are read up to fp32 and written back with stochastic rounding; fp32 ones exactly."""
+    beta1, beta2 = betas
+    step_size = lr / (1 - beta1**step)
+    bias_correction2_sqrt = math.sqrt(1 - beta2**step)
+    flat = [t.view(-1) for t in (param, grad, exp_avg, exp_avg_sq)]
+    for start, end in _chunks(param.numel()):
+        w, g, m, v = (t[start:end].float() for t in flat)
+        w.mul_(1 - lr * weight_decay)
+        m.lerp_(g, 1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
+        w.addcdiv_(m, denom, value=-step_size)
+        for target, value in ((flat[0], w), (flat[2], m), (flat[3], v)):
+            _store(target[start:end], value, generator)
+
+
+def adamw_step_reference(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    *,
+    step: int,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The fp32 AdamW step, out of place: (param, exp_avg, exp_avg_sq) as torch.optim.AdamW computes them."""
+    beta1, beta2 = betas
+    w, g, m, v = (t.double() for t in (param, grad, exp_avg, exp_avg_sq))
+    w = w * (1 - lr * weight_decay)
+    m = beta1 * m + (1 - beta1) * g
+    v = beta2 * v + (1 - beta2) * g * g
+    w = w - lr / (1 - beta1**step) * m / ((v / (1 - beta2**step)).sqrt() + eps)
+    return w, m, v
+
+
+def init_8bit_state(param: Tensor) -> dict[str, Tensor]:
+    """bitsandbytes' blockwise 8-bit AdamW state for ``param``: uint8 moments, one fp32 absmax per block."""
+    blocks = math.ceil(param.numel() / BLOCKWISE_8BIT)
+    return {
+        "state1": torch.zeros(param.shape, dtype=torch.uint8, device=param.device),
+        "state2": torch.zeros(param.shape, dtype=torch.uint8, device=param.device),
+        "absmax1": torch.zeros(blocks, dtype=torch.float32, device=param.device),
+        "absmax2": torch.zeros(blocks, dtype=torch.float32, device=param.device),
+    }
+
+
+@torch.no_grad()
+def adamw_8bit_step_(
+    param: Tensor,
+    grad: Tensor,
+    state: dict[str, Tensor],
+    qmaps: tuple[Tensor, Tensor],
+    *,
+    step: int,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+    generator: torch.Generator | None,
+) -> None:
+    """One step of bitsandbytes' blockwise 8-bit AdamW in place. A bf16 param with a generator is updated
+    in fp32 chunk copies (chunks aligned to the 256-element blocks) and written back stochastically rounded;
+    otherwise the kernel updates the param directly, as bitsandbytes' AdamW8bit does."""
+    import bitsandbytes.functional as F
+
+    def update(p: Tensor, g: Tensor, s1: Tensor, s2: Tensor, a1: Tensor, a2: Tensor) -> None:
+        F.optimizer_update_8bit_blockwise(
+            "adam", g, p, s1, s2, betas[0], betas[1], 0.0, 0.0, eps, step, lr,
+            qmaps[0], qmaps[1], a1, a2, weight_decay,
+        )  # fmt: skip
+
+    grad = grad.contiguous()
+    if param.dtype != torch.bfloat16 or generator is None:
+        update(param, grad, state["state1"], state["state2"], state["absmax1"], state["absmax2"])
+        return
+    flat_p, flat_g = param.view(-1), grad.view(-1)
+    s1, s2 = state["state1"].view(-1), state["state2"].view(-1)
+    chunk = CHUNK_ELEMENTS - CHUNK_ELEMENTS % BLOCKWISE_8BIT
+    for start, end in _chunks(param.numel(), chunk):
+        blocks = slice(start // BLOCKWISE_8BIT, math.ceil(end / BLOCKWISE_8BIT))
+        w = flat_p[start:end].float()
+        update(
+            w, flat_g[start:end].float(), s1[start:end], s2[start:end],
+            state["absmax1"][blocks], state["absmax2"][blocks],
+        )  # fmt: skip
+        _store(flat_p[start:end], w, generator)
+
+
+def dynamic_qmaps(device: torch.device) -> tuple[Tensor, Tensor]:
+    """bitsandbytes' signed and unsigned dynamic quantization maps (for exp_avg and exp_avg_sq)."""
+    import bitsandbytes.functional as F
+
+    return F.create_dynamic_map(signed=True).to(device), F.create_dynamic_map(signed=False).to(device)
