@@ -21,8 +21,10 @@ def _copies(model):
     return embed.modules_to_save["default"], head.modules_to_save["default"]
 
 
-def _fraction_changed_after_training(model, steps: int = 5, embedding_lr: float = 2e-5) -> float:
-    config = CPTConfig(lora_r=4, embedding_learning_rate=embedding_lr)
+def _train(model, steps: int = 5, embedding_lr: float = 2e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lm_head copy before, after) ``steps`` AdamW steps at the recipe's embedding LR, as fp32."""
+    dtype = model.cpt_config.trained_embeddings_dtype
+    config = CPTConfig(lora_r=4, embedding_learning_rate=embedding_lr, trained_embeddings_dtype=dtype)
     optimizer = create_optimizer(model, config, learning_rate=2e-4)
     _, head = _copies(model)
     before = head.weight.detach().float().clone()
@@ -34,7 +36,12 @@ def _fraction_changed_after_training(model, steps: int = 5, embedding_lr: float 
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return (head.weight.detach().float() != before).float().mean().item()
+    return before, head.weight.detach().float()
+
+
+def _fraction_changed_after_training(model, steps: int = 5, embedding_lr: float = 2e-5) -> float:
+    before, after = _train(model, steps, embedding_lr)
+    return (after != before).float().mean().item()
 
 
 @pytest.mark.parametrize("tied", [True, False])
@@ -63,6 +70,26 @@ def test_updates_at_the_embedding_lr_survive() -> None:
     assert kept_bf16 < 0.6  # what plain PEFT does on a bf16 model: most updates round away
 
 
+def test_bf16_with_stochastic_rounding_follows_the_fp32_update() -> None:
+    """bfloat16_sr keeps bf16 copies; each step moves an entry by whole bf16 ulps at random, so after 5
+    steps fewer entries have moved than in fp32, but the mean update is fp32's: its projection on the fp32
+    update is ~1. Round-to-nearest bf16 ("model") keeps under a third of it."""
+    before, fp32 = _train(_bf16_model(tied=True))
+    model = _bf16_model(tied=True, dtype="bfloat16_sr")
+    assert all(copy.weight.dtype == torch.bfloat16 for copy in _copies(model))
+    _, rounded = _train(model)
+    _, nearest = _train(_bf16_model(tied=True, dtype="model"))
+    reference = fp32 - before
+
+    def projection(after: torch.Tensor) -> float:
+        return ((after - before) * reference).sum().item() / reference.square().sum().item()
+
+    assert projection(rounded) == pytest.approx(1.0, abs=0.05)
+    assert projection(nearest) < 0.4
+    moved = (rounded != before).float().mean().item()
+    assert moved > 1.5 * (nearest != before).float().mean().item()
+
+
 def test_fp32_model_untouched_and_bad_value_named() -> None:
     model = prepare_model(tiny_llama(tied=False), CPTConfig(lora_r=4))
     embed, _ = _copies(model)
@@ -80,3 +107,40 @@ def test_adapter_checkpoint_round_trip_is_exact(tmp_path) -> None:
     for a, b in zip(_copies(model), _copies(resumed), strict=True):
         assert b.weight.dtype == torch.float32
         torch.testing.assert_close(b.weight, a.weight, rtol=0, atol=0)
+
+
+def test_bfloat16_sr_resume_is_bit_identical(tmp_path) -> None:
+    """HF Trainer, bf16 model, bf16 copies rounded stochastically: stopping at step 3 and resuming gives
+    the same weights, bit for bit, as the uninterrupted run (rounding seeds come from the checkpoint)."""
+    from transformers import Trainer, TrainingArguments
+
+    from cpt_plugin import CPTCallback
+    from cpt_plugin.integrations.trainer_hooks import uninstall_trainer_hooks
+    from tests.tiny import RandomBlocks
+
+    def run(resume: str | None = None):
+        args = TrainingArguments(
+            output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, learning_rate=1e-3,
+            max_steps=6, save_steps=3, save_strategy="steps", logging_steps=1, report_to=[], seed=7,
+            data_seed=7, use_cpu=True, disable_tqdm=True, dataloader_num_workers=0,
+        )  # fmt: skip
+        trainer = Trainer(
+            model=tiny_llama(tied=True, seed=1).to(torch.bfloat16),
+            args=args,
+            train_dataset=RandomBlocks(seed=3),
+            callbacks=[CPTCallback(lora_r=4, trained_embeddings_dtype="bfloat16_sr")],
+        )
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    try:
+        full = run()
+        resumed = run(resume=str(tmp_path / "out" / "checkpoint-3"))
+    finally:
+        uninstall_trainer_hooks()
+    assert type(full.optimizer.optimizer).__name__ == "CPTAdamW"
+    final = [p.detach() for p in full.model.parameters() if p.requires_grad]
+    again = [p.detach() for p in resumed.model.parameters() if p.requires_grad]
+    assert any(p.dtype == torch.bfloat16 for p in final)
+    for a, b in zip(final, again, strict=True):
+        assert torch.equal(a, b)
