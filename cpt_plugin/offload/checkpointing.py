@@ -15,6 +15,21 @@ The recompute itself is ``torch.utils.checkpoint`` (non-reentrant: RNG and autoc
 with DDP, no need for inputs that require grad). For offload, the layer input is handed to it through a
 small handle instead of as a tensor argument, so that checkpoint's closure does not keep it on the GPU; on
 recompute the handle returns the copy fetched back from the host.
+
+Per-layer modes (what the memory planner, ``planner.py``, drives): each decoder layer can instead get its
+own mode, read at every call from a shared :class:`LayerPlan`:
+
+- ``keep``: no checkpoint, the layer's plain forward; autograd keeps its activations (fastest).
+- ``recompute``: the layer input is kept, the layer is run again in backward (+1 forward of the layer).
+- ``offload``: as recompute, but the input waits in host memory (the copies hide behind compute).
+
+A :class:`PlannedLayerFunction` is installed on every decoder layer (``enable_layer_plan``); it knows
+only its layer's index and the plan object, so changing the plan between steps is an assignment, not a
+re-installation. Nothing is assumed about what runs inside a layer (kernels, fused LoRA functions): a
+kept layer runs exactly what the model runs without checkpointing, and the checkpointed ones go through
+the same ``CheckpointFunction`` path as the uniform modes, so gradients do not depend on the plan. An
+optional observer (the planner) is told when a layer starts and ends, which is how it learns the shape
+and measures per-layer memory; the uniform modes ``recompute`` and ``offload`` do not use any of this.
 """
 
 from __future__ import annotations
@@ -24,7 +39,8 @@ import threading
 import types
 import weakref
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -32,6 +48,7 @@ from torch.utils.checkpoint import checkpoint
 logger = logging.getLogger(__name__)
 
 MODES = ("off", "recompute", "offload")
+LAYER_MODES = ("keep", "recompute", "offload")  # per decoder layer, in the planner's order of cost
 _WARNED_NO_CUDA = False
 
 
@@ -258,6 +275,34 @@ def _run_with_handle(
     return _run_region(region, function, handle.get(), *args)
 
 
+def _checkpointed(
+    function: Callable, args: tuple, kwargs: dict[str, Any], offload: bool, simulate_offload: bool
+) -> Any:
+    """``function(*args)`` under non-reentrant checkpointing, the first argument offloaded if asked."""
+    if not torch.is_grad_enabled():  # nothing to save without backward
+        return function(*args)
+    kwargs.pop("use_reentrant", None)
+    kwargs.setdefault("preserve_rng_state", True)
+    x = args[0] if args else None
+    offload = offload and isinstance(x, torch.Tensor) and x.is_floating_point()
+    if not (offload and (x.is_cuda or simulate_offload)):
+        return checkpoint(_run_region, _Region(), function, *args, use_reentrant=False, **kwargs)
+    handle = _OffloadedInput(x, simulate=not x.is_cuda)
+    try:
+        return checkpoint(
+            _run_with_handle,
+            _Region(),
+            function,
+            handle,
+            _ENGINE.anchor(x.device),
+            *args[1:],
+            use_reentrant=False,
+            **kwargs,
+        )
+    finally:
+        handle.forward_done()
+
+
 class CheckpointFunction:
     """The function installed as ``_gradient_checkpointing_func`` on checkpointed layers.
 
@@ -270,31 +315,107 @@ class CheckpointFunction:
         self.simulate_offload = simulate_offload  # tests: "offload" into plain host memory on CPU
 
     def __call__(self, function: Callable, *args: Any, **kwargs: Any) -> Any:
-        if not torch.is_grad_enabled():  # nothing to save without backward
-            return function(*args)
-        kwargs.pop("use_reentrant", None)
-        kwargs.setdefault("preserve_rng_state", True)
-        x = args[0] if args else None
-        offload = self.offload and isinstance(x, torch.Tensor) and x.is_floating_point()
-        if not (offload and (x.is_cuda or self.simulate_offload)):
-            return checkpoint(_run_region, _Region(), function, *args, use_reentrant=False, **kwargs)
-        handle = _OffloadedInput(x, simulate=not x.is_cuda)
-        try:
-            return checkpoint(
-                _run_with_handle,
-                _Region(),
-                function,
-                handle,
-                _ENGINE.anchor(x.device),
-                *args[1:],
-                use_reentrant=False,
-                **kwargs,
-            )
-        finally:
-            handle.forward_done()
+        return _checkpointed(function, args, kwargs, self.offload, self.simulate_offload)
 
     def __repr__(self) -> str:
         return f"CheckpointFunction(offload={self.offload})"
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-layer modes
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LayerPlan:
+    """One mode per decoder layer (``LAYER_MODES``) and whether its MLP runs tiled."""
+
+    modes: tuple[str, ...]
+    tiled: tuple[bool, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.modes) != len(self.tiled):
+            raise ValueError(f"LayerPlan: {len(self.modes)} modes but {len(self.tiled)} tiling flags")
+        for mode in self.modes:
+            if mode not in LAYER_MODES:
+                raise ValueError(f"LayerPlan: layer mode must be one of {LAYER_MODES}, got {mode!r}")
+
+    @classmethod
+    def uniform(cls, layers: int, mode: str, tiled: bool = False) -> LayerPlan:
+        return cls((mode,) * layers, (tiled,) * layers)
+
+    def counts(self) -> dict[str, int]:
+        """Layers per mode, and how many run their MLP tiled."""
+        out = {mode: self.modes.count(mode) for mode in LAYER_MODES}
+        out["tiled"] = sum(self.tiled)
+        return out
+
+    def describe(self) -> str:
+        c = self.counts()
+        return f"keep {c['keep']}, recompute {c['recompute']}, offload {c['offload']}, tiled MLP {c['tiled']}"
+
+
+class LayerObserver(Protocol):
+    """Told when a planned layer starts and ends its (grad-enabled) forward; may change the plan at index 0."""
+
+    def layer_start(self, index: int, x: Any) -> None: ...
+
+    def layer_end(self, index: int) -> None: ...
+
+
+class PlanHolder:
+    """The plan shared by every layer's function, plus who observes the layers (the planner, or nobody)."""
+
+    def __init__(
+        self, plan: LayerPlan, observer: LayerObserver | None = None, simulate_offload: bool = False
+    ) -> None:
+        self.plan = plan
+        self.observer = observer
+        self.simulate_offload = simulate_offload  # tests: "offload" into plain host memory on CPU
+
+
+class PlannedLayerFunction:
+    """``_gradient_checkpointing_func`` of decoder layer ``index``: runs it in the plan's mode for it."""
+
+    def __init__(self, holder: PlanHolder, index: int) -> None:
+        self.holder = holder
+        self.index = index
+
+    def __call__(self, function: Callable, *args: Any, **kwargs: Any) -> Any:
+        if not torch.is_grad_enabled():
+            return function(*args)
+        holder = self.holder
+        observer = holder.observer
+        if observer is not None:
+            observer.layer_start(self.index, args[0] if args else None)  # may change holder.plan
+        mode = holder.plan.modes[self.index]
+        if mode == "keep":
+            out = function(*args)
+        else:
+            out = _checkpointed(function, args, kwargs, mode == "offload", holder.simulate_offload)
+        if observer is not None:
+            observer.layer_end(self.index)
+        return out
+
+    def __repr__(self) -> str:
+        return f"PlannedLayerFunction(layer {self.index}: {self.holder.plan.modes[self.index]})"
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated, checkpointable blocks of ``model`` in order (transformers' GradientCheckpointingLayer)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+class _LayerPlanInstaller:
+    """Stored as ``_cpt_checkpoint_func`` in planned mode: (re)installs one function per decoder layer."""
+
+    def __init__(self, holder: PlanHolder) -> None:
+        self.holder = holder
+
+    def install(self, model: torch.nn.Module) -> None:
+        for index, layer in enumerate(decoder_layers(model)):
+            layer._gradient_checkpointing_func = PlannedLayerFunction(self.holder, index)
+            layer.gradient_checkpointing = True  # every layer: the plan says which ones really checkpoint
 
 
 # ----------------------------------------------------------------------------------------------
@@ -308,12 +429,16 @@ def _set_gradient_checkpointing_wrapper(
 ) -> Any:
     """Instance replacement of ``_set_gradient_checkpointing``: enabling installs our function instead."""
     ours = self.__dict__.get("_cpt_checkpoint_func")
+    planned = enable and isinstance(ours, _LayerPlanInstaller)
     if enable and ours is not None:
-        gradient_checkpointing_func = ours
+        gradient_checkpointing_func = checkpoint if planned else ours
     if gradient_checkpointing_func is None:
         gradient_checkpointing_func = checkpoint
     original = type(self)._set_gradient_checkpointing.__get__(self)
-    return original(enable=enable, gradient_checkpointing_func=gradient_checkpointing_func, **kwargs)
+    result = original(enable=enable, gradient_checkpointing_func=gradient_checkpointing_func, **kwargs)
+    if planned:
+        ours.install(self)
+    return result
 
 
 def _enable_input_require_grads_wrapper(self: torch.nn.Module) -> None:
@@ -387,6 +512,50 @@ def enable_checkpointing(
     checkpointing off. ``_simulate_offload`` (tests only) runs the offload path on CPU tensors.
     """
     mode = _resolve_mode(mode, _simulate_offload)
+    if mode == "off":
+        for m in _reset_models(model):
+            if getattr(m, "supports_gradient_checkpointing", False):
+                m._set_gradient_checkpointing(enable=False)
+        return mode
+    _install(model, CheckpointFunction(offload=mode == "offload", simulate_offload=_simulate_offload))
+    return mode
+
+
+def enable_layer_plan(
+    model: torch.nn.Module,
+    plan: LayerPlan | None = None,
+    observer: LayerObserver | None = None,
+    *,
+    _simulate_offload: bool = False,
+) -> PlanHolder:
+    """Per-layer checkpointing: each decoder layer runs in its own mode of ``plan`` (default: all keep).
+
+    Returns the :class:`PlanHolder` shared by the layers: assign ``holder.plan`` between steps to change
+    the modes. Like :func:`enable_checkpointing`, it survives later ``gradient_checkpointing_enable`` calls.
+    Without CUDA (and without ``_simulate_offload``) ``offload`` layers run as ``recompute``.
+    """
+    layers = decoder_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no decoder layers that support checkpointing.")
+    if plan is None:
+        plan = LayerPlan.uniform(len(layers), "keep")
+    if len(plan.modes) != len(layers):
+        raise ValueError(f"the plan covers {len(plan.modes)} layers, the model has {len(layers)}")
+    holder = PlanHolder(plan, observer, simulate_offload=_simulate_offload)
+    _install(model, _LayerPlanInstaller(holder))
+    return holder
+
+
+def layer_plan_holder(model: torch.nn.Module) -> PlanHolder | None:
+    """The PlanHolder installed by :func:`enable_layer_plan` on ``model``, or None."""
+    for m in _pretrained_models(model):
+        ours = m.__dict__.get("_cpt_checkpoint_func")
+        if isinstance(ours, _LayerPlanInstaller):
+            return ours.holder
+    return None
+
+
+def _reset_models(model: torch.nn.Module) -> list[torch.nn.Module]:
     models = _pretrained_models(model)
     if not models:
         raise ValueError(f"{type(model).__name__} holds no transformers PreTrainedModel to checkpoint.")
@@ -394,12 +563,11 @@ def enable_checkpointing(
         m.__dict__.pop("_set_gradient_checkpointing", None)
         m.__dict__.pop("enable_input_require_grads", None)
         m.__dict__.pop("_cpt_checkpoint_func", None)
-    if mode == "off":
-        for m in models:
-            if getattr(m, "supports_gradient_checkpointing", False):
-                m._set_gradient_checkpointing(enable=False)
-        return mode
-    func = CheckpointFunction(offload=mode == "offload", simulate_offload=_simulate_offload)
+    return models
+
+
+def _install(model: torch.nn.Module, func: CheckpointFunction | _LayerPlanInstaller) -> None:
+    models = _reset_models(model)
     for m in models:
         m.__dict__["_cpt_checkpoint_func"] = func
         m.__dict__["_set_gradient_checkpointing"] = types.MethodType(_set_gradient_checkpointing_wrapper, m)
@@ -409,13 +577,17 @@ def enable_checkpointing(
     if not getattr(root, "supports_gradient_checkpointing", False):
         raise ValueError(f"{type(root).__name__} does not support gradient checkpointing.")
     root._set_gradient_checkpointing(enable=True)
-    return mode
 
 
 def checkpointing_mode(model: torch.nn.Module) -> str:
-    """The mode our function gives the model's checkpointed layers ("off" when none is installed)."""
+    """The mode our function gives the model's checkpointed layers ("off" when none is installed).
+
+    "planned" when each layer follows a :class:`LayerPlan` (see :func:`enable_layer_plan`).
+    """
     for module in model.modules():
         func = module.__dict__.get("_gradient_checkpointing_func")
+        if isinstance(func, PlannedLayerFunction) and getattr(module, "gradient_checkpointing", False):
+            return "planned"
         if isinstance(func, CheckpointFunction) and getattr(module, "gradient_checkpointing", False):
             return "offload" if func.offload else "recompute"
     return "off"

@@ -11,6 +11,9 @@ the recompute only has to reproduce the tensors the layer saved, and for the fam
 goes straight into the residual add (Llama, Mistral, Qwen2/3) the tiled MLP saves its input and nothing
 downstream saves anything derived from its output. There the recompute skips the chunk loop and returns
 zeros of the right shape, which only feed the thrown-away layer output.
+
+Per layer: the memory planner turns tiling on for some layers only (``set_tiled_layers``); a wrapped MLP
+whose flag is off runs its plain forward.
 """
 
 from __future__ import annotations
@@ -136,6 +139,7 @@ _INNER = "_cpt_tiled_inner_forward"
 _CHUNK = "_cpt_tiled_chunk_tokens"
 _SKIP = "_cpt_tiled_skip_recompute"  # the layer adds the MLP output to the residual and saves nothing of it
 _OUT = "_cpt_tiled_output"  # (features, dtype) of the last computed output
+_ACTIVE = "_cpt_tiled_active"  # False: wrapped but running plainly (the planner's per-layer choice)
 
 # Decoder layers whose MLP output only goes into the residual add (no norm after the MLP, unlike Gemma 2/3).
 RESIDUAL_MLP_LAYERS = frozenset(
@@ -148,6 +152,8 @@ def _tiled_forward(self: nn.Module, x: Any, *args: Any, **kwargs: Any) -> Any:
     inner = self.__dict__.get(_INNER)
     base = inner if inner is not None else types.MethodType(type(self).forward, self)  # class patches apply
     chunk_tokens = self.__dict__[_CHUNK]
+    if not self.__dict__.get(_ACTIVE, True):
+        return base(x, *args, **kwargs)
     if args or kwargs or not isinstance(x, torch.Tensor) or x.dim() < 2:
         return base(x, *args, **kwargs)
     if not torch.is_grad_enabled() or x.numel() // x.shape[-1] <= chunk_tokens:
@@ -186,7 +192,32 @@ def enable_tiled_mlp(model: nn.Module, chunk_tokens: int = 4096) -> int:
             mlp.__dict__["forward"] = types.MethodType(_tiled_forward, mlp)
         mlp.__dict__[_CHUNK] = int(chunk_tokens)
         mlp.__dict__[_SKIP] = type(layer).__name__ in RESIDUAL_MLP_LAYERS
+        mlp.__dict__[_ACTIVE] = True
     return len(pairs)
+
+
+def set_tiled_layers(layers: Sequence[nn.Module], active: Sequence[bool], chunk_tokens: int) -> int:
+    """Tiles the MLP of ``layers[i]`` where ``active[i]``, runs the others plainly; returns how many are tiled.
+
+    For the memory planner, which decides per decoder layer. Layers without an ``mlp`` child are skipped.
+    """
+    if len(layers) != len(active):
+        raise ValueError(f"{len(layers)} layers but {len(active)} tiling flags")
+    tiled = 0
+    for layer, on in zip(layers, active, strict=True):
+        mlp = layer._modules.get("mlp")
+        if not isinstance(mlp, nn.Module):
+            continue
+        if on and _CHUNK not in mlp.__dict__:
+            mlp.__dict__[_INNER] = mlp.__dict__.get("forward")
+            mlp.__dict__["forward"] = types.MethodType(_tiled_forward, mlp)
+            mlp.__dict__[_SKIP] = type(layer).__name__ in RESIDUAL_MLP_LAYERS
+            mlp.__dict__[_CHUNK] = int(chunk_tokens)
+        if _CHUNK in mlp.__dict__:
+            mlp.__dict__[_CHUNK] = int(chunk_tokens)
+            mlp.__dict__[_ACTIVE] = bool(on)
+            tiled += bool(on)
+    return tiled
 
 
 def disable_tiled_mlp(model: nn.Module) -> int:
@@ -197,6 +228,7 @@ def disable_tiled_mlp(model: nn.Module) -> int:
             del mlp.__dict__[_CHUNK]
             mlp.__dict__.pop(_SKIP, None)
             mlp.__dict__.pop(_OUT, None)
+            mlp.__dict__.pop(_ACTIVE, None)
             inner = mlp.__dict__.pop(_INNER, None)
             if inner is None:
                 mlp.__dict__.pop("forward", None)

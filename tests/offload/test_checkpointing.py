@@ -214,3 +214,63 @@ def test_frozen_embedding_output_not_kept_as_autograd_leaf(mode: str) -> None:
     seen.clear()
     peft_model(input_ids=ids)
     assert seen[0].requires_grad
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-layer modes
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "modes,tiled",
+    [
+        (("keep", "keep", "keep"), (False, False, False)),
+        (("offload", "recompute", "keep"), (False, False, False)),
+        (("keep", "offload", "recompute"), (True, False, True)),
+        (("offload", "offload", "offload"), (True, True, True)),
+    ],
+)
+def test_layer_plan_gives_the_gradients_of_no_checkpointing(modes, tiled) -> None:
+    from cpt_plugin.offload.checkpointing import LayerPlan, enable_layer_plan
+    from cpt_plugin.offload.tiled_mlp import set_tiled_layers
+
+    reference = tiny_llama(layers=3)
+    model = copy.deepcopy(reference)
+    batches = [torch.randint(0, 257, (2, 33)) for _ in range(2)]
+    ref_losses, ref_grads = _grads(reference, batches)
+
+    holder = enable_layer_plan(model, LayerPlan(modes, tiled), _simulate_offload=True)
+    set_tiled_layers(list(model.model.layers), tiled, chunk_tokens=16)  # 66 tokens: 5 chunks
+    assert checkpointing_mode(model) == "planned"
+    calls = _count_mlp_calls(model)
+    losses, grads = _grads(model, batches)
+    assert losses == pytest.approx(ref_losses, rel=1e-6)
+    _assert_same(grads, ref_grads)
+    # kept layers run their MLP once per micro-batch, checkpointed ones twice
+    assert calls[0] == 2 * sum(1 if m == "keep" else 2 for m in modes)
+
+    holder.plan = LayerPlan.uniform(3, "recompute")  # a new plan is an assignment
+    _, grads = _grads(model, batches)
+    _assert_same(grads, ref_grads)
+
+
+def test_layer_plan_survives_trainer_enable_and_offloads_only_its_layers(monkeypatch) -> None:
+    from cpt_plugin.offload.checkpointing import LayerPlan, PlannedLayerFunction, enable_layer_plan
+
+    model = tiny_llama(layers=3)
+    enable_layer_plan(
+        model, LayerPlan(("offload", "keep", "recompute"), (False,) * 3), _simulate_offload=True
+    )
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    funcs = [layer._gradient_checkpointing_func for layer in model.model.layers]
+    assert all(isinstance(f, PlannedLayerFunction) for f in funcs)
+    assert [f.index for f in funcs] == [0, 1, 2]
+    created = []
+    original = ckpt._OffloadedInput.__init__
+
+    def spy(self, x, simulate):
+        original(self, x, simulate)
+        created.append(1)
+
+    monkeypatch.setattr(ckpt._OffloadedInput, "__init__", spy)
+    ids = torch.randint(0, 257, (1, 9))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert created == [1]  # only layer 0 offloads
