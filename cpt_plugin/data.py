@@ -1,9 +1,18 @@
 """Raw text -> tokenized documents -> packed fixed-length blocks, with token-level replay mixing.
 
-Everything streams: documents are read, tokenized (in batches) and packed lazily, so a corpus larger
-than RAM trains without being materialized. Iteration is deterministic for a given source and seed,
-which the HF Trainer relies on when it resumes from a checkpoint (it re-iterates and skips the batches
-it has already seen).
+Everything streams, with memory bounded whatever the length of a document: text files are read and
+decoded in blocks, documents travel as pieces of about ``chunk_chars`` characters (:func:`iter_document_pieces`),
+pieces are tokenized in batches of bounded size and packed as they come. A corpus larger than RAM, or one
+document of several GB, trains without being materialized. Iteration is deterministic for a given source
+and seed, which the HF Trainer relies on when it resumes from a checkpoint (it re-iterates and skips the
+batches it has already seen).
+
+Chunk joins: a document is cut only before a space that follows a non-space character, a point where
+byte-level BPE (GPT-2, Llama 3, Qwen) and SentencePiece (Llama 2, Mistral, Gemma) tokenizers always
+start a new pre-token; each later piece is tokenized behind the last word of the piece before it (an
+"anchor", whose tokens are dropped), so prefix-space and "▁" rules apply as inside the whole text. The
+tokens equal those of the whole document. A document with no such space in ``8 * chunk_chars`` characters
+is cut after a line break followed by a letter or digit, else anywhere (tokens there may differ).
 
 Packing contract (see :func:`pack_documents`):
 - every document ends with EOS, so two documents are never joined without one;
@@ -18,17 +27,19 @@ Packing contract (see :func:`pack_documents`):
 Special tokens: documents are tokenized with ``add_special_tokens=False``; EOS is appended to every
 document, and BOS is prepended only when the tokenizer adds one by itself (Llama, Gemma: the model was
 pretrained with it; Qwen adds none), so each packed document looks like a document the model has seen.
+
+Sources are checked before training by :func:`cpt_plugin.data_checks.validate_source` (``CPTDataset``
+calls it); the readers here raise the same errors, with file, line and byte, for what lies past the check.
 """
 
 from __future__ import annotations
 
-import gzip
 import itertools
-import json
 import logging
 import math
 import os
 import random
+import re
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -36,28 +47,47 @@ from typing import Any
 
 import torch
 
+from cpt_plugin.data_checks import (
+    DATASET_MARKERS,
+    SPLITS,
+    DataSourceError,
+    is_jsonl,
+    iter_decoded,
+    iter_jsonl_lines,
+    jsonl_row_text,
+    missing_path_error,
+    validate_source,
+)
+
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-SPLITS = ("file", "blank_lines", "line")
+CHUNK_CHARS = 1 << 16  # characters per document piece (a long document is cut into pieces of about this)
+_MAX_SPAN = 8  # a piece without a clean cut may grow to this many chunks before it is cut anyway
+_BATCH_CHARS = 1 << 20  # characters per tokenizer call: bounds the tokenizer's per-token overhead
+_ANCHOR_CHARS = 32
 # Extensions that are never text; anything else in a folder is sniffed (NUL bytes, UTF-8 decoding).
 _BINARY_SUFFIXES = {
     ".arrow", ".bin", ".bz2", ".db", ".dll", ".exe", ".gif", ".gz", ".ico", ".jpeg", ".jpg", ".npy",
     ".npz", ".parquet", ".pdf", ".pkl", ".png", ".pt", ".pth", ".pyc", ".safetensors", ".so", ".tar",
     ".webp", ".whl", ".xz", ".zip", ".zst",
 }  # fmt: skip
-_DATASET_MARKERS = ("dataset_dict.json", "state.json", "dataset_info.json")
+_DATASET_MARKERS = DATASET_MARKERS
+_CLEAN_CUT = re.compile(r"(?<=\S) ")
+_LINE_CUT = re.compile(r"(?<=\n)(?=\w)")
 
-
-class DataSourceError(ValueError):
-    """A data source is missing, empty or malformed; the message names the source and the fix."""
+__all__ = [
+    "IGNORE_INDEX", "SPLITS", "CHUNK_CHARS", "DataSourceError", "CPTDataset", "build_train_dataset",
+    "collate_packed", "count_tokens", "estimate_steps", "iter_document_pieces", "iter_documents",
+    "materialize", "mix_replay", "pack_documents", "tokenize_documents", "validate_source",
+]  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------
 # Reading documents
 # ------------------------------------------------------------------------------------------------
 def iter_documents(source: Any, text_field: str = "text", split: str = "file") -> Iterator[str]:
-    """Yields the raw-text documents of ``source`` lazily.
+    """Yields the raw-text documents of ``source`` lazily, each as one string.
 
     ``source`` may be a text file (one document per file, or per paragraph with
     ``split="blank_lines"``, or per line with ``split="line"``), a folder (recursive, sorted, text files
@@ -67,15 +97,33 @@ def iter_documents(source: Any, text_field: str = "text", split: str = "file") -
     ``datasets.Dataset``/``IterableDataset``/``DatasetDict``, a zero-argument callable returning an
     iterable, or any iterable of strings. Empty and whitespace-only documents are skipped.
     Raises :class:`DataSourceError` for a missing path, a source without documents, or rows without
-    ``text_field``.
+    ``text_field``. A long document is held whole here; :func:`iter_document_pieces` streams it.
+    """
+    parts: list[str] = []
+    for piece, end in iter_document_pieces(source, text_field, split):
+        parts.append(piece)
+        if end:
+            yield "".join(parts)
+            parts = []
+
+
+def iter_document_pieces(
+    source: Any, text_field: str = "text", split: str = "file", *, chunk_chars: int = CHUNK_CHARS
+) -> Iterator[tuple[str, bool]]:
+    """The documents of ``source`` (as :func:`iter_documents`) as ``(piece, ends_document)`` pairs.
+
+    A document longer than ``chunk_chars`` characters comes in pieces cut before a space that follows a
+    non-space (see the module doc), so memory stays bounded whatever its length; joined, a document's
+    pieces are exactly the string :func:`iter_documents` gives.
     """
     if split not in SPLITS:
         raise DataSourceError(f"split={split!r} is not supported. Use one of {', '.join(SPLITS)}.")
+    if chunk_chars < 1:
+        raise ValueError(f"chunk_chars must be >= 1, got {chunk_chars}.")
     count = 0
-    for doc in _iter_raw(source, text_field, split):
-        if doc and not doc.isspace():
-            count += 1
-            yield doc
+    for piece, end in _cut_documents(_iter_raw(source, text_field, split, chunk_chars), chunk_chars):
+        count += end
+        yield piece, end
     if count == 0:
         raise DataSourceError(
             f"The data source {_describe(source)} has no documents (no non-empty text). "
@@ -89,15 +137,86 @@ def _describe(source: Any) -> str:
     return f"<{type(source).__name__}>"
 
 
-def _iter_raw(source: Any, text_field: str, split: str) -> Iterator[str]:
+# --- cutting documents into pieces ----------------------------------------------------------------
+def _cut_documents(segments: Iterable[tuple[str, bool]], chunk_chars: int) -> Iterator[tuple[str, bool]]:
+    """Regroups raw ``(text, ends_document)`` segments into pieces of about ``chunk_chars`` characters.
+
+    Drops empty and whitespace-only documents (one whose leading whitespace exceeds the span limit is
+    kept: deciding would need it whole).
+    """
+    max_span = _MAX_SPAN * chunk_chars
+    parts: list[str] = []
+    size = 0
+    has_text = False
+    for text, end in segments:
+        if text:
+            parts.append(text)
+            size += len(text)
+            has_text = has_text or not text.isspace()
+        if end:
+            if has_text or size > max_span:
+                pieces, rest = _cut("".join(parts), chunk_chars, final=True)
+                for piece in pieces:
+                    yield piece, False
+                yield rest, True
+            parts, size, has_text = [], 0, False
+        elif size > chunk_chars and (has_text or size > max_span):
+            pieces, rest = _cut("".join(parts), chunk_chars, final=False)
+            for piece in pieces:
+                yield piece, False
+            parts, size = [rest], len(rest)
+
+
+def _cut(text: str, chunk_chars: int, *, final: bool) -> tuple[list[str], str]:
+    """Cuts ``text`` into pieces of about ``chunk_chars`` at clean cuts; returns them and the rest."""
+    max_span = _MAX_SPAN * chunk_chars
+    pieces: list[str] = []
+    start = 0
+    while len(text) - start > chunk_chars:
+        limit = start + chunk_chars
+        cut = _last_clean_cut(text, start, limit)
+        if cut < 0:
+            match = _CLEAN_CUT.search(text, limit, start + max_span)
+            if match:
+                cut = match.start()
+            elif len(text) - start > max_span:
+                cut = _fallback_cut(text, start, limit)
+            else:
+                break  # short enough to stay whole, or (not final) a clean cut may still come
+        pieces.append(text[start:cut])
+        start = cut
+    return pieces, text[start:]
+
+
+def _last_clean_cut(text: str, start: int, limit: int) -> int:
+    """The last index in (start, limit] holding a space after a non-space, or -1."""
+    index = text.rfind(" ", start + 1, limit + 1)
+    while index > start:
+        if not text[index - 1].isspace():
+            return index
+        index = text.rfind(" ", start + 1, index)
+    return -1
+
+
+def _fallback_cut(text: str, start: int, limit: int) -> int:
+    """A cut in a stretch without spaces: after the last line break followed by a word character, else ``limit``."""
+    best = -1
+    for match in _LINE_CUT.finditer(text, start + 1, limit + 1):
+        best = match.start()
+    return best if best > start else limit
+
+
+# --- raw segments of each kind of source ----------------------------------------------------------
+def _iter_raw(source: Any, text_field: str, split: str, chunk_chars: int) -> Iterator[tuple[str, bool]]:
     if isinstance(source, (str, os.PathLike)):
-        yield from _iter_path(Path(source), text_field, split)
+        yield from _iter_path(Path(source), text_field, split, chunk_chars)
         return
     if _is_hf_dataset(source):
-        yield from _iter_hf_dataset(source, text_field, _describe(source))
+        for text in _iter_hf_dataset(source, text_field, _describe(source)):
+            yield text, True
         return
     if callable(source):
-        yield from _iter_raw(source(), text_field, split)
+        yield from _iter_raw(source(), text_field, split, chunk_chars)
         return
     if isinstance(source, bytes) or not isinstance(source, Iterable):
         raise DataSourceError(
@@ -105,9 +224,9 @@ def _iter_raw(source: Any, text_field: str, split: str) -> Iterator[str]:
         )
     for index, item in enumerate(source):
         if isinstance(item, str):
-            yield item
+            yield item, True
         elif isinstance(item, dict):
-            yield _field(item, text_field, f"{_describe(source)} item {index}")
+            yield _field(item, text_field, f"{_describe(source)} item {index}"), True
         else:
             raise DataSourceError(
                 f"The data source {_describe(source)} yielded a {type(item).__name__} at item {index}; "
@@ -130,47 +249,27 @@ def _field(row: dict, text_field: str, where: str) -> str:
     return value
 
 
-def _iter_path(path: Path, text_field: str, split: str) -> Iterator[str]:
+def _iter_path(path: Path, text_field: str, split: str, chunk_chars: int) -> Iterator[tuple[str, bool]]:
     if not path.exists():
-        raise DataSourceError(
-            f"The data source '{path}' does not exist. Check the path (relative paths are resolved "
-            f"from {os.getcwd()})."
-        )
+        raise missing_path_error(path)
     if path.is_dir():
         if any((path / marker).is_file() for marker in _DATASET_MARKERS):
-            yield from _iter_saved_dataset(path, text_field)
+            for text in _iter_saved_dataset(path, text_field):
+                yield text, True
         else:
-            yield from _iter_folder(path, text_field, split)
-    elif _is_jsonl(path):
-        yield from _iter_jsonl(path, text_field)
+            yield from _iter_folder(path, text_field, split, chunk_chars)
+    elif is_jsonl(path):
+        for text in _iter_jsonl(path, text_field):
+            yield text, True
     else:
-        try:
-            yield from _iter_text_file(path, split)
-        except UnicodeDecodeError as error:
-            raise DataSourceError(
-                f"'{path}' is not UTF-8 text ({error.reason} at byte {error.start}). "
-                "Convert it to UTF-8, or point at a folder (undecodable files there are skipped)."
-            ) from None
-
-
-def _is_jsonl(path: Path) -> bool:
-    name = path.name.lower()
-    return name.endswith((".jsonl", ".jsonl.gz", ".ndjson"))
+        yield from _iter_text_file(path, split, chunk_chars)
 
 
 def _iter_jsonl(path: Path, text_field: str) -> Iterator[str]:
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataSourceError(f"'{path}' line {number} is not valid JSON ({error.msg}).") from None
-            if not isinstance(row, dict):
-                raise DataSourceError(f"'{path}' line {number}: expected a JSON object per line.")
-            yield _field(row, text_field, f"'{path}' line {number}")
+    for number, offset, raw in iter_jsonl_lines(path):
+        text = jsonl_row_text(raw, path, number, offset, text_field)
+        if text is not None:
+            yield text
 
 
 def _looks_binary(path: Path) -> bool:
@@ -180,27 +279,80 @@ def _looks_binary(path: Path) -> bool:
         return b"\0" in handle.read(8192)
 
 
-def _iter_text_file(path: Path, split: str) -> Iterator[str]:
+def _iter_text_file(path: Path, split: str, chunk_chars: int) -> Iterator[tuple[str, bool]]:
+    """Segments of a UTF-8 text file, read in blocks of about ``chunk_chars`` bytes.
+
+    ``split="file"`` keeps the text as it is; the line splits read with universal newlines (``\\r\\n`` and
+    ``\\r`` become ``\\n``), as Python's text files do.
+    """
+    chunks = iter_decoded(path, block_bytes=max(chunk_chars, 4096))
     if split == "file":
-        yield path.read_bytes().decode("utf-8-sig")
+        for text in chunks:
+            yield text, False
+        yield "", True
         return
-    with open(path, encoding="utf-8-sig") as handle:
-        if split == "line":
-            for line in handle:
-                yield line.rstrip("\r\n")
-            return
-        paragraph: list[str] = []
-        for line in handle:
-            if line.strip():
-                paragraph.append(line)
-            elif paragraph:
-                yield "".join(paragraph).rstrip("\r\n")
-                paragraph = []
-        if paragraph:
-            yield "".join(paragraph).rstrip("\r\n")
+    lines = _iter_lines(_universal_newlines(chunks))
+    if split == "line":
+        yield from lines
+        return
+    yield from _iter_paragraphs(lines)
 
 
-def _iter_folder(folder: Path, text_field: str, split: str) -> Iterator[str]:
+def _universal_newlines(chunks: Iterable[str]) -> Iterator[str]:
+    held = ""
+    for text in chunks:
+        text = held + text
+        held = ""
+        if text.endswith("\r"):
+            text, held = text[:-1], "\r"
+        yield text.replace("\r\n", "\n").replace("\r", "\n")
+    if held:
+        yield "\n"
+
+
+def _iter_lines(chunks: Iterable[str]) -> Iterator[tuple[str, bool]]:
+    """``(text, ends_line)`` segments; a line's ``\\n`` is left out."""
+    open_line = False
+    for text in chunks:
+        *complete, rest = text.split("\n")
+        for line in complete:
+            yield line, True
+        if rest:
+            yield rest, False
+        open_line = bool(rest) or (open_line and not complete)
+    if open_line:
+        yield "", True
+
+
+def _iter_paragraphs(lines: Iterable[tuple[str, bool]]) -> Iterator[tuple[str, bool]]:
+    """Runs of non-blank lines joined by ``\\n``; a blank (whitespace-only) line ends a paragraph."""
+    in_paragraph = False
+    held: list[str] = []  # the current line while it is only whitespace (it may be a blank line)
+    held_size = 0
+    blank = True
+    for text, ends_line in lines:
+        if blank:
+            held.append(text)
+            held_size += len(text)
+            if (text and not text.isspace()) or held_size > _MAX_SPAN * CHUNK_CHARS:
+                blank = False
+                if in_paragraph:
+                    yield "\n", False
+                for part in held:
+                    yield part, False
+                in_paragraph = True
+        else:
+            yield text, False
+        if ends_line:
+            if blank and in_paragraph:
+                yield "", True
+                in_paragraph = False
+            held, held_size, blank = [], 0, True
+    if in_paragraph:
+        yield "", True
+
+
+def _iter_folder(folder: Path, text_field: str, split: str, chunk_chars: int) -> Iterator[tuple[str, bool]]:
     skipped: list[str] = []
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
@@ -208,19 +360,15 @@ def _iter_folder(folder: Path, text_field: str, split: str) -> Iterator[str]:
             path = Path(root) / name
             if name.startswith(".") or not path.is_file():
                 continue
-            if _is_jsonl(path):
-                yield from _iter_jsonl(path, text_field)
+            if is_jsonl(path):
+                for text in _iter_jsonl(path, text_field):
+                    yield text, True
                 continue
-            if _looks_binary(path):
+            # A bad file is skipped as a whole, so it is decoded once before anything of it is yielded.
+            if _looks_binary(path) or not _is_utf8(path):
                 skipped.append(str(path))
                 continue
-            try:
-                # Decode fully before yielding anything so that a bad file is skipped as a whole.
-                docs = list(_iter_text_file(path, split)) if split != "file" else [_decode(path)]
-            except UnicodeDecodeError:
-                skipped.append(str(path))
-                continue
-            yield from docs
+            yield from _iter_text_file(path, split, chunk_chars)
     if skipped:
         logger.warning(
             "cpt-plugin: skipped %d binary or non-UTF-8 file(s) in '%s' (first: %s).",
@@ -230,8 +378,13 @@ def _iter_folder(folder: Path, text_field: str, split: str) -> Iterator[str]:
         )
 
 
-def _decode(path: Path) -> str:
-    return path.read_bytes().decode("utf-8-sig")
+def _is_utf8(path: Path) -> bool:
+    try:
+        for _ in iter_decoded(path):
+            pass
+    except DataSourceError:
+        return False
+    return True
 
 
 def _is_hf_dataset(source: Any) -> bool:
@@ -276,6 +429,108 @@ def _iter_hf_dataset(dataset: Any, text_field: str, where: str) -> Iterator[str]
 
 
 # ------------------------------------------------------------------------------------------------
+# Tokenizing
+# ------------------------------------------------------------------------------------------------
+def _wants_bos(tokenizer: Any) -> bool:
+    """True when the tokenizer adds BOS by itself (Llama, Gemma), so each document should start with it."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    try:
+        ids = tokenizer("a")["input_ids"]
+    except Exception:  # noqa: BLE001 - a tokenizer that can't encode "a" gets no BOS
+        return False
+    return bool(ids) and ids[0] == bos
+
+
+def tokenize_documents(
+    docs: Iterable[str], tokenizer: Any, *, add_bos: bool | None = None, batch_size: int = 256
+) -> Iterator[list[int]]:
+    """Tokenizes documents in batches (fast tokenizers parallelize a batch) without special tokens.
+
+    BOS is prepended when ``add_bos`` is True, or (``None``) when the tokenizer adds one by itself;
+    EOS is appended later by :func:`pack_documents`. Documents without tokens are left out.
+    """
+    pieces = ((doc, True) for doc in docs)
+    for ids, _ in tokenize_pieces(pieces, tokenizer, add_bos=add_bos, batch_size=batch_size):
+        yield ids
+
+
+def tokenize_pieces(
+    pieces: Iterable[tuple[str, bool]],
+    tokenizer: Any,
+    *,
+    add_bos: bool | None = None,
+    batch_size: int = 256,
+    batch_chars: int = _BATCH_CHARS,
+) -> Iterator[tuple[list[int], bool]]:
+    """Tokenizes ``(piece, ends_document)`` pairs into ``(token ids, ends_document)`` pairs.
+
+    A piece after a document's first is tokenized behind an anchor (the last word of the piece before
+    it) whose tokens are then dropped, so the tokens equal those of the whole document when the cut is
+    clean (see the module doc). Batches hold at most ``batch_size`` pieces and about ``batch_chars``
+    characters. Documents without tokens are left out; BOS starts a document as in
+    :func:`tokenize_documents`; the last pair of every document is non-empty.
+    """
+    if add_bos is None:
+        add_bos = _wants_bos(tokenizer)
+    prefix = [tokenizer.bos_token_id] if add_bos else []
+    iterator = iter(pieces)
+    anchor = ""  # the anchor for the next piece; "" at a document start
+    started = False  # the current document has yielded tokens
+    held: list[int] | None = None  # the document's latest tokens, held to mark the document's end
+    while True:
+        batch: list[tuple[str, str, bool]] = []
+        chars = 0
+        for piece, end in iterator:
+            batch.append((piece, anchor, end))
+            anchor = "" if end else _anchor(piece)
+            chars += len(piece)
+            if len(batch) >= batch_size or chars >= batch_chars:
+                break
+        if not batch:
+            return
+        texts = [a + p for p, a, _ in batch]
+        anchors = [a for _, a, _ in batch if a]
+        encoded = _encode(tokenizer, texts + anchors)
+        anchor_ids = iter(encoded[len(texts) :])
+        for (piece, anchor_text, end), ids in zip(batch, encoded, strict=False):
+            ids = list(ids)
+            if anchor_text:
+                drop = next(anchor_ids)
+                if ids[: len(drop)] == drop:
+                    ids = ids[len(drop) :]
+                else:  # the anchor merged into the piece: the cut was not clean
+                    ids = list(_encode(tokenizer, [piece])[0])
+            if ids:
+                if not started:
+                    ids = prefix + ids
+                    started = True
+                if held is not None:
+                    yield held, False
+                held = ids
+            if end:
+                if held is not None:
+                    yield held, True
+                held, started = None, False
+
+
+def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    if not texts:
+        return []
+    return tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+
+
+def _anchor(piece: str) -> str:
+    """The last word of ``piece`` (at most a few characters), the left context of the next piece."""
+    tail = piece[-_ANCHOR_CHARS:]
+    start = len(tail)
+    while start > 0 and not tail[start - 1].isspace():
+        start -= 1
+    return tail[start:] or tail
+
+
+# ------------------------------------------------------------------------------------------------
 # Packing
 # ------------------------------------------------------------------------------------------------
 def pack_documents(
@@ -295,31 +550,60 @@ def pack_documents(
     The final partial block is dropped (``drop_last=True``, the default) or padded with
     ``pad_token_id`` (default: EOS), label -100, as a separate position segment.
     """
+    pieces = ((doc, True) for doc in token_id_docs if len(doc))
+    yield from pack_pieces(pieces, block_size, eos_token_id, drop_last=drop_last, pad_token_id=pad_token_id)
+
+
+def pack_pieces(
+    pieces: Iterable[tuple[Sequence[int], bool]],
+    block_size: int,
+    eos_token_id: int,
+    *,
+    drop_last: bool = True,
+    pad_token_id: int | None = None,
+) -> Iterator[dict[str, list[int]]]:
+    """:func:`pack_documents` for documents that come in ``(token ids, ends_document)`` pieces.
+
+    Positions run on across a document's pieces (restarting at block starts), so a document packs the
+    same whether it comes whole or in pieces.
+    """
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}.")
     ids: list[int] = []
     labels: list[int] = []
     positions: list[int] = []
-    for doc in token_id_docs:
-        doc = list(doc)
-        if not doc:
+    position = 0
+    at_start = True  # the next piece starts a document
+    last: int | None = None  # the document's last token so far
+    for piece, end in pieces:
+        piece = list(piece)
+        if end and (piece[-1] if piece else last) != eos_token_id and (piece or last is not None):
+            piece.append(eos_token_id)
+        if not piece:
+            at_start, last = (True, None) if end else (at_start, last)
             continue
-        if doc[-1] != eos_token_id:
-            doc.append(eos_token_id)
-        doc_labels = doc.copy()
-        doc_labels[0] = IGNORE_INDEX
+        piece_labels = piece.copy()
+        if at_start:
+            piece_labels[0] = IGNORE_INDEX
+            position = 0
+        last = piece[-1]
         offset = 0
-        while offset < len(doc):
-            take = min(block_size - len(ids), len(doc) - offset)
-            ids.extend(doc[offset : offset + take])
-            labels.extend(doc_labels[offset : offset + take])
-            # A piece starts either at a document start or at a block start: positions restart at 0.
-            positions.extend(range(take))
+        while offset < len(piece):
+            if not ids:
+                position = 0  # a block start is a new attention window
+            take = min(block_size - len(ids), len(piece) - offset)
+            ids.extend(piece[offset : offset + take])
+            labels.extend(piece_labels[offset : offset + take])
+            positions.extend(range(position, position + take))
+            position += take
             offset += take
             if len(ids) == block_size:
                 labels[0] = IGNORE_INDEX
                 yield {"input_ids": ids, "labels": labels, "position_ids": positions}
                 ids, labels, positions = [], [], []
+        at_start = end
+        if end:
+            last = None
     if ids and not drop_last:
         missing = block_size - len(ids)
         pad = eos_token_id if pad_token_id is None else pad_token_id
@@ -352,43 +636,80 @@ def mix_replay(
     ``new_docs`` through and never touches ``replay_docs``. With ``with_source=True`` yields
     ``(doc, is_replay)`` pairs.
     """
+
+    def as_pieces(docs: Iterable[Sequence[int]]) -> Iterator[tuple[Sequence[int], bool]]:
+        return ((doc, True) for doc in docs if len(doc))
+
+    replay = (lambda: as_pieces(replay_docs())) if callable(replay_docs) else _Pieces(replay_docs)
+    new = ((doc, True) for doc in new_docs)
+    for doc, _, is_replay in mix_replay_pieces(new, replay, replay_ratio, seed):
+        yield (doc, is_replay) if with_source else doc
+
+
+class _Pieces:
+    """A re-iterable view of tokenized documents as one-piece documents."""
+
+    def __init__(self, docs: Iterable[Sequence[int]]) -> None:
+        self.docs = docs
+
+    def __iter__(self) -> Iterator[tuple[Sequence[int], bool]]:
+        return ((doc, True) for doc in self.docs if len(doc))
+
+
+def mix_replay_pieces(
+    new: Iterable[tuple[Sequence[int], bool]],
+    replay: Iterable[tuple[Sequence[int], bool]] | Callable[[], Iterable[tuple[Sequence[int], bool]]],
+    replay_ratio: float,
+    seed: int,
+) -> Iterator[tuple[Sequence[int], bool, bool]]:
+    """:func:`mix_replay` over documents in ``(token ids, ends_document)`` pieces; yields ``(ids, end, is_replay)``.
+
+    The source of the next document is chosen at each document start, from the token counts so far, so a
+    long document is passed on piece by piece without being held.
+    """
     if not 0 <= replay_ratio < 1:
         raise ValueError(f"replay_ratio must be in [0, 1), got {replay_ratio!r}.")
     if replay_ratio == 0:
-        for doc in new_docs:
-            yield (doc, False) if with_source else doc
+        for ids, end in new:
+            yield ids, end, False
         return
     rng = random.Random(seed)
-    replay_iter = _restartable(replay_docs)
-    new_iter = iter(new_docs)
+    replay_iter = _restartable(replay)
+    new_iter = iter(new)
     replay_tokens = total_tokens = docs_seen = 0
     while True:
         mean_len = total_tokens / docs_seen if docs_seen else 0.0
         jitter = (rng.random() - 0.5) * mean_len
         take_replay = replay_tokens + jitter < replay_ratio * total_tokens
-        if take_replay:
-            doc = next(replay_iter)
-        else:
-            doc = next(new_iter, None)
-            if doc is None:
-                return
-        length = len(doc)
+        source = replay_iter if take_replay else new_iter
+        length = 0
+        first = True
+        while True:
+            item = next(source, None)
+            if item is None:
+                if first:
+                    return  # the new corpus ended (the replay one never does)
+                break
+            ids, end = item
+            first = False
+            length += len(ids)
+            yield ids, end, take_replay
+            if end:
+                break
         total_tokens += length
         replay_tokens += length if take_replay else 0
         docs_seen += 1
-        yield (doc, take_replay) if with_source else doc
 
 
-def _restartable(docs: Any) -> Iterator[Any]:
-    """Cycles ``docs`` forever, re-iterating it when it runs out (warned once)."""
+def _restartable(pieces: Any) -> Iterator[Any]:
+    """Cycles ``pieces`` forever, re-iterating it when it runs out (warned once)."""
     warned = False
     while True:
-        iterable = docs() if callable(docs) else docs
+        iterable = pieces() if callable(pieces) else pieces
         empty = True
-        for doc in iterable:
-            if len(doc):
-                empty = False
-                yield doc
+        for item in iterable:
+            empty = False
+            yield item
         if empty:
             raise DataSourceError(
                 "The replay corpus gave no documents"
@@ -407,40 +728,6 @@ def _restartable(docs: Any) -> Iterator[Any]:
 # ------------------------------------------------------------------------------------------------
 # The training dataset
 # ------------------------------------------------------------------------------------------------
-def _wants_bos(tokenizer: Any) -> bool:
-    """True when the tokenizer adds BOS by itself (Llama, Gemma), so each document should start with it."""
-    bos = getattr(tokenizer, "bos_token_id", None)
-    if bos is None:
-        return False
-    try:
-        ids = tokenizer("a")["input_ids"]
-    except Exception:  # noqa: BLE001 - a tokenizer that can't encode "a" gets no BOS
-        return False
-    return bool(ids) and ids[0] == bos
-
-
-def tokenize_documents(
-    docs: Iterable[str], tokenizer: Any, *, add_bos: bool | None = None, batch_size: int = 256
-) -> Iterator[list[int]]:
-    """Tokenizes documents in batches (fast tokenizers parallelize a batch) without special tokens.
-
-    BOS is prepended when ``add_bos`` is True, or (``None``) when the tokenizer adds one by itself;
-    EOS is appended later by :func:`pack_documents`.
-    """
-    if add_bos is None:
-        add_bos = _wants_bos(tokenizer)
-    prefix = [tokenizer.bos_token_id] if add_bos else []
-    iterator = iter(docs)
-    while True:
-        batch = list(itertools.islice(iterator, batch_size))
-        if not batch:
-            return
-        encoded = tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]
-        for ids in encoded:
-            if ids:
-                yield prefix + list(ids)
-
-
 def _shard_info(shard_by_rank: bool) -> tuple[int, int]:
     """(index, count) of this reader among DataLoader workers (and distributed ranks when asked)."""
     info = torch.utils.data.get_worker_info()
@@ -451,18 +738,30 @@ def _shard_info(shard_by_rank: bool) -> tuple[int, int]:
     return rank * workers + worker, world * workers
 
 
+def _shard_pieces(pieces: Iterable[tuple[str, bool]], shard: int, shards: int) -> Iterator[tuple[str, bool]]:
+    """The pieces of documents ``shard``, ``shard + shards``, ... (round-robin by document)."""
+    index = 0
+    for piece, end in pieces:
+        if index % shards == shard:
+            yield piece, end
+        index += end
+
+
 class CPTDataset(torch.utils.data.IterableDataset):
     """Packed continued-pretraining blocks from raw text, with optional token-level replay.
 
     Streams ``source`` (anything :func:`iter_documents` reads) through the tokenizer into blocks of
-    ``max_seq_length`` tokens (see the module doc for the packing contract). Re-iterating gives the same
-    blocks in the same order, for the same number of DataLoader workers. With workers, documents are
-    dealt round-robin (document ``i`` goes to worker ``i % num_workers``), each worker packs its own,
-    so every block comes out exactly once. ``shard_by_rank=True`` also splits by distributed rank: leave
-    it off under HF Trainer / accelerate, which read an iterable dataset on rank 0 and dispatch batches.
-    ``shuffle_buffer > 0`` shuffles blocks through a seeded buffer of that many blocks.
+    ``max_seq_length`` tokens (see the module doc for the packing contract), in pieces of about
+    ``chunk_chars`` characters, so memory does not grow with the length of a document. Re-iterating
+    gives the same blocks in the same order, for the same number of DataLoader workers. With workers,
+    documents are dealt round-robin (document ``i`` goes to worker ``i % num_workers``), each worker packs
+    its own, so every block comes out exactly once. ``shard_by_rank=True`` also splits by distributed
+    rank: leave it off under HF Trainer / accelerate, which read an iterable dataset on rank 0 and
+    dispatch batches. ``shuffle_buffer > 0`` shuffles blocks through a seeded buffer of that many blocks.
     The source must be re-iterable (a path, a list, a datasets object, or a function returning a fresh
     iterator); a one-shot generator is refused because it could not be re-read on resume.
+    Path sources are checked at construction (:func:`~cpt_plugin.data_checks.validate_source`: exists,
+    UTF-8, JSONL rows with the text field; the first 64 MiB of each), so a bad line fails before step 1.
     """
 
     def __init__(
@@ -481,6 +780,7 @@ class CPTDataset(torch.utils.data.IterableDataset):
         shuffle_buffer: int = 0,
         shard_by_rank: bool = False,
         tokenize_batch_size: int = 256,
+        chunk_chars: int = CHUNK_CHARS,
     ) -> None:
         super().__init__()
         if getattr(tokenizer, "eos_token_id", None) is None:
@@ -496,6 +796,8 @@ class CPTDataset(torch.utils.data.IterableDataset):
             raise ValueError(
                 f"replay_ratio={replay_ratio} needs a replay_source (the previous-domain corpus)."
             )
+        if chunk_chars < 1:
+            raise ValueError(f"chunk_chars must be >= 1, got {chunk_chars}.")
         for name, value in (("source", source), ("replay_source", replay_source)):
             if _is_one_shot(value):
                 raise DataSourceError(
@@ -503,6 +805,9 @@ class CPTDataset(torch.utils.data.IterableDataset):
                     "source on every epoch and on resume. Pass a list, a path, a datasets object, or a "
                     "function that returns a fresh iterator."
                 )
+        validate_source(source, text_field, split)
+        if replay_ratio > 0:
+            validate_source(replay_source, text_field, split)
         self.source = source
         self.tokenizer = tokenizer
         self.max_seq_length = int(max_seq_length)
@@ -516,28 +821,30 @@ class CPTDataset(torch.utils.data.IterableDataset):
         self.shuffle_buffer = int(shuffle_buffer)
         self.shard_by_rank = shard_by_rank
         self.tokenize_batch_size = tokenize_batch_size
+        self.chunk_chars = int(chunk_chars)
 
     # --------------------------------------------------------------------------------------------
-    def _docs(self, source: Any, shard: int, shards: int) -> Iterator[list[int]]:
-        texts = iter_documents(source, self.text_field, self.split)
+    def _pieces(self, source: Any, shard: int, shards: int) -> Iterator[tuple[list[int], bool]]:
+        texts = iter_document_pieces(source, self.text_field, self.split, chunk_chars=self.chunk_chars)
         if shards > 1:
-            texts = itertools.islice(texts, shard, None, shards)
-        return tokenize_documents(
+            texts = _shard_pieces(texts, shard, shards)
+        return tokenize_pieces(
             texts, self.tokenizer, add_bos=self.add_bos, batch_size=self.tokenize_batch_size
         )
 
     def iter_blocks(self, shard: int = 0, shards: int = 1) -> Iterator[dict[str, list[int]]]:
         """The blocks of one shard (the whole corpus for ``shards=1``), as lists."""
-        docs: Iterable[list[int]] = self._docs(self.source, shard, shards)
+        pieces: Iterable[tuple[list[int], bool]] = self._pieces(self.source, shard, shards)
         if self.replay_ratio > 0:
-            docs = mix_replay(
-                docs,
-                lambda: self._docs(self.replay_source, shard, shards),
+            mixed = mix_replay_pieces(
+                pieces,
+                lambda: self._pieces(self.replay_source, shard, shards),
                 self.replay_ratio,
                 seed=self.seed + shard,
             )
-        blocks = pack_documents(
-            docs, self.max_seq_length, self.tokenizer.eos_token_id, drop_last=self.drop_last
+            pieces = ((ids, end) for ids, end, _ in mixed)
+        blocks = pack_pieces(
+            pieces, self.max_seq_length, self.tokenizer.eos_token_id, drop_last=self.drop_last
         )
         if self.shuffle_buffer > 0:
             blocks = _buffer_shuffle(
