@@ -1,6 +1,7 @@
 """setup_model: the one sequence every entry point runs on a built model.
 
-config → kernels patched into the model → PEFT recipe → checkpointing mode → memory options.
+config → pre-flight model checks → RoPE scaling → kernels patched into the model → PEFT recipe →
+checkpointing mode → memory options.
 The CLI, CPTCallback, the Axolotl plugin and auto-activation all call this; none carries its own copy.
 """
 
@@ -15,14 +16,16 @@ logger = logging.getLogger(__name__)
 
 
 def warn_if_context_too_long(model: Any, config: CPTConfig) -> None:
-    """max_seq_length beyond the trained context needs RoPE scaling, which must be set before loading."""
+    """max_seq_length beyond the trained context needs RoPE scaling (config.rope_scaling, applied by
+    setup_model to the loaded model, or apply_rope_scaling before loading)."""
     model_config = getattr(model, "config", None)
     trained = getattr(model_config, "max_position_embeddings", None)
     if trained and config.max_seq_length > trained and config.rope_scaling is None:
         logger.warning(
             "cpt-plugin: max_seq_length=%d is beyond the model's trained context (%d positions). Set "
-            "rope_scaling (e.g. {'rope_type': 'yarn', 'factor': %.1f}) so cpt-plugin scales RoPE when the "
-            "model is loaded (the CLI does it), or lower max_seq_length.",
+            "rope_scaling in the cpt-plugin config, e.g. CPTCallback(rope_scaling={'rope_type': 'yarn', "
+            "'factor': %.1f}): cpt-plugin then rescales the model's RoPE before training. Or lower "
+            "max_seq_length.",
             config.max_seq_length,
             trained,
             config.max_seq_length / trained,
@@ -36,13 +39,20 @@ def setup_model(model: Any, config: CPTConfig | dict | None = None, checkpointin
     changes nothing here: CPTCallback resolves it from TrainingArguments (offload when the Trainer
     checkpoints) before calling this function.
     """
+    from cpt_plugin.patching.registry import patch, warn_if_no_patcher
+    from cpt_plugin.preflight import check_causal_lm
     from cpt_plugin.recipe import prepare_model
 
     config = CPTConfig.coerce(config)
-    if config.enabled_kernels():
-        from cpt_plugin.patching.registry import patch
+    check_causal_lm(model)  # before anything changes the model: PEFT would fail deep inside
+    if config.rope_scaling is not None:
+        from cpt_plugin.long_context import apply_rope_scaling_to_model
 
+        apply_rope_scaling_to_model(model, config.max_seq_length, config.rope_scaling)
+    if config.enabled_kernels():
         patch(model, config)
+    else:
+        warn_if_no_patcher(model)  # the same one warning as patch() gives on a GPU
     warn_if_context_too_long(model, config)
     peft_model = prepare_model(model, config)
     if "fused_lora" in config.enabled_kernels():

@@ -136,3 +136,79 @@ def check_attention_implementation(model_config: Any, max_seq_length: int | None
     )
     warnings.warn(message, stacklevel=3)
     return message
+
+
+# --- on a model that is already built -----------------------------------------------------------------
+_PRE_LOAD_HINT = (
+    "Apply RoPE scaling to the config before loading instead: config = AutoConfig.from_pretrained(NAME); "
+    "cpt_plugin.long_context.apply_rope_scaling(config, max_seq_length, rope_scaling); "
+    "model = AutoModelForCausalLM.from_pretrained(NAME, config=config); and leave rope_scaling out of the "
+    "cpt-plugin config."
+)
+
+
+def _is_rotary(module: Any) -> bool:
+    """A rotary-embedding module: it holds RoPE inverse frequencies (``inv_freq``, or per layer type)."""
+    return any(
+        name == "inv_freq" or name.endswith("_inv_freq") for name, _ in module.named_buffers(recurse=False)
+    )
+
+
+def rope_scaling_in_effect(model_config: Any, max_seq_length: int, rope_scaling: dict[str, Any]) -> bool:
+    """True when ``model_config`` already has this scaling (e.g. set before loading, as the CLI does)."""
+    wanted = rope_scaling.get("rope_type", rope_scaling.get("type"))
+    for target in _rope_dicts(model_config)[2]:
+        if target.get("rope_type", target.get("type")) != wanted:
+            return False
+        if "factor" in rope_scaling and float(target.get("factor", 1.0)) != float(rope_scaling["factor"]):
+            return False
+    trained = getattr(model_config, "max_position_embeddings", None) or 0
+    return wanted == "dynamic" or trained >= max_seq_length
+
+
+def apply_rope_scaling_to_model(model: Any, max_seq_length: int, rope_scaling: dict[str, Any]) -> str | None:
+    """Sets RoPE scaling on a model that is already built; returns what was done (None: already in effect).
+
+    Sound because RoPE scaling changes no weight: transformers' rotary-embedding modules compute their
+    inverse frequencies (and YaRN's attention factor) once, from the config, when they are built, and hold
+    them as non-persistent buffers. So the config is updated with :func:`apply_rope_scaling` and each
+    rotary module is rebuilt from it, which gives the same model as scaling the config before loading.
+    A model whose RoPE does not live in such a module raises a CPTConfigError pointing to the pre-load call.
+    """
+    from cpt_plugin.config import CPTConfigError
+
+    rotary = [(name, module) for name, module in model.named_modules() if _is_rotary(module)]
+    where = (
+        f"{type(model).__name__} (model_type {getattr(getattr(model, 'config', None), 'model_type', None)!r})"
+    )
+    if not rotary:
+        raise CPTConfigError(
+            f"cpt-plugin config 'rope_scaling': {where} has no rotary position embedding module to scale (it "
+            "may not use RoPE). Remove rope_scaling, or, if its RoPE is computed elsewhere: " + _PRE_LOAD_HINT
+        )
+    if any(getattr(module, "config", None) is None for _, module in rotary):
+        raise CPTConfigError(
+            f"cpt-plugin config 'rope_scaling': the rotary embedding of {where} is not built from its config, "
+            "so cpt-plugin cannot rescale it on the loaded model. " + _PRE_LOAD_HINT
+        )
+    configs = list({id(module.config): module.config for _, module in rotary}.values())
+    pending = [c for c in configs if not rope_scaling_in_effect(c, max_seq_length, rope_scaling)]
+    if not pending:
+        return None
+    message = None
+    for model_config in pending:
+        message = apply_rope_scaling(model_config, max_seq_length, rope_scaling)
+    for name, module in rotary:
+        device = next((buffer.device for buffer in module.buffers(recurse=False)), None)
+        try:
+            rebuilt = type(module)(module.config)
+        except Exception as error:  # noqa: BLE001 - any failure means: use the pre-load call
+            raise CPTConfigError(
+                f"cpt-plugin config 'rope_scaling': could not rebuild {type(module).__name__} of {where} from "
+                f"the scaled config ({error}). " + _PRE_LOAD_HINT
+            ) from error
+        rebuilt.to(device)
+        parent_name, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, leaf, rebuilt)
+    logger.info("cpt-plugin: rebuilt %d rotary embedding module(s) of the loaded model.", len(rotary))
+    return message

@@ -52,11 +52,32 @@ def embeddings_tied(model: nn.Module) -> bool:
     return model.get_input_embeddings().weight is output_embeddings.weight
 
 
+def _is_conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2 family): a linear layer whose weight is stored (in, out)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, Conv1D)
+
+
 def _is_linear(module: nn.Module) -> bool:
-    if isinstance(module, nn.Linear):
+    if isinstance(module, nn.Linear) or _is_conv1d(module):
         return True
     # bitsandbytes' Linear4bit/Linear8bitLt subclass nn.Linear; other quantized layers name themselves so
     return type(module).__name__ in {"Linear4bit", "Linear8bitLt", "QuantLinear"}
+
+
+def _targets_conv1d(model: nn.Module, targets: list[str]) -> bool:
+    """True when every targeted layer is a Conv1D: PEFT then needs ``fan_in_fan_out=True``.
+
+    Mixed models are left to PEFT, which flips the flag per layer (with a warning).
+    """
+    leafs = set(targets)
+    kinds = {
+        _is_conv1d(module)
+        for name, module in model.named_modules()
+        if name and (name.split(".")[-1] in leafs or name in leafs) and _is_linear(module)
+    }
+    return kinds == {True}
 
 
 def resolve_target_modules(
@@ -65,7 +86,8 @@ def resolve_target_modules(
     """Returns (LoRA targets, names moved to full training).
 
     Default: the leaf names of every linear layer except the embeddings and lm_head (for Llama-style
-    models: q/k/v/o_proj and gate/up/down_proj). Embedding names that a user lists as LoRA targets
+    models: q/k/v/o_proj and gate/up/down_proj; for GPT-2's Conv1D layers: c_attn, c_proj, c_fc).
+    Embedding names that a user lists as LoRA targets
     (a habit from other tools' notebooks) are moved to full training.
     """
     input_name, output_name = _embedding_names(model)
@@ -144,8 +166,12 @@ def build_lora_config(model: nn.Module, config: CPTConfig) -> Any:
                 "(train_embeddings=True).",
                 ", ".join(moved),
             )
+        # Both names, tied or not: PEFT recognises a tied pair only by the names embed_tokens/lm_head in
+        # modules_to_save, so listing the input name alone (GPT-2's ``wte``) left lm_head on the frozen
+        # original. With ensure_weight_tying PEFT then keeps one shared copy; _tie_trained_copies covers
+        # the names PEFT does not know.
         for name in (input_name, output_name):
-            if name and not (tied and name == output_name):
+            if name and name.split(".")[-1] not in modules_to_save:
                 modules_to_save.append(name.split(".")[-1])
     return LoraConfig(
         r=config.lora_r,
@@ -153,11 +179,43 @@ def build_lora_config(model: nn.Module, config: CPTConfig) -> Any:
         lora_dropout=config.lora_dropout,
         use_rslora=config.use_rslora,
         target_modules=targets,
+        fan_in_fan_out=_targets_conv1d(model, targets),
         modules_to_save=modules_to_save or None,
         ensure_weight_tying=bool(tied and modules_to_save),
         bias="none",
         task_type="CAUSAL_LM",
     )
+
+
+def _trained_copy(module: Any) -> Any:
+    """The active trainable copy inside a PEFT ModulesToSaveWrapper (None for any other module)."""
+    copies = getattr(module, "modules_to_save", None)
+    adapter = getattr(module, "active_adapter", None)
+    if isinstance(adapter, (list, tuple)):
+        adapter = adapter[0] if adapter else None
+    if copies is None or adapter not in copies:
+        return None
+    return copies[adapter]
+
+
+def _tie_trained_copies(peft_model: Any) -> None:
+    """Makes the trained input-embedding copy and lm_head copy one parameter, as they were in the base.
+
+    PEFT does this itself for the usual names; for other names it would leave two copies that drift
+    apart from the first step (and a merge would then break the model's tying).
+    """
+    embed, head = peft_model.get_input_embeddings(), peft_model.get_output_embeddings()
+    embed_copy, head_copy = _trained_copy(embed), _trained_copy(head)
+    if embed_copy is None:
+        return  # embeddings not trained: base weights stay tied and frozen
+    if head_copy is None:
+        raise CPTConfigError(
+            "cpt-plugin: the base model ties its input embeddings and lm_head, but PEFT wrapped only the "
+            f"input embeddings ({type(embed).__name__}) and not lm_head ({type(head).__name__}); training would "
+            "untie them. Set train_embeddings=False, or report this model type to cpt-plugin."
+        )
+    if head_copy.weight is not embed_copy.weight:
+        head_copy.weight = embed_copy.weight
 
 
 def prepare_model(model: nn.Module, config: CPTConfig | dict | None = None, **overrides: Any) -> Any:
@@ -174,8 +232,14 @@ def prepare_model(model: nn.Module, config: CPTConfig | dict | None = None, **ov
             "(before get_peft_model), or unload the adapter first with model.merge_and_unload() / "
             "model.get_base_model(); cpt-plugin sets up LoRA and the embeddings itself."
         )
+    from cpt_plugin.preflight import check_causal_lm
+
+    check_causal_lm(model)
+    tied = embeddings_tied(model)
     lora_config = build_lora_config(model, config)
     peft_model = get_peft_model(model, lora_config)
+    if tied:
+        _tie_trained_copies(peft_model)
     peft_model.cpt_config = config
     if config.train_embeddings:
         from cpt_plugin.embedding_precision import apply_trained_embeddings_dtype

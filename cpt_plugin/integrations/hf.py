@@ -67,8 +67,18 @@ class CPTCallback(TrainerCallback):
         install_trainer_hooks()
 
     # --- called by the Trainer hooks -------------------------------------------------------------
-    def prepare_model_for_trainer(self, model: Any, args: Any) -> Any:
-        """Kernels, the PEFT recipe and checkpointing, applied to the model before the Trainer stores it."""
+    def prepare_model_for_trainer(self, model: Any, args: Any, trainer_arguments: Any = None) -> Any:
+        """Kernels, the PEFT recipe and checkpointing, applied to the model before the Trainer stores it.
+
+        ``trainer_arguments`` (the Trainer's constructor arguments by name) feed the pre-flight checks:
+        tokenizer vs embedding size, replay that the dataset would not do.
+        """
+        from cpt_plugin.preflight import check_trainer_inputs
+
+        given = dict(trainer_arguments or {})
+        tokenizer = given.get("processing_class", given.get("tokenizer"))
+        check_trainer_inputs(self.config, model, tokenizer, given.get("train_dataset"))
+        self._replay_checked = given.get("train_dataset") is not None
         if getattr(model, "cpt_config", None) is not None:
             return model  # already prepared (e.g. a second Trainer over the same model)
         check_output_dir(getattr(args, "output_dir", None))
@@ -115,4 +125,10 @@ class CPTCallback(TrainerCallback):
                 "cpt-plugin: the Trainer's model was not prepared by CPTCallback (was the callback added "
                 "after the Trainer was built?). Pass it in Trainer(..., callbacks=[CPTCallback()])."
             )
+        from cpt_plugin.preflight import check_replay, check_tokenizer_fits
+
+        if model is not None:  # the tokenizer a trainer loaded itself (TRL) is known only now
+            check_tokenizer_fits(model, kwargs.get("processing_class"))
+        if not getattr(self, "_replay_checked", False):  # train_dataset not given at construction
+            check_replay(self.config, getattr(kwargs.get("train_dataloader"), "dataset", None))
         return control

@@ -17,7 +17,8 @@ _AUTO: dict[str, Any] = {}  # {"config": CPTConfig} when auto-activation is on
 
 
 def set_auto_config(config: Any) -> None:
-    """Auto-activation: every Trainer without a CPTCallback gets one built from ``config``."""
+    """Auto-activation: every Trainer without a CPTCallback that auto-activation can serve gets one built
+    from ``config`` (a CPTConfig, or a function returning one, called at Trainer construction)."""
     if config is None:
         _AUTO.clear()
     else:
@@ -56,13 +57,16 @@ def install_trainer_hooks() -> None:
         bound = init_signature.bind_partial(self, *args, **kwargs)
         callback = find_cpt_callback(bound.arguments.get("callbacks"))
         if callback is None and "config" in _AUTO:
-            from cpt_plugin.integrations.hf import CPTCallback
+            from cpt_plugin.integrations.auto import auto_callback
 
-            callback = CPTCallback(_AUTO["config"])
-            bound.arguments["callbacks"] = [*(bound.arguments.get("callbacks") or []), callback]
+            callback = auto_callback(self, bound.arguments, _AUTO["config"])  # None: left untouched
+            if callback is not None:
+                bound.arguments["callbacks"] = [*(bound.arguments.get("callbacks") or []), callback]
         model = bound.arguments.get("model")
         if callback is not None and model is not None:
-            bound.arguments["model"] = callback.prepare_model_for_trainer(model, bound.arguments.get("args"))
+            bound.arguments["model"] = callback.prepare_model_for_trainer(
+                model, bound.arguments.get("args"), bound.arguments
+            )
         originals["__init__"](*bound.args, **bound.kwargs)
 
     @functools.wraps(originals["create_optimizer"])

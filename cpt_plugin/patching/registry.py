@@ -129,8 +129,9 @@ class Registry:
             return
         self._warned.add(key)
         warnings.warn(
-            f"cpt-plugin has no kernel patcher for model_type {model_type!r}; the model runs unchanged. "
-            f"Supported: {', '.join(self.model_types())}.",
+            f"cpt-plugin: no kernels for this architecture: there is no kernel patcher for model_type "
+            f"{model_type!r}, so it trains unpatched (plain PyTorch). Kernels exist for: "
+            f"{', '.join(self.model_types())}.",
             UserWarning,
             stacklevel=3,
         )
@@ -179,6 +180,17 @@ def patch(target: str | nn.Module, config: Any = None, **kernel_switches: bool) 
     report = patcher.patch(model, kernels)
     logger.info("%s", report)
     return report
+
+
+def warn_if_no_patcher(target: nn.Module) -> bool:
+    """The one "no kernels for this architecture" warning, also where no kernel is switched on (CPU),
+    so a user learns it before moving to a GPU. True when the model's type has no patcher."""
+    registry = get_registry()
+    model_type = _model_type(_base_model(target))
+    if model_type and registry.get(model_type) is not None:
+        return False
+    registry.warn_unknown(model_type)
+    return True
 
 
 def unpatch(target: str | nn.Module | None = None) -> None:
