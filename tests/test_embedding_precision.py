@@ -144,3 +144,60 @@ def test_bfloat16_sr_resume_is_bit_identical(tmp_path) -> None:
     assert any(p.dtype == torch.bfloat16 for p in final)
     for a, b in zip(final, again, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+def test_embedding_optimizer_state_bytes_on_cuda() -> None:
+    """Llama-1B embedding shapes (128256 x 2048, tied): the embedding group's optimizer-state bytes and the
+    optimizer step's time for each dtype / embedding optimizer. Analytic state bytes per parameter:
+    8 (fp32 AdamW), 4 (bf16 moments), 2 + 8/256 (8-bit blockwise)."""
+    import time
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    pytest.importorskip("bitsandbytes")
+    shape = LlamaConfig(
+        hidden_size=2048, intermediate_size=256, num_hidden_layers=1, num_attention_heads=16,
+        num_key_value_heads=4, vocab_size=128256, tie_word_embeddings=True,
+    )  # fmt: skip
+    expected = {  # bytes of optimizer state per embedding parameter
+        ("float32", "adamw"): 8,
+        ("bfloat16_sr", "adamw"): 4,
+        ("float32", "adamw_8bit"): 2 + 8 / 256,
+        ("bfloat16_sr", "adamw_8bit"): 2 + 8 / 256,
+    }
+    measured = {}
+    for (dtype, embedding_optimizer), per_param in expected.items():
+        torch.manual_seed(0)
+        base = LlamaForCausalLM(shape).to(device="cuda", dtype=torch.bfloat16)
+        config = CPTConfig(
+            lora_r=16, trained_embeddings_dtype=dtype, embedding_optimizer=embedding_optimizer, kernels=False
+        )
+        model = prepare_model(base, config)
+        optimizer = create_optimizer(model, config, learning_rate=2e-4)
+        ids = torch.randint(0, shape.vocab_size, (1, 256), device="cuda")
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()  # states exist after the first step
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(3):
+            optimizer.step()
+        torch.cuda.synchronize()
+        step_ms = (time.perf_counter() - start) / 3 * 1e3
+        group = next(g for g in optimizer.param_groups if g["cpt_group"] == "embeddings")
+        (weight,) = group["params"]
+        state_bytes = sum(
+            t.numel() * t.element_size()
+            for t in optimizer.state[weight].values()
+            if isinstance(t, torch.Tensor)
+        )
+        measured[dtype, embedding_optimizer] = (state_bytes / 2**30, step_ms)
+        print(
+            f"{dtype:12s} {embedding_optimizer:11s} embedding state {state_bytes / 2**30:.3f} GiB "
+            f"({state_bytes / weight.numel():.2f} B/param), weight {weight.dtype}, optimizer step {step_ms:.1f} ms"
+        )
+        assert state_bytes / weight.numel() == pytest.approx(per_param, rel=0.01)
+        del model, base, optimizer, weight, group
+        torch.cuda.empty_cache()
+    saved = measured["float32", "adamw"][0] - measured["float32", "adamw_8bit"][0]
+    assert saved == pytest.approx(262_668_288 * (8 - 2 - 8 / 256) / 2**30, rel=0.01)  # 1.46 GiB
