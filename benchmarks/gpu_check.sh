@@ -14,18 +14,23 @@
 #   longctx       Llama-3.2-1B shapes at batch 1 x LONGCTX_SHAPES: ours (recompute / offload) vs HF and the
 #                 activation offloading of transformers >= 5.24, TRL and Axolotl; on the carried newest
 #                 transformers (.whl/tf524) when it imports there, else on the image's
-#   qlora         Mistral-7B shapes, QLoRA recipe (NF4, r=32, AdamW8bit) at batch 1 x QLORA_SHAPES
+#   qlora         Mistral-7B shapes, QLoRA recipe (NF4, r=32, AdamW8bit) at batch 1 x QLORA_SHAPES, Unsloth included
+#   profile       torch.profiler over two steps after warm-up of PROFILE_SYSTEMS (default cpt_offload) on
+#                 PROFILE_WORKLOAD at PROFILE_SHAPE: top-30 kernels and the share of dtype copies ($OUT/profile)
 #   qlora_maxctx  one-step probes of QLORA_MAXCTX_SYSTEMS (default cpt_offload) on the QLoRA workload from
 #                 QLORA_MAXCTX_START to _CAP, bisected down to QLORA_MAXCTX_GRANULARITY tokens
 #   tf524tests    `pytest -m gpu` again on the carried newest transformers
 LONGCTX_SYSTEMS=${LONGCTX_SYSTEMS:-hf,hf_offload,trl_offload,axolotl_offload,cpt,cpt_offload_only,cpt_offload}
 LONGCTX_SHAPES=${LONGCTX_SHAPES:-1x16384,1x32768}
-QLORA_SYSTEMS=${QLORA_SYSTEMS:-hf,cpt,cpt_offload_only,cpt_offload}
+QLORA_SYSTEMS=${QLORA_SYSTEMS:-hf,unsloth,cpt,cpt_offload_only,cpt_offload}
 QLORA_SHAPES=${QLORA_SHAPES:-1x8192,1x32768}
 QLORA_MAXCTX_START=${QLORA_MAXCTX_START:-131072}
 QLORA_MAXCTX_CAP=${QLORA_MAXCTX_CAP:-131072}
 QLORA_MAXCTX_SYSTEMS=${QLORA_MAXCTX_SYSTEMS:-cpt_offload}
 QLORA_MAXCTX_GRANULARITY=${QLORA_MAXCTX_GRANULARITY:-16384}
+PROFILE_SYSTEMS=${PROFILE_SYSTEMS:-cpt_offload}
+PROFILE_WORKLOAD=${PROFILE_WORKLOAD:-llama-1b}
+PROFILE_SHAPE=${PROFILE_SHAPE:-4x2048}
 set -uo pipefail
 T0=$(date +%s)
 OUT=${OUT:-outputs/gpu_check}
@@ -50,7 +55,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || echo "WARNING: installing the carried wheels failed"
 else
-  echo "WARNING: no .whl/ folder: liger-kernel rows will be 'unavailable' (run bash ../shared/tools/prepare_device_wheels.sh)"
+  echo "WARNING: no .whl/ folder: liger-kernel and unsloth rows will be 'unavailable' (run bash ../shared/tools/prepare_device_wheels.sh unsloth==2026.10.9 unsloth_zoo==2026.10.9)"
 fi
 export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
 # The newest transformers (+ peft) beside the image's, used by the longctx and tf524tests stages only.
@@ -117,6 +122,14 @@ for stage in $STAGES; do
       note "$stage: exit ${PIPESTATUS[0]}"
       timeout 30 python3 -m benchmarks.report "$OUT/$stage" --summary | tail -30 || true
       ;;
+    profile)
+      t=$(left)
+      if (( t < 60 )); then note "profile: skipped (time budget)"; continue; fi
+      echo "== profile of $PROFILE_SYSTEMS (timeout ${t}s)"
+      timeout -k 10 "$t" python3 -m benchmarks.profile_step --systems "$PROFILE_SYSTEMS" --workload "$PROFILE_WORKLOAD" \
+        --shape "$PROFILE_SHAPE" --device "$DEVICE" --out "$OUT/profile" --timeout $(( t - 20 )) | tail -60
+      note "profile: exit ${PIPESTATUS[0]}"
+      ;;
     tf524tests)
       t=$(( $(left) < TESTS_TIMEOUT ? $(left) : TESTS_TIMEOUT ))
       if (( t < 20 )); then note "tf524tests: skipped (time budget)"; continue; fi
@@ -126,7 +139,7 @@ for stage in $STAGES; do
       note "tf524tests: exit $rc ($(grep -E '[0-9]+ (passed|failed)' "$OUT/gpu_tests_tf524.log" | tail -1))"
       ;;
     *)
-      note "unknown stage '$stage' (use tests, kernels, quick, full, longctx, qlora, qlora_maxctx, tf524tests)"
+      note "unknown stage '$stage' (use tests, kernels, quick, full, longctx, qlora, qlora_maxctx, profile, tf524tests)"
       ;;
   esac
 done

@@ -1,4 +1,5 @@
-"""Markdown tables (ratios against HF), PNGs and the docs/BENCHMARKS.md section from the results JSON.
+"""Markdown tables (ratios against HF, and for cpt-plugin rows against Unsloth measured in the same run),
+PNGs and the docs/BENCHMARKS.md section from the results JSON.
 
   python -m benchmarks.report DIR [--docs docs/BENCHMARKS.md] [--summary]
 
@@ -20,6 +21,9 @@ from benchmarks.hw import PACKAGES
 from benchmarks.search import memory_slope_kib_per_token
 
 BASELINE = "hf"
+# cpt-plugin rows are also compared with Unsloth: checkpointed rows with its default (offloaded)
+# checkpointing, rows without checkpointing with its no-checkpointing system.
+UNSLOTH_GC, UNSLOTH_NOGC = "unsloth", "unsloth_nogc"
 
 
 def load(out_dir: str | Path) -> dict[str, Any]:
@@ -83,10 +87,13 @@ def environment_lines(data: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _baseline(rows: list[dict[str, Any]], row: dict[str, Any]) -> dict[str, Any] | None:
+def _baseline(
+    rows: list[dict[str, Any]], row: dict[str, Any], system: str = BASELINE
+) -> dict[str, Any] | None:
+    """The ok row of ``system`` (default: HF) with the same workload and shape, or None."""
     for other in rows:
         if (
-            other["system"] == BASELINE
+            other["system"] == system
             and other.get("status") == "ok"
             and other["workload"] == row["workload"]
             and other["batch"] == row["batch"]
@@ -96,14 +103,37 @@ def _baseline(rows: list[dict[str, Any]], row: dict[str, Any]) -> dict[str, Any]
     return None
 
 
+def unsloth_reference(row: dict[str, Any]) -> str | None:
+    """The Unsloth system a cpt-plugin row is compared with (None for other systems)."""
+    if not row["system"].startswith("cpt"):
+        return None
+    mode = ((row.get("info") or {}).get("cpt_config") or {}).get("gradient_checkpointing")
+    if mode is None:  # no info (a failed row): the variant's name says it
+        mode = "off" if "nogc" in row["system"] else "recompute"
+    return UNSLOTH_NOGC if mode == "off" else UNSLOTH_GC
+
+
+def _unsloth_ratio(rows: list[dict[str, Any]], row: dict[str, Any], key: str) -> str:
+    """'1.21x': ``row[key]`` over the same-run Unsloth row's (see unsloth_reference); '–' where none."""
+    ref = unsloth_reference(row)
+    other = (_baseline(rows, row, ref) or {}) if ref else {}
+    return _ratio(row.get(key) if row.get("status") == "ok" else None, other.get(key))
+
+
+def _vs_unsloth(rows: list[dict[str, Any]], row: dict[str, Any], key: str) -> str:
+    """'1.21x (unsloth)', naming the Unsloth system compared with; '–' where there is none."""
+    ratio = _unsloth_ratio(rows, row, key)
+    return f"{ratio} ({unsloth_reference(row)})" if ratio != "–" else ratio
+
+
 def train_table(data: dict[str, Any]) -> list[str]:
     rows = data.get("train", [])
     if not rows:
         return []
     out = [
-        "| workload | batch × seq | system | tokens/s | vs HF | MFU | peak alloc (GiB) | vs HF | "
-        "peak reserved (GiB) | trainable params | status |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| workload | batch × seq | system | tokens/s | vs HF | vs Unsloth | MFU | peak alloc (GiB) | vs HF | "
+        "vs Unsloth | peak reserved (GiB) | trainable params | status |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         base = _baseline(rows, r) or {}
@@ -113,11 +143,19 @@ def train_table(data: dict[str, Any]) -> list[str]:
         trainable = (r.get("info") or {}).get("trainable_params")
         out.append(
             f"| {r['workload']} | {r['batch']} × {r['seq']} | {r['system']} | {_f(tps, ',.0f')} | "
-            f"{_ratio(tps, base.get('tokens_per_s'))} | {_f(r.get('mfu', None) and 100 * r['mfu'], '.1f', '%')} | "
+            f"{_ratio(tps, base.get('tokens_per_s'))} | {_vs_unsloth(rows, r, 'tokens_per_s')} | "
+            f"{_f(r.get('mfu', None) and 100 * r['mfu'], '.1f', '%')} | "
             f"{_f(peak)} | {_ratio(peak, base.get('peak_allocated_gib'))} | "
+            f"{_vs_unsloth(rows, r, 'peak_allocated_gib')} | "
             f"{_f(r.get('peak_reserved_gib') if ok else None)} | {_f(trainable and trainable / 1e6, '.1f', 'M')} | "
             f"{_status(r)} |"
         )
+    if any(unsloth_reference(r) for r in rows):
+        out += [
+            "",
+            f"vs Unsloth: each cpt-plugin row against Unsloth in the same run — `{UNSLOTH_GC}` (its offloaded "
+            f"checkpointing) for rows with checkpointing, `{UNSLOTH_NOGC}` for rows without.",
+        ]
     return out
 
 
@@ -202,8 +240,10 @@ def slope_table(data: dict[str, Any]) -> list[str]:
         for s in seqs:
             r = by_seq.get(s)
             base = (_baseline(train_rows, r) or {}) if r else {}
+            vs_unsloth = _vs_unsloth(train_rows, r, "tokens_per_s") if r else "–"
             speeds.append(
-                f"{_f(r['tokens_per_s'], ',.0f')} ({_ratio(r['tokens_per_s'], base.get('tokens_per_s'))})"
+                f"{_f(r['tokens_per_s'], ',.0f')} ({_ratio(r['tokens_per_s'], base.get('tokens_per_s'))}"
+                + (f"; {vs_unsloth} vs Unsloth)" if vs_unsloth != "–" else ")")
                 if r
                 else "–"
             )
@@ -449,7 +489,13 @@ def summary(data: dict[str, Any]) -> str:
                 f"{r['workload']:>10} {r['batch']}x{r['seq']:<6} {r['system']:<12} {r['tokens_per_s']:>9,.0f} tok/s "
                 f"({_ratio(r['tokens_per_s'], base.get('tokens_per_s'))})  peak {_f(r.get('peak_allocated_gib'))} GiB "
                 f"({_ratio(r.get('peak_allocated_gib'), base.get('peak_allocated_gib'))})  "
-                f"MFU {_f(r.get('mfu', None) and 100 * r['mfu'], '.1f', '%')}  "
+                + (
+                    f"vs {unsloth_reference(r)} {_unsloth_ratio(rows, r, 'tokens_per_s')} tok/s, "
+                    f"{_unsloth_ratio(rows, r, 'peak_allocated_gib')} peak  "
+                    if _unsloth_ratio(rows, r, "tokens_per_s") != "–"
+                    else ""
+                )
+                + f"MFU {_f(r.get('mfu', None) and 100 * r['mfu'], '.1f', '%')}  "
                 f"loss {r['losses'][0]:.3f}->{r['losses'][-1]:.3f}"
             )
         else:

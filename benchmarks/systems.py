@@ -4,8 +4,12 @@
   gradient checkpointing, fused AdamW with two parameter groups.
 - ``liger``: Liger-Kernel's patch for the family (fused linear cross-entropy, RMSNorm, SwiGLU, RoPE)
   applied before the model is built, then exactly the ``hf`` set-up.
-- ``cpt`` / ``cpt_offload``: cpt-plugin's own path (patch -> build -> prepare_model -> checkpointing ->
-  create_optimizer), recomputing / offloading checkpointed activations (+ tiled MLP for the latter).
+- ``unsloth`` / ``unsloth_nogc``: Unsloth as its users write it (benchmarks/unsloth_system.py): the same
+  random-weight model saved once to a local folder, ``FastLanguageModel.from_pretrained`` +
+  ``get_peft_model`` with its offloaded checkpointing (``"unsloth"``) or none; unavailable without unsloth.
+- ``cpt`` / ``cpt_offload`` / ``cpt_nogc``: cpt-plugin's own path (patch -> build -> prepare_model ->
+  checkpointing -> create_optimizer), recomputing / offloading checkpointed activations (+ tiled MLP for
+  the offload one) / no checkpointing (to compare with ``unsloth_nogc``).
 - ``hf_offload`` / ``trl_offload`` / ``axolotl_offload``: the ``hf`` set-up with the activation offloading
   that other tools ship, for side-by-side long-context runs: transformers >= 5.24
   ``activation_checkpointing_enable(offload=True)`` (``save_on_cpu`` around each checkpoint, copies on the
@@ -35,7 +39,10 @@ import torch
 
 from benchmarks.workloads import EMBEDDING_LR, LORA_ALPHA, LORA_LR, LORA_TARGETS, Workload
 
-SYSTEMS = ("hf", "liger", "cpt", "cpt_offload")  # the default run order
+# Unsloth systems -> their get_peft_model(use_gradient_checkpointing=...) value.
+UNSLOTH_SYSTEMS: dict[str, str | bool] = {"unsloth": "unsloth", "unsloth_nogc": False}
+# The default run order; each cpt-plugin row is compared with the Unsloth row of its checkpointing mode.
+SYSTEMS = ("hf", "liger", "unsloth", "unsloth_nogc", "cpt_nogc", "cpt", "cpt_offload")
 # On request (--systems): offload alone (to compare with recompute), and other tools' activation offloading.
 OFFLOAD_COMPETITORS = ("hf_offload", "trl_offload", "axolotl_offload")
 EXTRA_SYSTEMS = ("cpt_offload_only", *OFFLOAD_COMPETITORS)
@@ -45,6 +52,7 @@ CPT_VARIANTS: dict[str, dict[str, Any]] = {
     "cpt": dict(gradient_checkpointing="recompute", tiled_mlp=False),
     "cpt_offload": dict(gradient_checkpointing="offload", tiled_mlp=True, offload_embeddings=True),
     "cpt_offload_only": dict(gradient_checkpointing="offload", tiled_mlp=False, offload_embeddings=False),
+    "cpt_nogc": dict(gradient_checkpointing="off", tiled_mlp=False, offload_embeddings=False),
 }
 
 LIGER_PATCHERS = {
@@ -139,7 +147,10 @@ def quantize_decoder_linears_4bit(model: torch.nn.Module) -> int:
     return count
 
 
-def _build_model(workload: Workload, device: str, dtype: torch.dtype, seed: int) -> torch.nn.Module:
+def _build_model(
+    workload: Workload, device: str, dtype: torch.dtype, seed: int, quantize: bool | None = None
+) -> torch.nn.Module:
+    """The workload's random-weight model; ``quantize`` (default: the recipe's) makes the decoder NF4."""
     from transformers import AutoModelForCausalLM
 
     config = workload.make_config()
@@ -147,7 +158,7 @@ def _build_model(workload: Workload, device: str, dtype: torch.dtype, seed: int)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
     init_base_weights(model, seed)
-    if workload.recipe.quantize_4bit:
+    if workload.recipe.quantize_4bit if quantize is None else quantize:
         quantize_decoder_linears_4bit(model)
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
@@ -318,7 +329,8 @@ def _build_cpt(system: str, workload: Workload, device: str, dtype: torch.dtype,
         model = _build_model(workload, device, dtype, seed)
         if workload.recipe.quantize_4bit:
             model = _prepare_kbit(system, model)
-        _enable_hf_checkpointing(model)
+        if cfg.gradient_checkpointing != "off":
+            _enable_hf_checkpointing(model)
         stage = "setup_model"
         from cpt_plugin import setup_model
 
@@ -336,11 +348,21 @@ def _build_cpt(system: str, workload: Workload, device: str, dtype: torch.dtype,
 
 
 def build_system(
-    system: str, workload: Workload, device: str, dtype: torch.dtype = torch.bfloat16, seed: int = 0
+    system: str,
+    workload: Workload,
+    device: str,
+    dtype: torch.dtype = torch.bfloat16,
+    seed: int = 0,
+    max_seq_length: int | None = None,
 ) -> Built:
-    """Builds ``system`` on ``workload``; raises SystemUnavailable when it cannot exist here."""
+    """Builds ``system`` on ``workload``; raises SystemUnavailable when it cannot exist here.
+    ``max_seq_length`` (the longest sequence it will see) is what Unsloth's loader asks for."""
     if system in ("hf", "liger", *OFFLOAD_COMPETITORS):
         built = _build_hf(system, workload, device, dtype, seed)
+    elif system in UNSLOTH_SYSTEMS:
+        from benchmarks.unsloth_system import build_unsloth
+
+        built = build_unsloth(system, workload, device, dtype, seed, max_seq_length)
     elif system in CPT_VARIANTS:
         built = _build_cpt(system, workload, device, dtype, seed)
     else:

@@ -4,6 +4,7 @@ Modes:
   train   warm-up + timed steps at (batch, seq): tokens/s (median step), peak memory, losses
   probe   one training step at batch 1 (optimizer states created first): does it fit, and its peak memory
   matmul  the bf16 matmul rate (for MFU) and the environment (card, versions)
+  profile torch.profiler over a few steps after warm-up (benchmarks/profile_step.py writes the tables)
 Usage: python -m benchmarks.worker --json-args '{"mode": "train", "system": "hf", ...}'
 """
 
@@ -80,6 +81,12 @@ def _prime_optimizer(model, optimizer) -> None:
 
 
 def run_train(args: dict[str, Any]) -> dict[str, Any]:
+    from benchmarks.systems import UNSLOTH_SYSTEMS  # torch only: transformers is not imported yet
+
+    if args.get("system") in UNSLOTH_SYSTEMS:
+        from benchmarks.unsloth_system import preimport_unsloth
+
+        preimport_unsloth()  # before transformers and peft, as Unsloth requires
     import torch
 
     from benchmarks.hw import synchronize
@@ -94,7 +101,7 @@ def run_train(args: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"workload_built": workload.name}
     torch.manual_seed(seed)
     try:
-        built = build_system(args["system"], workload, device, seed=seed)
+        built = build_system(args["system"], workload, device, seed=seed, max_seq_length=seq)
     except SystemUnavailable as exc:
         return {**out, "status": "unavailable", "error": str(exc)[:2000]}
     out["info"] = built.info
@@ -154,6 +161,10 @@ def main(argv: list[str] | None = None) -> int:
             result = run_train(args)
         elif args["mode"] == "matmul":
             result = run_matmul(args)
+        elif args["mode"] == "profile":
+            from benchmarks.profile_step import run_profile
+
+            result = run_profile(args)
         else:
             raise ValueError(f"unknown mode {args['mode']!r}")
     except Exception as exc:  # noqa: BLE001 - the harness records it

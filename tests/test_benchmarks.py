@@ -20,7 +20,7 @@ def test_parse_shapes_and_suite_defaults(tmp_path):
     with pytest.raises(Exception, match="bad shape"):
         run.parse_shapes("4by2048")
     args = run.resolve_args(["--suite", "quick", "--out", str(tmp_path)])
-    assert args.systems == ["hf", "liger", "cpt", "cpt_offload"]
+    assert args.systems == ["hf", "liger", "unsloth", "unsloth_nogc", "cpt_nogc", "cpt", "cpt_offload"]
     assert args.workloads == ["llama-1b"] and args.shapes == ((4, 2048),)
     assert args.maxctx_workloads == ["llama-1b"] and args.warmup >= 3 and args.steps >= 10
     full = run.resolve_args(
@@ -38,7 +38,7 @@ def test_parse_shapes_and_suite_defaults(tmp_path):
 
 def test_bad_system_name_is_an_argument_error():
     with pytest.raises(SystemExit):
-        run.resolve_args(["--systems", "hf,unsloth"])
+        run.resolve_args(["--systems", "hf,unslot"])
 
 
 def test_workload_configs_match_the_brief():
@@ -284,7 +284,7 @@ def test_report_tables_docs_and_summary(tmp_path):
     docs = tmp_path / "BENCHMARKS.md"
     docs.write_text("# Benchmarks\n\nintro text\n")
     md = report.write_report(tmp_path, docs)
-    assert "| llama-1b | 4 × 2048 | liger | 37,956 | 1.20x | 31.0% | 8.50 | 0.41x |" in md
+    assert "| llama-1b | 4 × 2048 | liger | 37,956 | 1.20x | – | 31.0% | 8.50 | 0.41x | – |" in md
     assert "73,728" in md and "77,824 (oom)" in md and "1843" in md
     assert "12.164 11.510 10.886 | 0.0100" in md
     assert "| swiglu (8192×14336) | liger | 0.450 | 1.73x |" in md and "unavailable: ImportError" in md
@@ -498,3 +498,211 @@ def test_memory_trace_finds_the_blocks_alive_at_the_peak() -> None:
     assert peak == 180 and {b["addr"] for b in blocks} == {1, 2, 3}
     assert frame_key(frames_a) == "kernels/rope.py:144 _out_like < mistral/modeling_mistral.py:9 forward"
     assert group_blocks(blocks) == [(frame_key(frames_a), 150, 2), ("(no python frame)", 30, 1)]
+
+
+# -- Unsloth as a system (CPU: the harness side, with a stand-in for the unsloth module) ------------
+
+
+def test_benchmark_modules_do_not_import_transformers():
+    """The worker must be able to import unsloth before transformers: nothing imported earlier may."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, benchmarks.worker, benchmarks.systems, benchmarks.unsloth_system, benchmarks.run, "
+        "benchmarks.report; print(sorted(m for m in ('transformers', 'peft', 'trl') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_unsloth_is_unavailable_without_unsloth(monkeypatch):
+    import sys
+
+    from benchmarks import unsloth_system
+    from benchmarks.worker import run_train
+
+    monkeypatch.setitem(sys.modules, "unsloth", None)  # `import unsloth` raises ImportError
+    monkeypatch.setattr(unsloth_system, "_import_error", None)
+    res = run_train(
+        {
+            "mode": "train",
+            "system": "unsloth_nogc",
+            "workload": "llama-1b",
+            "batch": 1,
+            "seq": 8,
+            "device": "cpu",
+        }
+    )
+    assert res["status"] == "unavailable" and "unsloth not importable" in res["error"], res
+
+
+def _fake_unsloth(calls: list):
+    """A stand-in for the unsloth module: loads the saved folder with transformers, LoRA with PEFT (the
+    embeddings as full copies, as Unsloth does with them in target_modules), and records the arguments."""
+    import types
+
+    class FastLanguageModel:
+        @staticmethod
+        def from_pretrained(**kwargs):
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            calls.append(("from_pretrained", kwargs))
+            model = AutoModelForCausalLM.from_pretrained(kwargs["model_name"], dtype=kwargs["dtype"])
+            return model, AutoTokenizer.from_pretrained(kwargs["model_name"])
+
+        @staticmethod
+        def get_peft_model(model, **kwargs):
+            from peft import LoraConfig, get_peft_model
+
+            calls.append(("get_peft_model", kwargs))
+            embeddings = [m for m in kwargs["target_modules"] if m in ("embed_tokens", "lm_head")]
+            config = LoraConfig(
+                r=kwargs["r"],
+                lora_alpha=kwargs["lora_alpha"],
+                lora_dropout=kwargs["lora_dropout"],
+                use_rslora=kwargs["use_rslora"],
+                target_modules=[m for m in kwargs["target_modules"] if m not in embeddings],
+                modules_to_save=embeddings or None,
+                task_type="CAUSAL_LM",
+            )
+            return get_peft_model(model, config)
+
+        @staticmethod
+        def for_training(model):
+            calls.append(("for_training", {}))
+            model.train()
+
+    module = types.ModuleType("unsloth")
+    module.FastLanguageModel = FastLanguageModel
+    return module
+
+
+def test_unsloth_system_with_a_fake_module(tmp_path, monkeypatch):
+    """Same saved model, Unsloth's documented arguments, deterministic LoRA init: HF's loss curve."""
+    import sys
+
+    import torch
+
+    from benchmarks import unsloth_system
+    from benchmarks.worker import run_train
+
+    calls: list = []
+    monkeypatch.setitem(sys.modules, "unsloth", _fake_unsloth(calls))
+    monkeypatch.setattr(unsloth_system, "_import_error", None)
+    monkeypatch.setattr(unsloth_system, "CACHE_ROOT", tmp_path)
+    args = {"mode": "train", "workload": "llama-1b", "batch": 2, "seq": 16, "device": "cpu"}
+    args.update(warmup=1, steps=1, seed=0)
+    res = run_train({**args, "system": "unsloth"})
+    hf = run_train({**args, "system": "hf"})
+    assert res["status"] == "ok" and hf["status"] == "ok", (res, hf)
+    saved = tmp_path / "tiny-llama-seed0"
+    assert (saved / "model.safetensors").exists() and (saved / unsloth_system.COMPLETE).exists()
+    assert (saved / "tokenizer.json").exists()
+    load, peft_args = calls[0][1], calls[1][1]
+    assert load == dict(model_name=str(saved), max_seq_length=16, dtype=torch.bfloat16, load_in_4bit=False)
+    assert peft_args == dict(
+        r=128,
+        lora_alpha=32.0,
+        lora_dropout=0,
+        target_modules=[
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+            "embed_tokens",
+            "lm_head",
+        ],
+        use_gradient_checkpointing="unsloth",
+        use_rslora=True,
+    )
+    assert calls[2][0] == "for_training"
+    assert res["info"]["param_group_lrs"] == hf["info"]["param_group_lrs"] == [5e-5, 5e-6]
+    assert res["info"]["unsloth_args"]["use_gradient_checkpointing"] == "unsloth"
+    assert res["losses"] == pytest.approx(hf["losses"], abs=1e-5)
+    # A second Unsloth system of the same call reuses the saved folder.
+    stamp = (saved / "model.safetensors").stat().st_mtime_ns
+    again = run_train({**args, "system": "unsloth_nogc", "mode": "probe"})
+    assert again["status"] == "ok" and calls[-2][1]["use_gradient_checkpointing"] is False
+    assert (saved / "model.safetensors").stat().st_mtime_ns == stamp
+    assert again["losses"][0] == pytest.approx(res["losses"][0], abs=1e-5)
+
+
+def test_unsloth_qlora_arguments():
+    from benchmarks.unsloth_system import load_kwargs, peft_kwargs
+
+    workload = WORKLOADS["tiny-mistral-qlora"]
+    assert load_kwargs(workload, run.Path("/x"), 8192)["load_in_4bit"] is True
+    lora = peft_kwargs("unsloth_nogc", workload)
+    assert (
+        lora["r"] == 32 and "embed_tokens" not in lora["target_modules"] and len(lora["target_modules"]) == 7
+    )
+    assert lora["use_gradient_checkpointing"] is False
+
+
+def test_report_compares_cpt_rows_with_the_unsloth_row_of_their_checkpointing(tmp_path):
+    def row(system, tps, peak, mode=None):
+        info = {"cpt_config": {"gradient_checkpointing": mode}} if mode else {}
+        return {
+            "system": system,
+            "workload": "llama-1b",
+            "batch": 4,
+            "seq": 2048,
+            "status": "ok",
+            "tokens_per_s": tps,
+            "peak_allocated_gib": peak,
+            "losses": [12.0, 11.0],
+            "info": info,
+        }
+
+    rows = [
+        row("hf", 30000.0, 20.0),
+        row("unsloth", 40000.0, 6.0),
+        row("unsloth_nogc", 60000.0, 14.0),
+        row("cpt_nogc", 72000.0, 14.0, "off"),
+        row("cpt_offload", 48000.0, 6.3, "offload"),
+    ]
+    data = {"meta": {"suite": "quick", "device": "cuda"}, "train": rows}
+    table = "\n".join(report.train_table(data))
+    assert "| cpt_nogc | 72,000 | 2.40x | 1.20x (unsloth_nogc) |" in table
+    assert "| cpt_offload | 48,000 | 1.60x | 1.20x (unsloth) |" in table and "1.05x (unsloth)" in table
+    assert "| unsloth | 40,000 | 1.33x | – |" in table
+    text = report.summary(data)
+    assert "vs unsloth_nogc 1.20x tok/s, 1.00x peak" in text and "vs unsloth 1.20x tok/s, 1.05x peak" in text
+
+
+def test_cpt_nogc_trains_without_checkpointing():
+    from benchmarks.systems import build_system
+    from benchmarks.worker import run_train
+
+    built = build_system("cpt_nogc", resolve_workload("llama-1b", "cpu"), "cpu")
+    flags = {m.gradient_checkpointing for m in built.model.modules() if hasattr(m, "gradient_checkpointing")}
+    assert flags == {False} and built.info["cpt_config"]["gradient_checkpointing"] == "off"
+    args = {"mode": "train", "workload": "llama-1b", "batch": 2, "seq": 16, "device": "cpu"}
+    res = run_train({**args, "warmup": 1, "steps": 1, "system": "cpt_nogc"})
+    assert res["status"] == "ok" and all(math.isfinite(x) for x in res["losses"]), res
+
+
+def test_profile_step_writes_the_kernel_table_and_copy_counts(tmp_path):
+    from benchmarks.profile_step import run_profile
+
+    args = {
+        "system": "hf",
+        "workload": "llama-1b",
+        "batch": 1,
+        "seq": 16,
+        "device": "cpu",
+        "out": str(tmp_path),
+    }
+    res = run_profile({**args, "warmup": 1, "steps": 1})
+    assert res["status"] == "ok", res
+    copies = json.loads((tmp_path / "hf_profile.json").read_text())["copy_ops"]
+    assert set(copies) == {"aten::copy_", "aten::to", "aten::_to_copy"}
+    assert copies["aten::to"]["count_per_step"] > 0  # autocast casts, even on the CPU
+    text = (tmp_path / "hf_profile.txt").read_text()
+    assert "Top 30 GPU kernels" in text and "aten::_to_copy" in text and "ms/step on the host" in text

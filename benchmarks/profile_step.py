@@ -1,0 +1,203 @@
+"""Where one training step's GPU time goes: torch.profiler over a few steps after warm-up, per system.
+
+  python -m benchmarks.profile_step --systems cpt_offload,unsloth [--workload llama-1b] [--shape 4x2048]
+                                    [--warmup 3] [--steps 2] [--out DIR] [--device cpu]
+
+Each system runs in its own process (the harness's worker, mode ``profile``), builds exactly what
+``benchmarks.run`` measures, trains ``--warmup`` steps, then profiles ``--steps`` steps. Writes per system
+DIR/<system>_profile.txt (the top-30 GPU kernels by time, the dtype-copy ops, and
+``key_averages().table(sort_by="cuda_time_total")``) and DIR/<system>_profile.json; DIR/profile.json holds
+every system's summary. The dtype-copy ops are aten::copy_, aten::to and aten::_to_copy: their counts per
+step and the device time under each (inclusive, so aten::to contains its aten::_to_copy and aten::copy_)
+as a share of all kernel time. On ``--device cpu`` the same runs on tiny models with CPU times only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+COPY_OPS = ("aten::copy_", "aten::to", "aten::_to_copy")
+TOP = 30
+
+
+def summarize(prof: Any, steps: int, cuda: bool) -> dict[str, Any]:
+    """Top kernels by device time and the dtype-copy ops' counts and shares, from a finished profile."""
+    from torch.autograd import DeviceType
+
+    kernels: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    for event in prof.events():
+        if getattr(event, "device_type", None) == DeviceType.CUDA:
+            entry = kernels[event.name]
+            entry[0] += 1
+            entry[1] += event.time_range.elapsed_us()
+    kernel_us = sum(us for _, us in kernels.values())
+    top = sorted(kernels.items(), key=lambda kv: kv[1][1], reverse=True)[:TOP]
+    averages = {avg.key: avg for avg in prof.key_averages()}
+    total_cpu_us = sum(getattr(a, "self_cpu_time_total", 0.0) for a in averages.values())
+    copies = {}
+    for name in COPY_OPS:
+        avg = averages.get(name)
+        device_us = float(getattr(avg, "device_time_total", 0.0)) if avg is not None else 0.0
+        cpu_us = float(getattr(avg, "cpu_time_total", 0.0)) if avg is not None else 0.0
+        copies[name] = {
+            "count": int(avg.count) if avg is not None else 0,
+            "count_per_step": (avg.count / steps) if avg is not None else 0.0,
+            "device_us": device_us,
+            "share_of_kernel_time": device_us / kernel_us if kernel_us else None,
+            "cpu_us": cpu_us,
+        }
+    return {
+        "steps_profiled": steps,
+        "kernel_time_us_per_step": kernel_us / steps,
+        "kernel_launches_per_step": sum(n for n, _ in kernels.values()) / steps,
+        "self_cpu_time_us_per_step": total_cpu_us / steps,
+        "top_kernels": [
+            {
+                "name": name,
+                "count": int(n),
+                "total_us": us,
+                "share": us / kernel_us if kernel_us else None,
+            }
+            for name, (n, us) in top
+        ],
+        "copy_ops": copies,
+        "table": prof.key_averages().table(
+            sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=TOP, max_name_column_width=60
+        ),
+    }
+
+
+def render_text(system: str, summary: dict[str, Any]) -> str:
+    """The human-readable profile of one system."""
+    steps = summary["steps_profiled"]
+    lines = [
+        f"# {system}: {steps} profiled steps; kernel time {summary['kernel_time_us_per_step'] / 1e3:.1f} ms "
+        f"per step, {summary['kernel_launches_per_step']:.0f} kernel launches per step",
+        "",
+        f"## Top {TOP} GPU kernels by time",
+        f"{'share':>7} {'total ms':>9} {'calls':>7}  kernel",
+    ]
+    for k in summary["top_kernels"]:
+        share = f"{100 * k['share']:6.1f}%" if k["share"] is not None else "      –"
+        lines.append(f"{share} {k['total_us'] / 1e3:9.2f} {k['count']:7d}  {k['name'][:140]}")
+    lines += ["", "## dtype copies (inclusive device time; aten::to contains _to_copy and copy_)"]
+    for name, c in summary["copy_ops"].items():
+        if c["share_of_kernel_time"] is None:  # no GPU kernels (a CPU run): host time instead
+            timing = f"{c['cpu_us'] / 1e3 / steps:8.2f} ms/step on the host"
+        else:
+            timing = (
+                f"{c['device_us'] / 1e3 / steps:8.2f} ms/step  "
+                f"{100 * c['share_of_kernel_time']:.1f}% of kernel time"
+            )
+        lines.append(f"{name:<16} {c['count_per_step']:8.0f} calls/step  {timing}")
+    lines += ["", "## key_averages", summary["table"]]
+    return "\n".join(lines) + "\n"
+
+
+def run_profile(args: dict[str, Any]) -> dict[str, Any]:
+    """The child process: build the system as the benchmark does, warm up, profile, write the files."""
+    from benchmarks.systems import UNSLOTH_SYSTEMS
+
+    system = args["system"]
+    if system in UNSLOTH_SYSTEMS:
+        from benchmarks.unsloth_system import preimport_unsloth
+
+        preimport_unsloth()  # before transformers
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from benchmarks.hw import synchronize
+    from benchmarks.systems import SystemUnavailable, build_system
+    from benchmarks.worker import batch_for_step, train_step
+    from benchmarks.workloads import resolve_workload
+
+    device = args.get("device", "cuda")
+    workload = resolve_workload(args["workload"], device)
+    batch, seq, seed = int(args["batch"]), int(args["seq"]), int(args.get("seed", 0))
+    warmup, steps = int(args.get("warmup", 3)), int(args.get("steps", 2))
+    torch.manual_seed(seed)
+    try:
+        built = build_system(system, workload, device, seed=seed, max_seq_length=seq)
+    except SystemUnavailable as exc:
+        return {"status": "unavailable", "error": str(exc)[:2000]}
+    cuda = device.startswith("cuda")
+
+    def step(i: int) -> None:
+        ids = batch_for_step(i, batch, seq, workload.vocab_size, seed).to(device)
+        train_step(built.model, built.optimizer, ids, device, built.step_context)
+
+    for i in range(warmup):
+        step(i)
+    synchronize(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for i in range(warmup, warmup + steps):
+            step(i)
+        synchronize(device)
+    summary = summarize(prof, steps, cuda)
+    out = Path(args["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{system}_profile.txt").write_text(render_text(system, summary))
+    record = {"system": system, "workload": workload.name, "batch": batch, "seq": seq, **summary}
+    record.pop("table")
+    (out / f"{system}_profile.json").write_text(json.dumps(record, indent=1))
+    return {"status": "ok", **record}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from benchmarks.run import parse_shapes, run_worker
+    from benchmarks.systems import EXTRA_SYSTEMS, SYSTEMS
+
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.profile_step",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--systems", default="cpt_offload", help="comma-separated, each in its own process")
+    parser.add_argument("--workload", default="llama-1b")
+    parser.add_argument("--shape", type=parse_shapes, default=((4, 2048),), help="BATCHxSEQ")
+    parser.add_argument("--warmup", type=int, default=3, help="steps before profiling (Unsloth compiles)")
+    parser.add_argument("--steps", type=int, default=2, help="steps profiled")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument("--out", default="outputs/profile")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds for all systems together")
+    args = parser.parse_args(argv)
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    for name in systems:
+        if name not in SYSTEMS + EXTRA_SYSTEMS:
+            parser.error(f"unknown system {name!r}; choose from {', '.join(SYSTEMS + EXTRA_SYSTEMS)}")
+    (batch, seq), out = args.shape[0], Path(args.out)
+    results, deadline = [], time.monotonic() + args.timeout
+    for i, system in enumerate(systems):
+        job = dict(
+            mode="profile",
+            system=system,
+            workload=args.workload,
+            batch=batch,
+            seq=seq,
+            warmup=args.warmup,
+            steps=args.steps,
+            seed=args.seed,
+            device=args.device,
+            out=str(out),
+        )
+        result = run_worker(job, (deadline - time.monotonic()) / (len(systems) - i))
+        results.append(result)
+        if result.get("status") == "ok":
+            print((out / f"{system}_profile.txt").read_text().split("## key_averages")[0], flush=True)
+        else:
+            print(f"# {system}: {result.get('status')}: {str(result.get('error', ''))[:300]}", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "profile.json").write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
