@@ -197,26 +197,24 @@ class CPTAdamW(torch.optim.AdamW):
                 state["exp_avg_sq"] = torch.zeros_like(param, dtype=moments)
         state["step"] += 1
         rounding = group["cpt_stochastic_rounding"] and param.dtype == torch.bfloat16
-        generator = (
-            self._generator(param.device, sr.rounding_seed(group["cpt_seed"], index, state["step"]))
-            if param.dtype == torch.bfloat16
-            else None
-        )
-        lr = float(group["lr"])
-        hyper = dict(step=state["step"], lr=lr, betas=group["betas"], eps=group["eps"])
+        seed = sr.rounding_seed(group["cpt_seed"], index, state["step"])
+        hyper = dict(
+            step=state["step"], lr=float(group["lr"]), betas=group["betas"], eps=group["eps"],
+            weight_decay=group["weight_decay"],
+        )  # fmt: skip
         if eight_bit:
             qmaps = self._qmaps.get(param.device)
             if qmaps is None:
                 qmaps = self._qmaps[param.device] = sr.dynamic_qmaps(param.device)
-            sr.adamw_8bit_step_(
-                param, param.grad, state, qmaps, **hyper, weight_decay=group["weight_decay"],
-                generator=generator if rounding else None,
-            )  # fmt: skip
+            generator = self._generator(param.device, seed) if rounding else None
+            sr.adamw_8bit_step_(param, param.grad, state, qmaps, **hyper, generator=generator)
+            return
+        moments = (state["exp_avg"], state["exp_avg_sq"])
+        if sr.fused_path_applies(param, param.grad, *moments):
+            sr.adamw_bf16_sr_fused_(param, param.grad, *moments, **hyper, seed=seed)
         else:
-            sr.adamw_step_(
-                param, param.grad, state["exp_avg"], state["exp_avg_sq"], **hyper,
-                weight_decay=group["weight_decay"], generator=generator,
-            )  # fmt: skip
+            generator = self._generator(param.device, seed) if param.dtype == torch.bfloat16 else None
+            sr.adamw_step_(param, param.grad, *moments, **hyper, generator=generator)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's loading, except that the state of our own groups keeps its dtypes (torch would cast

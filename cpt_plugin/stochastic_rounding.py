@@ -72,6 +72,82 @@ def _store(target: Tensor, value: Tensor, generator: torch.Generator) -> None:
         target.copy_(value)
 
 
+try:  # the fused GPU path; the chunked torch code below is its reference and the CPU path
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
+    triton = None
+
+if triton is not None:
+
+    @triton.jit
+    def _bf16_bits_to_fp32(bits16):
+        return (bits16.to(tl.int32) << 16).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _fp32_to_bf16_bits_stochastic(x, random):
+        bits = x.to(tl.int32, bitcast=True)
+        rounded = (bits + (random & 0xFFFF).to(tl.int32)) >> 16
+        finite = (bits & 0x7F800000) != 0x7F800000
+        special = tl.where(x != x, 0x7FC0, bits >> 16)  # inf keeps its bits, nan becomes the quiet nan
+        return tl.where(finite, rounded, special).to(tl.int16)
+
+    @triton.jit
+    def _adamw_bf16_sr_kernel(
+        w_ptr, g_ptr, m_ptr, v_ptr, n, seed, decay, beta1, beta2, step_size, bias_correction2_sqrt, eps,
+        BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        """One AdamW step over bf16 weight, grad and moments (all passed as int16 views: integer loads and
+        stores are exact everywhere), fp32 math, every result rounded stochastically (Philox, seed, offset)."""
+        offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offsets < n
+        w = _bf16_bits_to_fp32(tl.load(w_ptr + offsets, mask=mask))
+        g = _bf16_bits_to_fp32(tl.load(g_ptr + offsets, mask=mask))
+        m = _bf16_bits_to_fp32(tl.load(m_ptr + offsets, mask=mask))
+        v = _bf16_bits_to_fp32(tl.load(v_ptr + offsets, mask=mask))
+        w = w * decay
+        m = m + (1.0 - beta1) * (g - m)
+        v = v * beta2 + (1.0 - beta2) * g * g
+        w = w - step_size * m / (tl.sqrt(v) / bias_correction2_sqrt + eps)
+        r0, r1, r2, _ = tl.randint4x(seed, offsets)
+        tl.store(w_ptr + offsets, _fp32_to_bf16_bits_stochastic(w, r0), mask=mask)
+        tl.store(m_ptr + offsets, _fp32_to_bf16_bits_stochastic(m, r1), mask=mask)
+        tl.store(v_ptr + offsets, _fp32_to_bf16_bits_stochastic(v, r2), mask=mask)
+
+
+def fused_path_applies(*tensors: Tensor) -> bool:
+    """The Triton kernel runs for contiguous bf16 CUDA tensors (or any device under TRITON_INTERPRET)."""
+    import os
+
+    if triton is None or not all(t.dtype == torch.bfloat16 and t.is_contiguous() for t in tensors):
+        return False
+    return all(t.is_cuda for t in tensors) or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def adamw_bf16_sr_fused_(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    *,
+    step: int,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+    seed: int,
+    block: int = 1024,
+) -> None:
+    """adamw_step_ in one Triton pass for all-bf16 tensors; its random bits come from Philox(seed, offset)
+    rather than a torch generator (the torch path is the reference; both are unbiased)."""
+    n = param.numel()
+    _adamw_bf16_sr_kernel[(triton.cdiv(n, block),)](
+        param.view(torch.int16), grad.view(torch.int16), exp_avg.view(torch.int16), exp_avg_sq.view(torch.int16),
+        n, seed & ((1 << 31) - 1), 1.0 - lr * weight_decay, betas[0], betas[1], lr / (1 - betas[0] ** step),
+        math.sqrt(1 - betas[1] ** step), eps, BLOCK=block,
+    )  # fmt: skip
+
+
 def _chunks(n: int, size: int | None = None) -> list[tuple[int, int]]:
     size = size or CHUNK_ELEMENTS
     return [(start, min(start + size, n)) for start in range(0, n, size)]

@@ -179,3 +179,32 @@ def test_small_updates_survive_with_rounding(update: str) -> None:
         _steps(optimizer, [lora, emb], 2)
         moved[rounding] = (emb.detach() != before).float().mean().item()
     assert moved[True] > 2 * moved[False]
+
+
+def test_fused_triton_step_is_unbiased_and_seeded() -> None:
+    """The Triton kernel (interpreter on CPU): each result is one of the two bf16 neighbours of the fp32
+    AdamW result, the mean over copies is that result, and a seed gives the same bits twice."""
+    distinct, copies = 64, 500
+    base, grad, _, _ = _adam_tensors(distinct, torch.bfloat16, seed=2)
+    hyper = dict(HYPER, lr=2e-5)
+
+    def run(seed: int):
+        param, g = base.repeat(copies), grad.repeat(copies)
+        m, v = torch.zeros_like(param), torch.zeros_like(param)
+        assert sr.fused_path_applies(param, g, m, v)
+        sr.adamw_bf16_sr_fused_(param, g, m, v, step=1, **hyper, seed=seed)
+        return param, m, v
+
+    param, m, v = run(123)
+    zeros = torch.zeros(distinct)
+    expected = sr.adamw_step_reference(base, grad, zeros, zeros, step=1, **hyper)
+    ulp = base.double().abs() * 2**-7
+    for result, exact, scale in ((param, expected[0], ulp), (m, expected[1], None), (v, expected[2], None)):
+        rows = result.view(copies, distinct).double()
+        scale = exact.abs() * 2**-7 if scale is None else scale
+        assert ((rows - exact).abs() <= scale * 1.001).all()  # a bf16 neighbour of the fp32 result
+        assert ((rows.mean(0) - exact).abs() < 5 * scale * 0.5 / copies**0.5).all()
+    again, _, _ = run(123)
+    other, _, _ = run(124)
+    assert torch.equal(param.view(torch.int16), again.view(torch.int16))
+    assert not torch.equal(param.view(torch.int16), other.view(torch.int16))
