@@ -1,0 +1,668 @@
+"""The memory planner: per decoder layer keep / recompute / offload (+ tiled MLP), the fastest plan that fits.
+
+Design
+------
+**Where it plugs in.** ``core.setup_model`` with checkpointing ``auto`` (what a Trainer with
+``gradient_checkpointing=True`` and a CPTCallback gets, and what the benchmarks pass) calls
+:func:`install_planner`. That installs per-layer checkpointing (``checkpointing.enable_layer_plan``) with a
+:class:`MemoryPlanner` as the layers' observer. Nothing is decided before the first grad-enabled forward
+reaches layer 0, because only then is the batch's token count known. Integrations only read the plan's
+log (``pop_log``) and wrap the Trainer's ``training_step`` with ``oom_retry``.
+
+**When it plans.** At the start of layer 0's forward (before any layer ran in that forward, so changing the
+plan is safe):
+
+1. The first time: the budget is fixed (``memory_budget_gib``, or the device's free memory plus what this
+   process' allocator already holds, minus ``1 GiB + 5%`` for fragmentation and memory outside torch's
+   allocator), the static memory is measured, and a plan is chosen from the analytical model with an extra
+   15% headroom because the model is not calibrated yet.
+2. That step is the probe, at the real shape (CUDA only): ``memory_allocated`` at every layer start gives
+   what each layer keeps per token in its mode, and ``max_memory_allocated`` (peak statistics reset when
+   the probe starts) read when layer 0's parameters receive their gradients gives the peak.
+3. At the next forward the probe calibrates the model: the measured per-token bytes replace the modelled
+   ones for the modes that ran, and an additive per-token correction makes the prediction for the probed
+   plan equal its measured peak (loss transient, backward working set, allocator rounding). Then the plan
+   is chosen again with the normal headroom (5%).
+4. Later forwards re-plan when a batch has more tokens than the plan was made for (the plan is always for
+   the longest length seen, and calibrated again at it), or when the static memory moved by more than 2%
+   of the budget (optimizer states appear after the first optimizer step).
+5. ``step_down`` (called by ``oom_retry`` after an out-of-memory error) re-plans for 85% of the failed
+   plan's predicted peak, down to every layer offloaded and tiled.
+
+Under torch.distributed every rank calls :func:`agree` at every layer-0 start with the same vector
+(tokens, budget, static, calibration), reduced with MAX (MIN for the budget), so every rank plans from the
+same numbers and takes the same plan.
+
+**Memory model** (bytes; T tokens in the micro-batch, b bytes per activation element, H hidden, I
+intermediate, q = heads x head_dim, kv = kv heads x head_dim, r = sum of LoRA ranks of the layer's
+adapted projections)::
+
+    static   = memory_allocated at the forward start - gradients present
+               + G (every trainable gradient) + 2G (AdamW states, until the first optimizer step is seen)
+    per token, saved until backward by a layer in mode
+      keep      attn = b(2H + 3q + 3kv) + r_attn b   mlp = b(2H + 3I) + r_mlp b   (tiled: mlp = 2Hb)
+      recompute Hb (its input)          offload 0 (its input waits in host memory)
+    R  (a checkpointed layer's recompute, during its backward) = keep - recompute
+    W  (one layer's backward working set)                       = b(3H + 3I + 2q + 2kv)  (+Hb prefetch)
+    L  (the loss at the end of the forward)                     = b·2H + 4H (fused loss), + V(b + 8) unfused
+    peak = static + T · max( sum_i S_i + Hb + L,  max_j [ sum_{i<=j} S_i + R·[j checkpointed] + W ] )
+           + T · c (calibration) + the tiled MLP's one-chunk transient
+
+(The counts assume our kernels: SDPA saves q, k, v and its output, SwiGLU saves gate and up. At Llama-1B
+shapes the kept-minus-offloaded activations come to 10.1 GiB at 8192 tokens, against 10.4 GiB between
+the measured peaks without checkpointing and with offload on an H200.)
+
+The backward runs from the top layer down, freeing as it goes, so the plan keeps the top layers,
+recomputes the middle and offloads the bottom: the largest prefix then meets no recompute.
+
+**Speed model** (one layer's forward = 1, its backward = 2): keep 3, recompute 4, offload 4.05 (copies
+hidden behind compute), a tiled MLP in a kept layer +0.6 (its chunks are run again in backward), in a
+checkpointed layer of the families in ``RESIDUAL_MLP_LAYERS`` +0.05 (the recompute skips the MLP). The
+search enumerates (tiling: none / checkpointed layers / all) x (layers kept) x (layers offloaded) and takes
+the cheapest plan whose predicted peak fits ``budget x (1 - headroom)``.
+
+**Error.** Before calibration the model is a count of the tensors autograd saves in a Llama-style layer
+(it ignores allocator rounding, the attention kernel's choice of what to save, and transient buffers other
+than those named); the 15% first-step headroom covers that. After calibration the prediction for the
+probed plan is the measured peak by construction; for other plans the error is what the per-mode costs
+and the correction do not transfer (the GPU test checks it within 10% of the measured peak). On the CPU
+nothing is measured: with an explicit budget the analytical model alone plans; without one, every layer
+is kept (no device memory to plan for).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from cpt_plugin.offload.checkpointing import LayerPlan, decoder_layers, enable_layer_plan, layer_plan_holder
+
+logger = logging.getLogger(__name__)
+
+GIB = 2**30
+HEADROOM = 0.05  # fraction of the budget kept free for the calibrated model's error
+FIRST_HEADROOM = 0.15  # before the probe has calibrated the model
+DEFAULT_MARGIN_BYTES = GIB  # default budget: free memory - (1 GiB + 5%)
+DEFAULT_MARGIN_FRACTION = 0.05
+STEP_DOWN = 0.85  # after an OOM: plan for this fraction of the failed plan's predicted peak
+STATIC_REPLAN_FRACTION = 0.02  # re-plan when static memory moved by this fraction of the budget
+
+# Relative step time of one layer (forward 1, backward 2); see the module doc.
+TIME_KEEP, TIME_RECOMPUTE, TIME_OFFLOAD = 3.0, 4.0, 4.05
+TIME_TILED_KEPT, TIME_TILED_SKIPPED = 0.6, 0.05
+TILINGS = ("none", "checkpointed", "all")
+
+
+# ----------------------------------------------------------------------------------------------
+# The model: per-token costs
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelShapes:
+    """What the memory model needs to know about the model."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    act_bytes: int  # bytes per activation element (2 for bf16)
+    lora_rank_attn: int = 0  # sum of LoRA ranks over the attention projections of one layer
+    lora_rank_mlp: int = 0
+    fused_loss: bool = True
+    residual_mlp: bool = True  # the recompute of a tiled MLP can be skipped (RESIDUAL_MLP_LAYERS)
+
+
+@dataclass(frozen=True)
+class LayerCosts:
+    """Bytes per token; ``*_tiled``: the layer's MLP runs tiled."""
+
+    keep: float
+    keep_tiled: float
+    recompute: float
+    offload: float
+    work: float  # W: one layer's backward working set
+    loss: float  # L: the loss and final hidden state at the end of the forward
+    hidden: float  # one hidden state (Hb)
+    tile_transient: float  # bytes (not per token): one chunk's MLP working set
+    correction: float = 0.0  # c: calibration, per token
+
+    def saved(self, mode: str, tiled: bool) -> float:
+        if mode == "keep":
+            return self.keep_tiled if tiled else self.keep
+        return self.recompute if mode == "recompute" else self.offload
+
+    def recompute_transient(self, tiled: bool) -> float:
+        return (self.keep_tiled if tiled else self.keep) - self.recompute
+
+
+def analytic_costs(shapes: ModelShapes, chunk_tokens: int) -> LayerCosts:
+    """The uncalibrated model (module doc): the tensors a Llama-style layer saves, per token."""
+    b = shapes.act_bytes
+    h, i = shapes.hidden, shapes.intermediate
+    q, kv = shapes.heads * shapes.head_dim, shapes.kv_heads * shapes.head_dim
+    attn = b * (2 * h + 3 * q + 3 * kv + shapes.lora_rank_attn) + 4 * shapes.heads + 8
+    mlp = b * (2 * h + 3 * i + shapes.lora_rank_mlp)
+    loss = 2 * h * b + 4 * h + (0 if shapes.fused_loss else shapes.vocab * (b + 8))
+    return LayerCosts(
+        keep=attn + mlp,
+        keep_tiled=attn + 2 * h * b,
+        recompute=h * b,
+        offload=0.0,
+        work=b * (3 * h + 3 * i + 2 * q + 2 * kv),
+        loss=loss,
+        hidden=h * b,
+        tile_transient=chunk_tokens * (mlp + b * 3 * i),
+    )
+
+
+def predict_peak(plan: LayerPlan, costs: LayerCosts, tokens: int, static: float) -> float:
+    """Predicted peak allocated bytes of one training micro-batch under ``plan`` (module doc's formula)."""
+    prefix = 0.0
+    backward = 0.0
+    offloads = "offload" in plan.modes
+    for mode, tiled in zip(plan.modes, plan.tiled, strict=True):
+        prefix += costs.saved(mode, tiled)
+        transient = costs.recompute_transient(tiled) if mode != "keep" else 0.0
+        backward = max(backward, prefix + transient)
+    work = costs.work + (costs.hidden if offloads else 0.0)
+    forward_end = prefix + costs.hidden + costs.loss
+    per_token = max(forward_end, backward + work) + costs.correction
+    tile = costs.tile_transient if any(plan.tiled) else 0.0
+    return static + tokens * per_token + tile
+
+
+def plan_time(plan: LayerPlan, residual_mlp: bool = True) -> float:
+    """Relative step time of ``plan`` (module doc's speed model)."""
+    total = 0.0
+    for mode, tiled in zip(plan.modes, plan.tiled, strict=True):
+        total += {"keep": TIME_KEEP, "recompute": TIME_RECOMPUTE, "offload": TIME_OFFLOAD}[mode]
+        if tiled:
+            total += TIME_TILED_KEPT if mode == "keep" or not residual_mlp else TIME_TILED_SKIPPED
+    return total
+
+
+def canonical_plan(layers: int, keep: int, offload: int, tiling: str) -> LayerPlan:
+    """Offload the bottom ``offload`` layers, keep the top ``keep``, recompute between."""
+    recompute = layers - keep - offload
+    modes = ("offload",) * offload + ("recompute",) * recompute + ("keep",) * keep
+    tiled = tuple(tiling == "all" or (tiling == "checkpointed" and m != "keep") for m in modes)
+    return LayerPlan(modes, tiled)
+
+
+def choose_plan(
+    layers: int,
+    costs: LayerCosts,
+    tokens: int,
+    static: float,
+    budget: float,
+    *,
+    chunk_tokens: int,
+    tiled_mlp: bool = False,
+    can_offload: bool = True,
+    residual_mlp: bool = True,
+) -> tuple[LayerPlan, float, bool]:
+    """The fastest canonical plan whose predicted peak is <= ``budget``: (plan, predicted peak, fits).
+
+    ``tiled_mlp`` (the user's switch) tiles every layer; otherwise tiling is considered only when the batch
+    is longer than a chunk. When nothing fits, the smallest plan is returned with ``fits`` False.
+    """
+    if tiled_mlp:
+        tilings: Sequence[str] = ("all",)
+    elif tokens > chunk_tokens:
+        tilings = TILINGS
+    else:
+        tilings = ("none",)
+    max_off = layers if can_offload else 0
+    best: tuple[float, float, LayerPlan] | None = None
+    smallest: tuple[float, LayerPlan] | None = None
+    for tiling in tilings:
+        for keep in range(layers, -1, -1):
+            lower_bound = plan_time(canonical_plan(layers, keep, 0, tiling), residual_mlp)
+            if best is not None and lower_bound > best[0]:
+                break  # fewer kept layers only get slower
+            # the peak falls as more layers are offloaded: the fewest offloads that fit, by bisection
+            lo, hi = 0, layers - keep if max_off else 0
+            hi = min(hi, max_off)
+
+            def peak_of(off: int, keep: int = keep, tiling: str = tiling) -> float:
+                return predict_peak(canonical_plan(layers, keep, off, tiling), costs, tokens, static)
+
+            if peak_of(hi) > budget:
+                low_peak = peak_of(hi)
+                if smallest is None or low_peak < smallest[0]:
+                    smallest = (low_peak, canonical_plan(layers, keep, hi, tiling))
+                continue
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if peak_of(mid) <= budget:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            plan = canonical_plan(layers, keep, lo, tiling)
+            candidate = (plan_time(plan, residual_mlp), peak_of(lo), plan)
+            if best is None or candidate[:2] < best[:2]:
+                best = candidate
+    if best is not None:
+        return best[2], best[1], True
+    assert smallest is not None
+    return smallest[1], smallest[0], False
+
+
+# ----------------------------------------------------------------------------------------------
+# Agreement between ranks
+# ----------------------------------------------------------------------------------------------
+def agree(
+    values: Sequence[float], minimum: Sequence[bool], reduce_max: Callable | None = None
+) -> list[float]:
+    """Every rank's ``values`` reduced: MIN where ``minimum[i]``, MAX elsewhere (no-op in one process).
+
+    ``reduce_max`` (tests) takes and returns a float64 tensor; by default torch.distributed's all_reduce
+    MAX over the default group (on the current CUDA device for NCCL).
+    """
+    signed = [-v if m else v for v, m in zip(values, minimum, strict=True)]
+    if reduce_max is None:
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return list(values)
+        if torch.distributed.get_world_size() == 1:
+            return list(values)
+        reduce_max = _all_reduce_max
+    reduced = reduce_max(torch.tensor(signed, dtype=torch.float64)).tolist()
+    return [-v if m else v for v, m in zip(reduced, minimum, strict=True)]
+
+
+def _all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    dist = torch.distributed
+    if dist.get_backend() == "nccl":
+        tensor = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.cpu()
+
+
+def distributed_world() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+# ----------------------------------------------------------------------------------------------
+# The planner attached to a model
+# ----------------------------------------------------------------------------------------------
+_MISSING = -1e30  # "not measured" in the agreed vector (loses every MAX)
+
+
+class MemoryPlanner:
+    """Chooses and updates the layer plan of one model; the observer of its planned layers."""
+
+    def __init__(
+        self,
+        layers: Sequence[torch.nn.Module],
+        shapes: ModelShapes,
+        trainable: Sequence[torch.nn.Parameter],
+        *,
+        budget_gib: float | None,
+        chunk_tokens: int,
+        tiled_mlp: bool,
+        can_offload: bool,
+        set_tiling: Callable[[Sequence[bool]], Any] | None = None,
+        static_bytes: Callable[[], float] | None = None,
+        host_static_bytes: Callable[[], float] | None = None,
+    ) -> None:
+        self.layers = list(layers)
+        self.shapes = shapes
+        self.trainable = list(trainable)
+        self.budget_gib = budget_gib
+        self.chunk_tokens = chunk_tokens
+        self.tiled_mlp = tiled_mlp
+        self.can_offload = can_offload
+        self._set_tiling = set_tiling
+        self._static_bytes = static_bytes  # tests: the static memory (weights, buffers) without measuring
+        self._host_static_bytes = host_static_bytes  # off CUDA: the model's parameter and buffer bytes
+        self.costs = analytic_costs(shapes, chunk_tokens)
+        self.holder: Any = None  # the PlanHolder, set by install_planner
+        self.plan = LayerPlan.uniform(len(self.layers), "keep")
+        self.tokens = 0
+        self.budget: float | None = None
+        self.predicted = 0.0
+        self.fits = True
+        self.calibrated = False
+        self.oom_retries = 0
+        self._static_planned = 0.0
+        self._static_first: float | None = None
+        self._optimizer_seen = False
+        self._pending_optimizer = 0.0  # the AdamW estimate included in the last static value
+        self._calibrated_tokens = 0
+        self._budget_cap: float | None = None  # after an OOM: what the device proved it cannot hold
+        self._probe: dict[str, Any] | None = None
+        self._log: dict[str, float] = {}
+        self._grad_bytes = sum(p.numel() * p.element_size() for p in self.trainable)
+        self.device: torch.device | None = None
+
+    # --- observer of the layers --------------------------------------------------------------
+    def layer_start(self, index: int, x: Any) -> None:
+        if index == 0 and isinstance(x, torch.Tensor) and x.dim() >= 2:
+            self._forward_start(x)
+        probe = self._probe
+        if probe is not None and probe["running"]:
+            probe["live"].append(torch.cuda.memory_allocated(self.device))
+
+    def layer_end(self, index: int) -> None:
+        probe = self._probe
+        if probe is not None and probe["running"] and index == len(self.layers) - 1:
+            probe["running"] = False  # the forward is done; the peak is read in backward
+
+    # --- planning ------------------------------------------------------------------------------
+    def _forward_start(self, x: torch.Tensor) -> None:
+        self.device = x.device
+        tokens = x.numel() // x.shape[-1]
+        measuring = x.is_cuda
+        if self.budget is None and self.budget_gib is None and not measuring:
+            self.tokens = max(self.tokens, tokens)  # CPU without a budget: nothing to plan for
+            return
+        calibration = self._finish_probe() if measuring else None
+        static = self._static()
+        budget = self._budget(x)
+        values = [float(tokens), budget, static, *(calibration or [_MISSING] * 4)]
+        tokens_f, budget, static, *cal = agree(values, [False, True, False] + [False] * 4)
+        tokens = int(tokens_f)
+        self.budget = budget
+        replan = self.holder is not None and self.tokens == 0
+        if cal[0] != _MISSING:
+            self._calibrate(cal)
+            replan = True
+        if tokens > self.tokens:
+            replan = True
+        if abs(static - self._static_planned) > STATIC_REPLAN_FRACTION * budget:
+            replan = True
+        if replan:
+            self._replan(max(tokens, self.tokens), static, "first batch" if self.tokens == 0 else None)
+            if measuring and (not self.calibrated or tokens > self._calibrated_tokens):
+                self._start_probe(tokens, static)
+
+    def _static(self) -> float:
+        """Static bytes: measured (minus gradients present) + every gradient + optimizer states to come."""
+        if self._static_bytes is not None:
+            base = float(self._static_bytes())
+        elif self.device is not None and self.device.type == "cuda":
+            present = sum(
+                p.grad.numel() * p.grad.element_size() for p in self.trainable if p.grad is not None
+            )
+            base = torch.cuda.memory_allocated(self.device) - present
+        elif self._host_static_bytes is not None:
+            base = float(self._host_static_bytes())
+        else:
+            base = 0.0
+        if self._static_first is None:
+            self._static_first = base
+        optimizer_estimate = 2 * self._grad_bytes
+        if not self._optimizer_seen and base - self._static_first >= 0.2 * optimizer_estimate > 0:
+            self._optimizer_seen = True
+        self._pending_optimizer = 0.0 if self._optimizer_seen else float(optimizer_estimate)
+        return base + self._grad_bytes + self._pending_optimizer
+
+    def _budget(self, x: torch.Tensor) -> float:
+        if self.budget is not None:
+            return self.budget
+        if self.budget_gib is not None:
+            return self.budget_gib * GIB
+        free, _total = torch.cuda.mem_get_info(x.device)
+        available = free + torch.cuda.memory_reserved(x.device)
+        return max(available - DEFAULT_MARGIN_BYTES - DEFAULT_MARGIN_FRACTION * available, 0.0)
+
+    def _target(self) -> float:
+        assert self.budget is not None
+        headroom = HEADROOM if self.calibrated else FIRST_HEADROOM
+        target = self.budget * (1 - headroom)
+        if self._budget_cap is not None:
+            target = min(target, self._budget_cap)
+        return target
+
+    def _replan(self, tokens: int, static: float, reason: str | None = None) -> bool:
+        """Chooses the plan for ``tokens``; returns whether it changed."""
+        plan, predicted, fits = choose_plan(
+            len(self.layers),
+            self.costs,
+            tokens,
+            static,
+            self._target(),
+            chunk_tokens=self.chunk_tokens,
+            tiled_mlp=self.tiled_mlp,
+            can_offload=self.can_offload,
+            residual_mlp=self.shapes.residual_mlp,
+        )
+        changed = plan != self.plan or tokens != self.tokens
+        self.tokens, self._static_planned, self.predicted, self.fits = tokens, static, predicted, fits
+        if plan != self.plan or reason == "first batch":
+            self._apply(plan)
+        if changed or reason:
+            self._report(reason)
+        return changed
+
+    def _apply(self, plan: LayerPlan) -> None:
+        self.plan = plan
+        if self.holder is not None:
+            self.holder.plan = plan
+        if self._set_tiling is not None:
+            self._set_tiling(plan.tiled)
+
+    def _report(self, reason: str | None) -> None:
+        assert self.budget is not None
+        counts = self.plan.counts()
+        self._log = {
+            "memory_plan_keep": counts["keep"],
+            "memory_plan_recompute": counts["recompute"],
+            "memory_plan_offload": counts["offload"],
+            "memory_plan_tiled": counts["tiled"],
+            "memory_plan_tokens": self.tokens,
+            "memory_plan_predicted_peak_gib": round(self.predicted / GIB, 3),
+            "memory_plan_budget_gib": round(self.budget / GIB, 3),
+            "memory_plan_oom_retries": self.oom_retries,
+        }
+        why = f" ({reason})" if reason else ""
+        state = "calibrated" if self.calibrated else "uncalibrated"
+        message = (
+            "cpt-plugin memory plan for %d tokens%s: %s; predicted peak %.3g GiB (%s) of a %.3g GiB budget."
+        )
+        args = (self.tokens, why, self.plan.describe(), self.predicted / GIB, state, self.budget / GIB)
+        if self.fits or self.oom_retries:  # after an OOM the budget is a guess; oom_retry warns already
+            logger.info(message, *args)
+        else:
+            logger.warning(
+                message + " Even this smallest plan does not fit: training continues and may run out of "
+                "memory; lower the tokens per micro-batch or raise memory_budget_gib.",
+                *args,
+            )
+
+    # --- probe and calibration (CUDA) ----------------------------------------------------------
+    def _start_probe(self, tokens: int, static: float) -> None:
+        torch.cuda.reset_peak_memory_stats(self.device)
+        probe: dict[str, Any] = {
+            "running": True,
+            "live": [],
+            "tokens": tokens,
+            "plan": self.plan,
+            "base": torch.cuda.memory_allocated(self.device),
+            "static": static - self._grad_bytes - self._pending_optimizer,  # weights, buffers, states
+            "peak": None,
+            "grads": None,
+            "hooks": [],
+        }
+        layer0 = [p for p in self.layers[0].parameters() if p.requires_grad]
+
+        def read_peak(_param: torch.Tensor) -> None:
+            peak = torch.cuda.max_memory_allocated(self.device)
+            if probe["peak"] is None or peak > probe["peak"]:
+                probe["peak"] = peak
+                probe["grads"] = sum(
+                    p.grad.numel() * p.grad.element_size() for p in self.trainable if p.grad is not None
+                )
+
+        for p in layer0:
+            probe["hooks"].append(p.register_post_accumulate_grad_hook(read_peak))
+        self._probe = probe
+
+    def _finish_probe(self) -> list[float] | None:
+        """The probe's per-token costs [keep, keep_tiled, recompute, correction], or None without one."""
+        probe, self._probe = self._probe, None
+        if probe is None:
+            return None
+        for handle in probe["hooks"]:
+            handle.remove()
+        tokens = probe["tokens"]
+        plan: LayerPlan = probe["plan"]
+        live = probe["live"]
+        if len(live) < len(plan.modes) or tokens <= 0:
+            return None
+        by_kind: dict[tuple[str, bool], list[float]] = {}
+        for i in range(len(plan.modes) - 1):  # the last layer's retained bytes are not measured
+            by_kind.setdefault((plan.modes[i], plan.tiled[i]), []).append((live[i + 1] - live[i]) / tokens)
+
+        def mean(kind: tuple[str, bool]) -> float:
+            values = by_kind.get(kind)
+            return sum(values) / len(values) if values else _MISSING
+
+        measured = [mean(("keep", False)), mean(("keep", True)), mean(("recompute", False))]
+        if measured[2] == _MISSING:
+            measured[2] = mean(("recompute", True))
+        peak = probe["peak"] if probe["peak"] is not None else torch.cuda.max_memory_allocated(self.device)
+        grads_at_peak = probe["grads"] if probe["grads"] is not None else self._grad_bytes
+        costs = self._costs_with(measured, 0.0)
+        modelled = predict_peak(plan, costs, tokens, 0.0)
+        # static at the probe = what was measured then, with the gradients that existed at the peak
+        static_at_peak = probe["static"] + grads_at_peak
+        correction = (peak - static_at_peak - modelled) / tokens
+        self._calibrated_tokens = tokens
+        return [*measured, correction]
+
+    def _costs_with(self, measured: Sequence[float], correction: float) -> LayerCosts:
+        keep, keep_tiled, recompute = measured[:3]
+        costs = analytic_costs(self.shapes, self.chunk_tokens)
+        changes: dict[str, float] = {"correction": correction}
+        if keep != _MISSING and keep > 0:
+            changes["keep"] = keep
+            changes["keep_tiled"] = costs.keep_tiled * keep / costs.keep
+        if keep_tiled != _MISSING and keep_tiled > 0:
+            changes["keep_tiled"] = keep_tiled
+        if recompute != _MISSING and recompute > 0:
+            changes["recompute"] = recompute
+        return replace(costs, **changes)
+
+    def _calibrate(self, calibration: Sequence[float]) -> None:
+        self.costs = self._costs_with(calibration[:3], calibration[3])
+        self.calibrated = True
+
+    # --- after an out-of-memory error ----------------------------------------------------------
+    def step_down(self) -> bool:
+        """A smaller plan after an OOM (more recompute / offload / tiling); False when none is smaller.
+
+        The device just proved it cannot hold the failed plan's predicted peak, so every later plan is
+        capped at ``STEP_DOWN`` times that (whatever the length).
+        """
+        self.oom_retries += 1
+        tokens = max(self.tokens, 1)
+        static = self._static()
+        failed_peak = predict_peak(self.plan, self.costs, tokens, static)
+        if self.budget is None:  # never planned (CPU without a budget): the failed plan is the measure
+            self.budget = failed_peak
+        self._budget_cap = STEP_DOWN * failed_peak
+        previous = self.plan
+        self._replan(tokens, static, "out of memory: stepped down")
+        return self.plan != previous
+
+    # --- logging -------------------------------------------------------------------------------
+    def pop_log(self) -> dict[str, float]:
+        """The plan's metrics when it changed since the last call (for the Trainer's log), else {}."""
+        out, self._log = self._log, {}
+        return out
+
+
+def model_shapes(model: torch.nn.Module, layers: Sequence[torch.nn.Module], fused_loss: bool) -> ModelShapes:
+    """The shapes of ``model`` (a transformers model or a PeftModel around one) for the memory model."""
+    from cpt_plugin.offload.tiled_mlp import RESIDUAL_MLP_LAYERS
+
+    config = getattr(model, "config", None)
+    get_base = getattr(model, "get_base_model", None)
+    if callable(get_base):
+        config = getattr(get_base(), "config", config)
+    config = getattr(config, "get_text_config", lambda: config)()
+    hidden = int(config.hidden_size)
+    heads = int(getattr(config, "num_attention_heads", 1))
+    head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
+    layer0 = layers[0]
+    act_dtype = next((p.dtype for p in layer0.parameters() if p.is_floating_point()), torch.float32)
+    if act_dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        act_dtype = torch.bfloat16  # quantized weights compute in 16 bits
+    rank_attn = rank_mlp = 0
+    for name, module in layer0.named_modules():
+        if name.endswith("lora_A.default") or (name.split(".")[-2:-1] == ["lora_A"]):
+            rank = int(getattr(module, "out_features", 0))
+            if ".mlp." in f".{name}":
+                rank_mlp += rank
+            else:
+                rank_attn += rank
+    return ModelShapes(
+        layers=len(layers),
+        hidden=hidden,
+        intermediate=int(getattr(config, "intermediate_size", 4 * hidden)),
+        heads=heads,
+        kv_heads=int(getattr(config, "num_key_value_heads", None) or heads),
+        head_dim=head_dim,
+        vocab=int(getattr(config, "vocab_size", 0)),
+        act_bytes=torch.empty(0, dtype=act_dtype).element_size(),
+        lora_rank_attn=rank_attn,
+        lora_rank_mlp=rank_mlp,
+        fused_loss=fused_loss,
+        residual_mlp=type(layer0).__name__ in RESIDUAL_MLP_LAYERS,
+    )
+
+
+def install_planner(
+    model: torch.nn.Module,
+    *,
+    budget_gib: float | None = None,
+    tiled_mlp: bool = False,
+    chunk_tokens: int = 4096,
+    fused_loss: bool = True,
+    _simulate_offload: bool = False,
+    _static_bytes: Callable[[], float] | None = None,
+) -> MemoryPlanner:
+    """Per-layer checkpointing of ``model`` driven by a :class:`MemoryPlanner` (see the module doc)."""
+    from cpt_plugin.offload.tiled_mlp import set_tiled_layers
+
+    layers = decoder_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no decoder layers that support checkpointing.")
+    planner = MemoryPlanner(
+        layers,
+        model_shapes(model, layers, fused_loss),
+        [p for p in model.parameters() if p.requires_grad],
+        budget_gib=budget_gib,
+        chunk_tokens=chunk_tokens,
+        tiled_mlp=tiled_mlp,
+        can_offload=torch.cuda.is_available() or _simulate_offload,
+        set_tiling=lambda active: set_tiled_layers(layers, active, chunk_tokens),
+        static_bytes=_static_bytes,
+        host_static_bytes=lambda: float(
+            sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+        ),
+    )
+    if tiled_mlp:
+        planner.plan = LayerPlan.uniform(len(layers), "keep", tiled=True)
+        set_tiled_layers(layers, planner.plan.tiled, chunk_tokens)
+    planner.holder = enable_layer_plan(model, planner.plan, planner, _simulate_offload=_simulate_offload)
+    model.__dict__["_cpt_memory_planner"] = planner
+    return planner
+
+
+def find_planner(model: Any) -> MemoryPlanner | None:
+    """The planner installed on ``model`` (or on the model a wrapper such as DDP holds), or None."""
+    for candidate in (model, getattr(model, "module", None)):
+        if isinstance(candidate, torch.nn.Module):
+            planner = candidate.__dict__.get("_cpt_memory_planner")
+            if isinstance(planner, MemoryPlanner) and layer_plan_holder(candidate) is planner.holder:
+                return planner
+    return None

@@ -1,0 +1,176 @@
+"""The memory planner: its arithmetic, its decisions for synthetic budgets, re-planning, agreement."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+from offload_models import tiny_llama
+
+from cpt_plugin.offload.checkpointing import LayerPlan, checkpointing_mode
+from cpt_plugin.offload.planner import (
+    GIB,
+    LayerCosts,
+    ModelShapes,
+    agree,
+    analytic_costs,
+    canonical_plan,
+    choose_plan,
+    find_planner,
+    install_planner,
+    plan_time,
+    predict_peak,
+)
+
+# A toy with round numbers (bytes per token): a kept layer saves 10, a recomputed one 1, offloaded 0.
+TOY = LayerCosts(
+    keep=10.0, keep_tiled=6.0, recompute=1.0, offload=0.0, work=2.0, loss=3.0, hidden=1.0, tile_transient=0.0
+)
+
+
+def test_predicted_peak_of_a_known_toy() -> None:
+    plan = LayerPlan(("offload", "recompute", "keep", "keep"), (False,) * 4)
+    # saved: 0 + 1 + 10 + 10 = 21; forward end: 21 + hidden 1 + loss 3 = 25
+    # backward: layer 1 (recompute) prefix 1 + transient 9 = 10; layer 3 prefix 21; + work 2 + prefetch 1
+    # -> max(25, 21 + 3) = 25 per token
+    assert predict_peak(plan, TOY, tokens=100, static=1000.0) == 1000.0 + 100 * 25
+    plan = LayerPlan(("recompute",) * 4, (False,) * 4)
+    # saved 4; forward end 8; backward: prefix 4 + transient 9 + work 2 = 15
+    assert predict_peak(plan, TOY, tokens=10, static=0.0) == 150.0
+    calibrated = LayerCosts(**{**TOY.__dict__, "correction": 0.5})
+    assert predict_peak(plan, calibrated, tokens=10, static=0.0) == 155.0
+
+
+def test_plan_layout_and_time() -> None:
+    plan = canonical_plan(5, keep=2, offload=1, tiling="checkpointed")
+    assert plan.modes == ("offload", "recompute", "recompute", "keep", "keep")
+    assert plan.tiled == (True, True, True, False, False)
+    assert plan_time(LayerPlan.uniform(4, "keep")) < plan_time(LayerPlan.uniform(4, "recompute"))
+    assert plan_time(LayerPlan.uniform(4, "recompute")) < plan_time(LayerPlan.uniform(4, "offload"))
+
+
+@pytest.mark.parametrize(
+    "budget,expected",
+    [
+        (1e9, {"keep": 8, "recompute": 0, "offload": 0}),  # everything fits: no checkpointing at all
+        (600.0, None),  # mixed: some kept, the rest checkpointed
+        (120.0, {"keep": 0, "recompute": 0, "offload": 8}),  # only the smallest plan
+    ],
+)
+def test_decisions_for_synthetic_budgets(budget, expected) -> None:
+    plan, peak, fits = choose_plan(8, TOY, tokens=10, static=0.0, budget=budget, chunk_tokens=4096)
+    counts = plan.counts()
+    if expected is None:
+        assert 0 < counts["keep"] < 8 and fits and peak <= budget
+        assert plan.modes[-1] == "keep" and plan.modes[0] != "keep"  # kept at the top
+        # the fastest that fits: one more kept layer would not fit
+        more = canonical_plan(8, counts["keep"] + 1, 0, "none")
+        assert predict_peak(more, TOY, 10, 0.0) > budget
+    else:
+        assert {k: counts[k] for k in expected} == expected
+        assert fits == (peak <= budget)
+    assert peak == predict_peak(plan, TOY, 10, 0.0)
+
+
+def test_offload_only_when_recompute_does_not_fit() -> None:
+    all_recompute = predict_peak(LayerPlan.uniform(8, "recompute"), TOY, 10, 0.0)
+    plan, _, fits = choose_plan(8, TOY, tokens=10, static=0.0, budget=all_recompute, chunk_tokens=4096)
+    # offloading two layers' inputs makes room to keep one: cheaper than recomputing all eight
+    assert fits and plan.counts() == {"keep": 1, "recompute": 5, "offload": 2, "tiled": 0}
+    assert plan_time(plan) < plan_time(LayerPlan.uniform(8, "recompute"))
+    plan, _, fits = choose_plan(8, TOY, 10, 0.0, all_recompute, chunk_tokens=4096, can_offload=False)
+    assert fits and plan.counts()["offload"] == 0 and plan.counts()["keep"] == 0
+    plan, _, fits = choose_plan(8, TOY, tokens=10, static=0.0, budget=all_recompute - 5, chunk_tokens=4096)
+    assert fits and plan.counts()["offload"] > 0
+    plan, _, _ = choose_plan(8, TOY, 10, 0.0, all_recompute - 5, chunk_tokens=4096, can_offload=False)
+    assert plan.counts()["offload"] == 0  # no CUDA: nothing is offloaded
+
+
+def test_tiling_considered_only_beyond_a_chunk_and_forced_by_the_switch() -> None:
+    costs = LayerCosts(**{**TOY.__dict__, "tile_transient": 0.0})
+    tight = predict_peak(LayerPlan.uniform(8, "offload"), costs, 100, 0.0) - 1
+    short, _, _ = choose_plan(8, costs, tokens=100, static=0.0, budget=tight, chunk_tokens=4096)
+    assert not any(short.tiled)
+    long, _, fits = choose_plan(8, costs, tokens=100, static=0.0, budget=tight, chunk_tokens=50)
+    assert any(long.tiled) and fits
+    forced, _, _ = choose_plan(8, costs, tokens=100, static=0.0, budget=1e12, chunk_tokens=50, tiled_mlp=True)
+    assert all(forced.tiled) and forced.counts()["keep"] == 8
+
+
+def test_analytic_costs_of_llama_1b_shapes() -> None:
+    shapes = ModelShapes(
+        layers=16, hidden=2048, intermediate=8192, heads=32, kv_heads=8, head_dim=64, vocab=128256,
+        act_bytes=2, lora_rank_attn=4 * 128, lora_rank_mlp=3 * 128,
+    )  # fmt: skip
+    costs = analytic_costs(shapes, chunk_tokens=4096)
+    # measured on an H200 (ANCHORS): no checkpointing 16.8 GiB vs offload 6.4 GiB at 8192 tokens
+    saved = 16 * 8192 * (costs.keep - costs.offload) / GIB
+    assert 9.0 < saved < 12.0
+    assert costs.recompute == 2048 * 2
+
+
+def _planned_model(budget_gib: float, layers: int = 4):
+    model = tiny_llama(layers=layers)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    planner = install_planner(model, budget_gib=budget_gib, chunk_tokens=4096, _simulate_offload=True,
+                              _static_bytes=lambda: 0.0)  # fmt: skip
+    return model, planner
+
+
+def test_replans_for_a_longer_sequence_and_logs_it(caplog) -> None:
+    _, probe = _planned_model(1.0)
+    per_token_keep = predict_peak(LayerPlan.uniform(4, "keep"), probe.costs, 1, 0.0)
+    # room for 64 tokens with every layer kept (after the first-step headroom), not for 256
+    budget = (per_token_keep * 64 + 3 * probe._grad_bytes) / (1 - 0.15) / GIB * 1.0001  # grads + AdamW
+    model, planner = _planned_model(budget)
+    ids = torch.randint(0, 257, (1, 64))
+    with caplog.at_level(logging.INFO, logger="cpt_plugin.offload.planner"):
+        model(input_ids=ids, labels=ids).loss.backward()
+    assert planner.tokens == 64 and planner.plan.counts()["keep"] == 4
+    assert "memory plan for 64 tokens" in caplog.text
+    log = planner.pop_log()
+    assert log["memory_plan_keep"] == 4 and log["memory_plan_budget_gib"] == pytest.approx(budget, abs=1e-3)
+    assert planner.pop_log() == {}  # once, until the plan changes
+    model(input_ids=ids[:, :32], labels=ids[:, :32]).loss.backward()
+    assert planner.tokens == 64 and planner.pop_log() == {}  # shorter: the plan for the longest stays
+    long = torch.randint(0, 257, (1, 256))
+    model(input_ids=long, labels=long).loss.backward()
+    assert planner.tokens == 256 and planner.plan.counts()["keep"] < 4
+    assert planner.pop_log()["memory_plan_tokens"] == 256
+    assert planner.fits == (planner.predicted <= budget * GIB * (1 - 0.15))
+
+
+def test_planner_gradients_match_and_find_planner() -> None:
+    reference = tiny_llama(layers=3)
+    model = copy.deepcopy(reference)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    planner = install_planner(model, budget_gib=1e-6, _simulate_offload=True, _static_bytes=lambda: 0.0)
+    assert find_planner(model) is planner and checkpointing_mode(model) == "planned"
+    ids = torch.randint(0, 257, (2, 17))
+    reference(input_ids=ids, labels=ids).loss.backward()
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert planner.plan.counts()["offload"] == 3 and not planner.fits  # a tiny budget: the smallest plan
+    for (name, a), (_, b) in zip(reference.named_parameters(), model.named_parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_cpu_without_budget_keeps_every_layer() -> None:
+    model = tiny_llama(layers=2)
+    planner = install_planner(model)
+    ids = torch.randint(0, 257, (1, 9))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert planner.plan == LayerPlan.uniform(2, "keep") and planner.pop_log() == {}
+
+
+def test_agreement_takes_min_budget_and_max_of_the_rest() -> None:
+    ranks = [[100.0, 8.0, 5.0], [300.0, 6.0, 7.0]]
+
+    def fake_all_reduce_max(local: torch.Tensor) -> torch.Tensor:
+        signed = torch.tensor([[v, -b, s] for v, b, s in ranks], dtype=torch.float64)
+        assert torch.equal(local, signed[0])
+        return signed.max(dim=0).values
+
+    assert agree(ranks[0], [False, True, False], fake_all_reduce_max) == [300.0, 6.0, 7.0]
+    assert agree([1.0, 2.0], [False, True]) == [1.0, 2.0]  # one process: unchanged
