@@ -118,7 +118,7 @@ def jsonl_row_text(raw: bytes, path: Path, number: int, offset: int, text_field:
         raw, offset = raw[3:], offset + 3
     where = f"'{path}' line {number} ({_byte_word(path)} {offset})"
     try:
-        line = raw.decode("utf-8")
+        line = raw.decode("utf-8").rstrip("\r\n")
     except UnicodeDecodeError as error:
         raise DataSourceError(
             f"{where} is not UTF-8: {error.reason} at {_byte_word(path)} {offset + error.start}. "
