@@ -21,8 +21,11 @@ def _apply_overrides(raw: dict, assignments: list[str]) -> dict:
         dotted, value = assignment.split("=", 1)
         node = raw
         *parents, leaf = dotted.split(".")
-        for key in parents:
+        for depth, key in enumerate(parents):
             node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                where = ".".join(parents[: depth + 1])
+                raise SystemExit(f"cpt-plugin: --set {assignment!r}: '{where}' holds {node!r}, not a section")
         node[leaf] = _parse_value(value)
     return raw
 
@@ -54,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         text = open(args.config, encoding="utf-8").read() if args.config else default_config_text()
         raw = _apply_overrides(yaml.safe_load(text) or {}, args.set)
         run(RunConfig.from_dict(raw), output_dir=args.output_dir)
+    except yaml.YAMLError as error:
+        print(f"cpt-plugin: error: {args.config or 'the config'} is not valid YAML: {error}", file=sys.stderr)
+        return 2
     except (CPTConfigError, FileNotFoundError, ValueError) as error:
         print(f"cpt-plugin: error: {error}", file=sys.stderr)
         return 2

@@ -178,15 +178,18 @@ def train_tokenizer(
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from .data import iter_documents
+    from .data import iter_document_pieces
 
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     paths = list(paths)
 
     def texts() -> Iterator[str]:
+        # Pieces, not whole documents: a long document stays bounded in memory, and pieces are cut where
+        # the byte-level pre-tokenizer splits anyway, so the word counts (and the vocabulary) are the same.
         for path in paths:
-            yield from iter_documents(path, text_field=text_field)
+            for piece, _ in iter_document_pieces(path, text_field=text_field):
+                yield piece
 
     tokenizer = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

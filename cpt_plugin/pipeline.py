@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import json
 import logging
 import math
 import time
+import typing
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -19,10 +21,128 @@ import torch
 import yaml
 
 from cpt_plugin.config import CPTConfig, CPTConfigError
+from cpt_plugin.data_checks import SPLITS
 
 logger = logging.getLogger(__name__)
 
 RUN_KEYS = {"model", "tokenizer", "data", "cpt", "training", "base_pretraining", "compare_without_replay"}
+# The keys of each plain section and the types their values may have (checked before anything is built).
+SECTION_KEYS: dict[str, dict[str, tuple[type, ...]]] = {
+    "model": {
+        "name_or_path": (str,),
+        "tiny_llama": (dict,),
+        "attn_implementation": (str,),
+        "dtype": (str,),
+        "load_in_4bit": (bool,),
+        "load_in_8bit": (bool,),
+    },
+    "tokenizer": {"name_or_path": (str,), "train_vocab_size": (int,)},
+    "data": {
+        "train": (str,),
+        "replay": (str,),
+        "eval_new": (str,),
+        "eval_old": (str,),
+        "text_field": (str,),
+        "split": (str,),
+        "default_corpora": (bool,),
+        "corpora_max_mb": (int, float),
+        "eval_max_blocks": (int,),
+    },
+}
+DATA_PATH_KEYS = ("train", "replay", "eval_new", "eval_old")
+MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _unknown_key(key: str, valid: list[str], where: str) -> CPTConfigError:
+    """The did-you-mean error, worded as CPTConfig.from_dict words it for the `cpt:` section."""
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f" Did you mean '{close[0]}'?" if close else f" Valid keys: {', '.join(valid)}."
+    return CPTConfigError(f"Unknown {where} key '{key}'.{hint}")
+
+
+def _type_error(key: str, value: Any, types: tuple[type, ...]) -> CPTConfigError:
+    words = {
+        dict: "mapping",
+        float: "number",
+        int: "whole number",
+        bool: "boolean (true or false)",
+        str: "string",
+    }
+    names = words[float] if float in types else " or ".join(words.get(t, t.__name__) for t in types)
+    fix = f"Give a {names}."
+    if isinstance(value, str) and (float in types or int in types):
+        try:
+            number = float(value)
+        except ValueError:
+            pass
+        else:
+            fix += f" YAML reads {value} as text: write {number!r}"
+            mantissa, _, exponent = value.lower().partition("e")
+            if exponent and "." not in mantissa:
+                fix += f" (or {mantissa}.0e{exponent if exponent[0] in '+-' else '+' + exponent})"
+            fix += "."
+    return CPTConfigError(f"Run config '{key}': expected a {names}, got {value!r}. {fix}")
+
+
+def _is_instance(value: Any, types: tuple[type, ...]) -> bool:
+    if isinstance(value, bool) and bool not in types:
+        return False  # YAML's true/false is not a number
+    return isinstance(value, types)
+
+
+def _section(raw: dict[str, Any], name: str) -> dict[str, Any]:
+    value = raw.get(name)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        example = "name_or_path: ..." if "name_or_path" in SECTION_KEYS.get(name, {}) else "key: value"
+        raise CPTConfigError(
+            f"Run config '{name}': expected a mapping of keys, got {value!r}. "
+            f"Write it as '{name}:' followed by indented '{example}' lines."
+        )
+    return dict(value)
+
+
+def _check_section(name: str, values: dict[str, Any]) -> None:
+    schema = SECTION_KEYS[name]
+    for key, value in values.items():
+        if key not in schema:
+            raise _unknown_key(key, sorted(schema), f"run config '{name}'")
+        if value is not None and not _is_instance(value, schema[key]):
+            raise _type_error(f"{name}.{key}", value, schema[key])
+
+
+def _check_tiny_llama(values: dict[str, Any]) -> None:
+    from transformers import LlamaConfig
+
+    valid = sorted(LlamaConfig().to_dict())
+    for key in values:
+        if key not in valid:
+            raise _unknown_key(key, valid, "run config 'model.tiny_llama' (LlamaConfig)")
+
+
+def _training_fields() -> dict[str, Any]:
+    from transformers import TrainingArguments
+
+    return {f.name: f.type for f in dataclasses.fields(TrainingArguments) if f.init}
+
+
+def _simple_types(annotation: Any) -> tuple[type, ...] | None:
+    """(int,), (float, int), (bool,) for plain numeric/boolean fields (optionally ``| None``), else None."""
+    members = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    if len(members) != 1 or members[0] not in (int, float, bool):
+        return None
+    return (float, int) if members[0] is float else (members[0],)
+
+
+def _check_training(name: str, values: dict[str, Any], fields: dict[str, Any]) -> None:
+    """Keys of a TrainingArguments section: known (did-you-mean), numbers and booleans of the right type."""
+    for key, value in values.items():
+        if key not in fields:
+            raise _unknown_key(key, sorted(fields), f"run config '{name}' (TrainingArguments)")
+        types = _simple_types(fields[key])
+        if value is not None and types and not _is_instance(value, types):
+            raise _type_error(f"{name}.{key}", value, types)
 
 
 @dataclasses.dataclass
@@ -39,8 +159,12 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> RunConfig:
-        import difflib
+        """Checks every section (unknown keys with a did-you-mean, types, required keys) before anything runs.
 
+        Data paths are checked by :meth:`check_data` (``run`` calls it before building anything).
+        """
+        if not isinstance(raw, dict):
+            raise CPTConfigError(f"The run config must be a mapping of sections, got {type(raw).__name__}.")
         for key in raw:
             if key not in RUN_KEYS:
                 close = difflib.get_close_matches(key, sorted(RUN_KEYS), n=1)
@@ -50,31 +174,75 @@ class RunConfig:
                     else f" Valid sections: {', '.join(sorted(RUN_KEYS))}."
                 )
                 raise CPTConfigError(f"Unknown section '{key}' in the run config.{hint}")
-        model = dict(raw.get("model") or {})
+        model, tokenizer, data = (_section(raw, name) for name in ("model", "tokenizer", "data"))
+        for name, values in (("model", model), ("tokenizer", tokenizer), ("data", data)):
+            _check_section(name, values)
         if not model.get("name_or_path") and not model.get("tiny_llama"):
             raise CPTConfigError(
                 "Run config 'model': set model.name_or_path (hub id or local path) or model.tiny_llama."
             )
-        data = dict(raw.get("data") or {})
+        if model.get("tiny_llama"):
+            _check_tiny_llama(model["tiny_llama"])
+        if model.get("dtype", "auto") not in MODEL_DTYPES:
+            close = difflib.get_close_matches(str(model["dtype"]), MODEL_DTYPES, n=1)
+            fix = f"Did you mean '{close[0]}'?" if close else f"Choose one of {', '.join(MODEL_DTYPES)}."
+            raise CPTConfigError(f"Run config 'model.dtype': unknown dtype {model['dtype']!r}. {fix}")
         if not data.get("default_corpora") and not data.get("train"):
             raise CPTConfigError(
                 "Run config 'data': set data.train (a file, folder, JSONL or saved dataset)."
             )
-        training = dict(raw.get("training") or {})
+        if data.get("split", "file") not in SPLITS:
+            raise CPTConfigError(
+                f"Run config 'data.split': got {data['split']!r}. Choose one of {', '.join(SPLITS)}."
+            )
+        fields = _training_fields()
+        training = _section(raw, "training")
+        _check_training("training", training, fields)
         if not training.get("max_steps"):
             raise CPTConfigError(
                 "Run config 'training.max_steps': the corpus is streamed, so the number of optimizer steps must "
                 "be given (cpt_plugin.data.estimate_steps helps to pick it)."
             )
+        base = _section(raw, "base_pretraining") if raw.get("base_pretraining") is not None else None
+        if base is not None:
+            _check_training("base_pretraining", base, fields)
+        compare = raw.get("compare_without_replay", False)
+        if not isinstance(compare, bool):
+            raise _type_error("compare_without_replay", compare, (bool,))
+        cpt = CPTConfig.from_dict(_section(raw, "cpt"))
+        has_replay = bool(data.get("replay") or data.get("default_corpora"))
+        if base is not None and not has_replay:
+            raise CPTConfigError(
+                "Run config 'base_pretraining' needs data.replay (the old-domain corpus it trains on). "
+                "Set data.replay, or remove base_pretraining."
+            )
+        if cpt.replay_ratio > 0 and not has_replay:
+            raise CPTConfigError(
+                f"Run config 'cpt.replay_ratio' is {cpt.replay_ratio}, but there is no data.replay to replay "
+                "from. Set data.replay (the previous-domain corpus), or cpt.replay_ratio: 0."
+            )
         return cls(
             model=model,
             data=data,
-            cpt=CPTConfig.from_dict(raw.get("cpt") or {}),
+            cpt=cpt,
             training=training,
-            tokenizer=dict(raw.get("tokenizer") or {}),
-            base_pretraining=raw.get("base_pretraining"),
-            compare_without_replay=bool(raw.get("compare_without_replay", False)),
+            tokenizer=tokenizer,
+            base_pretraining=base,
+            compare_without_replay=compare,
         )
+
+    def check_data(self) -> None:
+        """Checks every data path (exists, UTF-8, JSONL rows with the text field) before any model is built."""
+        from cpt_plugin.data_checks import DataSourceError, validate_source
+
+        for key in DATA_PATH_KEYS:
+            path = self.data.get(key)
+            if not path:
+                continue
+            try:
+                validate_source(path, self.data.get("text_field", "text"), self.data.get("split", "file"))
+            except DataSourceError as error:
+                raise DataSourceError(f"Run config 'data.{key}': {error}") from None
 
     @classmethod
     def from_yaml(cls, path: str | Path | None) -> RunConfig:
@@ -166,6 +334,7 @@ def _dataset(source: Any, tokenizer: Any, run: RunConfig, **kwargs: Any) -> Any:
         run.cpt.max_seq_length,
         seed=run.cpt.seed,
         text_field=run.data.get("text_field", "text"),
+        split=run.data.get("split", "file"),
         **kwargs,
     )
 
@@ -226,6 +395,16 @@ def run(run_config: RunConfig, output_dir: str | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     out = Path(output_dir or run_config.training.get("output_dir", "cpt-output"))
     check_output_dir(str(out))
+    # Everything that can be checked is checked before a corpus is written or a model is built.
+    run_config.check_data()
+    cpt_args = _training_args(run_config, out)
+    base_args = None
+    if run_config.base_pretraining:
+        base_args = _training_args(
+            run_config,
+            out,
+            {**run_config.base_pretraining, "output_dir": out / "base", "save_strategy": "no"},
+        )
     corpora: dict[str, Path] = {}
     if run_config.data.get("default_corpora"):
         from cpt_plugin.corpora import write_default_corpora
@@ -249,14 +428,7 @@ def run(run_config: RunConfig, output_dir: str | None = None) -> dict[str, Any]:
         if src
     }
     curves: dict[str, list[tuple[int, float]]] = {}
-    if run_config.base_pretraining:
-        if not replay_source:
-            raise CPTConfigError("Run config 'base_pretraining' needs data.replay (the old-domain corpus).")
-        base_args = _training_args(
-            run_config,
-            out,
-            {**run_config.base_pretraining, "output_dir": out / "base", "save_strategy": "no"},
-        )
+    if base_args is not None:
         base_trainer = _train(model, _dataset(replay_source, tokenizer, run_config), base_args, callbacks=[])
         curves["base pretraining (old domain)"] = _curve(base_trainer)
     before = {name: heldout_loss(model, blocks) for name, blocks in eval_blocks.items()}
@@ -267,7 +439,7 @@ def run(run_config: RunConfig, output_dir: str | None = None) -> dict[str, Any]:
     trainer = _train(
         model,
         _dataset(train_source, tokenizer, run_config, replay_source=replay, replay_ratio=cfg.replay_ratio),
-        _training_args(run_config, out),
+        cpt_args,
         [CPTCallback(cfg)],
     )
     trainer.save_model(str(out / "adapter"))

@@ -65,3 +65,54 @@ def test_bad_config_fails_fast_with_the_key(tmp_path, capsys, override, message)
     import re
 
     assert re.search(message, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.trian=x.txt", r"Unknown run config 'data' key 'trian'\. Did you mean 'train'\?"),
+        (
+            "model.tiny_llama.hiden_size=8",
+            r"'model.tiny_llama' \(LlamaConfig\) key 'hiden_size'.*'hidden_size'",
+        ),
+        ("model.dtype=bf16", r"'model.dtype': unknown dtype 'bf16'"),
+        (
+            "training.max_step=3",
+            r"'training' \(TrainingArguments\) key 'max_step'\. Did you mean 'max_steps'\?",
+        ),
+        (
+            "base_pretraining.learning_rate=3e-3",
+            r"'base_pretraining.learning_rate': expected a number.*write 0\.003 \(or 3\.0e-3\)",
+        ),
+        ("training.logging_steps=true", r"'training.logging_steps': expected a number, got True"),
+        ("data.eval_max_blocks=many", r"'data.eval_max_blocks': expected a whole number, got 'many'"),
+        ("tokenizer=gpt2", r"Run config 'tokenizer': expected a mapping"),
+        ("compare_without_replay=yes please", r"'compare_without_replay': expected a bool"),
+    ],
+)
+def test_every_section_is_checked_before_anything_runs(tmp_path, capsys, override, message):
+    import re
+
+    assert main(["train", "--output-dir", str(tmp_path), "--set", override]) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "corpora").exists()  # nothing was written, built or trained
+
+
+def test_missing_or_bad_data_found_before_base_pretraining(tmp_path, capsys):
+    """Was: a missing data.train was found only after base pretraining (minutes in)."""
+    out = tmp_path / "out"
+    missing = tmp_path / "missing.txt"
+    assert main(["train", "--output-dir", str(out), "--set", f"data.train={missing}"]) == 2
+    err = capsys.readouterr().err
+    assert f"Run config 'data.train': The data source '{missing}' does not exist" in err
+    assert not (out / "corpora").exists() and not (out / "base").exists()
+    bad = tmp_path / "rows.jsonl"
+    bad.write_text('{"text": "a"}\n{"body": "b"}\n', encoding="utf-8")
+    assert main(["train", "--output-dir", str(out), "--set", f"data.eval_new={bad}"]) == 2
+    assert (
+        "'data.eval_new': " in (err := capsys.readouterr().err)
+        and "line 2 (byte 14) has no field 'text'" in err
+    )
+    no_replay = ["data.default_corpora=false", f"data.train={bad}", "base_pretraining=null"]
+    assert main(["train", "--output-dir", str(out), "--set", *no_replay]) == 2
+    assert "'cpt.replay_ratio' is 0.25, but there is no data.replay" in capsys.readouterr().err
