@@ -82,13 +82,20 @@ class CPTConfig:
     kernels: bool | list[str] | None = (
         None  # None: every kernel when CUDA is available; True/False; or a list
     )
-    gradient_checkpointing: str = "auto"  # auto: follow TrainingArguments.gradient_checkpointing
+    gradient_checkpointing: str = "auto"  # auto: the memory planner when the Trainer checkpoints, else off
+    # auto's memory budget (peak allocated GiB per device); None: free memory at the first step - 1 GiB - 5%
+    memory_budget_gib: float | None = None
     offload_embeddings: bool = False  # keep PEFT's frozen embedding originals off the GPU
     tiled_mlp: bool = False  # run the MLP over the sequence in chunks (long-context memory)
     tiled_mlp_chunk_tokens: int = 4096
     rope_scaling: dict[str, Any] | None = None  # e.g. {"rope_type": "yarn", "factor": 4.0}
     # --- logging ------------------------------------------------------------------------------
     log_metrics: bool = True
+    # --- safety: never lose a run (cpt_plugin/safety) -----------------------------------------
+    guard: bool = True  # a non-finite step is skipped, a diverged run stopped, a NaN model never saved
+    guard_max_bad_steps: int = 3  # non-finite steps in a row before the run stops
+    guard_collapse_steps: int = 20  # steps with the loss flat at ln(vocab_size) before a warning; 0: off
+    output_dir_lock: bool = True  # one run per output_dir (lock file: pid, host, start time)
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -260,6 +267,14 @@ class CPTConfig:
                 f"got {self.gradient_checkpointing!r}",
                 f"Choose one of {', '.join(CHECKPOINTING_MODES)}.",
             )
+        if self.memory_budget_gib is not None:
+            check_number("memory_budget_gib", self.memory_budget_gib, allow_zero=False)
+            if self.gradient_checkpointing != "auto":
+                fail(
+                    "memory_budget_gib",
+                    f"is only used by gradient_checkpointing: auto, not {self.gradient_checkpointing!r}",
+                    "Set gradient_checkpointing: auto, or remove memory_budget_gib.",
+                )
         if self.rope_scaling is not None:
             if not isinstance(self.rope_scaling, dict) or "rope_type" not in self.rope_scaling:
                 fail(
@@ -273,6 +288,12 @@ class CPTConfig:
                     f"unknown rope_type {self.rope_scaling['rope_type']!r}",
                     "Use linear, dynamic or yarn.",
                 )
+        # safety (cpt_plugin/safety)
+        for key in ("guard", "output_dir_lock"):
+            if not isinstance(getattr(self, key), bool):
+                fail(key, f"expected true or false, got {getattr(self, key)!r}", "Use true or false.")
+        check_number("guard_max_bad_steps", self.guard_max_bad_steps, allow_zero=False, integer=True)
+        check_number("guard_collapse_steps", self.guard_collapse_steps, allow_zero=True, integer=True)
         self._check_available()
 
     def _check_available(self) -> None:

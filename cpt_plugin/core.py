@@ -35,9 +35,10 @@ def warn_if_context_too_long(model: Any, config: CPTConfig) -> None:
 def setup_model(model: Any, config: CPTConfig | dict | None = None, checkpointing: str | None = None) -> Any:
     """Returns the trainable CPT model (a PeftModel) built from ``model``.
 
-    ``checkpointing`` overrides ``config.gradient_checkpointing`` ("off", "recompute", "offload"). "auto"
-    changes nothing here: CPTCallback resolves it from TrainingArguments (offload when the Trainer
-    checkpoints) before calling this function.
+    ``checkpointing`` overrides ``config.gradient_checkpointing`` ("off", "recompute", "offload", "auto").
+    "auto" installs the memory planner (``offload/planner.py``: per layer keep, recompute or offload,
+    chosen at the first step for ``config.memory_budget_gib``); CPTCallback passes "off" instead when the
+    Trainer does not checkpoint.
     """
     from cpt_plugin.patching.registry import patch, warn_if_no_patcher
     from cpt_plugin.preflight import check_causal_lm
@@ -64,7 +65,17 @@ def setup_model(model: Any, config: CPTConfig | dict | None = None, checkpointin
         from cpt_plugin.offload.checkpointing import enable_checkpointing
 
         enable_checkpointing(peft_model, mode)
-    if config.tiled_mlp:
+    elif mode == "auto":
+        from cpt_plugin.offload.planner import install_planner
+
+        install_planner(
+            peft_model,
+            budget_gib=config.memory_budget_gib,
+            tiled_mlp=config.tiled_mlp,
+            chunk_tokens=config.tiled_mlp_chunk_tokens,
+            fused_loss="fused_linear_cross_entropy" in config.enabled_kernels(),
+        )
+    if config.tiled_mlp and mode != "auto":
         from cpt_plugin.offload.tiled_mlp import enable_tiled_mlp
 
         enable_tiled_mlp(peft_model, config.tiled_mlp_chunk_tokens)

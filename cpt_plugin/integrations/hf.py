@@ -29,10 +29,10 @@ def checkpointing_requested(args: Any) -> bool:
 
 
 def resolve_checkpointing_mode(config: CPTConfig, args: Any) -> str:
-    """auto: offload whenever the Trainer asks for gradient checkpointing, off otherwise."""
+    """auto: the memory planner whenever the Trainer asks for gradient checkpointing, off otherwise."""
     if config.gradient_checkpointing != "auto":
         return config.gradient_checkpointing
-    return "offload" if checkpointing_requested(args) else "off"
+    return "auto" if checkpointing_requested(args) else "off"
 
 
 def check_output_dir(path: str | None) -> None:
@@ -62,6 +62,15 @@ class CPTCallback(TrainerCallback):
         self._tokens_since_log = 0
         self._last_log_time: float | None = None
         self._embedding_lr: float | None = None
+        self._planner: Any = None  # the memory planner of the prepared model (checkpointing auto)
+        from cpt_plugin.safety.guard import TrainingGuard
+
+        # the training guard (cpt_plugin/safety), added to the trainer by the train() hook
+        self.guard: TrainingGuard | None = (
+            TrainingGuard(self.config.guard_max_bad_steps, self.config.guard_collapse_steps)
+            if self.config.guard
+            else None
+        )
         from cpt_plugin.integrations.trainer_hooks import install_trainer_hooks
 
         install_trainer_hooks()
@@ -83,8 +92,11 @@ class CPTCallback(TrainerCallback):
             return model  # already prepared (e.g. a second Trainer over the same model)
         check_output_dir(getattr(args, "output_dir", None))
         from cpt_plugin.core import setup_model
+        from cpt_plugin.offload.planner import find_planner
 
-        return setup_model(model, self.config, checkpointing=resolve_checkpointing_mode(self.config, args))
+        prepared = setup_model(model, self.config, checkpointing=resolve_checkpointing_mode(self.config, args))
+        self._planner = find_planner(prepared)
+        return prepared
 
     def count_tokens(self, inputs: Any) -> None:
         input_ids = inputs.get("input_ids") if hasattr(inputs, "get") else None
@@ -104,6 +116,8 @@ class CPTCallback(TrainerCallback):
         self._last_log_time, self._tokens_since_log = now, 0
         if torch.cuda.is_available():
             out["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        if self._planner is not None:
+            out.update(self._planner.pop_log())  # the memory plan, when it changed since the last log
         return out
 
     # --- TrainerCallback events --------------------------------------------------------------------

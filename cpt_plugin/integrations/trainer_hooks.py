@@ -46,9 +46,12 @@ def install_trainer_hooks() -> None:
 
     if _INSTALLED:
         return
+    from cpt_plugin.safety.hooks import SAFETY_METHODS, safety_hooks
+
     originals = {
         name: getattr(Trainer, name)
-        for name in ("__init__", "create_optimizer", "create_scheduler", "training_step", "log")
+        for name in ("__init__", "create_optimizer", "create_scheduler", "training_step", "log", *SAFETY_METHODS)
+        if hasattr(Trainer, name)
     }
     init_signature = inspect.signature(originals["__init__"])
 
@@ -111,9 +114,16 @@ def install_trainer_hooks() -> None:
     @functools.wraps(originals["training_step"])
     def training_step(self, model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
         callback = trainer_cpt_callback(self)
-        if callback is not None:
-            callback.count_tokens(inputs)
-        return originals["training_step"](self, model, inputs, *args, **kwargs)
+        if callback is None:
+            return originals["training_step"](self, model, inputs, *args, **kwargs)
+        callback.count_tokens(inputs)
+        from cpt_plugin.offload.oom_retry import run_with_oom_retry
+
+        step = functools.partial(originals["training_step"], self, model, inputs, *args, **kwargs)
+        loss = run_with_oom_retry(step, model, trainer=self)  # the memory planner's OOM recovery
+        if getattr(callback, "guard", None) is not None:
+            callback.guard.observe_loss(loss)  # the training guard (safety/guard.py)
+        return loss
 
     @functools.wraps(originals["log"])
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
@@ -128,6 +138,7 @@ def install_trainer_hooks() -> None:
         ("create_scheduler", create_scheduler),
         ("training_step", training_step),
         ("log", log),
+        *safety_hooks(originals, trainer_cpt_callback).items(),  # lock, safe resume, guard (safety/hooks.py)
     ):
         setattr(Trainer, name, hook)
     _INSTALLED.update(originals)
