@@ -174,3 +174,47 @@ def test_agreement_takes_min_budget_and_max_of_the_rest() -> None:
 
     assert agree(ranks[0], [False, True, False], fake_all_reduce_max) == [300.0, 6.0, 7.0]
     assert agree([1.0, 2.0], [False, True]) == [1.0, 2.0]  # one process: unchanged
+
+
+def test_trainer_with_checkpointing_gets_the_planner_and_logs_its_plan(tmp_path) -> None:
+    """What a user sees: Trainer(gradient_checkpointing=True) + CPTCallback -> the planner, its plan in the
+    Trainer's log; an OOM in a step is recovered by the training_step hook."""
+    from transformers import Trainer, TrainingArguments
+
+    from cpt_plugin import CPTCallback
+    from cpt_plugin.integrations.trainer_hooks import uninstall_trainer_hooks
+
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, max_steps=3, logging_steps=1,
+        save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, dataloader_num_workers=0,
+        gradient_checkpointing=True, gradient_accumulation_steps=2,
+    )  # fmt: skip
+
+    class Blocks(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 12
+
+        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+            ids = torch.randint(0, 257, (16,), generator=torch.Generator().manual_seed(i))
+            return {"input_ids": ids, "labels": ids.clone()}
+
+    try:
+        callback = CPTCallback(lora_r=4, memory_budget_gib=10.0, kernels=False)  # all kept at first
+        trainer = Trainer(model=tiny_llama(layers=2), args=args, train_dataset=Blocks(), callbacks=[callback])
+        planner = find_planner(trainer.model)
+        assert planner is not None and checkpointing_mode(trainer.model) == "planned"
+        fired = []
+
+        def fail_once(*_):
+            if not fired:
+                fired.append(1)
+                raise torch.OutOfMemoryError("injected")
+
+        trainer.model.get_base_model().model.layers[1].register_forward_pre_hook(fail_once)
+        trainer.train()
+        assert fired and planner.oom_retries == 1
+        logged = [h for h in trainer.state.log_history if "memory_plan_keep" in h]
+        assert logged and logged[0]["memory_plan_budget_gib"] == 10.0
+        assert logged[0]["memory_plan_oom_retries"] == 1  # the first log already shows the step-down
+    finally:
+        uninstall_trainer_hooks()
