@@ -52,10 +52,10 @@ class CPTConfig:
     use_rslora: bool = True
     target_modules: list[str] | str | None = None  # None: every attention and MLP projection
     train_embeddings: bool = True  # input embeddings and lm_head fully trained
-    # dtype of the trained embedding copies: "float32" (16-bit models: small embedding-LR updates would
-    # round away in bf16), "bfloat16_sr" (bf16 copies, the optimizer rounds their update stochastically)
-    # or "model" (keep the model's dtype, as plain PEFT does)
-    trained_embeddings_dtype: str = "float32"
+    # dtype of the trained embedding copies on 16-bit models: "bfloat16_sr" (bf16 copies whose updates the
+    # optimizer rounds stochastically, so small embedding-LR updates survive; fp16 models: fp32 copies),
+    # "float32" (fp32 copies) or "model" (the model's dtype, round-to-nearest, as plain PEFT does)
+    trained_embeddings_dtype: str = "bfloat16_sr"
     # --- learning rates ---------------------------------------------------------------------
     learning_rate: float | None = None  # None: TrainingArguments.learning_rate
     embedding_learning_rate: float | None = None  # None: learning_rate * embedding_lr_ratio
