@@ -125,6 +125,11 @@ def _mark_updates(groups: list[dict[str, Any]], config: CPTConfig, name: str) ->
     return special
 
 
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (shares its storage), the tensor itself otherwise."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
 class CPTAdamW(torch.optim.AdamW):
     """torch's AdamW whose groups may take another update, chosen per group by ``cpt_update``:
 
@@ -182,10 +187,12 @@ class CPTAdamW(torch.optim.AdamW):
                 self._own_step(index, group, param)
         return loss
 
-    def _own_step(self, index: int, group: dict[str, Any], param: torch.Tensor) -> None:
-        if param.grad.is_sparse:
+    def _own_step(self, index: int, group: dict[str, Any], dist_param: torch.Tensor) -> None:
+        if dist_param.grad.is_sparse:
             raise RuntimeError("cpt-plugin: CPTAdamW does not support sparse gradients")
-        state = self.state[param]
+        state = self.state[dist_param]
+        param = _local(dist_param)  # FSDP2 DTensor: this rank's shard (updates are element-wise)
+        grad = _local(dist_param.grad)
         eight_bit = group["cpt_update"] == "adamw_8bit" and param.numel() >= self.MIN_8BIT_SIZE
         if not state:
             state["step"] = 0
@@ -207,14 +214,14 @@ class CPTAdamW(torch.optim.AdamW):
             if qmaps is None:
                 qmaps = self._qmaps[param.device] = sr.dynamic_qmaps(param.device)
             generator = self._generator(param.device, seed) if rounding else None
-            sr.adamw_8bit_step_(param, param.grad, state, qmaps, **hyper, generator=generator)
+            sr.adamw_8bit_step_(param, grad, state, qmaps, **hyper, generator=generator)
             return
-        moments = (state["exp_avg"], state["exp_avg_sq"])
-        if sr.fused_path_applies(param, param.grad, *moments):
-            sr.adamw_bf16_sr_fused_(param, param.grad, *moments, **hyper, seed=seed)
+        moments = (_local(state["exp_avg"]), _local(state["exp_avg_sq"]))
+        if sr.fused_path_applies(param, grad, *moments):
+            sr.adamw_bf16_sr_fused_(param, grad, *moments, **hyper, seed=seed)
         else:
             generator = self._generator(param.device, seed) if param.dtype == torch.bfloat16 else None
-            sr.adamw_step_(param, param.grad, *moments, **hyper, generator=generator)
+            sr.adamw_step_(param, grad, *moments, **hyper, generator=generator)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's loading, except that the state of our own groups keeps its dtypes (torch would cast
