@@ -53,6 +53,11 @@ CPT_VARIANTS: dict[str, dict[str, Any]] = {
     "cpt_offload": dict(gradient_checkpointing="offload", tiled_mlp=True, offload_embeddings=True),
     "cpt_offload_only": dict(gradient_checkpointing="offload", tiled_mlp=False, offload_embeddings=False),
     "cpt_nogc": dict(gradient_checkpointing="off", tiled_mlp=False, offload_embeddings=False),
+    # the memory planner (offload/planner.py): default budget, and an 8 GiB one
+    "cpt_auto": dict(gradient_checkpointing="auto", tiled_mlp=False, offload_embeddings=False),
+    "cpt_auto_8g": dict(
+        gradient_checkpointing="auto", tiled_mlp=False, offload_embeddings=False, memory_budget_gib=8.0
+    ),
 }
 
 LIGER_PATCHERS = {
