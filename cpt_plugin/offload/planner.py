@@ -336,6 +336,7 @@ class MemoryPlanner:
         self._optimizer_seen = False
         self._pending_optimizer = 0.0  # the AdamW estimate included in the last static value
         self._calibrated_tokens = 0
+        self._probe_wanted = False  # measure the next step again (after an OOM changed the plan)
         self._budget_cap: float | None = None  # after an OOM: what the device proved it cannot hold
         self._probe: dict[str, Any] | None = None
         self._log: dict[str, float] = {}
@@ -371,7 +372,7 @@ class MemoryPlanner:
         tokens = int(tokens_f)
         self.budget = budget
         replan = self.holder is not None and self.tokens == 0
-        if cal[0] != _MISSING:
+        if cal[3] != _MISSING:  # the correction is there whenever a probe finished
             self._calibrate(cal)
             replan = True
         if tokens > self.tokens:
@@ -380,8 +381,10 @@ class MemoryPlanner:
             replan = True
         if replan:
             self._replan(max(tokens, self.tokens), static, "first batch" if self.tokens == 0 else None)
-            if measuring and (not self.calibrated or tokens > self._calibrated_tokens):
-                self._start_probe(tokens, static)
+        wanted = not self.calibrated or tokens > self._calibrated_tokens or self._probe_wanted
+        if measuring and wanted:
+            self._probe_wanted = False
+            self._start_probe(tokens, static)
 
     def _static(self) -> float:
         """Static bytes: measured (minus gradients present) + every gradient + optimizer states to come."""
@@ -505,6 +508,11 @@ class MemoryPlanner:
             probe["hooks"].append(p.register_post_accumulate_grad_hook(read_peak))
         self._probe = probe
 
+    def _discard_probe(self) -> None:
+        probe, self._probe = self._probe, None
+        for handle in probe["hooks"] if probe is not None else ():
+            handle.remove()
+
     def _finish_probe(self) -> list[float] | None:
         """The probe's per-token costs [keep, keep_tiled, recompute, correction], or None without one."""
         probe, self._probe = self._probe, None
@@ -563,6 +571,8 @@ class MemoryPlanner:
         capped at ``STEP_DOWN`` times that (whatever the length).
         """
         self.oom_retries += 1
+        self._discard_probe()  # a failed attempt measures nothing worth calibrating from
+        self._probe_wanted = True
         tokens = max(self.tokens, 1)
         static = self._static()
         failed_peak = predict_peak(self.plan, self.costs, tokens, static)

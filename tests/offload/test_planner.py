@@ -218,3 +218,94 @@ def test_trainer_with_checkpointing_gets_the_planner_and_logs_its_plan(tmp_path)
         assert logged[0]["memory_plan_oom_retries"] == 1  # the first log already shows the step-down
     finally:
         uninstall_trainer_hooks()
+
+
+# ----------------------------------------------------------------------------------------------
+# On the GPU (run by the lead on the device machine)
+# ----------------------------------------------------------------------------------------------
+def _gpu_cpt_model(budget_gib: float | None, layers: int = 6):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from cpt_plugin import setup_model
+
+    config = LlamaConfig(
+        hidden_size=1024, intermediate_size=4096, num_hidden_layers=layers, num_attention_heads=16,
+        num_key_value_heads=4, vocab_size=32000, max_position_embeddings=8192, use_cache=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.train()
+    model = setup_model(model, {"lora_r": 32, "memory_budget_gib": budget_gib}, checkpointing="auto")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    return model, optimizer, find_planner(model)
+
+
+def _gpu_step(model, optimizer, ids) -> torch.Tensor:
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("budget", ["default", "mixed"])
+def test_predicted_peak_within_10_percent_of_measured(budget) -> None:
+    ids = torch.randint(0, 32000, (2, 4096), device="cuda")
+    budget_gib = None
+    if budget == "mixed":  # between every layer kept and every layer offloaded, from a calibrated planner
+        model, optimizer, planner = _gpu_cpt_model(None)
+        for _ in range(3):
+            _gpu_step(model, optimizer, ids)
+        keep = predict_peak(LayerPlan.uniform(6, "keep"), planner.costs, planner.tokens, planner._static())
+        off = predict_peak(LayerPlan.uniform(6, "offload"), planner.costs, planner.tokens, planner._static())
+        budget_gib = (keep + off) / 2 / GIB
+        del model, optimizer, planner
+        torch.cuda.empty_cache()
+    model, optimizer, planner = _gpu_cpt_model(budget_gib)
+    for _ in range(3):  # probe, calibrated plan, optimizer states seen
+        _gpu_step(model, optimizer, ids)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    _gpu_step(model, optimizer, ids)
+    torch.cuda.synchronize()
+    measured = torch.cuda.max_memory_allocated()
+    counts = planner.plan.counts()
+    if budget == "mixed":
+        assert 0 < counts["keep"] < 6, counts
+    assert planner.calibrated
+    error = planner.predicted / measured - 1
+    print(f"plan {planner.plan.describe()}: predicted {planner.predicted / GIB:.3f} GiB, "
+          f"measured {measured / GIB:.3f} GiB, error {error:+.1%}")  # fmt: skip
+    assert abs(error) < 0.10
+    assert measured <= planner.budget
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_real_out_of_memory_is_recovered() -> None:
+    from cpt_plugin.offload.oom_retry import run_with_oom_retry
+
+    model, optimizer, planner = _gpu_cpt_model(1000.0)  # a budget the card does not have: all kept
+    ids = torch.randint(0, 32000, (1, 8192), device="cuda")
+    torch.cuda.synchronize()
+    free, total = torch.cuda.mem_get_info()
+    static = torch.cuda.memory_allocated()
+    keep_all = predict_peak(LayerPlan.uniform(6, "keep"), planner.costs, 8192, planner._static())
+    cap = static + 0.6 * (keep_all - static)  # below what keeping every layer needs
+    torch.cuda.set_per_process_memory_fraction(min(cap / total, 1.0))
+    try:
+
+        def step():
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            return loss.detach()
+
+        loss = run_with_oom_retry(step, model)
+        optimizer.step()
+        assert torch.isfinite(loss) and planner.oom_retries >= 1
+        assert planner.plan.counts()["keep"] < 6
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
