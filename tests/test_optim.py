@@ -81,3 +81,34 @@ def test_no_trainable_parameters_is_a_clear_error():
         p.requires_grad_(False)
     with pytest.raises(CPTConfigError, match="prepare_model"):
         build_param_groups(model, CPTConfig(), 1e-3)
+
+
+@pytest.mark.parametrize(
+    ("settings", "embedding_update", "state_key"),
+    [
+        ({}, "adamw", "exp_avg"),  # the default: bf16 copies, stochastically rounded AdamW
+        ({"embedding_optimizer": "adamw_8bit"}, "adamw_8bit", "state1"),
+        ({"optimizer": "adamw_8bit"}, "adamw_8bit", "state1"),  # everything 8-bit, embeddings still rounded
+    ],
+)
+def test_bf16_embeddings_get_their_update_in_one_optimizer(settings, embedding_update, state_key):
+    pytest.importorskip("bitsandbytes")
+    config = CPTConfig(lora_r=4, **settings)
+    model = prepare_model(tiny_llama(tied=True, vocab_size=300).to(torch.bfloat16), config)
+    optimizer = create_optimizer(model, config, learning_rate=1e-3)
+    assert type(optimizer).__name__ == "CPTAdamW"
+    ids = torch.randint(0, 300, (2, 9))
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    groups = {g["cpt_group"]: g for g in optimizer.param_groups}
+    embedding = groups["embeddings"]
+    assert embedding["cpt_update"] == embedding_update and embedding["cpt_stochastic_rounding"]
+    assert embedding["params"][0].dtype == torch.bfloat16
+    assert state_key in optimizer.state[embedding["params"][0]]
+    assert groups["lora"]["cpt_update"] == ("adamw_8bit" if "optimizer" in settings else "torch")
+
+
+def test_embedding_optimizer_value_named():
+    with pytest.raises(CPTConfigError, match="embedding_optimizer"):
+        CPTConfig(embedding_optimizer="adam8")
