@@ -2,11 +2,15 @@
 
   python -m benchmarks.kernels [--out DIR] [--device cpu] [--ops rms_norm,swiglu,rope,flce] [--impls ...]
 
+Impls: eager, liger, cpt, and for flce ``cpt@MIB`` (cpt-plugin with a logits-chunk budget of MIB MiB, e.g.
+``--ops flce --impls liger,cpt,cpt@64,cpt@256`` to weigh memory against speed in one call).
+
 Time: triton.testing.do_bench, median (GPU); every input is far larger than L2, so no rotation is needed.
 Bytes (for % of the device copy rate measured in the same run): per pass, each input read once and each
 output written once, forward and backward counted separately (e.g. SwiGLU: fwd a, b -> c; bwd dc, a, b ->
 da, db: 8 tensors). Extra peak memory: peak during forward + backward beyond the inputs, the output
-gradients and the input gradients. Rel. err: ||out - ref|| / ||ref|| over outputs and input gradients,
+gradients and the input gradients (flce rows also carry the analytic count of cpt-plugin's
+``extra_memory_bytes`` as ``extra_analytic_gib``). Rel. err: ||out - ref|| / ||ref|| over outputs and input gradients,
 ref = eager on float32 copies of the inputs. Writes DIR/kernels.json.
 """
 
@@ -91,10 +95,29 @@ IMPLS = ("eager", "liger", "cpt")
 OPS = ("rms_norm", "swiglu", "rope", "flce")
 
 
+def chunk_budget(impl: str) -> int | None:
+    """Bytes of the logits-chunk budget of a ``cpt@MIB`` impl; None for the default."""
+    if not impl.startswith("cpt@"):
+        return None
+    mib = impl.partition("@")[2]
+    if not mib.isdigit() or int(mib) < 1:
+        raise ValueError(f"bad impl {impl!r}: use cpt@MIB with a whole number of MiB, e.g. cpt@64")
+    return int(mib) * 2**20
+
+
 def get_impl(op: str, impl: str) -> Callable:
     if impl == "eager":
         return EAGER[op]
-    return _liger(op) if impl == "liger" else _cpt(op)
+    if impl == "liger":
+        return _liger(op)
+    budget = chunk_budget(impl)
+    if budget is None:
+        return _cpt(op)
+    if op != "flce":
+        raise ValueError(f"{impl}: a chunk budget applies to flce only")
+    import functools
+
+    return functools.partial(_cpt(op), chunk_bytes=budget)
 
 
 # -- cases ----------------------------------------------------------------------------------------
@@ -232,6 +255,14 @@ def bench_one(
         row["rel_err"] = rel_err(fn, case, op)
         run = fwd_bwd(fn, case)
         row["extra_peak_gib"] = extra_peak_gib(run, case, device)
+        if op == "flce" and impl.startswith("cpt"):
+            from cpt_plugin.kernels.fused_linear_cross_entropy import extra_memory_bytes
+
+            h, w = case.grad_inputs
+            plan = extra_memory_bytes(
+                h.shape[0], h.shape[1], w.shape[0], h.dtype, device=device, chunk_bytes=chunk_budget(impl)
+            )
+            row["extra_analytic_gib"] = plan["total"] / 2**30
         ms = time_ms(run, device, grad_to_none=case.grad_inputs)
         row.update(status="ok", ms=ms, bytes=case.bytes, gbps=case.bytes / (ms * 1e-3) / 1e9)
         if copy_rate:
@@ -255,6 +286,10 @@ def bench_one(
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
     return row
+
+
+def _gib(value: float | None) -> str:
+    return "– (CUDA only)" if value is None else f"+{value:.3f} GiB"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -289,7 +324,12 @@ def main(argv: list[str] | None = None) -> int:
             if row["status"] == "ok":
                 print(
                     f"{op:>9} {impl:<6} {row['ms']:9.3f} ms  {row.get('pct_copy', 0):5.1f}% copy  "
-                    f"err {row['rel_err']:.1e}  extra {row.get('extra_peak_gib')}",
+                    f"err {row['rel_err']:.1e}  extra peak {_gib(row.get('extra_peak_gib'))}"
+                    + (
+                        f" (analytic {row['extra_analytic_gib']:.3f} GiB)"
+                        if "extra_analytic_gib" in row
+                        else ""
+                    ),
                     flush=True,
                 )
             else:

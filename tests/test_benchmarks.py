@@ -431,6 +431,9 @@ def test_kernel_bench_rows_on_cpu():
     assert row["status"] == "ok" and row["rel_err"] < 1e-2 and row["bytes"] == 8 * 33 * 96 * 2
     row = bench_one("flce", "eager", "cpu", copy_rate=None, matmul_rate=1.0)
     assert row["status"] == "ok" and row["tflops"] > 0 and row["rel_err"] < 1e-2
+    row = bench_one("flce", "cpt@1", "cpu", copy_rate=None, matmul_rate=1.0)  # a 1 MiB chunk budget
+    assert row["status"] == "ok" and row["rel_err"] < 1e-2 and row["extra_analytic_gib"] > 0
+    assert bench_one("swiglu", "cpt@1", "cpu", None, None)["status"] == "error"
 
 
 # -- on the GPU machine ----------------------------------------------------------------------------

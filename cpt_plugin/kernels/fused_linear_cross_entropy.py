@@ -7,6 +7,24 @@ kernel turns every row into its loss and overwrites it in place with d(loss)/d(l
 and two more matmuls fold that into the gradients of hidden, weight and bias. The gradients are thus
 computed during the forward (the backward only scales them by grad_output), so the extra memory is one
 logits chunk. CPU tensors without the Triton interpreter take the same chunked path with torch ops.
+
+Memory, analytically (``extra_memory_bytes``), at 8192 tokens x hidden 2048 x vocab 128256, bf16 hidden and
+weight (the kernel benchmark's case), beyond the inputs:
+- the gradients, returned as they are (autograd steals them into ``.grad``, no copy): grad_hidden
+  8192 x 2048 x 2 B = 32 MiB, grad_weight 128256 x 2048 x 2 B = 501 MiB — not "extra", any loss makes them;
+- per-token losses 8192 x 4 B = 32 KiB;
+- the one logits chunk, overwritten in place by its gradient: rows x 128256 x 2 B. Rows = the chunk budget
+  // (vocab x element size), a multiple of 64. Before: budget 256 MiB -> 1024 rows -> 250.5 MiB
+  (0.245 GiB; measured +0.24 GiB). Now: 128 MiB -> 512 rows -> 125.3 MiB (0.122 GiB). Liger 0.8.5 uses
+  256 rows (62.6 MiB, measured +0.06 GiB).
+Not in that case but in training: an fp32 lm_head under bf16 autocast adds its bf16 copy (vocab x hidden
+x 2 B = 501 MiB here) and an fp32 hidden its bf16 copy (32 MiB); grad_weight is then fp32 (1002 MiB, the
+gradient itself).
+Why not 64 MiB (Liger's memory): every chunk reads and writes all of grad_weight (its K is the chunk's
+rows), 2 x 501 MiB per chunk, so 256-row chunks move 32 GB per call and ran at Liger's speed on an H200,
+while recomputing the logits to write grad_weight once costs a fourth matmul (+33% FLOPs). The budget is
+a keyword (``chunk_bytes``) so ``python -m benchmarks.kernels --ops flce --impls liger,cpt,cpt@64``
+measures each point side by side.
 """
 
 from __future__ import annotations
@@ -23,11 +41,11 @@ except ImportError:  # pragma: no cover - triton is a dependency, but keep CPU u
     triton = None
 
 # Logits-chunk budget (bytes of the one chunk buffer; fixed, so it does not grow with the token count).
-# GPU: 256 MiB is 1024 rows at a 128K vocab in bf16. Measured on an H200 at 8192 x 2048 x 128256 bf16,
-# forward+backward: 64 MiB 29.8 ms (= Liger's time and memory), 128 MiB 24.1 ms, 256 MiB 22.4 ms,
-# 512 MiB 20.6 ms (Liger 0.8.5: 28.9 ms with a 61 MiB chunk); smaller chunks make the grad_weight addmm
-# inefficient (K = chunk rows). CPU: small, the torch path makes a few fp32 temporaries per chunk.
-GPU_CHUNK_BYTES = 256 * 1024 * 1024
+# GPU: 128 MiB is 512 rows at a 128K vocab in bf16. Measured on an H200 at 8192 x 2048 x 128256 bf16,
+# forward+backward: 64 MiB 29.8 ms (= Liger's time and memory), 128 MiB 24.1 ms (1.20x Liger), 256 MiB
+# 22.4 ms, 512 MiB 20.6 ms (Liger 0.8.5: 28.9 ms with a 61 MiB chunk); smaller chunks make the grad_weight
+# addmm inefficient (K = chunk rows). CPU: small, the torch path makes a few fp32 temporaries per chunk.
+GPU_CHUNK_BYTES = 128 * 1024 * 1024
 CPU_CHUNK_BYTES = 16 * 1024 * 1024
 CE_BLOCK = 4096
 CE_WARPS = 8
@@ -190,12 +208,37 @@ def _accumulate_grad_weight(grad_weight: torch.Tensor, dlogits: torch.Tensor, x:
         grad_weight.addmm_(dlogits.t().to(grad_weight.dtype), x.to(grad_weight.dtype))
 
 
-def _chunk_rows(n_rows: int, n_cols: int, elem_size: int, device: torch.device) -> int:
-    budget = GPU_CHUNK_BYTES if device.type == "cuda" else CPU_CHUNK_BYTES
+def _chunk_rows(
+    n_rows: int, n_cols: int, elem_size: int, device: torch.device, chunk_bytes: int | None = None
+) -> int:
+    """Rows of one logits chunk: as many as fit the budget (default: per device type), a multiple of 64."""
+    budget = chunk_bytes or (GPU_CHUNK_BYTES if device.type == "cuda" else CPU_CHUNK_BYTES)
     rows = max(1, budget // max(1, n_cols * elem_size))
     if rows >= 64:
         rows = rows // 64 * 64  # matmul-friendly
     return min(rows, n_rows)
+
+
+def extra_memory_bytes(
+    n_rows: int,
+    hidden_size: int,
+    vocab: int,
+    compute_dtype: torch.dtype = torch.bfloat16,
+    hidden_dtype: torch.dtype | None = None,
+    weight_dtype: torch.dtype | None = None,
+    device: torch.device | str = "cuda",
+    chunk_bytes: int | None = None,
+) -> dict[str, int]:
+    """Bytes the function allocates beyond its inputs and the gradients it returns (see the docstring)."""
+    elem = torch.empty((), dtype=compute_dtype).element_size()
+    rows = _chunk_rows(n_rows, vocab, elem, torch.device(device), chunk_bytes)
+    parts = {"logits_chunk": rows * vocab * elem, "loss_rows": n_rows * 4}
+    if (hidden_dtype or compute_dtype) != compute_dtype:
+        parts["hidden_cast"] = n_rows * hidden_size * elem
+    if (weight_dtype or compute_dtype) != compute_dtype:
+        parts["weight_cast"] = vocab * hidden_size * elem
+    parts["total"] = sum(parts.values())
+    return parts
 
 
 def _scale_factor(
@@ -231,6 +274,7 @@ def _forward_with_grads(
     need_grad_hidden: bool,
     need_grad_weight: bool,
     need_grad_bias: bool,
+    chunk_bytes: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     n_rows = hidden.shape[0]
     n_cols = weight.shape[0]
@@ -249,7 +293,7 @@ def _forward_with_grads(
         grad_weight = torch.empty_like(weight) if weight.dtype == dtype else torch.zeros_like(weight)
     grad_bias = torch.zeros(n_cols, dtype=torch.float32, device=device) if need_grad_bias else None
     loss_rows = torch.empty(n_rows, dtype=torch.float32, device=device)
-    chunk = _chunk_rows(n_rows, n_cols, w.element_size(), device)
+    chunk = _chunk_rows(n_rows, n_cols, w.element_size(), device, chunk_bytes)
     buffer = torch.empty((chunk, n_cols), dtype=dtype, device=device)
 
     for start in range(0, n_rows, chunk):
@@ -282,6 +326,7 @@ def _forward_with_grads(
 
 
 def _run(hidden, weight, labels, bias, ignore_index, scale, softcap, dtype, needs):
+    # needs: (grad of hidden?, grad of weight?, grad of bias?, chunk_bytes)
     # Our matmuls pick their dtype explicitly; autocast would re-cast the weight on every chunk.
     with torch.autocast(hidden.device.type, enabled=False):
         return _forward_with_grads(hidden, weight, labels, bias, ignore_index, scale, softcap, dtype, *needs)
@@ -319,12 +364,14 @@ def fused_linear_cross_entropy(
     reduction: str = "mean",
     num_items_in_batch: torch.Tensor | int | None = None,
     softcap: float | None = None,
+    chunk_bytes: int | None = None,
 ) -> torch.Tensor:
     """Cross-entropy of `hidden @ weight.T (+ bias)` against `labels` without the full logits.
 
     hidden [N, H] (already shifted and flattened), weight [V, H], labels [N] int64. Same result as
     `fused_linear_cross_entropy_reference`: mean over non-ignored tokens (0 when all are ignored),
     "sum", or sum / num_items_in_batch when that is given (transformers' convention).
+    ``chunk_bytes`` overrides the logits-chunk budget (GPU_CHUNK_BYTES / CPU_CHUNK_BYTES): memory for speed.
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
@@ -342,9 +389,12 @@ def fused_linear_cross_entropy(
     labels = labels.to(hidden.device)
     scale = _scale_factor(labels, ignore_index, reduction, num_items_in_batch)
     dtype = _compute_dtype(hidden, weight)  # decided here, where the caller's autocast is still visible
+    if chunk_bytes is not None and chunk_bytes < 1:
+        raise ValueError(f"chunk_bytes must be a positive number of bytes, got {chunk_bytes!r}")
+    plan = (*needs, chunk_bytes)
     if not any(needs):
         with torch.no_grad():
-            return _run(hidden, weight, labels, bias, ignore_index, scale, softcap, dtype, needs)[0]
+            return _run(hidden, weight, labels, bias, ignore_index, scale, softcap, dtype, plan)[0]
     return _FusedLinearCrossEntropy.apply(
-        hidden, weight, labels, bias, ignore_index, scale, softcap, dtype, needs
+        hidden, weight, labels, bias, ignore_index, scale, softcap, dtype, plan
     )

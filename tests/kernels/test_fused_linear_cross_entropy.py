@@ -257,3 +257,93 @@ def test_gpu_fp32_weight_under_autocast():
     assert w1.grad.dtype == torch.float32 and h1.grad.dtype == torch.float32
     assert _rel_err(h1.grad, h2.grad) < 2e-2
     assert _rel_err(w1.grad, w2.grad) < 2e-2
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 3 * 37 * 4, 10**9])
+def test_chunk_bytes_keyword_matches_reference(chunk_bytes):
+    """One row, three rows and one chunk for everything give the same loss and gradients."""
+    import functools
+
+    hidden, weight, bias, labels = _inputs(9, 16, 37, torch.float32, bias=True, ignore_every=4)
+    ours = functools.partial(fused_linear_cross_entropy, chunk_bytes=chunk_bytes)
+    loss, grads = _run(ours, hidden, weight, bias, labels)
+    ref_loss, ref_grads = _run(fused_linear_cross_entropy_reference, hidden, weight, bias, labels)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+
+
+def _run_counting_allocations(fn, *args, **kwargs):
+    """Runs fn, returning the sizes (bytes) of the fresh tensors that factory ops made inside it."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    factories = {torch.ops.aten.empty.memory_format, torch.ops.aten.empty_like.default}
+    factories |= {
+        torch.ops.aten.zeros_like.default,
+        torch.ops.aten.zeros.default,
+        torch.ops.aten.ones.default,
+    }
+    sizes: list[int] = []
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func in factories:
+                sizes.append(out.numel() * out.element_size())
+            return out
+
+    with Count():
+        result = fn(*args, **kwargs)
+    return result, sizes
+
+
+def test_extra_memory_is_the_one_chunk_buffer_counted_on_cpu():
+    """Every buffer made inside the call is a returned gradient, the per-row losses or the one logits
+    chunk, which stays within the budget: the analytic count of extra_memory_bytes."""
+    n, h, v = 33, 16, 301
+    hidden, weight, _, labels = _inputs(n, h, v, torch.float32)
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    budget = 5 * v * 4  # five rows
+    loss, sizes = _run_counting_allocations(
+        fused_linear_cross_entropy, hidden, weight, labels, chunk_bytes=budget
+    )
+    plan = flce.extra_memory_bytes(n, h, v, torch.float32, device="cpu", chunk_bytes=budget)
+    grads = {n * h * 4, v * h * 4}
+    extra = sorted(s for s in sizes if s not in grads and s > 4)  # one-element scale factors aside
+    assert extra == sorted([plan["logits_chunk"], plan["loss_rows"]]), (extra, plan)
+    assert plan["logits_chunk"] == 5 * v * 4 <= budget
+    loss.backward()
+
+
+def test_extra_memory_plan_at_the_benchmark_shape():
+    plan = flce.extra_memory_bytes(8192, 2048, 128256, torch.bfloat16, device="cuda")
+    assert plan["logits_chunk"] == 512 * 128256 * 2 <= flce.GPU_CHUNK_BYTES  # 125.3 MiB
+    assert plan["total"] < 0.125 * 2**30
+    liger_like = flce.extra_memory_bytes(8192, 2048, 128256, device="cuda", chunk_bytes=64 * 2**20)
+    assert liger_like["logits_chunk"] == 256 * 128256 * 2  # Liger 0.8.5's chunk at this shape
+    fp32_head = flce.extra_memory_bytes(8192, 2048, 128256, weight_dtype=torch.float32, device="cuda")
+    assert fp32_head["weight_cast"] == 128256 * 2048 * 2  # the bf16 copy of an fp32 lm_head under autocast
+
+
+def test_chunk_bytes_must_be_positive():
+    hidden, weight, _, labels = _inputs(3, 16, 37, torch.float32)
+    with pytest.raises(ValueError, match="chunk_bytes"):
+        fused_linear_cross_entropy(hidden, weight, labels, chunk_bytes=0)
+
+
+@pytest.mark.gpu
+def test_gpu_extra_peak_memory_matches_the_plan():
+    """Measured extra peak (beyond inputs and the returned gradients) at 8192 x 2048 x 128256 bf16."""
+    n, h, v = 8192, 2048, 128256
+    hidden, weight, _, labels = _inputs(n, h, v, torch.bfloat16, device="cuda")
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fused_linear_cross_entropy(hidden, weight, labels).backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base - (n * h + v * h) * 2
+    plan = flce.extra_memory_bytes(n, h, v, torch.bfloat16, device="cuda")
+    assert extra <= plan["total"] + 8 * 2**20, (extra / 2**20, plan)
