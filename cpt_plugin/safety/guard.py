@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from cpt_plugin.safety.distributed import any_rank
+
 logger = logging.getLogger(__name__)
 
 # A loss within this many nats of ln(vocab_size), step after step, is a uniform guess.
@@ -41,17 +43,6 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     return to_local() if callable(to_local) else tensor
 
 
-def _all_ranks_agree_bad(bad: bool, device: torch.device) -> bool:
-    """True on every rank when any rank found a problem (sharded weights differ per rank)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return bad
-    flag = torch.tensor([1.0 if bad else 0.0], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
-
-
 def non_finite_parameter(model: torch.nn.Module) -> str | None:
     """The name of the first trainable parameter holding NaN/Inf, or None (one device sync)."""
     named = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
@@ -60,7 +51,7 @@ def non_finite_parameter(model: torch.nn.Module) -> str | None:
     device = named[0][1].device
     flags = torch.stack([torch.isfinite(_local(p).detach()).all().to(device) for _, p in named]).cpu()
     bad_index = int((~flags).nonzero()[0]) if not bool(flags.all()) else -1
-    bad = _all_ranks_agree_bad(bad_index >= 0, device)
+    bad = any_rank(bad_index >= 0, device)
     if not bad:
         return None
     return named[bad_index][0] if bad_index >= 0 else "(a weight on another process)"

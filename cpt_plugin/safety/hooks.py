@@ -14,14 +14,16 @@ The loss reaches the guard from the ``training_step`` hook in ``trainer_hooks.py
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
+from cpt_plugin.safety.distributed import any_rank
 from cpt_plugin.safety.resume import check_adapter_matches, resolve_resume_checkpoint
-from cpt_plugin.safety.run_lock import hold_output_dir
+from cpt_plugin.safety.run_lock import OutputDirInUseError, acquire
 
 # Trainer methods wrapped here (those a transformers version lacks are left alone).
 SAFETY_METHODS = ("train", "_get_grad_norm", "_save_checkpoint", "save_model")
@@ -30,6 +32,27 @@ SAFETY_METHODS = ("train", "_get_grad_norm", "_save_checkpoint", "save_model")
 def guard_of(callback: Any) -> Any:
     """The TrainingGuard of a CPTCallback, or None (guard=False, or no callback)."""
     return getattr(callback, "guard", None) if callback is not None else None
+
+
+@contextlib.contextmanager
+def _output_dir_held(trainer: Any, enabled: bool) -> Iterator[None]:
+    """The main process takes the output-directory lock; every process stops when it cannot."""
+    lock, error = None, None
+    if enabled and trainer.is_world_process_zero():
+        try:
+            lock = acquire(trainer.args.output_dir)
+        except OutputDirInUseError as refused:
+            error = refused
+    if enabled and any_rank(error is not None, trainer.args.device):
+        raise error or OutputDirInUseError(
+            "cpt-plugin: the main process found the output directory in use by another run (its error says "
+            "which); this process stops too."
+        )
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def safety_hooks(originals: dict[str, Any], find_callback: Callable[[Any], Any]) -> dict[str, Any]:
@@ -46,8 +69,7 @@ def safety_hooks(originals: dict[str, Any], find_callback: Callable[[Any], Any])
             if callback is None:
                 return original_train(self, *args, **kwargs)
             bound = train_signature.bind_partial(self, *args, **kwargs)
-            lock_on = bool(callback.config.output_dir_lock) and self.is_world_process_zero()
-            with hold_output_dir(self.args.output_dir, enabled=lock_on):
+            with _output_dir_held(self, bool(callback.config.output_dir_lock)):
                 resume = bound.arguments.get("resume_from_checkpoint")
                 if resume:
                     resume = resolve_resume_checkpoint(

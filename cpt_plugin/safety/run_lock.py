@@ -11,8 +11,8 @@ The lock is created atomically: the content goes to a temporary file that is the
 lock name (``link`` fails when the name exists), so no reader sees a half-written lock. Filesystems
 without hard links fall back to an exclusive create.
 
-Only one process per run takes the lock (the Trainer hooks pass ``enabled`` only on the world's main
-process). ``overwrite_output_dir`` does not exist in transformers 5 (checked: 5.17 and 5.24), and the
+Only one process per run takes the lock: the Trainer hooks (``hooks.py``) let the world's main process
+take it and stop every process when it cannot. ``overwrite_output_dir`` does not exist in transformers 5 (checked: 5.17 and 5.24), and the
 Trainer itself never refused a folder with content: a finished run's checkpoints do not block a new run,
 only a live run does, whatever ``overwrite_output_dir`` says (two live writers are never safe).
 """

@@ -157,3 +157,24 @@ def test_fp16_overflows_are_the_grad_scalers_business_until_its_scale_is_spent()
     assert _scaler_handles_it(_Optimizer(1024.0))
     assert not _scaler_handles_it(_Optimizer(1.0))
     assert not _scaler_handles_it(object())
+
+
+@pytest.mark.gpu
+def test_fp16_overflow_steps_are_left_to_the_grad_scaler_and_nan_losses_still_stop(tmp_path, caplog):
+    """On CUDA with fp16: a scale far too high makes the first steps overflow (the scaler's normal job, so the
+    run goes on); NaN losses are still counted and stop the run."""
+    caplog.set_level(logging.INFO)
+    trainer = make_trainer(tmp_path, max_steps=8, use_cpu=False, fp16=True)
+    trainer.accelerator.scaler._init_scale = 2.0**30  # every early step overflows fp16
+    trainer.train()
+    assert trainer.state.global_step == 8
+    assert any("fp16 gradient overflow" in m for m in messages(caplog))
+    assert not any("stopping the run" in m for m in messages(caplog))
+    uninstall_trainer_hooks()
+    NanLossTrainer.nan_steps = set(range(2, 20))
+    trainer = make_trainer(
+        tmp_path / "nan", trainer_class=NanLossTrainer, max_steps=8, use_cpu=False, fp16=True
+    )
+    trainer.train()
+    assert trainer.state.global_step == 4
+    assert any("you train in fp16" in m for m in messages(caplog))
