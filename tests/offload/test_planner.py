@@ -309,3 +309,13 @@ def test_real_out_of_memory_is_recovered() -> None:
         assert planner.plan.counts()["keep"] < 6
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
+
+
+def test_memory_budget_key_is_validated() -> None:
+    from cpt_plugin.config import CPTConfig, CPTConfigError
+
+    assert CPTConfig(memory_budget_gib=8).memory_budget_gib == 8
+    with pytest.raises(CPTConfigError, match="memory_budget_gib.*Use a value > 0"):
+        CPTConfig(memory_budget_gib=0)
+    with pytest.raises(CPTConfigError, match="only used by gradient_checkpointing: auto"):
+        CPTConfig(memory_budget_gib=8, gradient_checkpointing="offload")
