@@ -280,7 +280,7 @@ def lora_grouped_linear(x: torch.Tensor, projections: Sequence[LoraProjection]) 
 # ------------------------------------------------------------------------------------------------
 class _LoraGatedMLP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, gelu, scales, dequantizers, dtype, *tensors):
+    def forward(ctx, x, gelu, scales, dequantizers, dtype, skip_output, *tensors):
         # tensors: (weight, bias, lora_a, lora_b) for gate, up and down
         x2 = _rows(x)
         if x2.dtype != dtype:
@@ -293,9 +293,14 @@ class _LoraGatedMLP(torch.autograd.Function):
             w = _base_weight(params[1][0], dequantizers[1], dtype)
             up, xa_up = _project(x2, w, params[1][1], *casts[1])
             hidden = glu_forward(gate, up, gelu)
-            w = _base_weight(params[2][0], dequantizers[2], dtype)
-            out, ha_down = _project(hidden, w, params[2][1], *casts[2])
-            del hidden, w
+            if skip_output:  # a recompute whose output nobody reads: only what backward needs
+                ha_down = torch.mm(hidden, casts[2][0].t())
+                out = x2.new_zeros(x2.shape[0], params[2][3].shape[0])  # lora_b: out x r
+            else:
+                w = _base_weight(params[2][0], dequantizers[2], dtype)
+                out, ha_down = _project(hidden, w, params[2][1], *casts[2])
+                del w
+            del hidden
         flat_casts = [t for pair in casts for t in pair]
         weights = [p[0] for p in params]
         ctx.save_for_backward(x2, gate, up, xa_gate, xa_up, ha_down, *flat_casts, *weights)
@@ -313,7 +318,7 @@ class _LoraGatedMLP(torch.autograd.Function):
         gelu, scales, dequantizers, dtype, x_shape, x_dtype = ctx.meta
         need = ctx.needs_input_grad
         need_x = need[0]
-        need_ab = [(need[5 + 4 * i + 2], need[5 + 4 * i + 3]) for i in range(3)]
+        need_ab = [(need[6 + 4 * i + 2], need[6 + 4 * i + 3]) for i in range(3)]
         g2 = _rows(grad_out)
         if g2.dtype != dtype:
             g2 = g2.to(dtype)
@@ -338,7 +343,7 @@ class _LoraGatedMLP(torch.autograd.Function):
             if ctx.need_bias[index]:
                 grads[4 * index + 1] = d.sum(0)
         dx = dx.view(x_shape).to(x_dtype) if dx is not None else None
-        return (dx, None, None, None, None, *grads)
+        return (dx, None, None, None, None, None, *grads)
 
 
 def lora_gated_mlp(
@@ -347,8 +352,13 @@ def lora_gated_mlp(
     up: LoraProjection,
     down: LoraProjection,
     activation: str = "swiglu",
+    skip_output: bool = False,
 ) -> torch.Tensor:
-    """``down(act(gate(x)) * up(x))`` for three LoRA projections; ``activation`` "swiglu" or "geglu"."""
+    """``down(act(gate(x)) * up(x))`` for three LoRA projections; ``activation`` "swiglu" or "geglu".
+
+    ``skip_output``: in a checkpoint recompute whose MLP output only feeds the discarded layer output, compute
+    just the tensors backward needs (the down projection's base matmul, a third of the MLP, is skipped) and
+    return zeros."""
     if activation not in ("swiglu", "geglu"):
         raise ValueError(f"activation must be 'swiglu' or 'geglu', got {activation!r}")
     projections: Sequence[LoraProjection] = (gate, up, down)
@@ -359,6 +369,7 @@ def lora_gated_mlp(
         tuple(p.scale for p in projections),
         tuple(p.dequantize for p in projections),
         compute_dtype(x),
+        skip_output,
         *tensors,
     )
 

@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 _FUSED = "_cpt_fused_lora"
 _GROUP = "_cpt_lora_group"
+_RESIDUAL_MLP = "_cpt_mlp_output_feeds_residual_only"
 _LEDGER = Ledger()
 # Sibling projections that read the same input, computed together when the first one is called.
 GROUPS: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"),)
@@ -199,6 +200,7 @@ def enable_fused_lora(model: nn.Module) -> int:
             layer.__dict__.pop(_FUSED, None)
             reasons[reason] += 1
     _group_siblings(model)
+    _mark_residual_mlps(model)
     for reason, count in reasons.items():
         logger.warning("cpt-plugin: %d LoRA layer(s) run PEFT's own (slower) computation: %s.", count, reason)
     if fused:
@@ -235,6 +237,16 @@ def unpatch_fused_lora() -> None:
     _LEDGER.restore()
 
 
+def _mark_residual_mlps(model: nn.Module) -> None:
+    """Marks the MLPs whose output only feeds the residual add (a recompute may skip their last matmul)."""
+    from cpt_plugin.offload.tiled_mlp import RESIDUAL_MLP_LAYERS
+
+    for module in model.modules():
+        mlp = module._modules.get("mlp")
+        if isinstance(mlp, nn.Module) and type(module).__name__ in RESIDUAL_MLP_LAYERS:
+            mlp.__dict__[_RESIDUAL_MLP] = True
+
+
 def fused_gated_mlp(mlp: nn.Module, x: torch.Tensor, activation: str) -> torch.Tensor | None:
     """The whole MLP as one fused function when gate, up and down are all marked; else None."""
     projections = []
@@ -246,4 +258,7 @@ def fused_gated_mlp(mlp: nn.Module, x: torch.Tensor, activation: str) -> torch.T
         if projection is None:
             return None
         projections.append(projection)
-    return lora_gated_mlp(x, *projections, activation=activation)
+    from cpt_plugin.offload.checkpointing import in_recompute
+
+    skip = bool(mlp.__dict__.get(_RESIDUAL_MLP)) and in_recompute()
+    return lora_gated_mlp(x, *projections, activation=activation, skip_output=skip)

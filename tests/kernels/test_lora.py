@@ -34,7 +34,7 @@ def _projection(
 
 
 def _grads(out: torch.Tensor, tensors: list[torch.Tensor], seed: int) -> list[torch.Tensor]:
-    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.dtype)
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.device, out.dtype)
     return list(torch.autograd.grad(out, tensors, upstream))
 
 
@@ -177,21 +177,6 @@ def test_fused_lora_on_gpu_bf16(activation):
     for g, w in zip(_grads(got, inputs, 4), _grads(want, inputs, 4), strict=True):
         assert_close_scaled(g, w, 2 * TOL[torch.bfloat16], "mlp grads")
     q, k = lora_grouped_linear(x, [gate, up])
-    assert_close_scaled(q, lora_linear_reference(x, gate), TOL[torch.bfloat16], "group")
-    assert_close_scaled(
-        lora_linear(
-            x,
-            down.__class__(
-                down.weight.t().contiguous(),
-                None,
-                down.lora_b.t().detach().requires_grad_(True),
-                down.lora_a.t().detach().requires_grad_(True),
-                1.0,
-            ),
-        ),
-        lora_linear_reference(
-            x, down.__class__(down.weight.t().contiguous(), None, down.lora_b.t(), down.lora_a.t(), 1.0)
-        ),
-        TOL[torch.bfloat16],
-        "linear",
-    )
+    assert_close_scaled(q, lora_linear_reference(x, gate), TOL[torch.bfloat16], "group q")
+    assert_close_scaled(k, lora_linear_reference(x, up), TOL[torch.bfloat16], "group k")
+    assert_close_scaled(lora_linear(x, up), lora_linear_reference(x, up), TOL[torch.bfloat16], "linear")

@@ -253,3 +253,29 @@ def test_four_bit_base_matches_peft_on_gpu():
     assert (got - want).norm() / want.norm() < 1e-2
     for g, w in zip(got_grads, want_grads, strict=True):
         assert (g - w).norm() / w.norm() < 2e-2
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_recompute_skips_the_down_projection_only_where_its_output_is_unused(family, monkeypatch):
+    """Llama/Mistral/Qwen: the recompute skips the MLP's last matmul; Gemma (norm after the MLP) does not."""
+    from cpt_plugin.offload.checkpointing import enable_checkpointing
+
+    skips = []
+    original = lora_kernels.lora_gated_mlp
+
+    def spy(*args, skip_output=False, **kwargs):
+        skips.append(skip_output)
+        return original(*args, skip_output=skip_output, **kwargs)
+
+    monkeypatch.setattr("cpt_plugin.patching.lora.lora_gated_mlp", spy)
+    inputs = batch(shape=(2, 9))
+    plain = _setup(family, _config(kernels=True), num_hidden_layers=2)
+    want_loss, want_grads, _ = train_step(plain, inputs)
+    model = _setup(family, _config(kernels=True), num_hidden_layers=2)
+    enable_checkpointing(model, "recompute")
+    skips.clear()
+    got_loss, got_grads, _ = train_step(model, inputs)
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-6)
+    assert_same_grads(got_grads, want_grads, rtol=1e-4, atol=1e-6)
+    residual_only = not family.startswith("gemma")
+    assert skips == [False, False] + [residual_only] * 2  # two forwards, then two recomputes
