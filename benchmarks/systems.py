@@ -45,7 +45,7 @@ UNSLOTH_SYSTEMS: dict[str, str | bool] = {"unsloth": "unsloth", "unsloth_nogc": 
 SYSTEMS = ("hf", "liger", "unsloth", "unsloth_nogc", "cpt_nogc", "cpt", "cpt_offload")
 # On request (--systems): offload alone (to compare with recompute), and other tools' activation offloading.
 OFFLOAD_COMPETITORS = ("hf_offload", "trl_offload", "axolotl_offload")
-EXTRA_SYSTEMS = ("cpt_offload_only", *OFFLOAD_COMPETITORS)
+EXTRA_SYSTEMS = ("cpt_offload_only", "cpt_nogc_emb", "cpt_offload_emb", "cpt_auto", "cpt_auto_8g", *OFFLOAD_COMPETITORS)
 
 # CPTConfig overrides of the two cpt-plugin systems (edit here to benchmark other switches).
 CPT_VARIANTS: dict[str, dict[str, Any]] = {
@@ -53,6 +53,9 @@ CPT_VARIANTS: dict[str, dict[str, Any]] = {
     "cpt_offload": dict(gradient_checkpointing="offload", tiled_mlp=True, offload_embeddings=True),
     "cpt_offload_only": dict(gradient_checkpointing="offload", tiled_mlp=False, offload_embeddings=False),
     "cpt_nogc": dict(gradient_checkpointing="off", tiled_mlp=False, offload_embeddings=False),
+    # as Unsloth sets up the same recipe: the frozen embedding originals off the GPU
+    "cpt_nogc_emb": dict(gradient_checkpointing="off", tiled_mlp=False, offload_embeddings=True),
+    "cpt_offload_emb": dict(gradient_checkpointing="offload", tiled_mlp=False, offload_embeddings=True),
     # the memory planner (offload/planner.py): default budget, and an 8 GiB one
     "cpt_auto": dict(gradient_checkpointing="auto", tiled_mlp=False, offload_embeddings=False),
     "cpt_auto_8g": dict(
