@@ -144,7 +144,7 @@ class TrainingGuard(TrainerCallback):
         if loss_ok and norm_ok:
             self.bad_in_a_row = 0
             if talk:
-                self._check_collapse(step, loss, grad_norm, args)
+                self._check_collapse(step, loss, grad_norm, _peak_lr(optimizer, args))
             return control
         if loss_ok and _scaler_handles_it(optimizer):
             if talk:
@@ -180,13 +180,15 @@ class TrainingGuard(TrainerCallback):
             )
         if self.bad_in_a_row >= self.max_bad_steps:
             control.should_training_stop = True
-            message = self._stop_message(step, args, model)  # on every rank: it may gather across them
+            message = self._stop_message(
+                step, args, model, _peak_lr(optimizer, args)
+            )  # on every rank: it may gather across them
             if talk:
                 logger.error(message)
         return control
 
     # ------------------------------------------------------------------------------------------------
-    def _stop_message(self, step: int, args: Any, model: Any) -> str:
+    def _stop_message(self, step: int, args: Any, model: Any, learning_rate: str) -> str:
         first_bad = step - self.bad_in_a_row + 1
         cause = ""
         if model is not None:
@@ -204,20 +206,22 @@ class TrainingGuard(TrainerCallback):
         return (
             f"cpt-plugin guard: stopping the run at step {step}: steps {first_bad}-{step} had a non-finite "
             f"loss or gradient norm ({self.bad_in_a_row} in a row; their updates were skipped).{cause} "
-            f"What to try: lower the learning rate (now {getattr(args, 'learning_rate', '?')}); check the "
+            f"What to try: lower the learning rate (peak {learning_rate}); check the "
             f"data fed around step {first_bad} (empty, corrupt or extreme batches); {fp16}. "
             "guard_max_bad_steps sets how many bad steps in a row are tolerated."
         )
 
-    def _check_collapse(self, step: int, loss: float | None, grad_norm: float | None, args: Any) -> None:
+    def _check_collapse(
+        self, step: int, loss: float | None, grad_norm: float | None, learning_rate: str
+    ) -> None:
         if grad_norm == 0.0 and not self._warned_zero_grad:
             self._warned_zero_grad = True
             logger.warning(
                 "cpt-plugin guard: step %d: the gradient norm is exactly 0: no trainable weight gets a "
-                "gradient, so the model learns nothing. A learning rate far too high (now %s) can saturate "
+                "gradient, so the model learns nothing. A learning rate far too high (peak %s) can saturate "
                 "the model this way; lower it, and check that the loss depends on the trained weights.",
                 step,
-                getattr(args, "learning_rate", "?"),
+                learning_rate,
             )
         if not self.collapse_steps or self._vocab_size is None or loss is None or self._warned_collapse:
             return
@@ -228,14 +232,23 @@ class TrainingGuard(TrainerCallback):
             logger.warning(
                 "cpt-plugin guard: step %d: the loss has stayed at %.4f = ln(vocab_size %d), the loss of a "
                 "uniform guess, for %d steps: the model has collapsed and predicts nothing. This is what a "
-                "learning rate far too high (now %s) does; lower it and restart from a checkpoint saved "
+                "learning rate far too high (peak %s) does; lower it and restart from a checkpoint saved "
                 "before the collapse.",
                 step,
                 loss,
                 self._vocab_size,
                 self._flat_steps,
-                getattr(args, "learning_rate", "?"),
+                learning_rate,
             )
+
+
+def _peak_lr(optimizer: Any, args: Any) -> str:
+    """The peak learning rate of the parameter groups (the schedule's base; CPTConfig may override the Trainer's)."""
+    rates = [
+        group.get("initial_lr", group.get("lr")) for group in getattr(optimizer, "param_groups", None) or []
+    ]
+    rates = [float(rate) for rate in rates if isinstance(rate, (int, float))]
+    return f"{max(rates):.3g}" if rates else str(getattr(args, "learning_rate", "?"))
 
 
 def _grad_norm_of(optimizer: Any) -> float | None:
