@@ -208,3 +208,14 @@ def test_context_warning_points_to_the_setting_that_works(caplog) -> None:
         warn_if_context_too_long(tiny_llama(), CPTConfig(max_seq_length=1024))
     assert "CPTCallback(rope_scaling={'rope_type': 'yarn', 'factor': 4.0})" in caplog.text
     assert "when the model is loaded" not in caplog.text
+
+
+@pytest.mark.gpu
+def test_rope_rebuilt_on_the_models_device() -> None:
+    from cpt_plugin.long_context import apply_rope_scaling_to_model
+
+    model = LlamaForCausalLM(_config()).to("cuda", torch.bfloat16)
+    with pytest.warns(UserWarning):
+        apply_rope_scaling_to_model(model, 512, {"rope_type": "yarn"})
+    assert model.model.rotary_emb.inv_freq.device.type == "cuda"
+    model(input_ids=torch.randint(0, 257, (1, 300), device="cuda"))
