@@ -18,9 +18,23 @@ logger = logging.getLogger(__name__)
 def warn_if_context_too_long(model: Any, config: CPTConfig) -> None:
     """max_seq_length beyond the trained context needs RoPE scaling (config.rope_scaling, applied by
     setup_model to the loaded model, or apply_rope_scaling before loading)."""
+    from cpt_plugin.long_context import has_rotary_embedding
+
     model_config = getattr(model, "config", None)
     trained = getattr(model_config, "max_position_embeddings", None)
-    if trained and config.max_seq_length > trained and config.rope_scaling is None:
+    if not trained or config.max_seq_length <= trained or config.rope_scaling is not None:
+        return
+    if not has_rotary_embedding(model):  # learned positions (GPT-2): nothing to rescale
+        logger.warning(
+            "cpt-plugin: max_seq_length=%d is beyond the model's %d learned positions, and %s has no RoPE to "
+            "rescale: sequences longer than %d tokens fail. Set max_seq_length <= %d.",
+            config.max_seq_length,
+            trained,
+            type(model).__name__,
+            trained,
+            trained,
+        )
+    else:
         logger.warning(
             "cpt-plugin: max_seq_length=%d is beyond the model's trained context (%d positions). Set "
             "rope_scaling in the cpt-plugin config, e.g. CPTCallback(rope_scaling={'rope_type': 'yarn', "

@@ -154,6 +154,11 @@ def _is_rotary(module: Any) -> bool:
     )
 
 
+def has_rotary_embedding(model: Any) -> bool:
+    """True when the built model holds a rotary-embedding module (False: learned or no positions)."""
+    return any(_is_rotary(module) for module in model.modules())
+
+
 def rope_scaling_in_effect(model_config: Any, max_seq_length: int, rope_scaling: dict[str, Any]) -> bool:
     """True when ``model_config`` already has this scaling (e.g. set before loading, as the CLI does)."""
     wanted = rope_scaling.get("rope_type", rope_scaling.get("type"))

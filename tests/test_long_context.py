@@ -219,3 +219,16 @@ def test_rope_rebuilt_on_the_models_device() -> None:
         apply_rope_scaling_to_model(model, 512, {"rope_type": "yarn"})
     assert model.model.rotary_emb.inv_freq.device.type == "cuda"
     model(input_ids=torch.randint(0, 257, (1, 300), device="cuda"))
+
+
+def test_context_warning_for_learned_positions_does_not_point_to_rope(caplog) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from cpt_plugin.config import CPTConfig
+    from cpt_plugin.core import warn_if_context_too_long
+
+    model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=257, n_positions=64))
+    with caplog.at_level("WARNING"):
+        warn_if_context_too_long(model, CPTConfig(max_seq_length=128))
+    assert "64 learned positions" in caplog.text and "Set max_seq_length <= 64" in caplog.text
+    assert "rope_scaling" not in caplog.text
