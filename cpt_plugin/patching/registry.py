@@ -165,7 +165,8 @@ def patch(target: str | nn.Module, config: Any = None, **kernel_switches: bool) 
     ``enabled_kernels()``; without it all are applied. ``kernel_switches`` (``rope=False``...) override.
     Patching twice is a no-op; ``unpatch`` restores the originals.
     """
-    kernels = _resolve_kernels(config, kernel_switches)
+    # fused_lora is installed on PEFT's layers once they exist (core.setup_model), not into model classes
+    kernels = _resolve_kernels(config, kernel_switches) - {"fused_lora"}
     registry = get_registry()
     model = None if isinstance(target, str) else _base_model(target)
     model_type = target if isinstance(target, str) else _model_type(model)
