@@ -45,7 +45,14 @@ UNSLOTH_SYSTEMS: dict[str, str | bool] = {"unsloth": "unsloth", "unsloth_nogc": 
 SYSTEMS = ("hf", "liger", "unsloth", "unsloth_nogc", "cpt_nogc", "cpt", "cpt_offload")
 # On request (--systems): offload alone (to compare with recompute), and other tools' activation offloading.
 OFFLOAD_COMPETITORS = ("hf_offload", "trl_offload", "axolotl_offload")
-EXTRA_SYSTEMS = ("cpt_offload_only", "cpt_nogc_emb", "cpt_offload_emb", "cpt_auto", "cpt_auto_8g", *OFFLOAD_COMPETITORS)
+EXTRA_SYSTEMS = (
+    "cpt_offload_only",
+    "cpt_nogc_emb",
+    "cpt_offload_emb",
+    "cpt_auto",
+    "cpt_auto_8g",
+    *OFFLOAD_COMPETITORS,
+)
 
 # CPTConfig overrides of the two cpt-plugin systems (edit here to benchmark other switches).
 CPT_VARIANTS: dict[str, dict[str, Any]] = {

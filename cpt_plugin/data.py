@@ -56,6 +56,7 @@ from cpt_plugin.data_checks import (
     iter_jsonl_lines,
     jsonl_row_text,
     missing_path_error,
+    row_text,
     validate_source,
 )
 
@@ -226,27 +227,12 @@ def _iter_raw(source: Any, text_field: str, split: str, chunk_chars: int) -> Ite
         if isinstance(item, str):
             yield item, True
         elif isinstance(item, dict):
-            yield _field(item, text_field, f"{_describe(source)} item {index}"), True
+            yield row_text(item, text_field, f"{_describe(source)} item {index}"), True
         else:
             raise DataSourceError(
                 f"The data source {_describe(source)} yielded a {type(item).__name__} at item {index}; "
                 "an iterable source must yield strings (or dicts with the text field)."
             )
-
-
-def _field(row: dict, text_field: str, where: str) -> str:
-    if text_field not in row:
-        fields = ", ".join(map(str, row)) or "(none)"
-        raise DataSourceError(
-            f"{where} has no field '{text_field}' (fields: {fields}). "
-            f"Pass text_field='<one of those>' to say which field holds the text."
-        )
-    value = row[text_field]
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise DataSourceError(f"{where}: field '{text_field}' holds a {type(value).__name__}, expected text.")
-    return value
 
 
 def _iter_path(path: Path, text_field: str, split: str, chunk_chars: int) -> Iterator[tuple[str, bool]]:
@@ -425,7 +411,7 @@ def _iter_hf_dataset(dataset: Any, text_field: str, where: str) -> Iterator[str]
                 yield value or ""
         return
     for index, row in enumerate(dataset):
-        yield _field(row, text_field, f"dataset {where} row {index}")
+        yield row_text(row, text_field, f"dataset {where} row {index}")
 
 
 # ------------------------------------------------------------------------------------------------

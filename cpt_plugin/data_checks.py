@@ -136,6 +136,11 @@ def jsonl_row_text(raw: bytes, path: Path, number: int, offset: int, text_field:
             f"{where}: expected a JSON object per line, got a JSON {type(row).__name__}. "
             f'Write each row as {{"{text_field}": "..."}}.'
         )
+    return row_text(row, text_field, where, "Fix or delete that line, or pick another text_field.")
+
+
+def row_text(row: dict, text_field: str, where: str, fix: str = "") -> str:
+    """The text field of one row (JSONL line, dataset row, dict item); ``""`` for null."""
     if text_field not in row:
         fields = ", ".join(map(str, row)) or "(none)"
         raise DataSourceError(
@@ -146,10 +151,8 @@ def jsonl_row_text(raw: bytes, path: Path, number: int, offset: int, text_field:
     if value is None:
         return ""
     if not isinstance(value, str):
-        raise DataSourceError(
-            f"{where}: field '{text_field}' holds a {type(value).__name__}, expected text. "
-            "Fix or delete that line, or pick another text_field."
-        )
+        message = f"{where}: field '{text_field}' holds a {type(value).__name__}, expected text."
+        raise DataSourceError(f"{message} {fix}" if fix else message)
     return value
 
 

@@ -94,7 +94,9 @@ class CPTCallback(TrainerCallback):
         from cpt_plugin.core import setup_model
         from cpt_plugin.offload.planner import find_planner
 
-        prepared = setup_model(model, self.config, checkpointing=resolve_checkpointing_mode(self.config, args))
+        prepared = setup_model(
+            model, self.config, checkpointing=resolve_checkpointing_mode(self.config, args)
+        )
         self._planner = find_planner(prepared)
         return prepared
 

@@ -50,7 +50,14 @@ def install_trainer_hooks() -> None:
 
     originals = {
         name: getattr(Trainer, name)
-        for name in ("__init__", "create_optimizer", "create_scheduler", "training_step", "log", *SAFETY_METHODS)
+        for name in (
+            "__init__",
+            "create_optimizer",
+            "create_scheduler",
+            "training_step",
+            "log",
+            *SAFETY_METHODS,
+        )
         if hasattr(Trainer, name)
     }
     init_signature = inspect.signature(originals["__init__"])

@@ -151,7 +151,16 @@ def _ensure_venv() -> Path:
             steps.append([sys.executable, "-m", "venv", str(VENV)])
         steps += [
             [str(python), "-m", "pip", "install", "-q", torch_pin],
-            [str(python), "-m", "pip", "install", "-q", "axolotl", "pluggy", torch_pin],  # pluggy: cpt-plugin's registry
+            [
+                str(python),
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "axolotl",
+                "pluggy",
+                torch_pin,
+            ],  # pluggy: cpt-plugin's registry
             [str(python), "-m", "pip", "install", "-q", "--no-deps", "-e", str(ROOT)],
         ]
         for step in steps:
