@@ -116,17 +116,9 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
-class _NoAutocast:
-    """Runs a block with autocast off on ``device_type``: operands are already in the compute dtype."""
-
-    def __init__(self, device_type: str) -> None:
-        self._ctx = torch.autocast(device_type=device_type, enabled=False)
-
-    def __enter__(self) -> None:
-        self._ctx.__enter__()
-
-    def __exit__(self, *exc: Any) -> None:
-        self._ctx.__exit__(*exc)
+def _no_autocast(device_type: str):
+    """Autocast off inside the fused functions: their operands are already in the compute dtype."""
+    return torch.autocast(device_type=device_type, enabled=False)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -138,7 +130,7 @@ class _LoraLinear(torch.autograd.Function):
         x2 = _rows(x)
         if x2.dtype != dtype:
             x2 = x2.to(dtype)
-        with _NoAutocast(x.device.type):
+        with _no_autocast(x.device.type):
             w = _base_weight(weight, dequantize, dtype)
             a, b_scaled = _cast_factors(lora_a, lora_b, scale, dtype)
             out, xa = _project(x2, w, bias, a, b_scaled)
@@ -205,7 +197,7 @@ class _LoraGroup(torch.autograd.Function):
             x2 = x2.to(dtype)
         params = [tensors[i : i + 4] for i in range(0, len(tensors), 4)]
         ranks = [p[2].shape[0] for p in params]
-        with _NoAutocast(x.device.type):
+        with _no_autocast(x.device.type):
             a_all = torch.cat([p[2].to(dtype) for p in params])  # (sum r) x in
             b_scaled = [(p[3] * s).to(dtype) for p, s in zip(params, scales, strict=True)]
             xa_all = torch.mm(x2, a_all.t())
@@ -286,7 +278,7 @@ class _LoraGatedMLP(torch.autograd.Function):
         if x2.dtype != dtype:
             x2 = x2.to(dtype)
         params = [tensors[i : i + 4] for i in range(0, 12, 4)]
-        with _NoAutocast(x.device.type):
+        with _no_autocast(x.device.type):
             casts = [_cast_factors(p[2], p[3], s, dtype) for p, s in zip(params, scales, strict=True)]
             w = _base_weight(params[0][0], dequantizers[0], dtype)
             gate, xa_gate = _project(x2, w, params[0][1], *casts[0])
