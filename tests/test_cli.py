@@ -5,7 +5,7 @@ import json
 import pytest
 
 from cpt_plugin.cli import main
-from cpt_plugin.integrations.trainer_hooks import uninstall_trainer_hooks
+from cpt_plugin.integrations.hf import uninstall_trainer_hooks
 from cpt_plugin.pipeline import RunConfig, default_config_text
 
 SMALL = [

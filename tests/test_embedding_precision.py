@@ -115,7 +115,7 @@ def test_bfloat16_sr_resume_is_bit_identical(tmp_path) -> None:
     from transformers import Trainer, TrainingArguments
 
     from cpt_plugin import CPTCallback
-    from cpt_plugin.integrations.trainer_hooks import uninstall_trainer_hooks
+    from cpt_plugin.integrations.hf import uninstall_trainer_hooks
     from tests.tiny import RandomBlocks
 
     def run(resume: str | None = None):

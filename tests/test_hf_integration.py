@@ -7,7 +7,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from cpt_plugin import CPTCallback, CPTConfigError
-from cpt_plugin.integrations.trainer_hooks import uninstall_trainer_hooks
+from cpt_plugin.integrations.hf import uninstall_trainer_hooks
 from cpt_plugin.schedules import plan_of
 from tests.tiny import RandomBlocks, tiny_llama
 

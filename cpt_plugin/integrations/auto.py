@@ -165,10 +165,10 @@ def auto_callback(trainer: Any, arguments: Mapping[str, Any], config: Any) -> An
 
 def install() -> None:
     """Installs the Trainer hooks; the config is read from the environment when a Trainer is built."""
-    from cpt_plugin.integrations.trainer_hooks import install_trainer_hooks, set_auto_config
+    from cpt_plugin.integrations.hf import install_trainer_hooks, set_auto_callback
 
     install_trainer_hooks()
-    set_auto_config(config_from_env)
+    set_auto_callback(lambda trainer, arguments: auto_callback(trainer, arguments, config_from_env))
 
 
 def _install_quietly() -> None:

@@ -97,7 +97,7 @@ if BaseModel is not object:
 
 
 def _trainer_has_cpt_callback(trainer: Any) -> bool:
-    from cpt_plugin.integrations.trainer_hooks import trainer_cpt_callback
+    from cpt_plugin.integrations.hf import trainer_cpt_callback
 
     return trainer_cpt_callback(trainer) is not None
 

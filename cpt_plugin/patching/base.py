@@ -1,4 +1,5 @@
-"""What every patcher shares: the report it returns, its protocol, and the ledger of originals.
+"""What every patcher shares: the report it returns, its protocol, the pluggy hook specs and markers
+through which plugins register patchers, and the ledger of originals.
 
 The ledger is the single record of what was replaced, so that ``unpatch`` can put back the exact
 original objects (functions, classes, instance classes) whatever was patched in between.
@@ -10,9 +11,22 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+import pluggy
 from torch import nn
 
 _MISSING = object()
+
+PROJECT = "cpt_plugin"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+class PatcherHookSpecs:
+    """Hooks a cpt-plugin plugin may implement."""
+
+    @hookspec(historic=True)
+    def cpt_plugin_register_patchers(self, registry: Any) -> None:
+        """Register patchers with ``registry.register(model_type, spec_or_patcher)`` (a ``registry.Registry``)."""
 
 
 @dataclass

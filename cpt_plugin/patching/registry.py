@@ -3,7 +3,7 @@
 Builtin families register directly; third-party packages add theirs through the entry-point group
 ``cpt_plugin.patchers`` with a pluggy hookimpl::
 
-    from cpt_plugin.patching.registry import hookimpl
+    from cpt_plugin.patching.registry import hookimpl  # defined in patching/base.py
 
     @hookimpl
     def cpt_plugin_register_patchers(registry):
@@ -23,26 +23,16 @@ from typing import Any
 import pluggy
 from torch import nn
 
-from cpt_plugin.patching.base import Patcher, PatchReport
+from cpt_plugin.patching.base import PROJECT, Patcher, PatcherHookSpecs, PatchReport, hookimpl, hookspec
 from cpt_plugin.patching.family import FamilyPatcher, FamilySpec
+
+__all__ = ["Registry", "get_registry", "hookimpl", "hookspec", "patch", "unpatch", "warn_if_no_patcher"]
 
 logger = logging.getLogger(__name__)
 
-PROJECT = "cpt_plugin"
 ENTRY_POINT_GROUP = "cpt_plugin.patchers"
 BUILTIN_PLUGIN = "cpt_plugin.patching.families"
 KERNEL_NAMES = ("rms_norm", "rope", "swiglu", "fused_linear_cross_entropy", "fused_lora")
-
-hookspec = pluggy.HookspecMarker(PROJECT)
-hookimpl = pluggy.HookimplMarker(PROJECT)
-
-
-class PatcherHookSpecs:
-    """Hooks a cpt-plugin plugin may implement."""
-
-    @hookspec(historic=True)
-    def cpt_plugin_register_patchers(self, registry: Registry) -> None:
-        """Register patchers with ``registry.register(model_type, spec_or_patcher)``."""
 
 
 class Registry:

@@ -5,7 +5,7 @@
 - ``run_lock.py``: one run per output directory (a lock file naming the run that holds it);
 - ``resume.py``: incomplete checkpoints skipped on resume, a changed adapter refused before any step;
 - ``distributed.py``: one decision shared by all processes;
-- ``hooks.py``: the Trainer method wrappers that plug these in (installed by integrations/trainer_hooks.py).
+- ``hooks.py``: the Trainer method wrappers that plug these in (installed by integrations/hf.py).
 
 CPTCallback turns all of it on (``CPTConfig.guard``, ``guard_max_bad_steps``, ``guard_collapse_steps``,
 ``output_dir_lock``).

@@ -1,6 +1,6 @@
 """Where the safety pieces plug into ``transformers.Trainer``: pass-through method wrappers.
 
-``integrations/trainer_hooks.py`` installs these next to its own hooks; each acts only for a trainer
+``integrations/hf.py`` installs these next to its own hooks; each acts only for a trainer
 carrying a CPTCallback (found through ``find_callback``, handed in so that this package never imports the
 integration layer) and otherwise calls the original unchanged.
 
@@ -9,7 +9,7 @@ integration layer) and otherwise calls the original unchanged.
 - ``_get_grad_norm``: shows the guard the Trainer's gradient norm (global across processes);
 - ``_save_checkpoint`` / ``save_model``: refused while the trainable weights hold NaN/Inf.
 
-The loss reaches the guard from the ``training_step`` hook in ``trainer_hooks.py``.
+The loss reaches the guard from the ``training_step`` hook in ``integrations/hf.py``.
 """
 
 from __future__ import annotations

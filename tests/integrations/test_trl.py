@@ -8,7 +8,7 @@ trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
 from cpt_plugin import CPTCallback  # noqa: E402
-from cpt_plugin.integrations.trainer_hooks import uninstall_trainer_hooks  # noqa: E402
+from cpt_plugin.integrations.hf import uninstall_trainer_hooks  # noqa: E402
 from cpt_plugin.schedules import plan_of  # noqa: E402
 from tests.tiny import tiny_llama  # noqa: E402
 

@@ -182,7 +182,7 @@ def test_trainer_with_checkpointing_gets_the_planner_and_logs_its_plan(tmp_path)
     from transformers import Trainer, TrainingArguments
 
     from cpt_plugin import CPTCallback
-    from cpt_plugin.integrations.trainer_hooks import uninstall_trainer_hooks
+    from cpt_plugin.integrations.hf import uninstall_trainer_hooks
 
     args = TrainingArguments(
         output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, max_steps=3, logging_steps=1,

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from cpt_plugin import CPTConfig, CPTConfigError
-from cpt_plugin.integrations.trainer_hooks import uninstall_trainer_hooks
+from cpt_plugin.integrations.hf import uninstall_trainer_hooks
 from cpt_plugin.safety import TrainingGuard
 from cpt_plugin.safety.guard import _scaler_handles_it
 from tests.safety.helpers import NanLossTrainer, Snapshots, make_trainer, messages

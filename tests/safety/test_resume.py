@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cpt_plugin import CPTConfigError, prepare_model
-from cpt_plugin.integrations.trainer_hooks import uninstall_trainer_hooks
+from cpt_plugin.integrations.hf import uninstall_trainer_hooks
 from cpt_plugin.safety import check_adapter_matches, missing_parts
 from tests.safety.helpers import Snapshots, make_trainer, messages
 from tests.tiny import tiny_llama

@@ -12,7 +12,7 @@ import sys
 import pytest
 from transformers import TrainerCallback
 
-from cpt_plugin.integrations.trainer_hooks import uninstall_trainer_hooks
+from cpt_plugin.integrations.hf import uninstall_trainer_hooks
 from cpt_plugin.safety import LOCK_NAME, OutputDirInUseError, run_lock
 from cpt_plugin.safety.run_lock import acquire
 from tests.safety.helpers import make_trainer, messages

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
+from cpt_plugin.patching.base import hookimpl
 from cpt_plugin.patching.families.gemma import GEMMA2, GEMMA3
 from cpt_plugin.patching.families.llama import LLAMA
 from cpt_plugin.patching.families.mistral import MISTRAL
 from cpt_plugin.patching.families.qwen2 import QWEN2
 from cpt_plugin.patching.families.qwen3 import QWEN3
-from cpt_plugin.patching.registry import hookimpl
-
-if TYPE_CHECKING:  # pragma: no cover
-    from cpt_plugin.patching.registry import Registry
 
 BUILTIN_FAMILIES = (LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA2, GEMMA3)
 
@@ -29,7 +26,8 @@ __all__ = [
 
 
 @hookimpl
-def cpt_plugin_register_patchers(registry: Registry) -> None:
+def cpt_plugin_register_patchers(registry: Any) -> None:
+    """Registers every builtin family with the ``registry.Registry`` handed in."""
     for spec in BUILTIN_FAMILIES:
         for model_type in spec.model_types:
             registry.register(model_type, spec)

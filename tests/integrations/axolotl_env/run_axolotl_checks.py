@@ -219,7 +219,7 @@ def main(work: Path) -> None:
     finally:
         Trainer.train = original_train
     trainer = captured.get("trainer", trainer)
-    from cpt_plugin.integrations.trainer_hooks import find_cpt_callback
+    from cpt_plugin.integrations.hf import find_cpt_callback
     from cpt_plugin.schedules import plan_of
 
     groups = {g.get("cpt_group"): g for g in trainer.optimizer.param_groups}
