@@ -20,6 +20,7 @@ from torch import nn
 
 from cpt_plugin import stochastic_rounding as sr
 from cpt_plugin.config import CPTConfig, CPTConfigError
+from cpt_plugin.trainer_settings import DEFAULT_OPTIMIZER
 
 logger = logging.getLogger(__name__)
 
@@ -95,16 +96,6 @@ def build_param_groups(
 def _fused_supported(groups: list[dict[str, Any]]) -> bool:
     params = [p for g in groups for p in g["params"]]
     return all(p.is_cuda and p.dtype in (torch.float32, torch.float16, torch.bfloat16) for p in params)
-
-
-def optimizer_name_from_trainer(optim: str | None) -> str | None:
-    """Maps TrainingArguments.optim to the AdamW kinds we build; None for anything else."""
-    optim = str(getattr(optim, "value", optim) or "")
-    if "8bit" in optim and "adam" in optim:
-        return "adamw_8bit"
-    if optim in ("adamw_torch", "adamw_torch_fused"):
-        return optim
-    return None
 
 
 def _mark_updates(groups: list[dict[str, Any]], config: CPTConfig, name: str) -> bool:
@@ -253,7 +244,7 @@ def create_optimizer(
     """AdamW over the CPT parameter groups: torch (fused where the parameters allow) or 8-bit; CPTAdamW
     when the embeddings need stochastic rounding or 8-bit states of their own."""
     groups = build_param_groups(model, config, learning_rate, weight_decay)
-    name = config.optimizer or "adamw_torch_fused"
+    name = config.optimizer or DEFAULT_OPTIMIZER
     special = _mark_updates(groups, config, name)
     if name == "adamw_8bit" or any(g["cpt_update"] == "adamw_8bit" for g in groups):
         try:

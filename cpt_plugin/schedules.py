@@ -76,15 +76,6 @@ class SchedulePlan:
         return const
 
 
-def resolve_warmup_steps(config: CPTConfig, total_steps: int, trainer_warmup_steps: int = 0) -> int:
-    """CPTConfig's warm-up wins over the Trainer's; a ratio is taken of the total steps."""
-    if config.warmup_steps is not None:
-        return config.warmup_steps
-    if config.warmup_ratio is not None:
-        return math.ceil(config.warmup_ratio * total_steps)
-    return trainer_warmup_steps
-
-
 def build_plan(config: CPTConfig, total_steps: int, warmup_steps: int) -> SchedulePlan:
     """Turns the config into concrete step counts for a run of ``total_steps`` optimizer steps."""
     if total_steps <= 0:

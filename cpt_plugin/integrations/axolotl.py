@@ -28,7 +28,6 @@ What runs where (Axolotl 0.19 order):
 from __future__ import annotations
 
 import logging
-from types import SimpleNamespace
 from typing import Any
 
 from cpt_plugin.config import CPTConfig, CPTConfigError
@@ -137,10 +136,10 @@ class CPTPlugin(BasePlugin):  # type: ignore[misc,valid-type]
 
             return None, build_lora_config(model, config)
         from cpt_plugin.core import setup_model
-        from cpt_plugin.integrations.hf import resolve_checkpointing_mode
+        from cpt_plugin.trainer_settings import TrainerSettings, resolve
 
-        args = SimpleNamespace(gradient_checkpointing=bool(cfg.get("gradient_checkpointing")))
-        peft_model = setup_model(model, config, checkpointing=resolve_checkpointing_mode(config, args))
+        trainer = TrainerSettings(gradient_checkpointing=bool(cfg.get("gradient_checkpointing")))
+        peft_model = setup_model(model, config, checkpointing=resolve(config, trainer).checkpointing)
         return peft_model, peft_model.peft_config["default"]
 
     def post_model_load(self, cfg: Any, model: Any) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from cpt_plugin.config import CPTConfig, CPTConfigError
+from cpt_plugin.trainer_settings import TrainerSettings, optimizer_name_from_trainer, resolve
 
 logger = logging.getLogger("cpt_plugin.integrations.axolotl")
 
@@ -180,7 +181,14 @@ def resolve_settings(data: Mapping[str, Any]) -> tuple[dict[str, Any], CPTConfig
             out[key] = None
 
     # --- learning rates and optimizer ---------------------------------------------------------------
-    lr = config.learning_rate or out.get("learning_rate")
+    gc, offload = out.get("gradient_checkpointing"), out.get("activation_offloading")
+    trainer = TrainerSettings(
+        learning_rate=out.get("learning_rate"),
+        optim=out.get("optimizer"),
+        gradient_checkpointing=bool(gc) or bool(offload),
+    )
+    settings = resolve(config, trainer)  # Axolotl's keys in the Trainer's place
+    lr = settings.learning_rate
     emb_lr, emb_scale = out.get("embedding_lr"), out.get("embedding_lr_scale")
     ours_text = (
         f"cpt.embedding_learning_rate={config.embedding_learning_rate}"
@@ -200,8 +208,6 @@ def resolve_settings(data: Mapping[str, Any]) -> tuple[dict[str, Any], CPTConfig
             note(f"{key}: {out[key]} ignored: cpt.{key}={ours} wins.")
     optimizer = out.get("optimizer")
     if optimizer is not None:
-        from cpt_plugin.optim import optimizer_name_from_trainer
-
         kind = optimizer_name_from_trainer(optimizer)
         if config.optimizer is not None and kind != config.optimizer:
             note(f"optimizer: {optimizer} ignored: cpt.optimizer={config.optimizer} wins.")
@@ -219,14 +225,10 @@ def resolve_settings(data: Mapping[str, Any]) -> tuple[dict[str, Any], CPTConfig
                 )
 
     # --- checkpointing: ours ------------------------------------------------------------------------
-    gc, offload = out.get("gradient_checkpointing"), out.get("activation_offloading")
     axolotl_offload = gc in ("offload", "offload_disk") or bool(offload)
     mode = config.gradient_checkpointing
-    if mode == "auto":
-        wanted = bool(gc) or bool(offload)
-        shown = "offload" if wanted else "off"
-    else:
-        wanted, shown = mode != "off", mode
+    wanted = settings.checkpointing != "off"
+    shown = ("offload" if wanted else "off") if mode == "auto" else mode
     if axolotl_offload:
         which = (
             f"gradient_checkpointing: {gc}"

@@ -27,22 +27,9 @@ import torch
 from transformers import TrainerCallback
 
 from cpt_plugin.config import CPTConfig, CPTConfigError
+from cpt_plugin.trainer_settings import TrainerSettings, resolve
 
 logger = logging.getLogger(__name__)
-
-
-def checkpointing_requested(args: Any) -> bool:
-    """TrainingArguments' checkpointing switch (``activation_checkpointing`` in 5.24, older name before)."""
-    return bool(
-        getattr(args, "activation_checkpointing", None) or getattr(args, "gradient_checkpointing", False)
-    )
-
-
-def resolve_checkpointing_mode(config: CPTConfig, args: Any) -> str:
-    """auto: the memory planner whenever the Trainer asks for gradient checkpointing, off otherwise."""
-    if config.gradient_checkpointing != "auto":
-        return config.gradient_checkpointing
-    return "auto" if checkpointing_requested(args) else "off"
 
 
 def check_output_dir(path: str | None) -> None:
@@ -102,9 +89,8 @@ class CPTCallback(TrainerCallback):
         from cpt_plugin.core import setup_model
         from cpt_plugin.offload.planner import find_planner
 
-        prepared = setup_model(
-            model, self.config, checkpointing=resolve_checkpointing_mode(self.config, args)
-        )
+        settings = resolve(self.config, TrainerSettings.from_training_args(args))
+        prepared = setup_model(model, self.config, checkpointing=settings.checkpointing)
         self._planner = find_planner(prepared)
         return prepared
 
@@ -230,19 +216,17 @@ def install_trainer_hooks() -> None:
         if callback is None or self.optimizer is not None:
             return originals["create_optimizer"](self, *args, **kwargs)
         from cpt_plugin.optim import create_optimizer as build
-        from cpt_plugin.optim import optimizer_name_from_trainer
 
+        settings = resolve(callback.config, TrainerSettings.from_training_args(self.args))
         config = callback.config
         if config.optimizer is None:
-            config = config.replace(
-                optimizer=optimizer_name_from_trainer(self.args.optim) or "adamw_torch_fused"
-            )
+            config = config.replace(optimizer=settings.optimizer)
         model = (args[0] if args else kwargs.get("model")) or self.model
         self.optimizer = build(
             model,
             config,
-            learning_rate=config.learning_rate or self.args.learning_rate,
-            weight_decay=config.weight_decay if config.weight_decay is not None else self.args.weight_decay,
+            learning_rate=settings.learning_rate,
+            weight_decay=settings.weight_decay,
             betas=(self.args.adam_beta1, self.args.adam_beta2),
             eps=self.args.adam_epsilon,
         )
@@ -254,11 +238,9 @@ def install_trainer_hooks() -> None:
         if callback is None or callback.config.schedule == "none" or self.lr_scheduler is not None:
             return originals["create_scheduler"](self, num_training_steps, optimizer)
         from cpt_plugin.schedules import create_scheduler as build
-        from cpt_plugin.schedules import resolve_warmup_steps
 
-        warmup = resolve_warmup_steps(
-            callback.config, num_training_steps, self.args.get_warmup_steps(num_training_steps)
-        )
+        trainer_settings = TrainerSettings.from_training_args(self.args, num_training_steps)
+        warmup = resolve(callback.config, trainer_settings).warmup_steps(num_training_steps)
         self.lr_scheduler = build(optimizer or self.optimizer, callback.config, num_training_steps, warmup)
         self._created_lr_scheduler = True
         return self.lr_scheduler
