@@ -22,23 +22,12 @@ import logging
 import torch
 from torch import nn
 
+from cpt_plugin.model_parts import embedding_roles
+
 logger = logging.getLogger(__name__)
 
 _SIXTEEN_BIT = (torch.bfloat16, torch.float16)
 _HOOKED = "_cpt_fp32_embedding_hook"
-
-
-def _embedding_roles(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """("input" | "output", module) for the model's input embeddings and lm_head (PEFT wrappers included)."""
-    roles = []
-    for role, getter in (("input", "get_input_embeddings"), ("output", "get_output_embeddings")):
-        try:
-            module = getattr(model, getter)()
-        except (AttributeError, NotImplementedError):
-            module = None
-        if isinstance(module, nn.Module):
-            roles.append((role, module))
-    return roles
 
 
 def _trained_leaf_modules(module: nn.Module) -> list[nn.Module]:
@@ -68,7 +57,7 @@ def keep_trained_embeddings_fp32(model: nn.Module) -> int:
     modules that own them (see module doc). Returns how many parameter tensors were cast; 0 when the
     model is not 16-bit or trains no embeddings. Call it before the optimizer is built."""
     originals: dict[int, torch.dtype] = {}  # id(param) -> its dtype before the cast (tied copies: once)
-    for role, module in _embedding_roles(model):
+    for role, module in embedding_roles(model):
         for owner in _trained_leaf_modules(module):
             original = None
             for param in owner.parameters(recurse=False):
@@ -96,7 +85,7 @@ def apply_trained_embeddings_dtype(model: nn.Module, dtype: str) -> int:
         return keep_trained_embeddings_fp32(model)
     if dtype == "bfloat16_sr":
         trained = [
-            p for _role, module in _embedding_roles(model) for p in module.parameters() if p.requires_grad
+            p for _role, module in embedding_roles(model) for p in module.parameters() if p.requires_grad
         ]
         if any(p.dtype == torch.float16 for p in trained):
             logger.info(

@@ -20,33 +20,13 @@ from torch import nn
 
 from cpt_plugin import stochastic_rounding as sr
 from cpt_plugin.config import CPTConfig, CPTConfigError
+from cpt_plugin.model_parts import embedding_parameter_ids
 from cpt_plugin.trainer_settings import DEFAULT_OPTIMIZER
 
 logger = logging.getLogger(__name__)
 
 MAIN_GROUP = "lora"
 EMBEDDING_GROUP = "embeddings"
-
-
-def _embedding_modules(model: nn.Module) -> list[nn.Module]:
-    """Input and output embeddings, found through the model's own accessors (never by name)."""
-    modules = []
-    for getter in ("get_input_embeddings", "get_output_embeddings"):
-        try:
-            module = getattr(model, getter)()
-        except (AttributeError, NotImplementedError):
-            module = None
-        if module is not None:
-            modules.append(module)
-    return modules
-
-
-def embedding_parameter_ids(model: nn.Module) -> set[int]:
-    """ids of every trainable parameter inside the embeddings or lm_head (PEFT copies included)."""
-    ids: set[int] = set()
-    for module in _embedding_modules(model):
-        ids.update(id(p) for p in module.parameters() if p.requires_grad)
-    return ids
 
 
 def _no_decay(name: str, param: nn.Parameter) -> bool:

@@ -14,6 +14,7 @@ import logging
 from typing import Any
 
 from cpt_plugin.config import CPTConfig, CPTConfigError
+from cpt_plugin.model_parts import input_embeddings, output_embeddings
 
 logger = logging.getLogger(__name__)
 
@@ -22,13 +23,6 @@ SUSPICIOUS_EMBEDDING_LR_RATIO = 10.0
 
 
 # --- the model ----------------------------------------------------------------------------------
-def _output_embeddings(model: Any) -> Any:
-    try:
-        return model.get_output_embeddings()
-    except (AttributeError, NotImplementedError):
-        return None
-
-
 def causal_lm_problem(model: Any) -> str | None:
     """Why cpt-plugin cannot train ``model`` as a causal LM (a short phrase), or None when it can.
 
@@ -41,7 +35,7 @@ def causal_lm_problem(model: Any) -> str | None:
     config = getattr(model, "config", None)
     if getattr(config, "is_encoder_decoder", False):
         return f"{name} is an encoder-decoder model, not a causal language model"
-    if _output_embeddings(model) is None or not callable(
+    if output_embeddings(model) is None or not callable(
         getattr(model, "prepare_inputs_for_generation", None)
     ):
         return f"{name} is not a causal language model (it has no next-token head)"
@@ -61,9 +55,8 @@ def check_causal_lm(model: Any) -> None:
 
 def embedding_rows(model: Any) -> int | None:
     """Rows of the input embedding (the largest token id + 1 the model accepts), PEFT wrappers included."""
-    try:
-        embedding = model.get_input_embeddings()
-    except (AttributeError, NotImplementedError):
+    embedding = input_embeddings(model)
+    if embedding is None:
         return None
     for module in (
         embedding,

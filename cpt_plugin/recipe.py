@@ -16,54 +16,17 @@ from typing import Any
 from torch import nn
 
 from cpt_plugin.config import CPTConfig, CPTConfigError
+from cpt_plugin.model_parts import (
+    EMBEDDING_NAMES,
+    embedding_names,
+    embedding_parameter_ids,
+    embeddings_tied,
+    is_conv1d,
+    is_linear,
+    leaf_name,
+)
 
 logger = logging.getLogger(__name__)
-
-# Names that are not LoRA targets whatever the architecture: they are trained fully instead.
-_EMBEDDING_NAMES = {"embed_tokens", "lm_head", "wte", "word_embeddings", "embed_out", "output"}
-
-
-def _module_name(model: nn.Module, target: nn.Module | None) -> str | None:
-    if target is None:
-        return None
-    for name, module in model.named_modules():
-        if module is target:
-            return name
-    return None
-
-
-def _embedding_names(model: nn.Module) -> tuple[str | None, str | None]:
-    input_embeddings = model.get_input_embeddings()
-    try:
-        output_embeddings = model.get_output_embeddings()
-    except (AttributeError, NotImplementedError):
-        output_embeddings = None
-    return _module_name(model, input_embeddings), _module_name(model, output_embeddings)
-
-
-def embeddings_tied(model: nn.Module) -> bool:
-    """True when the input embeddings and lm_head share one weight tensor."""
-    try:
-        output_embeddings = model.get_output_embeddings()
-    except (AttributeError, NotImplementedError):
-        return False
-    if output_embeddings is None:
-        return False
-    return model.get_input_embeddings().weight is output_embeddings.weight
-
-
-def _is_conv1d(module: nn.Module) -> bool:
-    """transformers' Conv1D (GPT-2 family): a linear layer whose weight is stored (in, out)."""
-    from transformers.pytorch_utils import Conv1D
-
-    return isinstance(module, Conv1D)
-
-
-def _is_linear(module: nn.Module) -> bool:
-    if isinstance(module, nn.Linear) or _is_conv1d(module):
-        return True
-    # bitsandbytes' Linear4bit/Linear8bitLt subclass nn.Linear; other quantized layers name themselves so
-    return type(module).__name__ in {"Linear4bit", "Linear8bitLt", "QuantLinear"}
 
 
 def _targets_conv1d(model: nn.Module, targets: list[str]) -> bool:
@@ -73,9 +36,9 @@ def _targets_conv1d(model: nn.Module, targets: list[str]) -> bool:
     """
     leafs = set(targets)
     kinds = {
-        _is_conv1d(module)
+        is_conv1d(module)
         for name, module in model.named_modules()
-        if name and (name.split(".")[-1] in leafs or name in leafs) and _is_linear(module)
+        if name and (leaf_name(name) in leafs or name in leafs) and is_linear(module)
     }
     return kinds == {True}
 
@@ -90,14 +53,14 @@ def resolve_target_modules(
     Embedding names that a user lists as LoRA targets
     (a habit from other tools' notebooks) are moved to full training.
     """
-    input_name, output_name = _embedding_names(model)
-    embedding_leafs = {n.split(".")[-1] for n in (input_name, output_name) if n} | _EMBEDDING_NAMES
+    input_name, output_name = embedding_names(model)
+    embedding_leafs = {leaf_name(n) for n in (input_name, output_name) if n} | EMBEDDING_NAMES
     if requested is None or requested == "all-linear":
         names = sorted(
             {
-                name.split(".")[-1]
+                leaf_name(name)
                 for name, module in model.named_modules()
-                if _is_linear(module) and name and name != output_name
+                if is_linear(module) and name and name != output_name
             }
             - embedding_leafs
         )
@@ -107,7 +70,7 @@ def resolve_target_modules(
             )
         return names, []
     requested_list = [requested] if isinstance(requested, str) else list(requested)
-    moved = [name for name in requested_list if name.split(".")[-1] in embedding_leafs]
+    moved = [name for name in requested_list if leaf_name(name) in embedding_leafs]
     targets = [name for name in requested_list if name not in moved]
     if not targets:
         raise CPTConfigError(
@@ -129,8 +92,6 @@ def _count(params: Any) -> int:
 
 def trainable_summary(model: nn.Module) -> str:
     """One line: trainable parameters by group (LoRA, embeddings) and of the whole model."""
-    from cpt_plugin.optim import embedding_parameter_ids
-
     embedding_ids = embedding_parameter_ids(model)
     all_params = list(model.parameters())
     trainable = [p for p in all_params if p.requires_grad]
@@ -150,7 +111,7 @@ def build_lora_config(model: nn.Module, config: CPTConfig) -> Any:
     from peft import LoraConfig
 
     targets, moved = resolve_target_modules(model, config.target_modules)
-    input_name, output_name = _embedding_names(model)
+    input_name, output_name = embedding_names(model)
     tied = embeddings_tied(model)
     modules_to_save: list[str] = []
     if config.train_embeddings or moved:

@@ -45,6 +45,8 @@ from typing import Any, Protocol
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from cpt_plugin.model_parts import input_embeddings
+
 logger = logging.getLogger(__name__)
 
 MODES = ("off", "recompute", "offload")
@@ -465,10 +467,7 @@ def _drop_input_require_grads(model: torch.nn.Module) -> None:
     overwrites the handle(s) of the previous one, so after two calls (PEFT's k-bit preparation, then the
     Trainer enabling checkpointing) ``disable_input_require_grads`` would leave a hook behind.
     """
-    try:
-        embeddings = model.get_input_embeddings()
-    except (AttributeError, NotImplementedError):
-        return
+    embeddings = input_embeddings(model)
     if not isinstance(embeddings, torch.nn.Module):
         return
     for hook_id, hook in list(embeddings._forward_hooks.items()):

@@ -57,7 +57,7 @@ recomputes the middle and offloads the bottom: the largest prefix then meets no 
 
 **Speed model** (one layer's forward = 1, its backward = 2): keep 3, recompute 4, offload 4.05 (copies
 hidden behind compute), a tiled MLP in a kept layer +0.6 (its chunks are run again in backward), in a
-checkpointed layer of the families in ``RESIDUAL_MLP_LAYERS`` +0.05 (the recompute skips the MLP). The
+checkpointed layer of the families with ``FamilySpec.residual_mlp`` +0.05 (the recompute skips the MLP). The
 search enumerates (tiling: none / checkpointed layers / all) x (layers kept) x (layers offloaded) and takes
 the cheapest plan whose predicted peak fits ``budget x (1 - headroom)``.
 
@@ -115,7 +115,7 @@ class ModelShapes:
     lora_rank_attn: int = 0  # sum of LoRA ranks over the attention projections of one layer
     lora_rank_mlp: int = 0
     fused_loss: bool = True
-    residual_mlp: bool = True  # the recompute of a tiled MLP can be skipped (RESIDUAL_MLP_LAYERS)
+    residual_mlp: bool = True  # the recompute of a tiled MLP can be skipped (FamilySpec.residual_mlp)
 
 
 @dataclass(frozen=True)
@@ -592,7 +592,7 @@ class MemoryPlanner:
 
 def model_shapes(model: torch.nn.Module, layers: Sequence[torch.nn.Module], fused_loss: bool) -> ModelShapes:
     """The shapes of ``model`` (a transformers model or a PeftModel around one) for the memory model."""
-    from cpt_plugin.offload.tiled_mlp import RESIDUAL_MLP_LAYERS
+    from cpt_plugin.patching.registry import mlp_feeds_residual_only
 
     config = getattr(model, "config", None)
     get_base = getattr(model, "get_base_model", None)
@@ -626,7 +626,7 @@ def model_shapes(model: torch.nn.Module, layers: Sequence[torch.nn.Module], fuse
         lora_rank_attn=rank_attn,
         lora_rank_mlp=rank_mlp,
         fused_loss=fused_loss,
-        residual_mlp=type(layer0).__name__ in RESIDUAL_MLP_LAYERS,
+        residual_mlp=mlp_feeds_residual_only(layer0),
     )
 
 

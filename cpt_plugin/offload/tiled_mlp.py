@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from cpt_plugin.offload.checkpointing import in_recompute
+from cpt_plugin.patching.registry import mlp_feeds_residual_only
 
 _AUTOCAST_DEVICES = ("cuda", "cpu")
 
@@ -141,11 +142,6 @@ _SKIP = "_cpt_tiled_skip_recompute"  # the layer adds the MLP output to the resi
 _OUT = "_cpt_tiled_output"  # (features, dtype) of the last computed output
 _ACTIVE = "_cpt_tiled_active"  # False: wrapped but running plainly (the planner's per-layer choice)
 
-# Decoder layers whose MLP output only goes into the residual add (no norm after the MLP, unlike Gemma 2/3).
-RESIDUAL_MLP_LAYERS = frozenset(
-    {"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer"}
-)
-
 
 def _tiled_forward(self: nn.Module, x: Any, *args: Any, **kwargs: Any) -> Any:
     """Instance ``forward`` of a decoder MLP: the class's forward (or an earlier instance wrapper), tiled."""
@@ -180,8 +176,8 @@ def enable_tiled_mlp(model: nn.Module, chunk_tokens: int = 4096) -> int:
     """Wraps every decoder layer's ``mlp`` (instance level) to run in chunks; returns how many were wrapped.
 
     Calling again changes the chunk size. The class's ``forward`` is looked up at each call, so a kernel
-    patch applied to the class before or after this still runs inside the tiles. In the layers listed in
-    ``RESIDUAL_MLP_LAYERS`` the recompute of our checkpointing skips the MLP's chunks (see module doc).
+    patch applied to the class before or after this still runs inside the tiles. In the layers whose family
+    declares ``FamilySpec.residual_mlp`` (``mlp_feeds_residual_only``) the recompute of our checkpointing skips the MLP's chunks (see module doc).
     """
     if chunk_tokens <= 0:
         raise ValueError(f"chunk_tokens must be > 0, got {chunk_tokens}")
@@ -191,7 +187,7 @@ def enable_tiled_mlp(model: nn.Module, chunk_tokens: int = 4096) -> int:
             mlp.__dict__[_INNER] = mlp.__dict__.get("forward")
             mlp.__dict__["forward"] = types.MethodType(_tiled_forward, mlp)
         mlp.__dict__[_CHUNK] = int(chunk_tokens)
-        mlp.__dict__[_SKIP] = type(layer).__name__ in RESIDUAL_MLP_LAYERS
+        mlp.__dict__[_SKIP] = mlp_feeds_residual_only(layer)
         mlp.__dict__[_ACTIVE] = True
     return len(pairs)
 
@@ -211,7 +207,7 @@ def set_tiled_layers(layers: Sequence[nn.Module], active: Sequence[bool], chunk_
         if on and _CHUNK not in mlp.__dict__:
             mlp.__dict__[_INNER] = mlp.__dict__.get("forward")
             mlp.__dict__["forward"] = types.MethodType(_tiled_forward, mlp)
-            mlp.__dict__[_SKIP] = type(layer).__name__ in RESIDUAL_MLP_LAYERS
+            mlp.__dict__[_SKIP] = mlp_feeds_residual_only(layer)
             mlp.__dict__[_CHUNK] = int(chunk_tokens)
         if _CHUNK in mlp.__dict__:
             mlp.__dict__[_CHUNK] = int(chunk_tokens)

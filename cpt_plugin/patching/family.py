@@ -55,6 +55,10 @@ class FamilySpec:
     rope_function: str | None = "apply_rotary_pos_emb"
     causal_lm_classes: tuple[str, ...] = ()
     logit_softcap_attr: str | None = None  # config attribute of a final tanh logit soft-cap
+    decoder_layer_class: str | None = None  # e.g. "LlamaDecoderLayer"
+    # The decoder layer adds the MLP output to the residual and nothing else reads it (no norm after the
+    # MLP, unlike Gemma 2/3): a checkpoint recompute may skip what produces it (tiled MLP, fused LoRA MLP).
+    residual_mlp: bool = False
 
     def load_module(self) -> ModuleType:
         return importlib.import_module(self.module)
@@ -101,7 +105,8 @@ def make_mlp_forward(original_forward: Any, spec: FamilySpec) -> Any:
             return original_forward(self, x, *args, **kwargs)
         from cpt_plugin.patching.lora import fused_gated_mlp
 
-        fused = fused_gated_mlp(self, x, kernel)  # LoRA on gate, up and down: one fused function
+        # LoRA on gate, up and down: one fused function
+        fused = fused_gated_mlp(self, x, kernel, residual_only=spec.residual_mlp)
         if fused is not None:
             return fused
         from cpt_plugin.kernels import swiglu as swiglu_module

@@ -25,13 +25,13 @@ import torch
 from torch import nn
 
 from cpt_plugin.kernels.lora import LoraProjection, lora_gated_mlp, lora_grouped_linear, lora_linear
+from cpt_plugin.model_parts import is_8bit_linear, is_conv1d
 from cpt_plugin.patching.base import Ledger
 
 logger = logging.getLogger(__name__)
 
 _FUSED = "_cpt_fused_lora"
 _GROUP = "_cpt_lora_group"
-_RESIDUAL_MLP = "_cpt_mlp_output_feeds_residual_only"
 _LEDGER = Ledger()
 # Sibling projections that read the same input, computed together when the first one is called.
 GROUPS: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"),)
@@ -91,7 +91,7 @@ def _is_4bit(base: nn.Module) -> bool:
 def unsupported_reason(layer: nn.Module) -> str | None:
     """Why ``layer`` (a PEFT LoRA layer) must keep PEFT's own computation, or None when ours is exact."""
     base = getattr(layer, "base_layer", None)
-    if getattr(layer, "fan_in_fan_out", False) or type(base).__name__ == "Conv1D":
+    if getattr(layer, "fan_in_fan_out", False) or is_conv1d(base):
         return "the base layer stores its weight transposed (fan_in_fan_out / Conv1D)"
     if getattr(layer, "lora_variant", None):
         return "a PEFT LoRA variant (DoRA or another) is set"
@@ -105,7 +105,7 @@ def unsupported_reason(layer: nn.Module) -> str | None:
         return "lora_bias is set"
     if _is_4bit(base):
         return None
-    if not isinstance(base, nn.Linear) or type(base).__name__ in ("Linear8bitLt",):
+    if not isinstance(base, nn.Linear) or is_8bit_linear(base):
         return f"the base layer is {type(base).__name__} (fused path: nn.Linear and 4-bit bitsandbytes)"
     if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
         return "the base weight is trained"
@@ -200,7 +200,6 @@ def enable_fused_lora(model: nn.Module) -> int:
             layer.__dict__.pop(_FUSED, None)
             reasons[reason] += 1
     _group_siblings(model)
-    _mark_residual_mlps(model)
     for reason, count in reasons.items():
         logger.warning("cpt-plugin: %d LoRA layer(s) run PEFT's own (slower) computation: %s.", count, reason)
     if fused:
@@ -237,18 +236,14 @@ def unpatch_fused_lora() -> None:
     _LEDGER.restore()
 
 
-def _mark_residual_mlps(model: nn.Module) -> None:
-    """Marks the MLPs whose output only feeds the residual add (a recompute may skip their last matmul)."""
-    from cpt_plugin.offload.tiled_mlp import RESIDUAL_MLP_LAYERS
+def fused_gated_mlp(
+    mlp: nn.Module, x: torch.Tensor, activation: str, *, residual_only: bool = False
+) -> torch.Tensor | None:
+    """The whole MLP as one fused function when gate, up and down are all marked; else None.
 
-    for module in model.modules():
-        mlp = module._modules.get("mlp")
-        if isinstance(mlp, nn.Module) and type(module).__name__ in RESIDUAL_MLP_LAYERS:
-            mlp.__dict__[_RESIDUAL_MLP] = True
-
-
-def fused_gated_mlp(mlp: nn.Module, x: torch.Tensor, activation: str) -> torch.Tensor | None:
-    """The whole MLP as one fused function when gate, up and down are all marked; else None."""
+    ``residual_only`` (the family's ``FamilySpec.residual_mlp``): the MLP output only feeds the residual
+    add, so a checkpoint recompute may skip the down projection's base matmul.
+    """
     projections = []
     for name in ("gate_proj", "up_proj", "down_proj"):
         layer = getattr(mlp, name, None)
@@ -260,5 +255,5 @@ def fused_gated_mlp(mlp: nn.Module, x: torch.Tensor, activation: str) -> torch.T
         projections.append(projection)
     from cpt_plugin.offload.checkpointing import in_recompute
 
-    skip = bool(mlp.__dict__.get(_RESIDUAL_MLP)) and in_recompute()
+    skip = residual_only and in_recompute()
     return lora_gated_mlp(x, *projections, activation=activation, skip_output=skip)

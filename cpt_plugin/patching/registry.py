@@ -113,6 +113,16 @@ class Registry:
             patcher.unpatch(None)
         self._patch_order.clear()
 
+    def residual_mlp_layers(self) -> frozenset[str]:
+        """Class names of the decoder layers whose family declares ``FamilySpec.residual_mlp``."""
+        return frozenset(
+            patcher.spec.decoder_layer_class
+            for patcher in self.patchers()
+            if isinstance(patcher, FamilyPatcher)
+            and patcher.spec.residual_mlp
+            and patcher.spec.decoder_layer_class
+        )
+
     def warn_unknown(self, model_type: str | None) -> None:
         key = str(model_type)
         if key in self._warned:
@@ -182,6 +192,12 @@ def warn_if_no_patcher(target: nn.Module) -> bool:
         return False
     registry.warn_unknown(model_type)
     return True
+
+
+def mlp_feeds_residual_only(layer: nn.Module) -> bool:
+    """True when ``layer`` is a decoder layer whose MLP output only feeds the residual add (its family's
+    ``FamilySpec.residual_mlp``), so a checkpoint recompute may skip computing it."""
+    return type(layer).__name__ in get_registry().residual_mlp_layers()
 
 
 def unpatch(target: str | nn.Module | None = None) -> None:

@@ -10,7 +10,8 @@ from offload_models import tiny_llama
 from transformers.models.llama.modeling_llama import LlamaMLP
 
 from cpt_plugin.offload.checkpointing import enable_checkpointing
-from cpt_plugin.offload.tiled_mlp import RESIDUAL_MLP_LAYERS, disable_tiled_mlp, enable_tiled_mlp, tiled_mlp
+from cpt_plugin.offload.tiled_mlp import disable_tiled_mlp, enable_tiled_mlp, tiled_mlp
+from cpt_plugin.patching.registry import mlp_feeds_residual_only
 from tests.patching.models import FAMILIES, tiny_model
 
 
@@ -93,7 +94,7 @@ def test_recompute_skips_the_chunks_only_where_the_output_is_unused(family: str)
         layer.mlp.up_proj.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     ids = torch.randint(0, 257, (2, 11))
     _assert_same(_grads(model, ids), _grads(reference, ids), rtol=1e-4, atol=1e-5)
-    skips = type(model.model.layers[0]).__name__ in RESIDUAL_MLP_LAYERS
+    skips = mlp_feeds_residual_only(model.model.layers[0])
     assert skips == (not family.startswith("gemma"))
     passes = 2 if skips else 3  # forward and tiled backward, plus the recompute where it is needed
     assert calls[0] == 2 * passes * 3  # 2 layers, 22 tokens in 3 chunks

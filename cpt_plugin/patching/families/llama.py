@@ -8,5 +8,7 @@ LLAMA = FamilySpec(
     module="transformers.models.llama.modeling_llama",
     rms_norm_class="LlamaRMSNorm",
     mlp_class="LlamaMLP",
+    decoder_layer_class="LlamaDecoderLayer",
+    residual_mlp=True,
     causal_lm_classes=("LlamaForCausalLM",),
 )

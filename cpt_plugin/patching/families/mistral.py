@@ -8,5 +8,7 @@ MISTRAL = FamilySpec(
     module="transformers.models.mistral.modeling_mistral",
     rms_norm_class="MistralRMSNorm",
     mlp_class="MistralMLP",
+    decoder_layer_class="MistralDecoderLayer",
+    residual_mlp=True,
     causal_lm_classes=("MistralForCausalLM",),
 )

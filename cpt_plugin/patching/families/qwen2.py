@@ -8,5 +8,7 @@ QWEN2 = FamilySpec(
     module="transformers.models.qwen2.modeling_qwen2",
     rms_norm_class="Qwen2RMSNorm",
     mlp_class="Qwen2MLP",
+    decoder_layer_class="Qwen2DecoderLayer",
+    residual_mlp=True,
     causal_lm_classes=("Qwen2ForCausalLM",),
 )

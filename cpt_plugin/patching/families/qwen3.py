@@ -8,5 +8,7 @@ QWEN3 = FamilySpec(
     module="transformers.models.qwen3.modeling_qwen3",
     rms_norm_class="Qwen3RMSNorm",
     mlp_class="Qwen3MLP",
+    decoder_layer_class="Qwen3DecoderLayer",
+    residual_mlp=True,
     causal_lm_classes=("Qwen3ForCausalLM",),
 )
