@@ -12,12 +12,15 @@ Tensor names come from the ``gguf`` package's own HF-to-GGUF name map.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from cpt_plugin import CPTConfigError
+
+logger = logging.getLogger(__name__)
 
 
 def rope_parameters(config: Any, layer_type: str | None = None) -> dict[str, Any]:
@@ -109,7 +112,23 @@ def _qwen(writer: Any, config: Any) -> None:
     _rope(writer, config)
 
 
+def _warn_attention_scale(config: Any) -> None:
+    scalar = getattr(config, "query_pre_attn_scalar", None)
+    if scalar is not None and scalar not in (
+        head_dim(config),
+        config.hidden_size // config.num_attention_heads,
+    ):
+        logger.warning(
+            "cpt-plugin export: %s has query_pre_attn_scalar=%s, but llama.cpp scales attention by head_dim "
+            "(%d) or hidden_size/heads: llama.cpp may compute different attention from transformers.",
+            config.model_type,
+            scalar,
+            head_dim(config),
+        )
+
+
 def _gemma2(writer: Any, config: Any) -> None:
+    _warn_attention_scale(config)
     _common(writer, config)
     _rope(writer, config)
     if config.attn_logit_softcapping is not None:
@@ -120,6 +139,7 @@ def _gemma2(writer: Any, config: Any) -> None:
 
 
 def _gemma3(writer: Any, config: Any) -> None:
+    _warn_attention_scale(config)
     _common(writer, config)
     _rope(writer, config, "full_attention")  # the global layers' base; llama.cpp fixes the local one
     if getattr(config, "final_logit_softcapping", None):

@@ -230,6 +230,25 @@ def _resolve_tied(
     return False
 
 
+def _check_tokenizer_reloads(directory: Path, tokenizer: Any) -> None:
+    """Warns when AutoTokenizer loads the saved tokenizer as something else (transformers picks a tokenizer
+    class from config.json's model type for some families, e.g. Qwen2Tokenizer, which adds its own tokens)."""
+    from transformers import AutoTokenizer
+
+    reloaded = AutoTokenizer.from_pretrained(str(directory))
+    sample = "cpt-plugin export: def f(x):\n    return x ** 2  # caf\u00e9"
+    if len(reloaded) != len(tokenizer) or reloaded(sample)["input_ids"] != tokenizer(sample)["input_ids"]:
+        logger.warning(
+            "cpt-plugin export: AutoTokenizer loads the saved tokenizer as %s with %d tokens (saved: %s, %d tokens), "
+            "because transformers chooses the class from config.json's model type. Load it with "
+            "PreTrainedTokenizerFast.from_pretrained(...) to get the tokenizer the model was trained with.",
+            type(reloaded).__name__,
+            len(reloaded),
+            type(tokenizer).__name__,
+            len(tokenizer),
+        )
+
+
 def _save(
     out: Path, state: dict[str, torch.Tensor], config: Any, base: nn.Module, tokenizer: Any | None
 ) -> None:
@@ -243,6 +262,7 @@ def _save(
             generation.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+            _check_tokenizer_reloads(tmp, tokenizer)
 
 
 def _export(
