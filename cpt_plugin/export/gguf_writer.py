@@ -73,6 +73,12 @@ def _plan(config: Any, family: GGUFFamily, shapes: dict) -> list[tuple[str, str]
 
     arch = next(a for a, name in gguf.MODEL_ARCH_NAMES.items() if name == family.arch)
     name_map = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+    if "lm_head.weight" in shapes and not family.has_output:
+        raise CPTConfigError(
+            f"cpt-plugin export: the merged {config.model_type} model has an untied lm_head, but llama.cpp's "
+            f"{family.arch} architecture has no output tensor (it always uses the input embeddings). Train with "
+            "tied embeddings (the default for this family), or use the merged export."
+        )
     plan, unknown = [], []
     for key in shapes:
         gguf_name = name_map.get_name(key, try_suffixes=(".weight", ".bias"))
@@ -85,13 +91,6 @@ def _plan(config: Any, family: GGUFFamily, shapes: dict) -> list[tuple[str, str]
             f"cpt-plugin export: {len(unknown)} tensors of the {config.model_type} checkpoint have no GGUF name "
             f"for architecture {family.arch!r} (e.g. {unknown[:3]}). Is this a plain {config.model_type} "
             "checkpoint written by the merged export?"
-        )
-    has_output = any(name == "output.weight" for _, name in plan)
-    if has_output and not family.has_output:
-        raise CPTConfigError(
-            f"cpt-plugin export: the merged {config.model_type} model has an untied lm_head, but llama.cpp's "
-            f"{family.arch} architecture has no output tensor (it always uses the input embeddings). Train with "
-            "tied embeddings (the default for this family), or use the merged export."
         )
     return plan
 
