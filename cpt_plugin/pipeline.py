@@ -21,7 +21,7 @@ import torch
 import yaml
 
 from cpt_plugin.config import CPTConfig, CPTConfigError
-from cpt_plugin.data_checks import SPLITS
+from cpt_plugin.data.checks import SPLITS
 
 logger = logging.getLogger(__name__)
 
@@ -233,7 +233,7 @@ class RunConfig:
 
     def check_data(self) -> None:
         """Checks every data path (exists, UTF-8, JSONL rows with the text field) before any model is built."""
-        from cpt_plugin.data_checks import DataSourceError, validate_source
+        from cpt_plugin.data.checks import DataSourceError, validate_source
 
         for key in DATA_PATH_KEYS:
             path = self.data.get(key)

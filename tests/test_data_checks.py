@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from cpt_plugin import data_checks
 from cpt_plugin.data import CPTDataset, DataSourceError, iter_documents
-from cpt_plugin.data_checks import validate_source
+from cpt_plugin.data import checks as data_checks
+from cpt_plugin.data.checks import validate_source
 from tests.test_data import _word_tokenizer
 
 

@@ -8,8 +8,8 @@ that, the readers in :mod:`cpt_plugin.data` raise the same errors while streamin
 line, the byte offset and the fix. Both use the helpers below, so a message reads the same wherever it
 is raised.
 
-This module sits below :mod:`cpt_plugin.data` (which imports it, never the other way), so that the
-rules live in one place and validation needs no tokenizer or torch.
+This module sits below the rest of :mod:`cpt_plugin.data` (which imports it, never the other way), so
+that the rules live in one place and validation needs no tokenizer or torch.
 """
 
 from __future__ import annotations
