@@ -129,9 +129,21 @@ def _sample_ids(config: Any, tokenizer: Any) -> torch.Tensor:
     return torch.randint(0, high, (2, length), generator=torch.Generator().manual_seed(0))
 
 
-@torch.no_grad()
 def read_back(gguf_path: Path, merged_dir: Path, outtype: str, tokenizer: Any | None) -> float:
     """Relative logits error of the GGUF file against the merged model; raises above the bound."""
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # two loads of the same model: their bars say nothing to a user
+    try:
+        return _read_back(gguf_path, merged_dir, outtype, tokenizer)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+@torch.no_grad()
+def _read_back(gguf_path: Path, merged_dir: Path, outtype: str, tokenizer: Any | None) -> float:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     merged = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32)
