@@ -10,7 +10,7 @@ import dataclasses
 import difflib
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +96,6 @@ class CPTConfig:
     guard_max_bad_steps: int = 3  # non-finite steps in a row before the run stops
     guard_collapse_steps: int = 20  # steps with the loss flat at ln(vocab_size) before a warning; 0: off
     output_dir_lock: bool = True  # one run per output_dir (lock file: pid, host, start time)
-    extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.validate()

@@ -42,7 +42,7 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.model == "tiny":
-        from cpt_plugin.corpora import train_tokenizer, write_default_corpora
+        from cpt_plugin.cli.corpora import train_tokenizer, write_default_corpora
 
         corpora = write_default_corpora(f"{args.output_dir}/corpora", max_mb=0.4)
         args.data, args.replay = args.data or corpora["new_train"], args.replay or corpora["old_train"]

@@ -5,8 +5,8 @@ import json
 import pytest
 
 from cpt_plugin.cli import main
+from cpt_plugin.cli.pipeline import RunConfig, default_config_text
 from cpt_plugin.integrations.hf import uninstall_trainer_hooks
-from cpt_plugin.pipeline import RunConfig, default_config_text
 
 SMALL = [
     "training.max_steps=2",

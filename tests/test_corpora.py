@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from cpt_plugin.corpora import train_tokenizer, write_default_corpora
+from cpt_plugin.cli.corpora import train_tokenizer, write_default_corpora
 from cpt_plugin.data import CPTDataset, iter_documents
 
 

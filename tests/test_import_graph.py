@@ -28,8 +28,12 @@ def import_graph() -> dict[str, set[str]]:
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Import):
                 targets = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                targets = [f"{node.module}.{alias.name}" for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+                for _ in range(node.level - 1):  # relative: from the module's package upwards
+                    package = package.rpartition(".")[0]
+                base = ".".join(filter(None, (package if node.level else "", node.module or "")))
+                targets = [f"{base}.{alias.name}" for alias in node.names]
             else:
                 continue
             for target in filter(None, map(known, targets)):

@@ -102,7 +102,7 @@ def test_residual_stream_stays_bf16_and_saves_less_than_peft_upcast(saved_tiny):
 
 def test_pipeline_loads_4bit_with_the_cpt_preparation(saved_tiny):
     """The CLI's `model: {load_in_4bit: true}` goes through prepare_kbit_model (no fp32 copies)."""
-    from cpt_plugin import pipeline
+    from cpt_plugin.cli import pipeline
 
     run = pipeline.RunConfig.from_dict(
         {

@@ -43,13 +43,6 @@ class PatchReport:
     def skip(self, kernel: str, why: str) -> None:
         self.skipped[kernel] = why
 
-    def merge(self, other: PatchReport) -> None:
-        for kernel, places in other.applied.items():
-            for place in places:
-                if place not in self.applied.get(kernel, []):
-                    self.add(kernel, place)
-        self.skipped.update(other.skipped)
-
     @property
     def kernels(self) -> tuple[str, ...]:
         return tuple(self.applied)

@@ -23,6 +23,7 @@ from typing import Any
 import pluggy
 from torch import nn
 
+from cpt_plugin.config import KERNEL_NAMES
 from cpt_plugin.patching.base import PROJECT, Patcher, PatcherHookSpecs, PatchReport, hookimpl, hookspec
 from cpt_plugin.patching.family import FamilyPatcher, FamilySpec
 
@@ -32,7 +33,6 @@ logger = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "cpt_plugin.patchers"
 BUILTIN_PLUGIN = "cpt_plugin.patching.families"
-KERNEL_NAMES = ("rms_norm", "rope", "swiglu", "fused_linear_cross_entropy", "fused_lora")
 
 
 class Registry:

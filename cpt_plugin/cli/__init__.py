@@ -1,4 +1,8 @@
-"""`cpt-plugin` command line: `train [CONFIG.yaml]` (embedded default without one), `default-config`."""
+"""`cpt-plugin` command line: `train [CONFIG.yaml]` (embedded default without one), `default-config`.
+
+The demo job lives in this package, beside the library: ``pipeline`` (the `train` job), ``corpora``
+(offline corpora and a BPE tokenizer), ``plots`` (loss curves), ``defaults/`` (the embedded run config).
+"""
 
 from __future__ import annotations
 
@@ -44,8 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("default-config", help="print the embedded default run config")
     args = parser.parse_args(argv)
 
+    from cpt_plugin.cli.pipeline import RunConfig, default_config_text, run
     from cpt_plugin.config import CPTConfigError
-    from cpt_plugin.pipeline import RunConfig, default_config_text, run
 
     if args.command == "default-config":
         sys.stdout.write(default_config_text())
@@ -64,7 +68,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cpt-plugin: error: {error}", file=sys.stderr)
         return 2
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

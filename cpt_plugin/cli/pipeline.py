@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from cpt_plugin.config import CPTConfig, CPTConfigError
 from cpt_plugin.data.checks import SPLITS
@@ -244,17 +243,9 @@ class RunConfig:
             except DataSourceError as error:
                 raise DataSourceError(f"Run config 'data.{key}': {error}") from None
 
-    @classmethod
-    def from_yaml(cls, path: str | Path | None) -> RunConfig:
-        if path is None:
-            text = resources.files("cpt_plugin").joinpath("defaults/default.yaml").read_text(encoding="utf-8")
-        else:
-            text = Path(path).read_text(encoding="utf-8")
-        return cls.from_dict(yaml.safe_load(text) or {})
-
 
 def default_config_text() -> str:
-    return resources.files("cpt_plugin").joinpath("defaults/default.yaml").read_text(encoding="utf-8")
+    return resources.files("cpt_plugin.cli").joinpath("defaults/default.yaml").read_text(encoding="utf-8")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -265,7 +256,7 @@ def _load_tokenizer(run: RunConfig, corpora: dict[str, Path], out: Path) -> Any:
     if source:
         tokenizer = AutoTokenizer.from_pretrained(source)
     else:
-        from cpt_plugin.corpora import train_tokenizer
+        from cpt_plugin.cli.corpora import train_tokenizer
 
         paths = [corpora[k] for k in ("old_train", "new_train") if k in corpora] or [run.data["train"]]
         tokenizer = train_tokenizer(
@@ -389,8 +380,8 @@ def _train(model: Any, dataset: Any, args: Any, callbacks: list[Any]) -> Any:
 
 def run(run_config: RunConfig, output_dir: str | None = None) -> dict[str, Any]:
     """Runs the job and returns the summary (also written to output_dir/summary.json)."""
+    from cpt_plugin.cli.plots import plot_loss_curves
     from cpt_plugin.integrations.hf import CPTCallback, check_output_dir
-    from cpt_plugin.plots import plot_loss_curves
 
     started = time.perf_counter()
     out = Path(output_dir or run_config.training.get("output_dir", "cpt-output"))
@@ -407,7 +398,7 @@ def run(run_config: RunConfig, output_dir: str | None = None) -> dict[str, Any]:
         )
     corpora: dict[str, Path] = {}
     if run_config.data.get("default_corpora"):
-        from cpt_plugin.corpora import write_default_corpora
+        from cpt_plugin.cli.corpora import write_default_corpora
 
         corpora = write_default_corpora(
             out / "corpora", max_mb=float(run_config.data.get("corpora_max_mb", 1.0))

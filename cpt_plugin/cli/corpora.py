@@ -178,7 +178,7 @@ def train_tokenizer(
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from .data import iter_document_pieces
+    from cpt_plugin.data import iter_document_pieces
 
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
