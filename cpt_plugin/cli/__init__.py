@@ -46,7 +46,12 @@ def main(argv: list[str] | None = None) -> int:
         "--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE", help="override config values"
     )
     sub.add_parser("default-config", help="print the embedded default run config")
+    from cpt_plugin.export.cli import add_export_parser, run_export
+
+    add_export_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "export":
+        return run_export(args)
 
     from cpt_plugin.cli.pipeline import RunConfig, default_config_text, run
     from cpt_plugin.config import CPTConfigError

@@ -55,3 +55,12 @@ def test_export_errors_are_one_line_and_exit_2(tmp_path, capsys):
         run_export(_args(str(run), "--to", "merged", "--out", str(tmp_path / "x"), "--base", "/no/base")) == 2
     )
     assert "not a local model directory" in capsys.readouterr().err
+
+
+def test_console_entry_point_runs_export(tmp_path):
+    """`cpt-plugin export ...` goes through cpt_plugin.cli.main, the console script."""
+    from cpt_plugin.cli import main
+
+    run = _run_dir(tmp_path)
+    assert main(["export", str(run), "--to", "merged", "--out", str(tmp_path / "merged")]) == 0
+    assert (tmp_path / "merged" / "model.safetensors").is_file()
