@@ -9,7 +9,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-from collections.abc import Mapping
+import os
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,10 +33,77 @@ KERNEL_NAMES = ("rms_norm", "rope", "swiglu", "fused_linear_cross_entropy", "fus
 # Features whose implementation has landed. A switch for a feature not in here raises a clear
 # "not available yet" error instead of silently doing nothing.
 AVAILABLE_FEATURES: set[str] = {"kernels", "offload", "tiled_mlp", "offload_embeddings", "rope_scaling"}
+CPT_KEYS_EXAMPLE = "cpt-plugin keys (e.g. 'lora_r: 64')"  # what a cpt-plugin YAML file holds
 
 
 class CPTConfigError(ValueError):
     """A configuration value is wrong; the message names the key and the fix."""
+
+
+# --- the did-you-mean hint and the YAML reader every config file goes through ----------------------
+def did_you_mean(word: object, choices: Sequence[str], otherwise: str, *, cutoff: float = 0.6) -> str:
+    """"Did you mean 'x'?" for the choice closest to ``word``; ``otherwise`` (e.g. the choices) if none is."""
+    close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=cutoff)
+    return f"Did you mean '{close[0]}'?" if close else otherwise
+
+
+def unknown_key_error(key: str, valid: Sequence[str], where: str) -> CPTConfigError:
+    """"Unknown {where} key 'k'. Did you mean ...?" (or the valid keys): one wording for every section."""
+    hint = did_you_mean(key, valid, f"Valid keys: {', '.join(valid)}.", cutoff=0.5)
+    return CPTConfigError(f"Unknown {where} key '{key}'. {hint}")
+
+
+@dataclass(frozen=True)
+class YamlMapping:
+    """A YAML file's top-level mapping and its composed node (to name the line of a key in an error)."""
+
+    data: dict[str, Any]
+    node: Any = None
+
+    def line_of(self, message: str) -> str:
+        """', line N' of the first key quoted in ``message`` that the mapping holds, else ''."""
+        keys = {key.value: key for key, _ in getattr(self.node, "value", ()) if hasattr(key, "start_mark")}
+        for quoted in re.findall(r"'([^']+)'", message):
+            if quoted in keys:
+                return f", line {keys[quoted].start_mark.line + 1}"
+        return ""
+
+
+def load_yaml_mapping(
+    path: str | Path | None, *, expected: str, where: str | None = None, text: str | None = None
+) -> YamlMapping:
+    """Reads ``path`` (or ``text``) as a YAML mapping; an empty file is ``{}``.
+
+    Every failure is a CPTConfigError that starts with ``where`` (default: the path), names the line
+    where YAML saw the problem, and says the fix; ``expected`` words what the mapping should hold.
+    """
+    import yaml
+
+    where = where or str(path)
+    if text is None:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise CPTConfigError(
+                f"{where}: no such file (working directory {os.getcwd()}). Check the path."
+            ) from None
+        except (OSError, UnicodeDecodeError) as error:
+            raise CPTConfigError(
+                f"{where}: cannot be read ({error}). Give a readable UTF-8 text file."
+            ) from error
+    try:
+        node = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        line = f", line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error)
+        raise CPTConfigError(f"{where}{line}: not valid YAML ({problem}). Fix the file.") from error
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise CPTConfigError(f"{where}: expected a mapping of {expected}, got a {type(data).__name__}.")
+    return YamlMapping(data, node)
 
 
 @dataclass
@@ -96,6 +165,10 @@ class CPTConfig:
     guard_max_bad_steps: int = 3  # non-finite steps in a row before the run stops
     guard_collapse_steps: int = 20  # steps with the loss flat at ln(vocab_size) before a warning; 0: off
     output_dir_lock: bool = True  # one run per output_dir (lock file: pid, host, start time)
+    # --- monitoring: see what a run did (cpt_plugin/monitoring) -------------------------------
+    sample_prompts: list[str] | None = None  # greedy completions, base before and trained after training
+    sample_max_new_tokens: int = 48  # new tokens per sample completion
+    memory_report: bool = True  # memory table at step 1 and at the end (+ PNG chart in output_dir)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -104,23 +177,20 @@ class CPTConfig:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> CPTConfig:
         """Builds a config from a mapping; an unknown key is an error naming the closest valid one."""
-        valid = [f.name for f in dataclasses.fields(cls) if f.name != "extra"]
+        valid = [f.name for f in dataclasses.fields(cls)]
         for key in values:
             if key not in valid:
-                close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-                hint = f" Did you mean '{close[0]}'?" if close else f" Valid keys: {', '.join(valid)}."
-                raise CPTConfigError(f"Unknown cpt-plugin config key '{key}'.{hint}")
+                raise unknown_key_error(key, valid, "cpt-plugin config")
         return cls(**dict(values))
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> CPTConfig:
-        import yaml
-
-        with open(path, encoding="utf-8") as handle:
-            data = yaml.safe_load(handle) or {}
-        if not isinstance(data, dict):
-            raise CPTConfigError(f"{path}: expected a mapping of cpt-plugin keys, got {type(data).__name__}.")
-        return cls.from_dict(data)
+        """The config in a YAML file; an error names the file and the line of the key."""
+        loaded = load_yaml_mapping(path, expected=CPT_KEYS_EXAMPLE)
+        try:
+            return cls.from_dict(loaded.data)
+        except CPTConfigError as error:
+            raise CPTConfigError(f"{path}{loaded.line_of(str(error))}: {error}") from error
 
     @classmethod
     def coerce(
@@ -143,9 +213,7 @@ class CPTConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data.pop("extra", None)
-        return data
+        return dataclasses.asdict(self)
 
     # ------------------------------------------------------------------------------------------
     def enabled_kernels(self) -> tuple[str, ...]:
@@ -187,12 +255,10 @@ class CPTConfig:
                 check_number(key, value, allow_zero=key != "learning_rate")
         check_number("embedding_lr_ratio", self.embedding_lr_ratio, allow_zero=True)
         if self.optimizer is not None and self.optimizer not in OPTIMIZERS:
-            close = difflib.get_close_matches(str(self.optimizer), OPTIMIZERS, n=1)
-            fix = f"Did you mean '{close[0]}'?" if close else f"Choose one of {', '.join(OPTIMIZERS)}."
+            fix = did_you_mean(self.optimizer, OPTIMIZERS, f"Choose one of {', '.join(OPTIMIZERS)}.")
             fail("optimizer", f"unsupported optimizer {self.optimizer!r}", fix)
         if self.schedule not in SCHEDULES:
-            close = difflib.get_close_matches(str(self.schedule), SCHEDULES, n=1)
-            fix = f"Did you mean '{close[0]}'?" if close else f"Choose one of {', '.join(SCHEDULES)}."
+            fix = did_you_mean(self.schedule, SCHEDULES, f"Choose one of {', '.join(SCHEDULES)}.")
             fail("schedule", f"unknown schedule {self.schedule!r}", fix)
         if self.warmup_ratio is not None and not 0 <= self.warmup_ratio < 1:
             fail("warmup_ratio", f"got {self.warmup_ratio!r}", "Use a fraction in [0, 1).")
@@ -242,10 +308,7 @@ class CPTConfig:
                 )
             for name in self.kernels:
                 if name not in KERNEL_NAMES:
-                    close = difflib.get_close_matches(str(name), KERNEL_NAMES, n=1)
-                    fix = (
-                        f"Did you mean '{close[0]}'?" if close else f"Choose from {', '.join(KERNEL_NAMES)}."
-                    )
+                    fix = did_you_mean(name, KERNEL_NAMES, f"Choose from {', '.join(KERNEL_NAMES)}.")
                     fail("kernels", f"unknown kernel {name!r}", fix)
             self.kernels = list(self.kernels)
         if self.trained_embeddings_dtype not in TRAINED_EMBEDDINGS_DTYPES:
@@ -293,6 +356,28 @@ class CPTConfig:
                 fail(key, f"expected true or false, got {getattr(self, key)!r}", "Use true or false.")
         check_number("guard_max_bad_steps", self.guard_max_bad_steps, allow_zero=False, integer=True)
         check_number("guard_collapse_steps", self.guard_collapse_steps, allow_zero=True, integer=True)
+        # monitoring (cpt_plugin/monitoring)
+        if isinstance(self.sample_prompts, str):
+            self.sample_prompts = [self.sample_prompts]
+        if self.sample_prompts is not None:
+            prompts = self.sample_prompts
+            if not isinstance(prompts, (list, tuple)) or not prompts:
+                fail(
+                    "sample_prompts",
+                    f"expected a non-empty list of strings, got {prompts!r}",
+                    'Give prompts such as ["The capital of France is"], or leave it unset.',
+                )
+            for prompt in prompts:
+                if not isinstance(prompt, str) or not prompt.strip():
+                    fail(
+                        "sample_prompts",
+                        f"every prompt must be a non-empty string, got {prompt!r}",
+                        "Remove it or write the text the model should continue.",
+                    )
+            self.sample_prompts = list(prompts)
+        check_number("sample_max_new_tokens", self.sample_max_new_tokens, allow_zero=False, integer=True)
+        if not isinstance(self.memory_report, bool):
+            fail("memory_report", f"expected true or false, got {self.memory_report!r}", "Use true or false.")
         self._check_available()
 
     def _check_available(self) -> None:

@@ -48,6 +48,25 @@ def test_yaml_and_dict_and_kwargs(tmp_path):
         CPTConfig.coerce(path, lora_alfa=3)
 
 
+def test_yaml_errors_name_the_file_and_line(tmp_path):
+    """The one YAML reader: a bad key, bad YAML, a non-mapping and a missing file each name file and fix."""
+    from cpt_plugin.config import load_yaml_mapping
+
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("lora_r: 4\nlora_alhpa: 8\n")
+    with pytest.raises(CPTConfigError, match=r"typo\.yaml, line 2: Unknown .*'lora_alhpa'\. Did you mean"):
+        CPTConfig.from_yaml(typo)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("lora_r: 4\nschedule: [cosine\n")
+    with pytest.raises(CPTConfigError, match=r"broken\.yaml, line \d: not valid YAML .*Fix the file"):
+        load_yaml_mapping(broken, expected="keys")
+    with pytest.raises(CPTConfigError, match="expected a mapping of keys, got a list"):
+        load_yaml_mapping(None, expected="keys", where="text", text="- a\n- b\n")
+    with pytest.raises(CPTConfigError, match="missing.yaml: no such file .*Check the path"):
+        load_yaml_mapping(tmp_path / "missing.yaml", expected="keys")
+    assert load_yaml_mapping(None, expected="keys", where="empty", text="").data == {}
+
+
 def test_unbuilt_feature_raises_not_available(monkeypatch):
     from cpt_plugin import config as config_module
 

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_export(args)
 
     from cpt_plugin.cli.pipeline import RunConfig, default_config_text, run
-    from cpt_plugin.config import CPTConfigError
+    from cpt_plugin.config import CPTConfigError, load_yaml_mapping
 
     if args.command == "default-config":
         sys.stdout.write(default_config_text())
@@ -63,12 +63,13 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "urllib3", "datasets", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        text = open(args.config, encoding="utf-8").read() if args.config else default_config_text()
-        raw = _apply_overrides(yaml.safe_load(text) or {}, args.set)
-        run(RunConfig.from_dict(raw), output_dir=args.output_dir)
-    except yaml.YAMLError as error:
-        print(f"cpt-plugin: error: {args.config or 'the config'} is not valid YAML: {error}", file=sys.stderr)
-        return 2
+        loaded = load_yaml_mapping(
+            args.config,
+            expected="run config sections (model, data, training, cpt, ...)",
+            where=args.config or "the embedded default config",
+            text=None if args.config else default_config_text(),
+        )
+        run(RunConfig.from_dict(_apply_overrides(loaded.data, args.set)), output_dir=args.output_dir)
     except (CPTConfigError, FileNotFoundError, ValueError) as error:
         print(f"cpt-plugin: error: {error}", file=sys.stderr)
         return 2

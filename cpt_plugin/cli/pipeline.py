@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import json
 import logging
 import math
@@ -19,7 +18,7 @@ from typing import Any
 
 import torch
 
-from cpt_plugin.config import CPTConfig, CPTConfigError
+from cpt_plugin.config import CPTConfig, CPTConfigError, did_you_mean, unknown_key_error
 from cpt_plugin.data.checks import SPLITS
 
 logger = logging.getLogger(__name__)
@@ -50,13 +49,6 @@ SECTION_KEYS: dict[str, dict[str, tuple[type, ...]]] = {
 }
 DATA_PATH_KEYS = ("train", "replay", "eval_new", "eval_old")
 MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
-def _unknown_key(key: str, valid: list[str], where: str) -> CPTConfigError:
-    """The did-you-mean error, worded as CPTConfig.from_dict words it for the `cpt:` section."""
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    hint = f" Did you mean '{close[0]}'?" if close else f" Valid keys: {', '.join(valid)}."
-    return CPTConfigError(f"Unknown {where} key '{key}'.{hint}")
 
 
 def _type_error(key: str, value: Any, types: tuple[type, ...]) -> CPTConfigError:
@@ -106,7 +98,7 @@ def _check_section(name: str, values: dict[str, Any]) -> None:
     schema = SECTION_KEYS[name]
     for key, value in values.items():
         if key not in schema:
-            raise _unknown_key(key, sorted(schema), f"run config '{name}'")
+            raise unknown_key_error(key, sorted(schema), f"run config '{name}'")
         if value is not None and not _is_instance(value, schema[key]):
             raise _type_error(f"{name}.{key}", value, schema[key])
 
@@ -117,7 +109,7 @@ def _check_tiny_llama(values: dict[str, Any]) -> None:
     valid = sorted(LlamaConfig().to_dict())
     for key in values:
         if key not in valid:
-            raise _unknown_key(key, valid, "run config 'model.tiny_llama' (LlamaConfig)")
+            raise unknown_key_error(key, valid, "run config 'model.tiny_llama' (LlamaConfig)")
 
 
 def _training_fields() -> dict[str, Any]:
@@ -138,7 +130,7 @@ def _check_training(name: str, values: dict[str, Any], fields: dict[str, Any]) -
     """Keys of a TrainingArguments section: known (did-you-mean), numbers and booleans of the right type."""
     for key, value in values.items():
         if key not in fields:
-            raise _unknown_key(key, sorted(fields), f"run config '{name}' (TrainingArguments)")
+            raise unknown_key_error(key, sorted(fields), f"run config '{name}' (TrainingArguments)")
         types = _simple_types(fields[key])
         if value is not None and types and not _is_instance(value, types):
             raise _type_error(f"{name}.{key}", value, types)
@@ -166,13 +158,8 @@ class RunConfig:
             raise CPTConfigError(f"The run config must be a mapping of sections, got {type(raw).__name__}.")
         for key in raw:
             if key not in RUN_KEYS:
-                close = difflib.get_close_matches(key, sorted(RUN_KEYS), n=1)
-                hint = (
-                    f" Did you mean '{close[0]}'?"
-                    if close
-                    else f" Valid sections: {', '.join(sorted(RUN_KEYS))}."
-                )
-                raise CPTConfigError(f"Unknown section '{key}' in the run config.{hint}")
+                hint = did_you_mean(key, sorted(RUN_KEYS), f"Valid sections: {', '.join(sorted(RUN_KEYS))}.")
+                raise CPTConfigError(f"Unknown section '{key}' in the run config. {hint}")
         model, tokenizer, data = (_section(raw, name) for name in ("model", "tokenizer", "data"))
         for name, values in (("model", model), ("tokenizer", tokenizer), ("data", data)):
             _check_section(name, values)
@@ -183,8 +170,7 @@ class RunConfig:
         if model.get("tiny_llama"):
             _check_tiny_llama(model["tiny_llama"])
         if model.get("dtype", "auto") not in MODEL_DTYPES:
-            close = difflib.get_close_matches(str(model["dtype"]), MODEL_DTYPES, n=1)
-            fix = f"Did you mean '{close[0]}'?" if close else f"Choose one of {', '.join(MODEL_DTYPES)}."
+            fix = did_you_mean(model["dtype"], MODEL_DTYPES, f"Choose one of {', '.join(MODEL_DTYPES)}.")
             raise CPTConfigError(f"Run config 'model.dtype': unknown dtype {model['dtype']!r}. {fix}")
         if not data.get("default_corpora") and not data.get("train"):
             raise CPTConfigError(

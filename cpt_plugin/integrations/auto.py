@@ -21,10 +21,8 @@ import importlib.abc
 import importlib.machinery
 import logging
 import os
-import re
 import sys
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -47,56 +45,28 @@ def config_from_env() -> Any:
     return load_config_file(path) if path else CPTConfig()
 
 
-def _fix_hint(first: str = "Fix the file") -> str:
+def _other_file_hint(joint: str = " Or") -> str:
     return (
-        f" {first}, point {CONFIG_VARIABLE} to another one, or unset {CONFIG_VARIABLE} to train with the "
+        f"{joint} point {CONFIG_VARIABLE} to another file, or unset {CONFIG_VARIABLE} to train with the "
         f"defaults (unset {SWITCH} to turn cpt-plugin off)."
     )
 
 
-def _line_of_key(node: Any, message: str) -> str:
-    """', line N' of the first key quoted in ``message`` that the YAML mapping ``node`` holds, else ''."""
-    keys = {key.value: key for key, _ in getattr(node, "value", ()) if hasattr(key, "start_mark")}
-    for quoted in re.findall(r"'([^']+)'", message):
-        if quoted in keys:
-            return f", line {keys[quoted].start_mark.line + 1}"
-    return ""
-
-
 def load_config_file(path: str) -> Any:
     """CPTConfig from the YAML file ``path``; every failure is a CPTConfigError naming the file and the fix."""
-    import yaml
-
-    from cpt_plugin.config import CPTConfig, CPTConfigError
+    from cpt_plugin.config import CPT_KEYS_EXAMPLE, CPTConfig, CPTConfigError, load_yaml_mapping
 
     where = f"cpt-plugin auto-activation: {CONFIG_VARIABLE}={path}"
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise CPTConfigError(
-            f"{where}: no such file (working directory {os.getcwd()})." + _fix_hint("Check the path")
-        ) from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise CPTConfigError(f"{where}: cannot be read ({error})." + _fix_hint()) from error
+        loaded = load_yaml_mapping(path, expected=CPT_KEYS_EXAMPLE, where=where)
+    except CPTConfigError as error:
+        raise CPTConfigError(f"{error}{_other_file_hint()}") from error
     try:
-        node = yaml.compose(text)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        line = f", line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(error, "problem", None) or str(error)
-        raise CPTConfigError(f"{where}{line}: not valid YAML ({problem})." + _fix_hint()) from error
-    if data is None:
-        data = {}
-    if not isinstance(data, Mapping):
-        raise CPTConfigError(
-            f"{where}: expected a mapping of cpt-plugin keys (e.g. 'lora_r: 64'), got a {type(data).__name__}."
-            + _fix_hint()
-        )
-    try:
-        return CPTConfig.from_dict(data)
+        return CPTConfig.from_dict(loaded.data)
     except (ValueError, TypeError) as error:  # CPTConfigError is a ValueError
-        raise CPTConfigError(f"{where}{_line_of_key(node, str(error))}: {error}" + _fix_hint()) from error
+        raise CPTConfigError(
+            f"{where}{loaded.line_of(str(error))}: {error} Fix the file{_other_file_hint(',')}"
+        ) from error
 
 
 # --- which Trainers auto-activation serves ------------------------------------------------------------

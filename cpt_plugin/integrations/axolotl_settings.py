@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from cpt_plugin.config import CPTConfig, CPTConfigError
+from cpt_plugin.config import CPTConfig, CPTConfigError, load_yaml_mapping
 from cpt_plugin.trainer_settings import TrainerSettings, optimizer_name_from_trainer, resolve
 
 logger = logging.getLogger("cpt_plugin.integrations.axolotl")
@@ -249,13 +249,8 @@ def resolve_settings(data: Mapping[str, Any]) -> tuple[dict[str, Any], CPTConfig
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    import yaml
-
-    with open(path, encoding="utf-8") as handle:
-        data = yaml.safe_load(handle) or {}
-    if not isinstance(data, dict):
-        raise CPTConfigError(f"{path}: expected an Axolotl config mapping, got {type(data).__name__}.")
-    return data
+    """An Axolotl config file as a mapping (errors name the file, the line and the fix)."""
+    return load_yaml_mapping(path, expected="Axolotl config keys").data
 
 
 def check_config(config: Mapping[str, Any] | str | Path) -> list[str]:
