@@ -31,14 +31,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 from cpt_plugin.kernels._utils import use_triton
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - triton is a dependency, but keep CPU users alive without it
-    triton = None
 
 # Logits-chunk budget (bytes of the one chunk buffer; fixed, so it does not grow with the token count).
 # GPU: 128 MiB is 512 rows at a 128K vocab in bf16. Measured on an H200 at 8192 x 2048 x 128256 bf16,
@@ -77,71 +73,70 @@ def fused_linear_cross_entropy_reference(
     return F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction=reduction)
 
 
-if triton is not None:
+@triton.jit
+def _tanh(x):
+    # libdevice tanh fails in the interpreter (ENVIRONMENT.md trap 5); saturates cleanly at +-1.
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
 
-    @triton.jit
-    def _tanh(x):
-        # libdevice tanh fails in the interpreter (ENVIRONMENT.md trap 5); saturates cleanly at +-1.
-        return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
 
-    @triton.jit
-    def _ce_rows_kernel(
-        logits_ptr,
-        stride_row,
-        labels_ptr,
-        loss_ptr,
-        scale_ptr,
-        n_cols,
-        ignore_index,
-        softcap,
-        HAS_SOFTCAP: tl.constexpr,
-        BLOCK: tl.constexpr,
-    ):
-        """One program per row: loss = lse(z) - z[label]; row <- scale * dloss/dlogits (in place)."""
-        row = tl.program_id(0).to(tl.int64)
-        base = logits_ptr + row * stride_row
-        label = tl.load(labels_ptr + row)
-        offs = tl.arange(0, BLOCK)
-        loss = 0.0
-        if label != ignore_index:
-            scale = tl.load(scale_ptr).to(tl.float32)
-            # Pass 1: online log-sum-exp over the vocabulary, one block at a time.
-            m = -float("inf")
-            s = 0.0
-            for start in range(0, n_cols, BLOCK):
-                cols = start + offs
-                mask = cols < n_cols
-                x = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
-                if HAS_SOFTCAP:
-                    x = softcap * _tanh(x / softcap)
-                x = tl.where(mask, x, -float("inf"))
-                m_new = tl.maximum(m, tl.max(x, axis=0))
-                s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
-                m = m_new
-            lse = m + tl.log(s)
-            z_t = tl.load(base + label).to(tl.float32)
+@triton.jit
+def _ce_rows_kernel(
+    logits_ptr,
+    stride_row,
+    labels_ptr,
+    loss_ptr,
+    scale_ptr,
+    n_cols,
+    ignore_index,
+    softcap,
+    HAS_SOFTCAP: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """One program per row: loss = lse(z) - z[label]; row <- scale * dloss/dlogits (in place)."""
+    row = tl.program_id(0).to(tl.int64)
+    base = logits_ptr + row * stride_row
+    label = tl.load(labels_ptr + row)
+    offs = tl.arange(0, BLOCK)
+    loss = 0.0
+    if label != ignore_index:
+        scale = tl.load(scale_ptr).to(tl.float32)
+        # Pass 1: online log-sum-exp over the vocabulary, one block at a time.
+        m = -float("inf")
+        s = 0.0
+        for start in range(0, n_cols, BLOCK):
+            cols = start + offs
+            mask = cols < n_cols
+            x = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
             if HAS_SOFTCAP:
-                z_t = softcap * _tanh(z_t / softcap)
-            loss = lse - z_t
-            # Pass 2: gradient (softmax - onehot) * scale, times the softcap derivative 1 - tanh^2.
-            for start in range(0, n_cols, BLOCK):
-                cols = start + offs
-                mask = cols < n_cols
-                x = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
-                if HAS_SOFTCAP:
-                    t = _tanh(x / softcap)
-                    g = tl.exp(softcap * t - lse)
-                    g = tl.where(cols == label, g - 1.0, g) * (1.0 - t * t)
-                else:
-                    g = tl.exp(x - lse)
-                    g = tl.where(cols == label, g - 1.0, g)
-                tl.store(base + cols, (g * scale).to(logits_ptr.dtype.element_ty), mask=mask)
-        else:
-            for start in range(0, n_cols, BLOCK):
-                cols = start + offs
-                mask = cols < n_cols
-                tl.store(base + cols, tl.zeros([BLOCK], dtype=logits_ptr.dtype.element_ty), mask=mask)
-        tl.store(loss_ptr + row, loss)
+                x = softcap * _tanh(x / softcap)
+            x = tl.where(mask, x, -float("inf"))
+            m_new = tl.maximum(m, tl.max(x, axis=0))
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+            m = m_new
+        lse = m + tl.log(s)
+        z_t = tl.load(base + label).to(tl.float32)
+        if HAS_SOFTCAP:
+            z_t = softcap * _tanh(z_t / softcap)
+        loss = lse - z_t
+        # Pass 2: gradient (softmax - onehot) * scale, times the softcap derivative 1 - tanh^2.
+        for start in range(0, n_cols, BLOCK):
+            cols = start + offs
+            mask = cols < n_cols
+            x = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
+            if HAS_SOFTCAP:
+                t = _tanh(x / softcap)
+                g = tl.exp(softcap * t - lse)
+                g = tl.where(cols == label, g - 1.0, g) * (1.0 - t * t)
+            else:
+                g = tl.exp(x - lse)
+                g = tl.where(cols == label, g - 1.0, g)
+            tl.store(base + cols, (g * scale).to(logits_ptr.dtype.element_ty), mask=mask)
+    else:
+        for start in range(0, n_cols, BLOCK):
+            cols = start + offs
+            mask = cols < n_cols
+            tl.store(base + cols, tl.zeros([BLOCK], dtype=logits_ptr.dtype.element_ty), mask=mask)
+    tl.store(loss_ptr + row, loss)
 
 
 def _ce_chunk_triton(
@@ -283,7 +278,7 @@ def _forward_with_grads(
     b = bias.to(dtype) if bias is not None else None
     labels = labels.contiguous()
     device = hidden.device
-    ce_chunk = _ce_chunk_triton if use_triton(hidden) and triton is not None else _ce_chunk_torch
+    ce_chunk = _ce_chunk_triton if use_triton(hidden) else _ce_chunk_torch
 
     grad_hidden = (
         torch.empty((n_rows, hidden.shape[1]), dtype=dtype, device=device) if need_grad_hidden else None

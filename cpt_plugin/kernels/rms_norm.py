@@ -1,4 +1,4 @@
-"""RMSNorm: Triton forward and backward, a PyTorch reference, and drop-in modules for HF models.
+"""RMSNorm: Triton forward and backward and a PyTorch reference (the patchers call rms_norm from HF norms).
 
 Two casting conventions exist in transformers and both are reproduced exactly:
 
@@ -14,7 +14,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch import nn
 
 from cpt_plugin.kernels._utils import as_rows, cast_rn, num_programs_for, use_triton, warps_for
 
@@ -233,33 +232,3 @@ def rms_norm(
     if not use_triton(x, weight):
         return rms_norm_reference(x, weight, eps, offset, cast_mode)
     return _RMSNormFunction.apply(x, weight, eps, offset, cast_mode)
-
-
-class CPTRMSNorm(nn.Module):
-    """Drop-in for LlamaRMSNorm (and Mistral/Qwen2/Qwen3's): same constructor, parameter and output."""
-
-    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.variance_epsilon = eps
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return rms_norm(hidden_states, self.weight, self.variance_epsilon, 0.0, "llama")
-
-    def extra_repr(self) -> str:
-        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
-
-
-class CPTGemmaRMSNorm(nn.Module):
-    """Drop-in for Gemma2RMSNorm/Gemma3RMSNorm: weight starts at zeros and scales by (1 + weight)."""
-
-    def __init__(self, dim: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.zeros(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps, 1.0, "gemma")
-
-    def extra_repr(self) -> str:
-        return f"{tuple(self.weight.shape)}, eps={self.eps}"
