@@ -160,6 +160,9 @@ class CPTConfig:
     rope_scaling: dict[str, Any] | None = None  # e.g. {"rope_type": "yarn", "factor": 4.0}
     # --- logging ------------------------------------------------------------------------------
     log_metrics: bool = True
+    # --- held-out evaluation (cpt_plugin/evaluation.py), when eval data is given ----------------
+    eval_every_steps: int = 100  # held-out loss of both domains every N steps; 0: start and end only
+    eval_tokens: int = 65536  # tokens per domain in one evaluation (a fixed, small cost)
     # --- safety: never lose a run (cpt_plugin/safety) -----------------------------------------
     guard: bool = True  # a non-finite step is skipped, a diverged run stopped, a NaN model never saved
     guard_max_bad_steps: int = 3  # non-finite steps in a row before the run stops
@@ -356,6 +359,8 @@ class CPTConfig:
                 fail(key, f"expected true or false, got {getattr(self, key)!r}", "Use true or false.")
         check_number("guard_max_bad_steps", self.guard_max_bad_steps, allow_zero=False, integer=True)
         check_number("guard_collapse_steps", self.guard_collapse_steps, allow_zero=True, integer=True)
+        check_number("eval_every_steps", self.eval_every_steps, allow_zero=True, integer=True)
+        check_number("eval_tokens", self.eval_tokens, allow_zero=False, integer=True)
         # monitoring (cpt_plugin/monitoring)
         if isinstance(self.sample_prompts, str):
             self.sample_prompts = [self.sample_prompts]

@@ -52,11 +52,33 @@ class CPTCallback(TrainerCallback):
 
     Args:
         config: a ``CPTConfig``, a dict of its keys, or a YAML path; keyword arguments override it.
+        eval_new / eval_old: held-out data of the new / old domain (a CPTDataset, a datasets.Dataset or
+            blocks with ``input_ids``): held-out loss every ``eval_every_steps`` (cpt_plugin/evaluation.py).
     """
 
-    def __init__(self, config: CPTConfig | dict | str | None = None, **overrides: Any) -> None:
+    def __init__(
+        self,
+        config: CPTConfig | dict | str | None = None,
+        *,
+        eval_new: Any = None,
+        eval_old: Any = None,
+        **overrides: Any,
+    ) -> None:
         self.config = CPTConfig.coerce(config, **overrides)
         self._tokens_since_log = 0
+        self.tokens_seen = 0  # training tokens (input_ids) of this process, for the evaluator's x axis
+        from cpt_plugin.evaluation import HeldoutEvaluator
+
+        # the held-out evaluator, added to the trainer by the __init__ hook
+        self.evaluator: HeldoutEvaluator | None = None
+        if eval_new is not None or eval_old is not None:
+            self.evaluator = HeldoutEvaluator(
+                eval_new,
+                eval_old,
+                every_steps=self.config.eval_every_steps,
+                max_tokens=self.config.eval_tokens,
+                tokens_seen=self._global_tokens_seen,
+            )
         self._last_log_time: float | None = None
         self._embedding_lr: float | None = None
         self._planner: Any = None  # the memory planner of the prepared model (checkpointing auto)
@@ -68,6 +90,10 @@ class CPTCallback(TrainerCallback):
             if self.config.guard
             else None
         )
+        from cpt_plugin.monitoring import monitoring_callbacks
+
+        # samples before/after, memory report (cpt_plugin/monitoring), added to the trainer by __init__'s hook
+        self.monitors: list[TrainerCallback] = monitoring_callbacks(self.config)
         install_trainer_hooks()
 
     # --- called by the Trainer hooks -------------------------------------------------------------
@@ -98,6 +124,11 @@ class CPTCallback(TrainerCallback):
         input_ids = inputs.get("input_ids") if hasattr(inputs, "get") else None
         if isinstance(input_ids, torch.Tensor):
             self._tokens_since_log += input_ids.numel()
+            self.tokens_seen += input_ids.numel()
+
+    def _global_tokens_seen(self) -> int:
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        return self.tokens_seen * world
 
     def metrics(self) -> dict[str, float]:
         """Extra training metrics, logged through the Trainer (so W&B/TensorBoard see them)."""
@@ -209,6 +240,14 @@ def install_trainer_hooks() -> None:
                 model, bound.arguments.get("args"), bound.arguments
             )
         originals["__init__"](*bound.args, **bound.kwargs)
+        evaluator = getattr(callback, "evaluator", None)
+        if evaluator is not None:  # held-out evaluation logs through this trainer's log
+            evaluator.trainer = self
+            if evaluator not in self.callback_handler.callbacks:
+                self.add_callback(evaluator)
+        for monitor in getattr(callback, "monitors", ()):
+            if monitor not in self.callback_handler.callbacks:
+                self.add_callback(monitor)  # cpt_plugin/monitoring
 
     @functools.wraps(originals["create_optimizer"])
     def create_optimizer(self, *args: Any, **kwargs: Any) -> Any:

@@ -1,0 +1,95 @@
+"""The held-out evaluator: new/old-domain loss every N steps through Trainer.log, base at step 0, PNG."""
+
+import copy
+import math
+
+import pytest
+from transformers import Trainer, TrainingArguments
+
+from cpt_plugin import CPTCallback, CPTConfig
+from cpt_plugin.config import CPTConfigError
+from cpt_plugin.evaluation import HeldoutEvaluator, heldout_loss, take_blocks
+from cpt_plugin.integrations.hf import uninstall_trainer_hooks
+from tests.tiny import RandomBlocks, tiny_llama
+
+
+@pytest.fixture(autouse=True)
+def _restore_trainer():
+    yield
+    uninstall_trainer_hooks()
+
+
+class Repeated(RandomBlocks):
+    """One fixed block over and over: the 'new domain' the model can learn in a few steps."""
+
+    def __getitem__(self, index):
+        return super().__getitem__(0)
+
+
+def _train(tmp_path, **cpt):
+    new, old = Repeated(n=16), RandomBlocks(n=8, seed=1)
+    model = tiny_llama()
+    reference = copy.deepcopy(model)
+    callback = CPTCallback(lora_r=4, eval_every_steps=2, eval_tokens=64, eval_new=new, eval_old=old, **cpt)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=6,
+        per_device_train_batch_size=4,
+        learning_rate=5e-3,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=new, callbacks=[callback])
+    trainer.train()
+    return trainer, callback.evaluator, reference, (new, old)
+
+
+def test_evaluator_logs_both_domains_and_the_base(tmp_path):
+    trainer, evaluator, reference, (new, old) = _train(tmp_path)
+    logged = [h for h in trainer.state.log_history if "eval_new_loss" in h]
+    assert [h["step"] for h in logged] == [0, 2, 4, 6]
+    for entry in logged:
+        assert {"eval_old_loss", "eval_new_perplexity", "eval_old_perplexity", "eval_tokens_seen"} <= set(
+            entry
+        )
+        assert entry["eval_new_perplexity"] == pytest.approx(math.exp(entry["eval_new_loss"]), rel=1e-3)
+    assert [h["eval_tokens_seen"] for h in logged] == [0, 128, 256, 384]  # 4 blocks of 16 tokens per step
+    # the budget: 64 tokens per domain = the first 4 blocks of 16
+    assert [len(evaluator.blocks[d]) for d in ("new", "old")] == [4, 4]
+    blocks = take_blocks(old, 64)
+    assert evaluator.base["old"] == pytest.approx(heldout_loss(reference, blocks), abs=1e-5)
+    # the base is the model with the adapter disabled, still the same after training
+    assert evaluator.evaluate(trainer.model, base=True)["old"] == pytest.approx(
+        evaluator.base["old"], abs=1e-5
+    )
+    assert logged[-1]["eval_new_loss"] < logged[0]["eval_new_loss"] - 0.2  # it learned the new domain
+    assert evaluator.plot_path == tmp_path / "heldout_loss.png" and evaluator.plot_path.stat().st_size > 5000
+
+
+def test_evaluator_every_zero_measures_start_and_end_only(tmp_path):
+    evaluator2 = HeldoutEvaluator(Repeated(n=4), None, every_steps=0, max_tokens=16, plot=False)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "b"),
+        max_steps=3,
+        per_device_train_batch_size=2,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    Trainer(model=tiny_llama(), args=args, train_dataset=RandomBlocks(n=8), callbacks=[evaluator2]).train()
+    assert [h["step"] for h in evaluator2.history] == [0, 3] and set(evaluator2.base) == {"new"}
+    assert not (tmp_path / "b" / "heldout_loss.png").exists()
+
+
+@pytest.mark.parametrize("key, value", [("eval_every_steps", -1), ("eval_tokens", 0), ("eval_tokens", 1.5)])
+def test_eval_keys_are_checked_by_name(key, value):
+    with pytest.raises(CPTConfigError, match=f"'{key}'"):
+        CPTConfig(**{key: value})
+
+
+def test_no_eval_data_no_evaluator():
+    assert CPTCallback(lora_r=4).evaluator is None
