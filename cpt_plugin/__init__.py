@@ -8,6 +8,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from cpt_plugin.config import CPTConfig, CPTConfigError
+from cpt_plugin.third_party import quiet_known_notices
+
+quiet_known_notices()  # before peft/bitsandbytes are imported: third-party notices our calls cause
+from cpt_plugin.logs import install_default_handler
+
+install_default_handler()  # cpt-plugin's notices are seen even where the program sets up no logging
 
 __all__ = ["CPTConfig", "CPTConfigError", "CPTCallback", "prepare_model", "setup_model", "patch", "unpatch"]
 __version__ = "0.1.0"

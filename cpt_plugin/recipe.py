@@ -198,7 +198,10 @@ def prepare_model(model: nn.Module, config: CPTConfig | dict | None = None, **ov
     check_causal_lm(model)
     tied = embeddings_tied(model)
     lora_config = build_lora_config(model, config)
-    peft_model = get_peft_model(model, lora_config)
+    from cpt_plugin.third_party import peft_deprecations_quiet
+
+    with peft_deprecations_quiet():  # PEFT reads transformers' deprecated is_gradient_checkpointing
+        peft_model = get_peft_model(model, lora_config)
     if tied:
         _tie_trained_copies(peft_model)
     peft_model.cpt_config = config
@@ -206,5 +209,5 @@ def prepare_model(model: nn.Module, config: CPTConfig | dict | None = None, **ov
         from cpt_plugin.embedding_precision import apply_trained_embeddings_dtype
 
         apply_trained_embeddings_dtype(peft_model, config.trained_embeddings_dtype)
-    print(trainable_summary(peft_model))
+    logger.info(trainable_summary(peft_model))
     return peft_model

@@ -1,3 +1,5 @@
+import logging
+
 import pytest
 import torch
 
@@ -80,8 +82,8 @@ def test_peft_model_gets_clear_message():
         prepare_model(model, CPTConfig(lora_r=4))
 
 
-def test_prints_one_summary_line(capsys):
-    prepare_model(tiny_llama(tied=True), CPTConfig(lora_r=4))
-    out = capsys.readouterr().out.strip().splitlines()
-    line = [o for o in out if o.startswith("cpt-plugin: trainable")]
+def test_logs_one_summary_line(caplog):
+    with caplog.at_level(logging.INFO, logger="cpt_plugin"):
+        prepare_model(tiny_llama(tied=True), CPTConfig(lora_r=4))
+    line = [o for o in caplog.messages if o.startswith("cpt-plugin: trainable")]
     assert len(line) == 1 and "LoRA" in line[0] and "embeddings" in line[0] and "tied" in line[0]
