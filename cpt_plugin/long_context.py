@@ -117,8 +117,7 @@ def apply_rope_scaling(
         f"cpt-plugin: set RoPE scaling {described['rope_type']} with factor {described['factor']:g} "
         f"(max_seq_length {max_seq_length}, trained context {trained})."
     )
-    warnings.warn(message, stacklevel=2)
-    logger.info(message)
+    warnings.warn(message, stacklevel=2)  # once: a logger line as well showed it twice
     return message
 
 

@@ -242,7 +242,9 @@ def create_optimizer(
             )
     fused = name == "adamw_torch_fused" and _fused_supported(groups)
     if name == "adamw_torch_fused" and not fused:
-        logger.info("cpt-plugin: fused AdamW needs CUDA parameters; using the foreach AdamW instead.")
+        # news on a GPU machine (parameters left on the CPU); expected on a CPU-only one: debug there
+        say = logger.info if torch.cuda.is_available() else logger.debug
+        say("cpt-plugin: fused AdamW needs CUDA parameters; using the foreach AdamW instead.")
     kwargs = dict(lr=learning_rate, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused or None)
     if not special:
         return torch.optim.AdamW(groups, **kwargs)
