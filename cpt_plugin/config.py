@@ -30,9 +30,6 @@ TRAINED_EMBEDDINGS_DTYPES = ("float32", "bfloat16_sr", "model")
 EMBEDDING_OPTIMIZERS = ("adamw", "adamw_8bit")
 KERNEL_NAMES = ("rms_norm", "rope", "swiglu", "fused_linear_cross_entropy", "fused_lora")
 
-# Features whose implementation has landed. A switch for a feature not in here raises a clear
-# "not available yet" error instead of silently doing nothing.
-AVAILABLE_FEATURES: set[str] = {"kernels", "offload", "tiled_mlp", "offload_embeddings", "rope_scaling"}
 CPT_KEYS_EXAMPLE = "cpt-plugin keys (e.g. 'lora_r: 64')"  # what a cpt-plugin YAML file holds
 
 
@@ -383,28 +380,3 @@ class CPTConfig:
         check_number("sample_max_new_tokens", self.sample_max_new_tokens, allow_zero=False, integer=True)
         if not isinstance(self.memory_report, bool):
             fail("memory_report", f"expected true or false, got {self.memory_report!r}", "Use true or false.")
-        self._check_available()
-
-    def _check_available(self) -> None:
-        wanted = {
-            "kernels": bool(self.enabled_kernels()),
-            "offload": self.gradient_checkpointing == "offload",
-            "offload_embeddings": self.offload_embeddings,
-            "rope_scaling": self.rope_scaling is not None,
-            "tiled_mlp": self.tiled_mlp,
-        }
-        for feature, on in wanted.items():
-            if on and feature not in AVAILABLE_FEATURES:
-                raise CPTConfigError(
-                    f"cpt-plugin config '{feature}': this feature is not available yet in cpt-plugin "
-                    f"{_version()}. Turn it off, or upgrade cpt-plugin."
-                )
-
-
-def _version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("cpt-plugin")
-    except Exception:  # noqa: BLE001 - not installed as a distribution
-        return "(source)"

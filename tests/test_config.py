@@ -65,13 +65,3 @@ def test_yaml_errors_name_the_file_and_line(tmp_path):
     with pytest.raises(CPTConfigError, match="missing.yaml: no such file .*Check the path"):
         load_yaml_mapping(tmp_path / "missing.yaml", expected="keys")
     assert load_yaml_mapping(None, expected="keys", where="empty", text="").data == {}
-
-
-def test_unbuilt_feature_raises_not_available(monkeypatch):
-    from cpt_plugin import config as config_module
-
-    monkeypatch.setattr(config_module, "AVAILABLE_FEATURES", set())
-    with pytest.raises(CPTConfigError, match="not available yet"):
-        CPTConfig(gradient_checkpointing="offload")
-    with pytest.raises(CPTConfigError, match="not available yet"):
-        CPTConfig(kernels=True)

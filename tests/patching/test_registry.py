@@ -109,7 +109,7 @@ def test_unknown_model_type_warns_once_and_changes_nothing(monkeypatch: pytest.M
     assert_same_grads(got_grads, want_grads, rtol=0, atol=0)
 
 
-def test_kernel_switches_and_config_choose_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_kernel_switches_and_config_choose_kernels() -> None:
     from cpt_plugin import config as config_module
 
     report = patch("llama", rope=False, fused_linear_cross_entropy=False)
@@ -117,7 +117,6 @@ def test_kernel_switches_and_config_choose_kernels(monkeypatch: pytest.MonkeyPat
     assert not hasattr(ml.apply_rotary_pos_emb, "__cpt_patched__")
     unpatch()
 
-    monkeypatch.setattr(config_module, "AVAILABLE_FEATURES", {"kernels"})
     config = config_module.CPTConfig(kernels=["rms_norm"])
     assert set(patch("llama", config).applied) == {"rms_norm"}
     assert not patch("llama", config_module.CPTConfig(kernels=False)).applied
