@@ -33,15 +33,43 @@ def _restore_trainer():
 
 
 def test_embedded_default_end_to_end(tmp_path, capsys):
-    assert main(["train", "--output-dir", str(tmp_path), "--set", *SMALL]) == 0
+    """The default job, shrunk: the printed table, summary.json's values, the PNG, adapter + base reload."""
+    small = [*SMALL, "training.max_steps=4", "cpt.eval_every_steps=2"]
+    assert main(["train", "--output-dir", str(tmp_path), "--set", *small]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
+    new, old = "new domain (stdlib code)", "old domain (stdlib prose)"
     table = summary["heldout_loss"]
     assert set(table) == {"base", "CPT, replay 25%", "CPT, no replay"}
-    assert set(table["base"]) == {"new domain", "old domain"}
-    assert (tmp_path / "loss_curve.png").stat().st_size > 1000
-    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    assert all(set(row) == {new, old} and all(3 < v < 8 for v in row.values()) for row in table.values())
+    curves = summary["heldout_curves"]["CPT, replay 25%"]
+    assert [c["step"] for c in curves] == [0, 2, 4]  # the base at step 0, then every 2 steps
+    assert curves[0]["new"] == table["base"][new] and curves[-1]["old"] == table["CPT, replay 25%"][old]
+    assert [c["tokens_seen"] for c in curves] == [0, 2 * 2 * 64, 4 * 2 * 64]
     out = capsys.readouterr().out
-    assert "Held-out loss" in out and "old domain" in out
+    assert new in out and old in out
+    change = table["CPT, replay 25%"][new] - table["base"][new]
+    assert f"{table['CPT, replay 25%'][new]:.3f} ({change:+.3f})" in out
+    assert str(tmp_path / "summary.json") in out and "held-out loss before training (the base model)" in out
+    assert "held-out loss at step 2 (256 tokens seen)" in out
+    from PIL import Image
+
+    png = Image.open(tmp_path / "loss_curve.png")
+    assert png.size[0] > png.size[1] * 2  # two panels: training loss | held-out loss
+    # the adapter names its saved base model, so it reloads (and exports) without the run
+    from peft import AutoPeftModelForCausalLM
+
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str((tmp_path / "base-model").resolve())
+    model = AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "adapter"))
+    assert model.peft_config["default"].r == 4
+    assert main(["export", str(tmp_path), "--to", "merged", "--out", str(tmp_path / "merged")]) == 0
+    assert (tmp_path / "merged" / "model.safetensors").exists()
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.startswith("cpt-plugin 0.")
 
 
 def test_default_config_is_valid_and_printable(capsys):

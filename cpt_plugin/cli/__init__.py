@@ -38,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="cpt-plugin", description="Fast, memory-lean continued pretraining."
     )
+    from cpt_plugin import __version__
+
+    parser.add_argument("--version", action="version", version=f"cpt-plugin {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="run a CPT job (the embedded CPU default when no CONFIG is given)")
     train.add_argument("config", nargs="?", help="run config YAML (see `cpt-plugin default-config`)")

@@ -316,22 +316,11 @@ def _dataset(source: Any, tokenizer: Any, run: RunConfig, **kwargs: Any) -> Any:
     )
 
 
-@torch.no_grad()
 def heldout_loss(model: Any, blocks: list[dict[str, Any]], batch_size: int = 8) -> float:
-    """Token-weighted mean loss over fixed held-out blocks (the same blocks before and after)."""
-    from cpt_plugin.data import collate_packed
+    """Token-weighted mean held-out loss (kept for callers of the CLI module; see cpt_plugin.evaluation)."""
+    from cpt_plugin.evaluation import heldout_loss as measure
 
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for start in range(0, len(blocks), batch_size):
-        batch = {k: v.to(device) for k, v in collate_packed(blocks[start : start + batch_size]).items()}
-        n = int((batch["labels"][:, 1:] != -100).sum())
-        total += float(model(**batch, use_cache=False).loss) * n
-        count += n
-    model.train(was_training)
-    return total / max(count, 1)
+    return measure(model, blocks, batch_size)
 
 
 def _training_args(run: RunConfig, out: Path, overrides: dict[str, Any] | None = None) -> Any:
@@ -352,21 +341,91 @@ def _training_args(run: RunConfig, out: Path, overrides: dict[str, Any] | None =
     return TrainingArguments(**values)
 
 
-def _train(model: Any, dataset: Any, args: Any, callbacks: list[Any]) -> Any:
+def _stage_progress(header: str) -> Any:
+    """The Trainer's progress bar with the stage as its label and the evaluator's results as one line."""
+    from transformers.trainer_callback import ProgressCallback
+
+    class StageProgress(ProgressCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            super().on_train_begin(args, state, control, **kwargs)
+            if self.training_bar is not None:
+                self.training_bar.set_description(header)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and logs and "eval_tokens_seen" in logs:
+                parts = [
+                    f"{domain} domain {logs[f'eval_{domain}_loss']:.3f}"
+                    for domain in ("new", "old")
+                    if f"eval_{domain}_loss" in logs
+                ]
+                when = (
+                    "before training (the base model)"
+                    if state.global_step == 0
+                    else (f"at step {state.global_step} ({int(logs['eval_tokens_seen']):,} tokens seen)")
+                )
+                line = f"  held-out loss {when}: " + ", ".join(parts)
+                if self.training_bar is not None:
+                    self.training_bar.write(line)
+                else:
+                    print(line, flush=True)
+                return
+            super().on_log(args, state, control, logs=logs, **kwargs)
+
+    return StageProgress()
+
+
+def _train(model: Any, dataset: Any, args: Any, callbacks: list[Any], header: str = "") -> Any:
     from transformers import Trainer
+    from transformers.trainer_callback import ProgressCallback
 
     from cpt_plugin.data import collate_packed
 
+    logger.info("cpt-plugin: %s, %d steps", header, args.max_steps)
+    if args.max_steps < args.logging_steps:
+        logger.info(
+            "cpt-plugin: max_steps (%d) < logging_steps (%d): no training loss will be logged for %s.",
+            args.max_steps,
+            args.logging_steps,
+            header,
+        )
     trainer = Trainer(
         model=model, args=args, train_dataset=dataset, data_collator=collate_packed, callbacks=callbacks
     )
+    if header and not args.disable_tqdm:
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(_stage_progress(header))
     trainer.train()
     return trainer
 
 
+def _domain_names(run_config: RunConfig) -> dict[str, str]:
+    """What the two domains are, for the table and the plot."""
+    if run_config.data.get("default_corpora") and not run_config.data.get("train"):
+        return {"new": "new domain (stdlib code)", "old": "old domain (stdlib prose)"}
+    names = {}
+    for domain in ("new", "old"):
+        source = run_config.data.get(f"eval_{domain}")
+        names[domain] = f"{domain} domain ({Path(source).name})" if source else f"{domain} domain"
+    return names
+
+
+def _save_tiny_base(model: Any, tokenizer: Any, folder: Path) -> None:
+    """The demo's base model has no home on disk: save it, so the adapter can be reloaded and exported."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a one-shard "Writing model shards" bar says nothing
+    try:
+        model.save_pretrained(str(folder))
+    finally:
+        hf_logging.enable_progress_bar()
+    tokenizer.save_pretrained(str(folder))
+    model.name_or_path = str(folder.resolve())  # PEFT writes it as the adapter's base_model_name_or_path
+    model.config._name_or_path = str(folder.resolve())
+
+
 def run(run_config: RunConfig, output_dir: str | None = None) -> dict[str, Any]:
     """Runs the job and returns the summary (also written to output_dir/summary.json)."""
-    from cpt_plugin.cli.plots import plot_loss_curves
+    from cpt_plugin.cli.plots import plot_run
     from cpt_plugin.integrations.hf import CPTCallback, check_output_dir
 
     started = time.perf_counter()
@@ -392,9 +451,10 @@ def run(run_config: RunConfig, output_dir: str | None = None) -> dict[str, Any]:
     train_source = run_config.data.get("train") or corpora.get("new_train")
     replay_source = run_config.data.get("replay") or corpora.get("old_train")
     eval_sources = {
-        "new domain": run_config.data.get("eval_new") or corpora.get("new_heldout"),
-        "old domain": run_config.data.get("eval_old") or corpora.get("old_heldout"),
+        "new": run_config.data.get("eval_new") or corpora.get("new_heldout"),
+        "old": run_config.data.get("eval_old") or corpora.get("old_heldout"),
     }
+    names = _domain_names(run_config)
     tokenizer = _load_tokenizer(run_config, corpora, out)
     model = _load_model(run_config, tokenizer)
     eval_blocks = {
@@ -404,44 +464,78 @@ def run(run_config: RunConfig, output_dir: str | None = None) -> dict[str, Any]:
         for name, src in eval_sources.items()
         if src
     }
+    cfg = run_config.cpt
+    replay_name = f"CPT, replay {cfg.replay_ratio:.0%}"
+    runs = [replay_name] + (
+        ["CPT, no replay"] if run_config.compare_without_replay and cfg.replay_ratio > 0 else []
+    )
+    stages = (1 if base_args is not None else 0) + len(runs)
+    stage = 0
     curves: dict[str, list[tuple[int, float]]] = {}
     if base_args is not None:
-        base_trainer = _train(model, _dataset(replay_source, tokenizer, run_config), base_args, callbacks=[])
+        stage += 1
+        header = f"{stage}/{stages} base pretraining on the {names['old']}"
+        base_trainer = _train(
+            model, _dataset(replay_source, tokenizer, run_config), base_args, [], header=header
+        )
         curves["base pretraining (old domain)"] = _curve(base_trainer)
-    before = {name: heldout_loss(model, blocks) for name, blocks in eval_blocks.items()}
-    base_copy = copy.deepcopy(model) if run_config.compare_without_replay else None
+    if run_config.model.get("tiny_llama"):
+        _save_tiny_base(model, tokenizer, out / "base-model")
+    base_copy = copy.deepcopy(model) if len(runs) > 1 else None
 
-    cfg = run_config.cpt
+    def cpt_run(name: str, model: Any, config: CPTConfig, args: Any, dataset: Any) -> Any:
+        nonlocal stage
+        stage += 1
+        mix = f" with {config.replay_ratio:.0%} replay of the old" if config.replay_ratio else ", no replay"
+        header = f"{stage}/{stages} CPT on the {names['new']}{mix}"
+        callback = CPTCallback(config, eval_new=eval_blocks.get("new"), eval_old=eval_blocks.get("old"))
+        trainer = _train(model, dataset, args, [callback], header=header)
+        curves[name] = _curve(trainer)
+        evaluations[name] = callback.evaluator
+        return trainer
+
+    evaluations: dict[str, Any] = {}
     replay = replay_source if cfg.replay_ratio > 0 else None
-    trainer = _train(
-        model,
-        _dataset(train_source, tokenizer, run_config, replay_source=replay, replay_ratio=cfg.replay_ratio),
-        cpt_args,
-        [CPTCallback(cfg)],
+    dataset = _dataset(
+        train_source, tokenizer, run_config, replay_source=replay, replay_ratio=cfg.replay_ratio
     )
+    trainer = cpt_run(replay_name, model, cfg, cpt_args, dataset)
     trainer.save_model(str(out / "adapter"))
     tokenizer.save_pretrained(str(out / "adapter"))
-    curves[f"CPT, replay {cfg.replay_ratio:.0%}"] = _curve(trainer)
-    results = {
-        f"CPT, replay {cfg.replay_ratio:.0%}": {
-            name: heldout_loss(trainer.model, b) for name, b in eval_blocks.items()
-        }
-    }
-
-    if base_copy is not None and cfg.replay_ratio > 0:
-        no_replay_cfg = cfg.replace(replay_ratio=0.0)
+    if base_copy is not None:
         args = _training_args(run_config, out, {"output_dir": out / "no-replay", "save_strategy": "no"})
-        other = _train(
-            base_copy, _dataset(train_source, tokenizer, run_config), args, [CPTCallback(no_replay_cfg)]
+        cpt_run(
+            "CPT, no replay",
+            base_copy,
+            cfg.replace(replay_ratio=0.0),
+            args,
+            _dataset(train_source, tokenizer, run_config),
         )
-        curves["CPT, no replay"] = _curve(other)
-        results["CPT, no replay"] = {name: heldout_loss(other.model, b) for name, b in eval_blocks.items()}
 
-    plot_loss_curves(curves, out / "loss_curve.png")
+    first = next((e for e in evaluations.values() if e is not None), None)
+    table: dict[str, dict[str, float]] = {"base": dict(first.base) if first else {}}
+    for name, evaluator in evaluations.items():
+        if evaluator is not None and evaluator.history:
+            table[name] = {d: v for d, v in evaluator.history[-1].items() if d in ("new", "old")}
+    plot_run(
+        curves,
+        {name: e.history for name, e in evaluations.items() if e is not None},
+        table["base"],
+        out / "loss_curve.png",
+        names=names,
+        logging_steps=cpt_args.logging_steps,
+        max_steps=cpt_args.max_steps,
+    )
     summary = {
-        "heldout_loss": {"base": before, **results},
+        "domains": names,
+        "heldout_loss": {name: {names[d]: v for d, v in losses.items()} for name, losses in table.items()},
+        "heldout_curves": {name: e.history for name, e in evaluations.items() if e is not None},
         "adapter": str(out / "adapter"),
+        "base_model": str(out / "base-model")
+        if run_config.model.get("tiny_llama")
+        else run_config.model.get("name_or_path"),
         "loss_curve": str(out / "loss_curve.png"),
+        "summary": str(out / "summary.json"),
         "seconds": round(time.perf_counter() - started, 1),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
@@ -454,21 +548,30 @@ def _curve(trainer: Any) -> list[tuple[int, float]]:
 
 
 def format_summary(summary: dict[str, Any]) -> str:
-    """The before/after table: adaptation (new domain) and forgetting (old domain) side by side."""
+    """The before/after table: adaptation (new domain) and forgetting (old domain), with the change."""
     table = summary["heldout_loss"]
-    domains = list(table["base"])
+    base = table.get("base", {})
+    domains = list(base)
     width = max(len(k) for k in table) + 2
+    col = max([len(d) for d in domains] + [12]) + 2
     lines = [
         "",
-        "Held-out loss (lower is better)",
-        "model".ljust(width) + "".join(d.rjust(14) for d in domains),
+        "Held-out loss (lower is better; change against the base model in brackets)",
+        "model".ljust(width) + "".join(d.rjust(col) for d in domains),
     ]
     for name, losses in table.items():
-        lines.append(name.ljust(width) + "".join(f"{losses[d]:14.3f}" for d in domains))
+        cells = []
+        for d in domains:
+            cell = f"{losses[d]:.3f}"
+            if name != "base":
+                cell += f" ({losses[d] - base[d]:+.3f})"
+            cells.append(cell.rjust(col))
+        lines.append(name.ljust(width) + "".join(cells))
     lines += [
         "",
-        f"adapter: {summary['adapter']}",
-        f"loss curve: {summary['loss_curve']}",
+        f"adapter:     {summary['adapter']}  (base model: {summary['base_model']})",
+        f"loss curves: {summary['loss_curve']}",
+        f"all numbers: {summary['summary']}",
         f"took {summary['seconds']} s",
     ]
     return "\n".join(lines)
