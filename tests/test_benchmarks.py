@@ -41,17 +41,25 @@ def test_bad_system_name_is_an_argument_error():
         run.resolve_args(["--systems", "hf,unslot"])
 
 
-def test_workload_configs_match_the_brief():
-    cfg = WORKLOADS["llama-1b"].make_config()
-    assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers) == (2048, 8192, 16)
-    assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.vocab_size) == (32, 8, 128256)
-    assert cfg.tie_word_embeddings and cfg.max_position_embeddings == 131072 and cfg.head_dim == 64
-    qwen = WORKLOADS["qwen3-0.6b"].make_config()
-    assert qwen.head_dim == 128 and qwen.num_hidden_layers == 28 and qwen.tie_word_embeddings
-    mistral = WORKLOADS["mistral-7b"].make_config()
-    assert (
-        mistral.vocab_size == 32768 and not mistral.tie_word_embeddings and mistral.intermediate_size == 14336
-    )
+@pytest.mark.parametrize(
+    "name, total, non_embedding, tied",
+    [
+        ("llama-1b", 1_235_814_400, 973_146_112, True),  # Llama-3.2-1B's safetensors: 1.24B
+        ("qwen3-0.6b", 596_049_920, 440_467_456, True),  # Qwen3-0.6B's card: 0.6B, 0.44B non-embedding
+        ("mistral-7b", 7_248_023_552, 7_113_805_824, False),  # Mistral-7B-v0.3's safetensors: 7.25B
+    ],
+)
+def test_workload_builds_the_published_model(name, total, non_embedding, tied):
+    """The model built from the workload's config (on the meta device) has the real model's parameters."""
+    import torch
+    import transformers
+
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(WORKLOADS[name].make_config())
+    embedding = model.get_input_embeddings().weight
+    assert sum(p.numel() for p in model.parameters()) == total
+    assert total - embedding.numel() == non_embedding
+    assert (model.get_output_embeddings().weight is embedding) == tied
 
 
 # -- FLOPs -----------------------------------------------------------------------------------------

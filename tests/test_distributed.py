@@ -135,8 +135,20 @@ def test_compare_passes_and_catches_faults(runs, tmp_path):
     assert not ok
 
 
-def test_multi_gpu_check_script_parses():
-    proc = subprocess.run(
-        ["bash", "-n", str(ROOT / "benchmarks" / "multi_gpu_check.sh")], capture_output=True
-    )
-    assert proc.returncode == 0, proc.stderr
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
+def test_multi_gpu_check_script_dry_run_on_cpu(tmp_path):
+    """The lead's 2-GPU script end to end on the CPU (DEVICE=cpu: tiny model, gloo): stages, files, verdict."""
+    env = _env() | {
+        "DEVICE": "cpu",
+        "STAGES": "single ddp",
+        "TOTAL_BUDGET": "200",
+        "TRAIN_ARGS": "--steps 2 --seq-len 32 --global-batch 4 --lora-r 4",
+        "OUT": str(tmp_path),
+        "PYTHON": sys.executable,
+    }
+    script = ROOT / "benchmarks" / "multi_gpu_check.sh"
+    proc = subprocess.run(["bash", str(script)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert {p.name for p in tmp_path.iterdir()} >= {"single.json", "ddp.json", "summary.md", "stages.log"}
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| ddp | ddp | 2 |" in summary and "**Overall: PASS**" in summary
