@@ -12,8 +12,10 @@ kernels and offloaded checkpointing, and logs the embedding LR, tokens/s and pea
 from __future__ import annotations
 
 import argparse
-import tempfile
 
+import cpt_plugin  # noqa: F401 - first: quiets a bitsandbytes notice that importing PEFT causes
+
+# isort: split
 import torch
 from transformers import (
     AutoModelForCausalLM,
@@ -27,6 +29,10 @@ from transformers import (
 from cpt_plugin import CPTCallback
 from cpt_plugin.data import CPTDataset, collate_packed
 
+# transformers >= 5.24 renamed gradient_checkpointing to activation_checkpointing (the old name warns)
+_NEW_NAME = "activation_checkpointing" in TrainingArguments.__dataclass_fields__
+CHECKPOINTING = {"activation_checkpointing" if _NEW_NAME else "gradient_checkpointing": True}
+
 
 def main() -> None:
     parser = argparse.ArgumentParser()
@@ -35,7 +41,7 @@ def main() -> None:
     )
     parser.add_argument("--data", help="new-domain text: file, folder, JSONL or saved dataset")
     parser.add_argument("--replay", help="old-domain text replayed to limit forgetting")
-    parser.add_argument("--output-dir", default=tempfile.mkdtemp(prefix="cpt-example-"))
+    parser.add_argument("--output-dir", default="cpt-output-hf-trainer", help="adapter, corpora, checkpoints")
     parser.add_argument("--max-steps", type=int, default=20)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=4)
@@ -78,7 +84,8 @@ def main() -> None:
             learning_rate=2e-4 if args.model != "tiny" else 2e-3,
             warmup_steps=0.05,
             logging_steps=5,
-            gradient_checkpointing=True,
+            **CHECKPOINTING,  # activation_checkpointing on transformers >= 5.24, gradient_ before
+            dataloader_pin_memory=torch.cuda.is_available(),  # pinning is for copies to a GPU
             bf16=torch.cuda.is_available(),
             report_to=[],
         ),

@@ -12,14 +12,20 @@ kernels and offloaded checkpointing.
 from __future__ import annotations
 
 import argparse
-import tempfile
 
+import cpt_plugin  # noqa: F401 - first: quiets a bitsandbytes notice that importing PEFT causes
+
+# isort: split
 import datasets
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from trl import SFTConfig, SFTTrainer
 
 from cpt_plugin import CPTCallback
+
+# transformers >= 5.24 renamed gradient_checkpointing to activation_checkpointing (the old name warns)
+_NEW_NAME = "activation_checkpointing" in SFTConfig.__dataclass_fields__
+CHECKPOINTING = {"activation_checkpointing" if _NEW_NAME else "gradient_checkpointing": True}
 
 
 def main() -> None:
@@ -28,7 +34,7 @@ def main() -> None:
         "--model", default="tiny", help="hub id / local path, or 'tiny' for a random tiny Llama"
     )
     parser.add_argument("--data", help="a JSONL file with a 'text' field (default: the stdlib code corpus)")
-    parser.add_argument("--output-dir", default=tempfile.mkdtemp(prefix="cpt-trl-"))
+    parser.add_argument("--output-dir", default="cpt-output-trl-sft", help="adapter, corpora, checkpoints")
     parser.add_argument("--max-steps", type=int, default=20)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--no-packing", action="store_true")
@@ -67,7 +73,8 @@ def main() -> None:
             logging_steps=5,
             max_length=args.seq_len,
             packing=not args.no_packing,
-            gradient_checkpointing=True,
+            **CHECKPOINTING,  # activation_checkpointing on transformers >= 5.24, gradient_ before
+            dataloader_pin_memory=torch.cuda.is_available(),  # pinning is for copies to a GPU
             bf16=torch.cuda.is_available(),
             report_to=[],
         ),

@@ -25,4 +25,19 @@ def test_single_process_example_runs(tmp_path, script):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
-    assert "cpt-plugin: trainable" in result.stdout
+    assert "cpt-plugin: trainable" in result.stdout + result.stderr
+    noise = ("Failed to load CPU gemm_4bit", "FutureWarning", "pin_memory", "UserWarning")
+    assert not [word for word in noise if word in result.stderr], result.stderr[-3000:]
+
+
+def test_example_help_writes_nothing(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "hf_trainer.py"), "--help"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=300,
+    )
+    assert result.returncode == 0 and "--output-dir" in result.stdout
+    assert list(tmp_path.iterdir()) == []
