@@ -5,15 +5,15 @@ Public API only; heavy modules are imported on first use so that ``import cpt_pl
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from cpt_plugin._lazy import lazy_getattr
 from cpt_plugin.config import CPTConfig, CPTConfigError
+from cpt_plugin.logs import install_default_handler
 from cpt_plugin.third_party import quiet_known_notices
 
-quiet_known_notices()  # before peft/bitsandbytes are imported: third-party notices our calls cause
-from cpt_plugin.logs import install_default_handler
-
 install_default_handler()  # cpt-plugin's notices are seen even where the program sets up no logging
+quiet_known_notices()  # before peft/bitsandbytes are imported: third-party notices our calls cause
 
 __all__ = ["CPTConfig", "CPTConfigError", "CPTCallback", "prepare_model", "setup_model", "patch", "unpatch"]
 __version__ = "0.1.0"
@@ -33,9 +33,4 @@ if TYPE_CHECKING:  # pragma: no cover
     from cpt_plugin.recipe import prepare_model
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'cpt_plugin' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)

@@ -7,7 +7,9 @@ checkpoint to one GGUF file and checks that transformers' GGUF loader reads it b
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from cpt_plugin._lazy import lazy_getattr
 
 __all__ = ["merge", "to_gguf", "GGUF_FAMILIES"]
 
@@ -23,9 +25,4 @@ if TYPE_CHECKING:  # pragma: no cover
     from cpt_plugin.export.merging import merge
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'cpt_plugin.export' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)

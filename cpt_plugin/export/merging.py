@@ -33,6 +33,7 @@ from cpt_plugin.export.paths import (
     find_tokenizer_dir,
     read_adapter_config,
 )
+from cpt_plugin.model_parts import embedding_names
 
 logger = logging.getLogger(__name__)
 
@@ -51,24 +52,14 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     )
 
 
-def _module_name(model: nn.Module, target: nn.Module | None) -> str | None:
-    if target is None:
-        return None
-    return next((name for name, module in model.named_modules() if module is target), None)
-
-
-def embedding_names(model: nn.Module) -> tuple[str, str | None]:
+def _embedding_names(model: nn.Module) -> tuple[str, str | None]:
     """Module names of the input embeddings and of lm_head (None when the model has none)."""
-    input_name = _module_name(model, model.get_input_embeddings())
+    input_name, output_name = embedding_names(model)
     if input_name is None:
         raise CPTConfigError(
             f"cpt-plugin export: {type(model).__name__} has no input embeddings; only causal LMs are exported."
         )
-    try:
-        output = model.get_output_embeddings()
-    except (AttributeError, NotImplementedError):
-        output = None
-    return input_name, _module_name(model, output)
+    return input_name, output_name
 
 
 def _model_dtype(model: nn.Module) -> torch.dtype:
@@ -269,7 +260,7 @@ def _export(
     model: nn.Module, out: Path, dtype: torch.dtype | None, tokenizer: Any | None, started: float
 ) -> Path:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    input_name, output_name = embedding_names(base)
+    input_name, output_name = _embedding_names(base)
     rows = int(base.get_input_embeddings().weight.shape[0])
     check_vocabulary(rows, tokenizer, "given")
     dtype = dtype or _model_dtype(base)
@@ -330,7 +321,7 @@ def _load_adapter_model(
         )
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
-    input_name, _ = embedding_names(skeleton)
+    input_name, _ = _embedding_names(skeleton)
     base_rows = int(skeleton.get_input_embeddings().weight.shape[0])
     rows = _adapter_embedding_rows(adapter_dir, input_name) or base_rows
     check_vocabulary(rows, tokenizer, "found for the adapter")
