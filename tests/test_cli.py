@@ -144,3 +144,14 @@ def test_missing_or_bad_data_found_before_base_pretraining(tmp_path, capsys):
     no_replay = ["data.default_corpora=false", f"data.train={bad}", "base_pretraining=null"]
     assert main(["train", "--output-dir", str(out), "--set", *no_replay]) == 2
     assert "'cpt.replay_ratio' is 0.25, but there is no data.replay" in capsys.readouterr().err
+
+
+def test_readme_reference_matches_the_config_classes():
+    """The README's run-config table is generated (python -m cpt_plugin.cli.reference --write README.md)."""
+    from pathlib import Path
+
+    from cpt_plugin.cli.reference import END, START, reference_markdown
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    block = readme.split(START, 1)[1].split(END, 1)[0].strip()
+    assert block == reference_markdown(), "run: python -m cpt_plugin.cli.reference --write README.md"
