@@ -140,7 +140,9 @@ class HeldoutEvaluator(TrainerCallback):
             logs[f"eval_{name}_perplexity"] = round(_perplexity(loss), 3)
         logs["eval_tokens_seen"] = entry["tokens_seen"]
         if self.trainer is not None:
+            should_log = self.trainer.control.should_log
             self.trainer.log(logs)
+            self.trainer.control.should_log = should_log  # Trainer.log resets it: keep this step's loss log
         else:
             logger.info("cpt-plugin: held-out at step %d: %s", state.global_step, logs)
 

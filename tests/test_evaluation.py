@@ -51,6 +51,8 @@ def test_evaluator_logs_both_domains_and_the_base(tmp_path):
     trainer, evaluator, reference, (new, old) = _train(tmp_path)
     logged = [h for h in trainer.state.log_history if "eval_new_loss" in h]
     assert [h["step"] for h in logged] == [0, 2, 4, 6]
+    # an evaluation on a logging step leaves that step's training-loss log in place
+    assert [h["step"] for h in trainer.state.log_history if "loss" in h] == [1, 2, 3, 4, 5, 6]
     for entry in logged:
         assert {"eval_old_loss", "eval_new_perplexity", "eval_old_perplexity", "eval_tokens_seen"} <= set(
             entry
