@@ -4,12 +4,12 @@ import os
 
 import pytest
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer
 
 from cpt_plugin import CPTCallback, CPTConfigError
 from cpt_plugin.integrations.hf import uninstall_trainer_hooks
 from cpt_plugin.schedules import plan_of
-from tests.tiny import RandomBlocks, tiny_llama
+from tests.tiny import RandomBlocks, tiny_llama, training_args
 
 
 @pytest.fixture(autouse=True)
@@ -19,24 +19,8 @@ def _restore_trainer():
 
 
 def _args(tmp_path, **overrides):
-    values = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=4,
-        learning_rate=1e-3,
-        max_steps=6,
-        logging_steps=1,
-        save_steps=3,
-        save_strategy="steps",
-        report_to=[],
-        seed=7,
-        data_seed=7,
-        use_cpu=True,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        warmup_steps=2,
-    )
-    values.update(overrides)
-    return TrainingArguments(**values)
+    values = dict(max_steps=6, save_steps=3, save_strategy="steps", warmup_steps=2)
+    return training_args(tmp_path, **{**values, **overrides})
 
 
 def _losses(trainer):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch.utils.data import Dataset
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
 
 
 def tiny_llama(tied: bool = True, vocab_size: int = 257, layers: int = 2, seed: int = 0) -> LlamaForCausalLM:
@@ -35,3 +35,24 @@ class RandomBlocks(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         ids = self.blocks[index]
         return {"input_ids": ids, "labels": ids.clone()}
+
+
+def training_args(tmp_path, **overrides) -> TrainingArguments:
+    """TrainingArguments of a tiny, deterministic CPU run (no saving, no reporting); overrides win."""
+    values = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        max_steps=4,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        seed=7,
+        data_seed=7,
+        use_cpu=True,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        warmup_steps=0,
+    )
+    values.update(overrides)
+    return TrainingArguments(**values)

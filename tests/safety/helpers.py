@@ -3,30 +3,10 @@
 from __future__ import annotations
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback
 
 from cpt_plugin import CPTCallback
-from tests.tiny import RandomBlocks, tiny_llama
-
-
-def training_args(tmp_path, **overrides) -> TrainingArguments:
-    values = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=4,
-        learning_rate=1e-3,
-        max_steps=4,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        seed=7,
-        data_seed=7,
-        use_cpu=True,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        warmup_steps=0,
-    )
-    values.update(overrides)
-    return TrainingArguments(**values)
+from tests.tiny import RandomBlocks, tiny_llama, training_args
 
 
 def make_trainer(tmp_path, *, trainer_class=Trainer, callbacks=(), model=None, cpt=None, **args) -> Trainer:
