@@ -125,7 +125,7 @@ def plan_summary(planner: Any) -> dict[str, Any] | None:
     return {
         "plan": planner.plan.describe(),
         "tokens": int(planner.tokens),
-        "predicted_peak": float(planner.predicted) if planner.tokens else None,
+        "predicted_peak": float(planner.predicted) if planner.tokens and planner.predicted > 0 else None,
         "budget": float(planner.budget) if planner.budget is not None else None,
         "calibrated": bool(planner.calibrated),
     }
