@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast, Trainer, TrainingArguments
+from transformers import PreTrainedTokenizerFast, Trainer
 
 from cpt_plugin import CPTCallback
-from tests.tiny import RandomBlocks, tiny_llama
+from tests.tiny import RandomBlocks, tiny_llama, training_args
 
 VOCAB = 257  # tiny_llama's default vocabulary: "<unk>", "</s>" and w0 .. w254
 
@@ -27,22 +27,9 @@ def word_tokenizer() -> PreTrainedTokenizerFast:
 def make_trainer(
     tmp_path, *, cpt: dict[str, Any] | None = None, tokenizer: Any = "word", **args: Any
 ) -> Trainer:
-    values = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=2,
-        learning_rate=1e-3,
-        max_steps=3,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-        warmup_steps=0,
-    )
-    values.update(args)
     return Trainer(
         model=tiny_llama(seed=0),
-        args=TrainingArguments(**values),
+        args=training_args(tmp_path, **{"per_device_train_batch_size": 2, "max_steps": 3, **args}),
         train_dataset=RandomBlocks(n=16, seed=3),
         processing_class=word_tokenizer() if tokenizer == "word" else tokenizer,
         callbacks=[CPTCallback(**{"lora_r": 4, "max_seq_length": 16, **(cpt or {})})],
