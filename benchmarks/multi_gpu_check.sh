@@ -15,6 +15,7 @@
 #   TRAIN_ARGS="..."   extra train.py arguments for every stage (e.g. "--steps 20 --lr 5e-4")
 #   NPROC=2            processes (GPUs) of the distributed stages
 #   TF=image|newest    transformers of the image, or the carried newest one (.whl/tf524/*.whl)
+#   MASTER_PORT_BASE=29611  stage k launches on port MASTER_PORT_BASE + k
 #   DEVICE=cpu         dry run on a CPU machine: tiny model, gloo, 2 processes (FSDP2 through the CPU shim of
 #                      train.py; DeepSpeed 'unavailable'); PYTHON defaults to .venv/bin/python there
 # Wheels: .whl/*.whl go to /tmp/site (as in gpu_check.sh); .whl/deepspeed/*.whl (DeepSpeed built with
@@ -119,7 +120,7 @@ PY
 # ---- stages ----------------------------------------------------------------------------------
 TRAIN=benchmarks/distributed/train.py
 CFG=benchmarks/distributed
-PORT=29611
+PORT=${MASTER_PORT_BASE:-29611}  # first stage uses PORT+1; tests pass a free one
 reap() {  # workers of this stage left behind (torchrun starts them in sessions of their own): by PID
   local name=$1 pid
   for pid in $(ls /proc 2>/dev/null | grep -E '^[0-9]+$'); do

@@ -39,13 +39,13 @@ class CPTConfigError(ValueError):
 
 # --- the did-you-mean hint and the YAML reader every config file goes through ----------------------
 def did_you_mean(word: object, choices: Sequence[str], otherwise: str, *, cutoff: float = 0.6) -> str:
-    """"Did you mean 'x'?" for the choice closest to ``word``; ``otherwise`` (e.g. the choices) if none is."""
+    """ "Did you mean 'x'?" for the choice closest to ``word``; ``otherwise`` (e.g. the choices) if none is."""
     close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=cutoff)
     return f"Did you mean '{close[0]}'?" if close else otherwise
 
 
 def unknown_key_error(key: str, valid: Sequence[str], where: str) -> CPTConfigError:
-    """"Unknown {where} key 'k'. Did you mean ...?" (or the valid keys): one wording for every section."""
+    """ "Unknown {where} key 'k'. Did you mean ...?" (or the valid keys): one wording for every section."""
     hint = did_you_mean(key, valid, f"Valid keys: {', '.join(valid)}.", cutoff=0.5)
     return CPTConfigError(f"Unknown {where} key '{key}'. {hint}")
 

@@ -145,9 +145,12 @@ def test_multi_gpu_check_script_dry_run_on_cpu(tmp_path):
         "TRAIN_ARGS": "--steps 2 --seq-len 32 --global-batch 4 --lora-r 4",
         "OUT": str(tmp_path),
         "PYTHON": sys.executable,
+        "MASTER_PORT_BASE": str(_free_port()),  # not the script's fixed default: two suites may run at once
     }
     script = ROOT / "benchmarks" / "multi_gpu_check.sh"
-    proc = subprocess.run(["bash", str(script)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=280)
+    proc = subprocess.run(
+        ["bash", str(script)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=280
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert {p.name for p in tmp_path.iterdir()} >= {"single.json", "ddp.json", "summary.md", "stages.log"}
     summary = (tmp_path / "summary.md").read_text()

@@ -528,5 +528,15 @@ def global_loss_from_ranks(result: dict[str, Any]) -> list[float]:
     return [combine([r[i] for r in per_rank]) for i in range(steps)]
 
 
+def _shut_down_process_group() -> None:
+    """Tear the process group down before the interpreter exits: left to exit-time destructors, gloo's
+    threads sometimes abort the process ("terminate called without an active exception") after a good run."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        _shut_down_process_group()
