@@ -60,6 +60,10 @@ def _worker(rank: int, port: int, out: str) -> None:
         grads = {n: p.grad.detach().clone() for n, p in model.module.named_parameters() if p.requires_grad}
         torch.save(grads, out)
     dist.destroy_process_group()
+    # Skip the interpreter's exit-time destructors: with torch 2.13's CPU gloo they sometimes abort a finished
+    # worker ("terminate called without an active exception"; seen in about 1 of 3 runs, also before this
+    # module's code changed). Everything the test reads was written above.
+    os._exit(0)
 
 
 def _free_port() -> int:
