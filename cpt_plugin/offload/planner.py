@@ -22,7 +22,10 @@ plan is safe):
 3. At the next forward the probe calibrates the model: the measured per-token bytes replace the modelled
    ones for the modes that ran, and an additive per-token correction makes the prediction for the probed
    plan equal its measured peak (loss transient, backward working set, allocator rounding). Then the plan
-   is chosen again with the normal headroom (5%).
+   is chosen again with the normal headroom (5%). A probe measures only the modes its plan ran: when
+   the new plan keeps or recomputes layers and no probe has measured that mode yet (the first plan offloaded
+   every layer, say), the next step is probed too (at most 3 probes per length), and costs measured by an
+   earlier probe are kept for modes a later one did not run.
 4. Later forwards re-plan when a batch has more tokens than the plan was made for (the plan is always for
    the longest length seen, and calibrated again at it), or when the static memory moved by more than 2%
    of the budget (optimizer states appear after the first optimizer step).
@@ -293,6 +296,10 @@ def distributed_world() -> int:
 # The planner attached to a model
 # ----------------------------------------------------------------------------------------------
 _MISSING = -1e30  # "not measured" in the agreed vector (loses every MAX)
+MAX_PROBES_PER_LENGTH = 3  # probes at one length when the plan moves to modes no probe measured
+# the LayerCosts field a probe measures for each (mode, tiled) layer kind; offload saves nothing to measure
+_MEASURED_FIELD = {("keep", False): "keep", ("keep", True): "keep_tiled", ("recompute", False): "recompute",
+                   ("recompute", True): "recompute"}  # fmt: skip
 
 
 class MemoryPlanner:
@@ -337,6 +344,8 @@ class MemoryPlanner:
         self._pending_optimizer = 0.0  # the AdamW estimate included in the last static value
         self._calibrated_tokens = 0
         self._probe_wanted = False  # measure the next step again (after an OOM changed the plan)
+        self._measured: dict[str, float] = {}  # per-token costs some probe measured, by LayerCosts field
+        self._probes_at_length = 0  # probes run for the current calibrated length
         self._budget_cap: float | None = None  # after an OOM: what the device proved it cannot hold
         self._probe: dict[str, Any] | None = None
         self._log: dict[str, float] = {}
@@ -382,9 +391,23 @@ class MemoryPlanner:
         if replan:
             self._replan(max(tokens, self.tokens), static, "first batch" if self.tokens == 0 else None)
         wanted = not self.calibrated or tokens > self._calibrated_tokens or self._probe_wanted
+        wanted = wanted or self._plan_has_unmeasured_modes()
         if measuring and wanted:
             self._probe_wanted = False
             self._start_probe(tokens, static)
+
+    def _plan_has_unmeasured_modes(self) -> bool:
+        """Whether the plan now in use keeps or recomputes layers although no probe measured that mode.
+
+        A probe measures only the modes its plan ran: calibrated on an all-offload probe, a plan that keeps
+        layers still prices them analytically, and the correction (fitted to the probed plan) does not
+        transfer. So such a plan is probed once more, up to ``MAX_PROBES_PER_LENGTH`` times per length.
+        """
+        if not self.calibrated or self._probes_at_length >= MAX_PROBES_PER_LENGTH:
+            return False
+        kinds = set(zip(self.plan.modes, self.plan.tiled, strict=True))
+        needed = {_MEASURED_FIELD[kind] for kind in kinds if kind in _MEASURED_FIELD}
+        return not needed.issubset(self._measured)
 
     def _static(self) -> float:
         """Static bytes: measured (minus gradients present) + every gradient + optimizer states to come."""
@@ -482,6 +505,7 @@ class MemoryPlanner:
 
     # --- probe and calibration (CUDA) ----------------------------------------------------------
     def _start_probe(self, tokens: int, static: float) -> None:
+        self._probes_at_length = self._probes_at_length + 1 if tokens == self._calibrated_tokens else 1
         torch.cuda.reset_peak_memory_stats(self.device)
         probe: dict[str, Any] = {
             "running": True,
@@ -547,6 +571,7 @@ class MemoryPlanner:
         return [*measured, correction]
 
     def _costs_with(self, measured: Sequence[float], correction: float) -> LayerCosts:
+        """The analytic costs with the measured ones put in (``_MISSING`` or <= 0: not measured)."""
         keep, keep_tiled, recompute = measured[:3]
         costs = analytic_costs(self.shapes, self.chunk_tokens)
         changes: dict[str, float] = {"correction": correction}
@@ -560,7 +585,15 @@ class MemoryPlanner:
         return replace(costs, **changes)
 
     def _calibrate(self, calibration: Sequence[float]) -> None:
-        self.costs = self._costs_with(calibration[:3], calibration[3])
+        """Puts a probe's measurements in; modes an earlier probe measured and this one did not keep
+        their earlier measured cost (they stay per-token costs whatever the plan)."""
+        for name, value in zip(("keep", "keep_tiled", "recompute"), calibration[:3], strict=True):
+            if value != _MISSING and value > 0:
+                self._measured[name] = value
+        merged = [self._measured.get(name, _MISSING) for name in ("keep", "keep_tiled", "recompute")]
+        if "keep" in self._measured and "keep_tiled" not in self._measured:
+            merged[1] = _MISSING  # scaled from the measured keep in _costs_with
+        self.costs = self._costs_with(merged, calibration[3])
         self.calibrated = True
 
     # --- after an out-of-memory error ----------------------------------------------------------

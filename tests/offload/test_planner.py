@@ -11,7 +11,9 @@ from offload_models import tiny_llama
 
 from cpt_plugin.offload.checkpointing import LayerPlan, checkpointing_mode
 from cpt_plugin.offload.planner import (
+    _MISSING,
     GIB,
+    MAX_PROBES_PER_LENGTH,
     LayerCosts,
     ModelShapes,
     agree,
@@ -265,7 +267,7 @@ def test_predicted_peak_within_10_percent_of_measured(budget) -> None:
         del model, optimizer, planner
         torch.cuda.empty_cache()
     model, optimizer, planner = _gpu_cpt_model(budget_gib)
-    for _ in range(3):  # probe, calibrated plan, optimizer states seen
+    for _ in range(5):  # probes (one per unmeasured mode), calibrated plan, optimizer states seen
         _gpu_step(model, optimizer, ids)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -319,3 +321,24 @@ def test_memory_budget_key_is_validated() -> None:
         CPTConfig(memory_budget_gib=0)
     with pytest.raises(CPTConfigError, match="only used by gradient_checkpointing: auto"):
         CPTConfig(memory_budget_gib=8, gradient_checkpointing="offload")
+
+
+def test_a_plan_with_modes_no_probe_measured_is_probed_again() -> None:
+    """Calibrated on an all-offload probe, a plan that keeps layers is probed once more (the offload probe
+    measured no keep cost); costs measured earlier survive a later probe that did not run their mode."""
+    _, planner = _planned_model(1.0)
+    planner.plan = LayerPlan.uniform(4, "offload")
+    planner._calibrate([_MISSING, _MISSING, _MISSING, 5.0])  # an all-offload probe: only the correction
+    assert not planner._plan_has_unmeasured_modes()
+    planner.plan = canonical_plan(4, keep=2, offload=2, tiling="none")
+    assert planner._plan_has_unmeasured_modes()
+    planner._calibrate([1234.0, _MISSING, _MISSING, 3.0])  # that second probe measured keep
+    assert not planner._plan_has_unmeasured_modes()
+    planner.plan = canonical_plan(4, keep=1, offload=1, tiling="none")  # now recompute too
+    assert planner._plan_has_unmeasured_modes()
+    planner._calibrate([_MISSING, _MISSING, 99.0, 2.0])
+    assert planner.costs.keep == 1234.0 and planner.costs.recompute == 99.0 and planner.costs.correction == 2.0
+    assert not planner._plan_has_unmeasured_modes()
+    planner._measured.clear()
+    planner._probes_at_length = MAX_PROBES_PER_LENGTH  # the cap: no endless probing
+    assert not planner._plan_has_unmeasured_modes()
