@@ -34,6 +34,7 @@ from cpt_plugin.export.paths import (
     read_adapter_config,
 )
 from cpt_plugin.model_parts import embedding_names
+from cpt_plugin.third_party import peft_deprecations_quiet
 
 logger = logging.getLogger(__name__)
 
@@ -328,7 +329,10 @@ def _load_adapter_model(
     model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=dtype or "auto")
     if rows != base_rows:  # the run resized the vocabulary: the base must have the adapter's shape
         model.resize_token_embeddings(rows, mean_resizing=False)
-    return PeftModel.from_pretrained(model, str(adapter_dir))
+    # PeftModel.__init__ reads transformers' deprecated is_gradient_checkpointing (a FutureWarning the user
+    # cannot act on; there is no argument that avoids the read): quieted for this call only.
+    with peft_deprecations_quiet():
+        return PeftModel.from_pretrained(model, str(adapter_dir))
 
 
 def merge(

@@ -122,3 +122,22 @@ def test_merge_from_adapter_dir_with_resized_vocabulary(tmp_path):
     with torch.no_grad():
         got = loaded(input_ids=ids).logits
     assert relative_error(got, want) < BF16_BOUND
+
+
+def test_merge_from_adapter_dir_gives_no_future_warning(tmp_path):
+    """Was: PeftModel.from_pretrained read transformers' deprecated is_gradient_checkpointing during the
+    export's adapter reload (a FutureWarning a user cannot act on)."""
+    import warnings
+
+    from transformers import AutoModelForCausalLM
+
+    from cpt_plugin import CPTConfig, setup_model
+    from tests.patching.models import tiny_model
+
+    tiny_model("llama", vocab_size=VOCAB).save_pretrained(tmp_path / "base")
+    base = AutoModelForCausalLM.from_pretrained(str(tmp_path / "base"))
+    setup_model(base, CPTConfig(lora_r=4, max_seq_length=64)).save_pretrained(tmp_path / "adapter")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        merge(tmp_path / "adapter", tmp_path / "merged")
+    assert (tmp_path / "merged" / "model.safetensors").exists()
