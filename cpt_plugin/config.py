@@ -126,6 +126,9 @@ class CPTConfig:
     learning_rate: float | None = None  # None: TrainingArguments.learning_rate
     embedding_learning_rate: float | None = None  # None: learning_rate * embedding_lr_ratio
     embedding_lr_ratio: float = 0.1
+    # rows of tokens the base never trained (added or healed: cpt_plugin/vocabulary) at their own LR
+    fresh_row_learning_rate: float | None = None  # None: the LoRA LR (known rows keep the embedding LR)
+    row_aware_embedding_lr: bool = True  # False: every embedding row at the embedding LR
     weight_decay: float | None = None  # None: TrainingArguments.weight_decay
     optimizer: str | None = None  # None: follow TrainingArguments.optim (AdamW kinds), else fused AdamW
     embedding_optimizer: str = "adamw"  # "adamw_8bit": bitsandbytes 8-bit states for the embedding group
@@ -169,6 +172,11 @@ class CPTConfig:
     sample_prompts: list[str] | None = None  # greedy completions, base before and trained after training
     sample_max_new_tokens: int = 48  # new tokens per sample completion
     memory_report: bool = True  # memory table at step 1 and at the end (+ PNG chart in output_dir)
+    # --- vocabulary (cpt_plugin/vocabulary) -----------------------------------------------------
+    heal_untrained_tokens: bool = True  # embedding rows the base never trained reset to the trained mean
+    new_tokens: list[str] | None = None  # tokens to add (CLI; scripts call cpt_plugin.add_new_tokens)
+    extend_vocabulary: int = 0  # learn N new tokens from the training corpus (words that save most tokens)
+    new_token_init: str = "subtoken_mean"  # new rows: "subtoken_mean" of their old pieces, or "mean" of rows
 
     def __post_init__(self) -> None:
         self.validate()
@@ -249,10 +257,10 @@ class CPTConfig:
         check_number("lora_alpha", self.lora_alpha, allow_zero=False)
         if not 0 <= self.lora_dropout < 1:
             fail("lora_dropout", f"got {self.lora_dropout!r}", "Use a value in [0, 1).")
-        for key in ("learning_rate", "embedding_learning_rate", "weight_decay"):
+        for key in ("learning_rate", "embedding_learning_rate", "fresh_row_learning_rate", "weight_decay"):
             value = getattr(self, key)
             if value is not None:
-                check_number(key, value, allow_zero=key != "learning_rate")
+                check_number(key, value, allow_zero=key not in ("learning_rate", "fresh_row_learning_rate"))
         check_number("embedding_lr_ratio", self.embedding_lr_ratio, allow_zero=True)
         if self.optimizer is not None and self.optimizer not in OPTIMIZERS:
             fix = did_you_mean(self.optimizer, OPTIMIZERS, f"Choose one of {', '.join(OPTIMIZERS)}.")
@@ -380,3 +388,30 @@ class CPTConfig:
         check_number("sample_max_new_tokens", self.sample_max_new_tokens, allow_zero=False, integer=True)
         if not isinstance(self.memory_report, bool):
             fail("memory_report", f"expected true or false, got {self.memory_report!r}", "Use true or false.")
+        # vocabulary extension (cpt_plugin/vocabulary/extension.py)
+        if self.new_tokens is not None:
+            tokens = self.new_tokens
+            if isinstance(tokens, str) or not isinstance(tokens, (list, tuple)) or not tokens:
+                fail(
+                    "new_tokens",
+                    f"expected a non-empty list of strings, got {tokens!r}",
+                    'Give the tokens to add, e.g. ["Kubernetes", " kubectl"], or leave it unset.',
+                )
+            for token in tokens:
+                if not isinstance(token, str) or not token:
+                    fail("new_tokens", f"every token must be a non-empty string, got {token!r}", "Remove it.")
+            duplicates = sorted({t for t in tokens if tokens.count(t) > 1})
+            if duplicates:
+                fail("new_tokens", f"{duplicates[0]!r} is listed twice", "Remove the duplicate.")
+            self.new_tokens = list(tokens)
+        check_number("extend_vocabulary", self.extend_vocabulary, allow_zero=True, integer=True)
+        if self.new_token_init not in ("subtoken_mean", "mean"):
+            fix = did_you_mean(self.new_token_init, ("subtoken_mean", "mean"), "Choose subtoken_mean or mean.")
+            fail("new_token_init", f"unknown init {self.new_token_init!r}", fix)
+        if (self.new_tokens or self.extend_vocabulary) and not self.train_embeddings:
+            key = "new_tokens" if self.new_tokens else "extend_vocabulary"
+            fail(
+                key,
+                "adds embedding rows, but train_embeddings is false, so the new rows would never be trained",
+                "Set train_embeddings: true.",
+            )

@@ -196,6 +196,10 @@ def prepare_model(model: nn.Module, config: CPTConfig | dict | None = None, **ov
     from cpt_plugin.preflight import check_causal_lm
 
     check_causal_lm(model)
+    if config.train_embeddings and config.heal_untrained_tokens:
+        from cpt_plugin.vocabulary.healing import heal_untrained_rows
+
+        heal_untrained_rows(model)  # before PEFT copies the rows: the trained copies start healed
     tied = embeddings_tied(model)
     lora_config = build_lora_config(model, config)
     from cpt_plugin.third_party import peft_deprecations_quiet
