@@ -15,7 +15,17 @@ from cpt_plugin.third_party import quiet_known_notices
 install_default_handler()  # cpt-plugin's notices are seen even where the program sets up no logging
 quiet_known_notices()  # before peft/bitsandbytes are imported: third-party notices our calls cause
 
-__all__ = ["CPTConfig", "CPTConfigError", "CPTCallback", "prepare_model", "setup_model", "patch", "unpatch"]
+__all__ = [
+    "CPTConfig",
+    "CPTConfigError",
+    "CPTCallback",
+    "prepare_model",
+    "setup_model",
+    "patch",
+    "unpatch",
+    "add_new_tokens",
+    "learn_new_tokens",
+]
 __version__ = "0.1.0"
 
 _LAZY = {
@@ -24,6 +34,8 @@ _LAZY = {
     "setup_model": "cpt_plugin.core",
     "patch": "cpt_plugin.patching.registry",
     "unpatch": "cpt_plugin.patching.registry",
+    "add_new_tokens": "cpt_plugin.vocabulary.extension",
+    "learn_new_tokens": "cpt_plugin.vocabulary.extension",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -31,6 +43,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from cpt_plugin.integrations.hf import CPTCallback
     from cpt_plugin.patching.registry import patch, unpatch
     from cpt_plugin.recipe import prepare_model
+    from cpt_plugin.vocabulary.extension import add_new_tokens, learn_new_tokens
 
 
 __getattr__ = lazy_getattr(__name__, _LAZY)

@@ -105,6 +105,9 @@ class CPTCallback(TrainerCallback):
         """
         from cpt_plugin.preflight import check_trainer_inputs
 
+        from cpt_plugin.vocabulary.extension import check_trainer_vocabulary
+
+        check_trainer_vocabulary(self.config, model)  # new_tokens: add_new_tokens before tokenizing
         given = dict(trainer_arguments or {})
         tokenizer = given.get("processing_class", given.get("tokenizer"))
         check_trainer_inputs(self.config, model, tokenizer, given.get("train_dataset"))
