@@ -18,6 +18,11 @@ The moments of a bf16 parameter are kept in bf16 and rounded stochastically too 
 as torch's AdamW on a bf16 copy): with round-to-nearest, exp_avg_sq's per-step change (1 - beta2 = 0.1%)
 is below bf16's resolution and would never decay. Updates run over chunks of the flattened tensor, so the
 fp32 temporaries stay small next to a 128K-vocab embedding.
+
+Per-row learning rates (``row_scale``): every update takes an optional fp32 vector with one factor per
+row of the parameter; row r then steps as AdamW with lr * row_scale[r] (weight decay scaled alike). The
+factor multiplies the update, not the gradient: Adam divides gradient scale away, so scaling gradients
+would change nothing. It serves new or untrained embedding rows, which learn faster than known ones.
 """
 
 from __future__ import annotations
@@ -64,9 +69,10 @@ def rounding_seed(seed: int, index: int, step: int) -> int:
     return (value ^ (value >> 29)) & ((1 << 63) - 1)
 
 
-def _store(target: Tensor, value: Tensor, generator: torch.Generator) -> None:
-    """Writes fp32 ``value`` into ``target``: stochastic rounding for bf16, exact for fp32."""
-    if target.dtype == torch.bfloat16:
+def _store(target: Tensor, value: Tensor, generator: torch.Generator | None) -> None:
+    """Writes fp32 ``value`` into ``target``: stochastic rounding for bf16 with a generator, exact for fp32,
+    round-to-nearest for bf16 without one (``trained_embeddings_dtype: model``)."""
+    if target.dtype == torch.bfloat16 and generator is not None:
         target.copy_(stochastic_round_to_bf16(value, generator))
     else:
         target.copy_(value)
@@ -95,20 +101,28 @@ if triton is not None:
     @triton.jit
     def _adamw_bf16_sr_kernel(
         w_ptr, g_ptr, m_ptr, v_ptr, n, seed, decay, beta1, beta2, step_size, bias_correction2_sqrt, eps,
-        BLOCK: tl.constexpr,
+        scale_ptr, lr_decay, row, BLOCK: tl.constexpr, HAS_SCALE: tl.constexpr,
     ):  # fmt: skip
         """One AdamW step over bf16 weight, grad and moments (all passed as int16 views: integer loads and
-        stores are exact everywhere), fp32 math, every result rounded stochastically (Philox, seed, offset)."""
+        stores are exact everywhere), fp32 math, every result rounded stochastically (Philox, seed, offset).
+        HAS_SCALE: element i of row i // row steps with step_size * scale[i // row] and decays by
+        1 - lr_decay * scale[i // row] (lr_decay = lr * weight_decay)."""
         offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = offsets < n
         w = _bf16_bits_to_fp32(tl.load(w_ptr + offsets, mask=mask))
         g = _bf16_bits_to_fp32(tl.load(g_ptr + offsets, mask=mask))
         m = _bf16_bits_to_fp32(tl.load(m_ptr + offsets, mask=mask))
         v = _bf16_bits_to_fp32(tl.load(v_ptr + offsets, mask=mask))
-        w = w * decay
+        if HAS_SCALE:
+            scale = tl.load(scale_ptr + offsets // row, mask=mask, other=0.0)
+            w = w * (1.0 - lr_decay * scale)
+            step = step_size * scale
+        else:
+            w = w * decay
+            step = step_size
         m = m + (1.0 - beta1) * (g - m)
         v = v * beta2 + (1.0 - beta2) * g * g
-        w = w - step_size * m / (tl.sqrt(v) / bias_correction2_sqrt + eps)
+        w = w - step * m / (tl.sqrt(v) / bias_correction2_sqrt + eps)
         r0, r1, r2, _ = tl.randint4x(seed, offsets)
         tl.store(w_ptr + offsets, _fp32_to_bf16_bits_stochastic(w, r0), mask=mask)
         tl.store(m_ptr + offsets, _fp32_to_bf16_bits_stochastic(m, r1), mask=mask)
@@ -137,20 +151,44 @@ def adamw_bf16_sr_fused_(
     weight_decay: float,
     seed: int,
     block: int = 1024,
+    row_scale: Tensor | None = None,
 ) -> None:
     """adamw_step_ in one Triton pass for all-bf16 tensors; its random bits come from Philox(seed, offset)
     rather than a torch generator (the torch path is the reference; both are unbiased)."""
     n = param.numel()
+    row = 1
+    if row_scale is not None:
+        row = _row_length(param, row_scale)
+        row_scale = row_scale.to(param.device, torch.float32).contiguous()
     _adamw_bf16_sr_kernel[(triton.cdiv(n, block),)](
         param.view(torch.int16), grad.view(torch.int16), exp_avg.view(torch.int16), exp_avg_sq.view(torch.int16),
         n, seed & ((1 << 31) - 1), 1.0 - lr * weight_decay, betas[0], betas[1], lr / (1 - betas[0] ** step),
-        math.sqrt(1 - betas[1] ** step), eps, BLOCK=block,
+        math.sqrt(1 - betas[1] ** step), eps, row_scale if row_scale is not None else param, lr * weight_decay,
+        row, BLOCK=block, HAS_SCALE=row_scale is not None,
     )  # fmt: skip
 
 
 def _chunks(n: int, size: int | None = None) -> list[tuple[int, int]]:
     size = size or CHUNK_ELEMENTS
     return [(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def _row_length(param: Tensor, row_scale: Tensor) -> int:
+    """Elements per row of ``param`` for a per-row factor vector (a clear error when they do not match)."""
+    rows = param.shape[0] if param.ndim else 1
+    if row_scale.ndim != 1 or row_scale.numel() != rows:
+        raise ValueError(
+            f"cpt-plugin: row_scale has {row_scale.numel()} entries but the parameter has {rows} rows "
+            f"(shape {tuple(param.shape)})"
+        )
+    return param.numel() // max(rows, 1)
+
+
+def _per_element(values: Tensor, start: int, end: int, row: int) -> Tensor:
+    """The per-row ``values`` spread over the elements [start, end) of the flattened parameter."""
+    first, last = start // row, (end - 1) // row + 1
+    spread = values[first:last].repeat_interleave(row)
+    return spread[start - first * row : end - first * row]
 
 
 @torch.no_grad()
@@ -165,21 +203,33 @@ def adamw_step_(
     betas: tuple[float, float],
     eps: float,
     weight_decay: float,
-    generator: torch.Generator,
+    generator: torch.Generator | None,
+    row_scale: Tensor | None = None,
 ) -> None:
     """One AdamW step (torch.optim.AdamW's math, in fp32) in place. bf16 tensors among param, exp_avg and
-    exp_avg_sq are read up to fp32 and written back with stochastic rounding; fp32 ones exactly."""
+    exp_avg_sq are read up to fp32 and written back with stochastic rounding (round-to-nearest without a
+    generator); fp32 ones exactly. ``row_scale``: row r steps with lr * row_scale[r] (module doc)."""
     beta1, beta2 = betas
     step_size = lr / (1 - beta1**step)
     bias_correction2_sqrt = math.sqrt(1 - beta2**step)
     flat = [t.view(-1) for t in (param, grad, exp_avg, exp_avg_sq)]
+    if row_scale is not None:  # per-row step size and decay, computed in fp64 as torch does for its scalars
+        row = _row_length(param, row_scale)
+        scale = row_scale.to(param.device, torch.float64)
+        row_steps, row_decays = (scale * step_size).float(), (1 - scale * (lr * weight_decay)).float()
     for start, end in _chunks(param.numel()):
         w, g, m, v = (t[start:end].float() for t in flat)
-        w.mul_(1 - lr * weight_decay)
+        if row_scale is None:
+            w.mul_(1 - lr * weight_decay)
+        else:
+            w.mul_(_per_element(row_decays, start, end, row))
         m.lerp_(g, 1 - beta1)
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
         denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
-        w.addcdiv_(m, denom, value=-step_size)
+        if row_scale is None:
+            w.addcdiv_(m, denom, value=-step_size)
+        else:
+            w.sub_(m.div(denom).mul_(_per_element(row_steps, start, end, row)))
         for target, value in ((flat[0], w), (flat[2], m), (flat[3], v)):
             _store(target[start:end], value, generator)
 
@@ -230,10 +280,14 @@ def adamw_8bit_step_(
     eps: float,
     weight_decay: float,
     generator: torch.Generator | None,
+    row_scale: Tensor | None = None,
 ) -> None:
     """One step of bitsandbytes' blockwise 8-bit AdamW in place. A bf16 param with a generator is updated
     in fp32 chunk copies (chunks aligned to the 256-element blocks) and written back stochastically rounded;
-    otherwise the kernel updates the param directly, as bitsandbytes' AdamW8bit does."""
+    otherwise the kernel updates the param directly, as bitsandbytes' AdamW8bit does.
+
+    ``row_scale``: the kernel takes one lr, so each chunk is updated with ``lr`` on an fp32 copy and its
+    change scaled per row (AdamW's change is linear in lr for given moments: -lr * (update + decay * w))."""
     import bitsandbytes.functional as F
 
     def update(p: Tensor, g: Tensor, s1: Tensor, s2: Tensor, a1: Tensor, a2: Tensor) -> None:
@@ -243,19 +297,25 @@ def adamw_8bit_step_(
         )  # fmt: skip
 
     grad = grad.contiguous()
-    if param.dtype != torch.bfloat16 or generator is None:
+    if row_scale is None and (param.dtype != torch.bfloat16 or generator is None):
         update(param, grad, state["state1"], state["state2"], state["absmax1"], state["absmax2"])
         return
+    if row_scale is not None:
+        row = _row_length(param, row_scale)
+        row_scale = row_scale.to(param.device, torch.float32)
     flat_p, flat_g = param.view(-1), grad.view(-1)
     s1, s2 = state["state1"].view(-1), state["state2"].view(-1)
     chunk = CHUNK_ELEMENTS - CHUNK_ELEMENTS % BLOCKWISE_8BIT
     for start, end in _chunks(param.numel(), chunk):
         blocks = slice(start // BLOCKWISE_8BIT, math.ceil(end / BLOCKWISE_8BIT))
-        w = flat_p[start:end].float()
+        w = flat_p[start:end].to(torch.float32, copy=True)
         update(
             w, flat_g[start:end].float(), s1[start:end], s2[start:end],
             state["absmax1"][blocks], state["absmax2"][blocks],
         )  # fmt: skip
+        if row_scale is not None:
+            before = flat_p[start:end].float()
+            w.sub_(before).mul_(_per_element(row_scale, start, end, row)).add_(before)
         _store(flat_p[start:end], w, generator)
 
 

@@ -155,7 +155,8 @@ class CPTCallback(TrainerCallback):
         """Reads the embedding LR used by this step (the Trainer logs its LR before the scheduler moves)."""
         for group in getattr(optimizer, "param_groups", None) or []:
             if str(group.get("cpt_group", "")).startswith("embeddings"):
-                self._embedding_lr = float(group["lr"])
+                # row-aware groups run at the fresh-row LR; known rows at cpt_known_row_scale of it
+                self._embedding_lr = float(group["lr"]) * float(group.get("cpt_known_row_scale", 1.0))
                 break
         return control
 

@@ -1,0 +1,260 @@
+"""Row-aware embedding learning rates: fresh rows step as AdamW at the fresh LR, known rows at the embedding
+LR, inside one optimizer (a per-row factor on the update), resumable exactly."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from cpt_plugin import CPTConfig, CPTConfigError, prepare_model
+from cpt_plugin import stochastic_rounding as sr
+from cpt_plugin.optim import CPTAdamW, create_optimizer
+from cpt_plugin.vocabulary.fresh_rows import mark_fresh_rows
+from tests.tiny import tiny_llama
+
+FRESH = [3, 10, 200]
+LR, KNOWN_LR = 1e-2, 1e-3  # LoRA LR (the fresh rows' default) and the embedding LR (ratio 0.1)
+
+
+def _prepared(tied: bool, **settings):
+    base = tiny_llama(tied=tied)
+    mark_fresh_rows(base, FRESH)
+    config = CPTConfig(lora_r=4, trained_embeddings_dtype="float32", **settings)
+    return prepare_model(base, config), config
+
+
+def _embedding_group(optimizer):
+    return next(g for g in optimizer.param_groups if g["cpt_group"] == "embeddings")
+
+
+def _fresh_mask(rows: int) -> torch.Tensor:
+    mask = torch.zeros(rows, dtype=torch.bool)
+    mask[FRESH] = True
+    return mask
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_fresh_rows_step_as_adamw_at_the_fresh_lr_and_known_rows_at_the_embedding_lr(tied):
+    """fp32 copies, weight decay and a schedule: against two plain torch AdamW runs (one per LR) on copies."""
+    model, config = _prepared(tied)
+    optimizer = create_optimizer(model, config, learning_rate=LR, weight_decay=0.1)
+    group = _embedding_group(optimizer)
+    assert group["lr"] == LR and group["cpt_update"] == "adamw"
+    params = group["params"]
+    assert len(params) == (1 if tied else 2)
+    schedule = lambda step: 1.0 / (1 + step)  # noqa: E731 - the scheduler scales the group LR
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    references = {}
+    for lr in (LR, KNOWN_LR):
+        copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+        plain = torch.optim.AdamW(copies, lr=lr, weight_decay=0.1, foreach=False)
+        references[lr] = (copies, plain, torch.optim.lr_scheduler.LambdaLR(plain, schedule))
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        ids = torch.randint(0, 257, (2, 9), generator=generator)
+        model(input_ids=ids, labels=ids).loss.backward()
+        for copies, plain, plain_schedule in references.values():
+            for copy, param in zip(copies, params, strict=True):
+                copy.grad = param.grad.clone()
+            plain.step()
+            plain_schedule.step()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+    fresh = _fresh_mask(257)
+    for index, param in enumerate(params):
+        fast, slow = references[LR][0][index], references[KNOWN_LR][0][index]
+        torch.testing.assert_close(param[fresh], fast[fresh], rtol=1e-6, atol=1e-8)
+        torch.testing.assert_close(param[~fresh], slow[~fresh], rtol=1e-6, atol=1e-8)
+        assert (param[~fresh] - fast[~fresh]).abs().max() > 1e-3  # the known rows did not take the fast LR
+
+
+def test_the_fresh_lr_is_its_own_key_and_the_row_ratio_survives_the_schedule():
+    model, config = _prepared(tied=True, fresh_row_learning_rate=5e-3)
+    optimizer = create_optimizer(model, config, learning_rate=LR)
+    group = _embedding_group(optimizer)
+    assert group["lr"] == 5e-3
+    scale = group["cpt_row_scale"]
+    fresh = _fresh_mask(257)
+    assert torch.all(scale[fresh] == 1.0)
+    torch.testing.assert_close(scale[~fresh], torch.full((254,), KNOWN_LR / 5e-3))
+
+
+def test_one_line_at_optimizer_creation_says_both_rates(caplog):
+    model, config = _prepared(tied=True)
+    with caplog.at_level(logging.INFO, logger="cpt_plugin"):
+        create_optimizer(model, config, learning_rate=LR)
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("cpt_plugin.optim")]
+    assert lines == [
+        "cpt-plugin: 3 new or untrained embedding rows learn at LR 0.01 (the other 254 at 0.001)"
+    ]
+
+
+@pytest.mark.parametrize("settings", [{}, {"row_aware_embedding_lr": False}])
+def test_without_fresh_rows_or_with_row_aware_off_everything_is_as_before(settings):
+    base = tiny_llama(tied=False)
+    if settings:
+        mark_fresh_rows(base, FRESH)
+    config = CPTConfig(lora_r=4, trained_embeddings_dtype="float32", **settings)
+    model = prepare_model(base, config)
+    optimizer = create_optimizer(model, config, learning_rate=LR)
+    assert type(optimizer) is torch.optim.AdamW  # no own update needed
+    group = _embedding_group(optimizer)
+    assert group["lr"] == pytest.approx(KNOWN_LR) and "cpt_row_scale" not in group
+
+
+def test_fresh_rows_outside_the_embedding_are_a_clear_error():
+    base = tiny_llama(tied=True)
+    config = CPTConfig(lora_r=4)
+    model = prepare_model(base, config)
+    mark_fresh_rows(model, [300])
+    with pytest.raises(CPTConfigError, match=r"fresh embedding row 300 is outside the embedding's 257 rows"):
+        create_optimizer(model, config, learning_rate=LR)
+
+
+def _bf16_case(rows: int = 64, width: int = 256, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    weight = (0.02 * torch.randn(rows, width, generator=generator)).to(torch.bfloat16)
+    grad = torch.randn(rows, width, generator=generator).to(torch.bfloat16)
+    scale = torch.full((rows,), 0.1)
+    scale[: rows // 4] = 1.0
+    return weight, grad, scale
+
+
+@pytest.mark.parametrize("path", ["triton", "torch"])
+def test_bf16_stochastic_rounding_per_row_is_unbiased(path):
+    """bf16 weights (the default bfloat16_sr): each stored value is a bf16 neighbour of the exact fp32
+    AdamW result at its row's LR, and the rounding error averages out."""
+    weight, grad, scale = _bf16_case()
+    hyper = dict(step=1, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
+    lr = 1e-3
+    exact = torch.empty(weight.shape, dtype=torch.float64)
+    zeros = torch.zeros_like(weight, dtype=torch.float32)
+    for rate, rows in ((lr, scale == 1.0), (lr * 0.1, scale != 1.0)):
+        w, _, _ = sr.adamw_step_reference(weight.float()[rows], grad.float()[rows], zeros[rows], zeros[rows],
+                                          lr=rate, **hyper)  # fmt: skip
+        exact[rows] = w
+    updated = weight.clone()
+    moments = (torch.zeros_like(weight), torch.zeros_like(weight))
+    if path == "triton":
+        assert sr.fused_path_applies(updated, grad, *moments)
+        sr.adamw_bf16_sr_fused_(updated, grad, *moments, lr=lr, **hyper, seed=5, row_scale=scale)
+    else:
+        generator = torch.Generator().manual_seed(5)
+        sr.adamw_step_(updated, grad, *moments, lr=lr, **hyper, generator=generator, row_scale=scale)
+    down = exact.float().to(torch.bfloat16)  # the neighbours of the exact value
+    result, low = updated.double(), torch.minimum(down.double(), exact)
+    ulp = (exact.abs() * 2.0**-7).clamp_min(1e-30)
+    assert torch.all((result - exact).abs() <= ulp * 1.01)  # one of the two neighbours
+    assert torch.all(result >= low - ulp * 1.01)
+    error = ((result - exact) / ulp).mean()
+    assert abs(float(error)) < 0.05  # unbiased: 16K elements, the mean error well under 1/20 ulp
+
+
+def test_8bit_states_per_row_match_two_runs_at_the_two_rates():
+    pytest.importorskip("bitsandbytes")
+    rows, width = 64, 128  # 8192 elements: 8-bit states (>= 4096)
+    generator = torch.Generator().manual_seed(1)
+    weight = 0.02 * torch.randn(rows, width, generator=generator)
+    grads = [torch.randn(rows, width, generator=generator) for _ in range(2)]
+    scale = torch.full((rows,), 0.1)
+    scale[:16] = 1.0
+    qmaps = sr.dynamic_qmaps(weight.device)
+    hyper = dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1, generator=None)
+    runs = {}
+    for name, lr, row_scale in (("per_row", 1e-3, scale), ("fast", 1e-3, None), ("slow", 1e-4, None)):
+        param, state = weight.clone(), sr.init_8bit_state(weight)
+        for step, grad in enumerate(grads, start=1):
+            sr.adamw_8bit_step_(param, grad, state, qmaps, step=step, lr=lr, **hyper, row_scale=row_scale)
+        runs[name] = param
+    fresh = scale == 1.0
+    torch.testing.assert_close(runs["per_row"][fresh], runs["fast"][fresh], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(runs["per_row"][~fresh], runs["slow"][~fresh], rtol=1e-5, atol=1e-7)
+
+
+def test_the_per_row_vector_comes_back_from_a_saved_optimizer_and_the_next_step_is_identical(tmp_path):
+    model, config = _prepared(tied=False, embedding_optimizer="adamw_8bit")
+    ids = torch.randint(0, 257, (2, 9), generator=torch.Generator().manual_seed(2))
+
+    def step(optimizer):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    optimizer = create_optimizer(model, config, learning_rate=LR, weight_decay=0.1)
+    step(optimizer)
+    torch.save(optimizer.state_dict(), tmp_path / "optimizer.pt")
+    saved_weights = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+    step(optimizer)
+    expected = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+    with torch.no_grad():
+        for param, saved in zip(
+            [p for p in model.parameters() if p.requires_grad], saved_weights, strict=True
+        ):
+            param.copy_(saved)
+    resumed = create_optimizer(model, config, learning_rate=LR, weight_decay=0.1)
+    _embedding_group(resumed)["cpt_row_scale"].fill_(7.0)  # whatever it holds, the checkpoint's wins
+    resumed.load_state_dict(torch.load(tmp_path / "optimizer.pt", weights_only=True))
+    assert torch.equal(
+        _embedding_group(resumed)["cpt_row_scale"], _embedding_group(optimizer)["cpt_row_scale"]
+    )
+    step(resumed)
+    for got, want in zip([p for p in model.parameters() if p.requires_grad], expected, strict=True):
+        assert torch.equal(got, want)
+
+
+def test_trainer_resume_is_bit_identical_with_bf16_rows_rounded_stochastically(tmp_path):
+    """HF Trainer, bf16 model, the default bfloat16_sr: stopping at step 3 and resuming gives the same
+    weights, bit for bit, as the uninterrupted run; the log's embedding LR is the known rows' LR."""
+    from transformers import Trainer
+
+    from cpt_plugin import CPTCallback
+    from cpt_plugin.integrations.hf import uninstall_trainer_hooks
+    from tests.tiny import RandomBlocks, training_args
+
+    def run(resume: str | None = None) -> Trainer:
+        base = tiny_llama(tied=True, seed=1).to(torch.bfloat16)
+        mark_fresh_rows(base, FRESH)  # as extension or healing would, in the same script on resume
+        trainer = Trainer(
+            model=base,
+            args=training_args(tmp_path, max_steps=6, save_steps=3, save_strategy="steps"),
+            train_dataset=RandomBlocks(seed=3),
+            callbacks=[CPTCallback(lora_r=4)],
+        )
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    try:
+        full = run()
+        resumed = run(resume=str(tmp_path / "out" / "checkpoint-3"))
+    finally:
+        uninstall_trainer_hooks()
+    group = _embedding_group(full.optimizer.optimizer)
+    assert isinstance(full.optimizer.optimizer, CPTAdamW) and group["cpt_stochastic_rounding"]
+    assert group["params"][0].dtype == torch.bfloat16
+    logged = [h for h in full.state.log_history if "embedding_learning_rate" in h]
+    assert logged[0]["embedding_learning_rate"] == pytest.approx(logged[0]["learning_rate"] / 10)
+    final = [p.detach() for p in full.model.parameters() if p.requires_grad]
+    again = [p.detach() for p in resumed.model.parameters() if p.requires_grad]
+    for a, b in zip(final, again, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_shard_split_by_columns_has_no_row_offset_and_says_so():
+    from cpt_plugin.optim import _row_offset
+
+    class ColumnShard(torch.Tensor):
+        placements = ()
+        device_mesh = None
+
+        def to_local(self):
+            return self
+
+    from torch.distributed.tensor import Shard
+
+    shard = torch.zeros(4, 2).as_subclass(ColumnShard)
+    ColumnShard.placements = (Shard(1),)
+    with pytest.raises(CPTConfigError, match=r"not by rows \(Shard\(0\)"):
+        _row_offset(shard)
