@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -195,6 +196,14 @@ class RunConfig:
         if not isinstance(compare, bool):
             raise _type_error("compare_without_replay", compare, (bool,))
         cpt = CPTConfig.from_dict(_section(raw, "cpt"))
+        quantized = "load_in_4bit" if model.get("load_in_4bit") else "load_in_8bit"
+        if (cpt.new_tokens or cpt.extend_vocabulary) and model.get(quantized):
+            raise CPTConfigError(
+                f"Run config 'model.{quantized}' with new tokens: resizing the embeddings needs the unquantized "
+                "model. Remove cpt.new_tokens / cpt.extend_vocabulary, or load the model in 16-bit; to train "
+                "quantized, add the tokens to a 16-bit copy (cpt_plugin.add_new_tokens), save it, and point "
+                "model.name_or_path at that."
+            )
         has_replay = bool(data.get("replay") or data.get("default_corpora"))
         if base is not None and not has_replay:
             raise CPTConfigError(
@@ -423,6 +432,46 @@ def _save_tiny_base(model: Any, tokenizer: Any, folder: Path) -> None:
     model.config._name_or_path = str(folder.resolve())
 
 
+def _extend_vocabulary(
+    run_config: RunConfig, model: Any, tokenizer: Any, train_source: Any, eval_source: Any
+) -> dict[str, Any] | None:
+    """Adds ``cpt.new_tokens`` and ``cpt.extend_vocabulary`` tokens (learned from the training corpus) for CPT.
+
+    It runs after base pretraining (the base learns the old tokenizer) and before the CPT data and the
+    held-out blocks are tokenized. Added tokens get ids from ``len(tokenizer)`` on, so every old id keeps
+    its row; the saved base-model/ keeps the old tokenizer, the adapter the extended one.
+
+    What a fair before/after is: the held-out text of both domains is tokenized once, with the extended
+    tokenizer, and the base (step 0: the base with its new rows initialised, adapter off) and the CPT
+    model are measured on the same blocks, so their per-token losses are over the same tokens. The base on
+    its old tokenizer is not a row of the table: the same text is more tokens there, so per-token losses do
+    not compare; the summary gives the new-domain held-out text's length under both tokenizers instead.
+    """
+    cfg = run_config.cpt
+    if not cfg.new_tokens and not cfg.extend_vocabulary:
+        return None
+    from cpt_plugin.data import iter_documents
+    from cpt_plugin.vocabulary.extension import add_new_tokens, learn_new_tokens
+
+    text_field, split = run_config.data.get("text_field", "text"), run_config.data.get("split", "file")
+    tokens = list(cfg.new_tokens or [])
+    if cfg.extend_vocabulary:
+        texts = iter_documents(train_source, text_field=text_field, split=split)
+        tokens += learn_new_tokens(tokenizer, texts, cfg.extend_vocabulary, exclude=tokens)
+    sample = list(itertools.islice(iter_documents(eval_source or train_source, text_field, split), 200))
+    before = sum(len(ids) for ids in tokenizer(sample, add_special_tokens=False)["input_ids"])
+    new_ids = add_new_tokens(model, tokenizer, tokens, init=cfg.new_token_init)
+    after = sum(len(ids) for ids in tokenizer(sample, add_special_tokens=False)["input_ids"])
+    return {
+        "added_tokens": len(new_ids),
+        "ids": [min(new_ids), max(new_ids)],
+        "init": cfg.new_token_init,
+        "embedding_rows": int(model.get_input_embeddings().weight.shape[0]),
+        "tokens": tokens,
+        "new_domain_tokens": {"old_tokenizer": before, "extended_tokenizer": after},
+    }
+
+
 def run(run_config: RunConfig, output_dir: str | None = None) -> dict[str, Any]:
     """Runs the job and returns the summary (also written to output_dir/summary.json)."""
     from cpt_plugin.cli.plots import plot_run
@@ -457,13 +506,6 @@ def run(run_config: RunConfig, output_dir: str | None = None) -> dict[str, Any]:
     names = _domain_names(run_config)
     tokenizer = _load_tokenizer(run_config, corpora, out)
     model = _load_model(run_config, tokenizer)
-    eval_blocks = {
-        name: list(_dataset(src, tokenizer, run_config).iter_blocks())[
-            : int(run_config.data.get("eval_max_blocks", 64))
-        ]
-        for name, src in eval_sources.items()
-        if src
-    }
     cfg = run_config.cpt
     replay_name = f"CPT, replay {cfg.replay_ratio:.0%}"
     runs = [replay_name] + (
@@ -481,6 +523,15 @@ def run(run_config: RunConfig, output_dir: str | None = None) -> dict[str, Any]:
         curves["base pretraining (old domain)"] = _curve(base_trainer)
     if run_config.model.get("tiny_llama"):
         _save_tiny_base(model, tokenizer, out / "base-model")
+    vocabulary = _extend_vocabulary(run_config, model, tokenizer, train_source, eval_sources["new"])
+    cfg = cfg.replace(new_tokens=None, extend_vocabulary=0)  # done: the callback must not try again
+    eval_blocks = {
+        name: list(_dataset(src, tokenizer, run_config).iter_blocks())[
+            : int(run_config.data.get("eval_max_blocks", 64))
+        ]
+        for name, src in eval_sources.items()
+        if src
+    }
     base_copy = copy.deepcopy(model) if len(runs) > 1 else None
 
     def cpt_run(name: str, model: Any, config: CPTConfig, args: Any, dataset: Any) -> Any:
@@ -538,6 +589,8 @@ def run(run_config: RunConfig, output_dir: str | None = None) -> dict[str, Any]:
         "summary": str(out / "summary.json"),
         "seconds": round(time.perf_counter() - started, 1),
     }
+    if vocabulary:
+        summary["vocabulary"] = vocabulary
     (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     print(format_summary(summary))
     return summary
@@ -545,6 +598,17 @@ def run(run_config: RunConfig, output_dir: str | None = None) -> dict[str, Any]:
 
 def _curve(trainer: Any) -> list[tuple[int, float]]:
     return [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
+
+
+def _vocabulary_line(vocabulary: dict[str, Any] | None) -> list[str]:
+    if not vocabulary:
+        return []
+    counts = vocabulary["new_domain_tokens"]
+    before, after = counts["old_tokenizer"], counts["extended_tokenizer"]
+    return [
+        f"vocabulary:  {vocabulary['added_tokens']} tokens added ({vocabulary['init']} init); the new domain's "
+        f"held-out text is {after:,} tokens instead of {before:,} ({(after - before) / max(before, 1):+.1%})"
+    ]
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -572,6 +636,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"adapter:     {summary['adapter']}  (base model: {summary['base_model']})",
         f"loss curves: {summary['loss_curve']}",
         f"all numbers: {summary['summary']}",
+        *_vocabulary_line(summary.get("vocabulary")),
         f"took {summary['seconds']} s",
     ]
     return "\n".join(lines)

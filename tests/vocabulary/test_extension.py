@@ -261,3 +261,34 @@ def test_extend_train_export_merged_and_gguf_reload(tmp_path):
     with torch.no_grad():
         got = gguf_model.eval()(input_ids=sample).logits
     assert float((got - want).norm() / want.norm()) < 2e-2  # f16 weights
+
+
+def test_cli_extends_the_vocabulary_for_cpt_only(tmp_path, capsys):
+    """The default job, shrunk, with extend_vocabulary: the base pretrains and is saved with the old tokenizer,
+    CPT (both runs) and the held-out blocks use the extended one, the adapter saves it, export works."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cpt_plugin.cli import main
+    from cpt_plugin.integrations.hf import uninstall_trainer_hooks
+    from tests.test_cli import SMALL
+
+    try:
+        args = ["train", "--output-dir", str(tmp_path), "--set", *SMALL, "cpt.extend_vocabulary=8"]
+        assert main([*args, 'cpt.new_tokens=[" kubectl"]', "cpt.eval_every_steps=0"]) == 0
+    finally:
+        uninstall_trainer_hooks()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    vocabulary = summary["vocabulary"]
+    assert vocabulary["added_tokens"] == 9 and vocabulary["tokens"][0] == " kubectl"
+    assert vocabulary["embedding_rows"] == 320  # 300 + 9 padded to 64
+    counts = vocabulary["new_domain_tokens"]
+    assert counts["extended_tokenizer"] < counts["old_tokenizer"]
+    assert set(summary["heldout_loss"]) == {"base", "CPT, replay 25%", "CPT, no replay"}
+    assert "vocabulary:  9 tokens added (subtoken_mean init); the new domain's held-out text is" in (
+        capsys.readouterr().out
+    )
+    base_tokens = len(AutoTokenizer.from_pretrained(tmp_path / "base-model"))
+    assert len(AutoTokenizer.from_pretrained(tmp_path / "adapter")) == base_tokens + 9
+    assert main(["export", str(tmp_path), "--to", "merged", "--out", str(tmp_path / "exported")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "exported")
+    assert merged.config.vocab_size == 320 and len(AutoTokenizer.from_pretrained(tmp_path / "exported")) == 309
