@@ -25,6 +25,8 @@ __all__ = [
     "unpatch",
     "add_new_tokens",
     "learn_new_tokens",
+    "heal_untrained_rows",
+    "ids_never_seen",
 ]
 __version__ = "0.1.0"
 
@@ -36,6 +38,8 @@ _LAZY = {
     "unpatch": "cpt_plugin.patching.registry",
     "add_new_tokens": "cpt_plugin.vocabulary.extension",
     "learn_new_tokens": "cpt_plugin.vocabulary.extension",
+    "heal_untrained_rows": "cpt_plugin.vocabulary.healing",
+    "ids_never_seen": "cpt_plugin.vocabulary.healing",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -44,6 +48,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from cpt_plugin.patching.registry import patch, unpatch
     from cpt_plugin.recipe import prepare_model
     from cpt_plugin.vocabulary.extension import add_new_tokens, learn_new_tokens
+    from cpt_plugin.vocabulary.healing import heal_untrained_rows, ids_never_seen
 
 
 __getattr__ = lazy_getattr(__name__, _LAZY)
