@@ -7,7 +7,11 @@ whole library or every warning:
   gemm_4bit_forward from kernels-community ..." on CPUs with AVX512-BF16 when the optional ``kernels``
   package is missing. bitsandbytes then uses its own CPU path, which is correct; the line reads like an error.
 * PEFT's ``PeftModel.__init__`` reads ``model.is_gradient_checkpointing``, which transformers >= 5.24
-  deprecates with a FutureWarning; :func:`peft_deprecations_quiet` is used around our ``get_peft_model``.
+  deprecates with a FutureWarning; :func:`peft_deprecations_quiet` is used around our ``get_peft_model``
+  and around the export's ``PeftModel.from_pretrained``.
+* huggingface_hub's ``save_torch_state_dict`` logs "Model weights successfully saved to DIR!" at INFO, DIR
+  being the export's temporary folder (renamed when the export is complete), through a logger named by
+  its file path (so a level on ``huggingface_hub`` does not reach it): :func:`quiet_hub_save_notice`.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from collections.abc import Iterator
 
 BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
 BNB_KERNELS_NOTICE = "Failed to load CPU gemm_4bit_forward from kernels-community"
+HUB_SAVE_NOTICE = "Model weights successfully saved to"
 
 
 class _DropMessage(logging.Filter):
@@ -45,3 +50,16 @@ def peft_deprecations_quiet() -> Iterator[None]:
             "ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning
         )
         yield
+
+
+def quiet_hub_save_notice() -> None:
+    """Idempotent; called by the exporter before it saves (the notice names a temporary folder)."""
+    try:
+        from huggingface_hub.serialization import _torch
+    except ImportError:  # pragma: no cover - a huggingface_hub without the module logs nothing of the kind
+        return
+    hub_logger = getattr(_torch, "logger", None)
+    if isinstance(hub_logger, logging.Logger) and not any(
+        isinstance(f, _DropMessage) and f.prefix == HUB_SAVE_NOTICE for f in hub_logger.filters
+    ):
+        hub_logger.addFilter(_DropMessage(HUB_SAVE_NOTICE))

@@ -84,7 +84,9 @@ def _export(args: argparse.Namespace) -> Path:
 def run_export(args: argparse.Namespace) -> int:
     """Runs ``cpt-plugin export``; returns the exit status."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for chatty in ("huggingface_hub", "gguf", "transformers.modeling_utils"):
+    # Not transformers.modeling_utils: transformers 5.24 checks the tensor-parallel plan (and warns that
+    # "layers were not sharded" on one CPU) exactly when that logger's own level is WARNING or higher.
+    for chatty in ("huggingface_hub", "gguf"):
         logging.getLogger(chatty).setLevel(logging.WARNING)
     try:
         out = _export(args)

@@ -34,7 +34,7 @@ from cpt_plugin.export.paths import (
     read_adapter_config,
 )
 from cpt_plugin.model_parts import embedding_names
-from cpt_plugin.third_party import peft_deprecations_quiet
+from cpt_plugin.third_party import peft_deprecations_quiet, quiet_hub_save_notice
 
 logger = logging.getLogger(__name__)
 
@@ -64,9 +64,15 @@ def _embedding_names(model: nn.Module) -> tuple[str, str | None]:
 
 
 def _model_dtype(model: nn.Module) -> torch.dtype:
-    """The dtype most frozen floating weights have (the base model's dtype, also under QLoRA)."""
+    """The dtype most frozen floating weights of the base have (the base model's dtype, also under QLoRA).
+
+    LoRA factors and trained copies are left out: an adapter reloaded for export has nothing trainable,
+    and its fp32 factors can outnumber a small base's weights (a bf16 base then came out fp32).
+    """
     counts: dict[torch.dtype, int] = {}
-    for param in model.parameters():
+    for name, param in model.named_parameters():
+        if "lora_" in name or "modules_to_save" in name:
+            continue
         if param.is_floating_point() and not param.requires_grad:
             counts[param.dtype] = counts.get(param.dtype, 0) + param.numel()
     if not counts:
@@ -246,6 +252,7 @@ def _save(
 ) -> None:
     from huggingface_hub import save_torch_state_dict
 
+    quiet_hub_save_notice()  # its INFO line names the temporary folder, not out
     with atomic_directory(out) as tmp:
         save_torch_state_dict(state, tmp, metadata={"format": "pt"}, safe_serialization=True)
         config.save_pretrained(tmp)

@@ -64,3 +64,22 @@ def test_console_entry_point_runs_export(tmp_path):
     run = _run_dir(tmp_path)
     assert main(["export", str(run), "--to", "merged", "--out", str(tmp_path / "merged")]) == 0
     assert (tmp_path / "merged" / "model.safetensors").is_file()
+
+
+def test_export_prints_no_warning_looking_lines(tmp_path, caplog, monkeypatch):
+    """Was: "[transformers] The following layers were not sharded: ..." on every load (transformers checks the
+    tensor-parallel plan when transformers.modeling_utils' own level is WARNING, which the CLI set) and
+    huggingface_hub's "Model weights successfully saved to <the temporary folder>!"."""
+    import logging
+
+    import transformers.modeling_utils as modeling_utils
+
+    checked: list = []
+    original = modeling_utils.verify_tp_plan
+    monkeypatch.setattr(modeling_utils, "verify_tp_plan", lambda *a: checked.append(a) or original(*a))
+    monkeypatch.setattr(logging.getLogger("transformers.modeling_utils"), "level", logging.NOTSET)
+    run = _run_dir(tmp_path)
+    with caplog.at_level(logging.INFO):
+        assert run_export(_args(str(run), "--to", "merged")) == 0
+    assert checked == []
+    assert not [r for r in caplog.records if "successfully saved" in r.getMessage()]

@@ -124,20 +124,22 @@ def test_merge_from_adapter_dir_with_resized_vocabulary(tmp_path):
     assert relative_error(got, want) < BF16_BOUND
 
 
-def test_merge_from_adapter_dir_gives_no_future_warning(tmp_path):
+def test_merge_from_adapter_dir_gives_no_future_warning_and_keeps_the_base_dtype(tmp_path):
     """Was: PeftModel.from_pretrained read transformers' deprecated is_gradient_checkpointing during the
-    export's adapter reload (a FutureWarning a user cannot act on)."""
+    export's adapter reload (a FutureWarning a user cannot act on); and a bf16 base whose fp32 LoRA factors
+    outnumber its weights (r=128 on this tiny model) was saved in fp32."""
     import warnings
 
     from transformers import AutoModelForCausalLM
 
-    from cpt_plugin import CPTConfig, setup_model
+    from cpt_plugin import CPTConfig, prepare_model
     from tests.patching.models import tiny_model
 
-    tiny_model("llama", vocab_size=VOCAB).save_pretrained(tmp_path / "base")
+    tiny_model("llama", vocab_size=VOCAB).to(torch.bfloat16).save_pretrained(tmp_path / "base")
     base = AutoModelForCausalLM.from_pretrained(str(tmp_path / "base"))
-    setup_model(base, CPTConfig(lora_r=4, max_seq_length=64)).save_pretrained(tmp_path / "adapter")
+    prepare_model(base, CPTConfig(lora_r=128, max_seq_length=64)).save_pretrained(tmp_path / "adapter")
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
         merge(tmp_path / "adapter", tmp_path / "merged")
-    assert (tmp_path / "merged" / "model.safetensors").exists()
+    assert set(_saved_tensors(tmp_path / "merged").values()) == {torch.bfloat16}
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["dtype"] == "bfloat16"
