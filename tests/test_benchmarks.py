@@ -717,3 +717,23 @@ def test_profile_step_writes_the_kernel_table_and_copy_counts(tmp_path):
     assert copies["aten::to"]["count_per_step"] > 0  # autocast casts, even on the CPU
     text = (tmp_path / "hf_profile.txt").read_text()
     assert "Top 30 GPU kernels" in text and "aten::_to_copy" in text and "ms/step on the host" in text
+
+
+def test_export_time_run_is_the_cpt_recipe_and_exports(tmp_path):
+    """benchmarks/export_time.py's run on the tiny workload: r=128 on every projection, trained embeddings,
+    a base that the adapter names, and a merge of it that loads (the timed command's work, in process)."""
+    import json
+
+    from benchmarks.export_time import make_run
+    from cpt_plugin.export import merge
+
+    info = make_run("tiny-llama", tmp_path)
+    config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 128 and config["use_rslora"]
+    assert {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} <= set(
+        config["target_modules"]
+    )
+    assert config["base_model_name_or_path"] == str((tmp_path / "base").resolve())
+    assert info["trained_parameters"] > 0 and info["parameters"] > 0
+    out = merge(tmp_path / "run", tmp_path / "merged")
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
