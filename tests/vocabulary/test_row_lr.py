@@ -153,6 +153,45 @@ def test_bf16_stochastic_rounding_per_row_is_unbiased(path):
     assert abs(float(error)) < 0.05  # unbiased: 16K elements, the mean error well under 1/20 ulp
 
 
+def test_bf16_without_rounding_rounds_to_nearest():
+    """trained_embeddings_dtype: model keeps its meaning on the per-row path: round-to-nearest, no randomness."""
+    weight, grad, scale = _bf16_case()
+    hyper = dict(step=1, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
+    results = []
+    for _ in range(2):
+        updated = weight.clone()
+        moments = (torch.zeros_like(weight), torch.zeros_like(weight))
+        sr.adamw_step_(updated, grad, *moments, **hyper, generator=None, row_scale=scale)
+        results.append(updated)
+    fp32 = weight.float()
+    sr.adamw_step_(fp32, grad.float(), torch.zeros_like(fp32), torch.zeros_like(fp32), **hyper, generator=None,
+                   row_scale=scale)  # fmt: skip
+    assert torch.equal(results[0], results[1]) and torch.equal(results[0], fp32.to(torch.bfloat16))
+
+
+def test_embedding_parameters_without_token_rows_keep_the_embedding_lr():
+    base = tiny_llama(tied=False)
+    base.get_output_embeddings().register_parameter("extra", torch.nn.Parameter(torch.zeros(5)))
+    mark_fresh_rows(base, FRESH)
+    config = CPTConfig(lora_r=4, trained_embeddings_dtype="float32")
+    model = prepare_model(base, config)
+    groups = {g["cpt_group"]: g for g in create_optimizer(model, config, learning_rate=LR).param_groups}
+    assert [p.shape for p in groups["embeddings_other_no_decay"]["params"]] == [torch.Size([5])]
+    assert groups["embeddings_other_no_decay"]["lr"] == pytest.approx(KNOWN_LR)
+    assert "cpt_row_scale" not in groups["embeddings_other_no_decay"]
+    assert groups["embeddings"]["lr"] == LR and len(groups["embeddings"]["params"]) == 2
+
+
+def test_healed_rows_get_the_fresh_lr_end_to_end():
+    base = tiny_llama(tied=True)
+    with torch.no_grad():
+        base.get_input_embeddings().weight[[4, 8]] = 0.0  # two reserved-token rows
+    config = CPTConfig(lora_r=4)
+    model = prepare_model(base, config)
+    scale = _embedding_group(create_optimizer(model, config, learning_rate=LR))["cpt_row_scale"]
+    assert torch.nonzero(scale == 1.0).flatten().tolist() == [4, 8]
+
+
 def test_8bit_states_per_row_match_two_runs_at_the_two_rates():
     pytest.importorskip("bitsandbytes")
     rows, width = 64, 128  # 8192 elements: 8-bit states (>= 4096)
@@ -258,3 +297,25 @@ def test_a_shard_split_by_columns_has_no_row_offset_and_says_so():
     ColumnShard.placements = (Shard(1),)
     with pytest.raises(CPTConfigError, match=r"not by rows \(Shard\(0\)"):
         _row_offset(shard)
+
+
+@pytest.mark.slow
+def test_fsdp2_row_shards_take_their_own_rows_factors(tmp_path):
+    """Two gloo ranks holding Shard(0) DTensor slices (4 + 3 rows): the sharded step equals the unsharded one."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    from tests.vocabulary import shards
+
+    out = str(tmp_path / "sharded.pt")
+    mp.start_processes(shards.worker, args=(port, out), nprocs=shards.WORLD, start_method="spawn", join=True)
+    sharded = torch.load(out, weights_only=True)
+    assert sharded["offset"] == 4 and sharded["local_rows"] == 3
+    weight, grads, scale = shards.case()
+    param = torch.nn.Parameter(weight.clone())
+    shards.two_steps(param, grads, lambda g: g.clone(), scale)
+    assert torch.equal(sharded["weight"], param.detach())
