@@ -327,3 +327,29 @@ def check_trainer_vocabulary(config: Any, model: Any) -> None:
             f"cpt-plugin config 'train_embeddings': add_new_tokens added {len(added)} tokens to this model, but "
             "train_embeddings is false, so their rows would never be trained. Set train_embeddings=True."
         )
+
+
+def keep_adapter_saves_lean(peft_model: Any) -> None:
+    """Saves of a PeftModel over an extended vocabulary keep only the trained embedding copies.
+
+    Why: PEFT's ``save_pretrained`` sees the vocabulary differ from the base's config on disk and sets
+    ``save_embedding_layers`` (with a UserWarning), which adds the frozen originals of embed_tokens and
+    lm_head and their trained copies a second time: six matrices where the two trained copies, saved
+    anyway as ``modules_to_save``, are all a reload and an export need.
+    So, on a model :func:`add_new_tokens` extended, ``save_embedding_layers`` defaults to False (a caller
+    may still pass True); the reload resizes the base first (``model.resize_token_embeddings(rows)``).
+    """
+    base = peft_model.get_base_model() if callable(getattr(peft_model, "get_base_model", None)) else None
+    config = getattr(peft_model, "peft_config", {}).get("default")
+    if (
+        base is None
+        or not getattr(base, ADDED_ATTRIBUTE, None)
+        or not getattr(config, "modules_to_save", None)
+    ):
+        return
+    save = peft_model.save_pretrained
+
+    def save_pretrained(*args: Any, save_embedding_layers: Any = False, **kwargs: Any) -> Any:
+        return save(*args, save_embedding_layers=save_embedding_layers, **kwargs)
+
+    peft_model.save_pretrained = save_pretrained

@@ -235,6 +235,12 @@ def test_extend_train_export_merged_and_gguf_reload(tmp_path):
     with torch.no_grad():
         want = trained(input_ids=sample).logits.float()
     assert len(AutoTokenizer.from_pretrained(tmp_path / "adapter")) == 292  # the extended tokenizer is saved
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "adapter" / "adapter_model.safetensors"), "pt") as handle:
+        embedding_keys = sorted(k for k in handle.keys() if "embed_tokens" in k or "lm_head" in k)  # noqa: SIM118
+    # the trained copies only (PEFT's resized-vocabulary save adds the originals and the copies once more)
+    assert embedding_keys == ["base_model.model.lm_head.weight", "base_model.model.model.embed_tokens.weight"]
     adapter_config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     adapter_config["base_model_name_or_path"] = str(tmp_path / "base")
     (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(adapter_config))
@@ -291,4 +297,6 @@ def test_cli_extends_the_vocabulary_for_cpt_only(tmp_path, capsys):
     assert len(AutoTokenizer.from_pretrained(tmp_path / "adapter")) == base_tokens + 9
     assert main(["export", str(tmp_path), "--to", "merged", "--out", str(tmp_path / "exported")]) == 0
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "exported")
-    assert merged.config.vocab_size == 320 and len(AutoTokenizer.from_pretrained(tmp_path / "exported")) == 309
+    assert (
+        merged.config.vocab_size == 320 and len(AutoTokenizer.from_pretrained(tmp_path / "exported")) == 309
+    )
