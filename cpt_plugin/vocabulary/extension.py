@@ -46,6 +46,7 @@ logger = logging.getLogger(__name__)
 INITS = ("subtoken_mean", "mean")
 PAD_TO_MULTIPLE_OF = 64
 MIN_COUNT = 2  # a word seen once in the corpus is not worth a row
+MAX_CHARS = 20_000_000  # learn_new_tokens reads this much of the corpus (0.5 M characters/s on one CPU core)
 ADDED_ATTRIBUTE = "cpt_added_token_ids"  # on the base model: the ids add_new_tokens added
 
 
@@ -61,12 +62,16 @@ def _backend(tokenizer: Any, key: str) -> Any:
     return backend
 
 
-def _word_counts(tokenizer: Any, texts: Iterable[str]) -> tuple[Counter[str], dict[str, int]]:
-    """How often each pre-token word occurs in ``texts``, and how many old tokens it takes."""
+def _word_counts(
+    tokenizer: Any, texts: Iterable[str], max_chars: int | None
+) -> tuple[Counter[str], dict[str, int], int]:
+    """How often each pre-token word occurs in ``texts`` (up to ``max_chars`` characters), how many old
+    tokens it takes, and how many characters were read."""
     backend = _backend(tokenizer, "extend_vocabulary")
     counts: Counter[str] = Counter()
     pieces: dict[str, int] = {}
     batch: list[str] = []
+    read = 0
 
     def flush() -> None:
         for text, encoding in zip(batch, backend.encode_batch(batch, add_special_tokens=False), strict=True):
@@ -88,26 +93,39 @@ def _word_counts(tokenizer: Any, texts: Iterable[str]) -> tuple[Counter[str], di
                 f"cpt-plugin config 'extend_vocabulary': the corpus gave a {type(text).__name__}, not a str. "
                 "Pass the documents' texts."
             )
+        if max_chars is not None and read + len(text) > max_chars:
+            text = text[: max_chars - read]
         batch.append(text)
+        read += len(text)
         if len(batch) >= 256:
             flush()
+        if max_chars is not None and read >= max_chars:
+            break
     flush()
-    return counts, pieces
+    return counts, pieces, read
 
 
 def learn_new_tokens(
-    tokenizer: Any, texts: Iterable[str], n: int, *, exclude: Iterable[str] = (), min_count: int = MIN_COUNT
+    tokenizer: Any,
+    texts: Iterable[str],
+    n: int,
+    *,
+    exclude: Iterable[str] = (),
+    min_count: int = MIN_COUNT,
+    max_chars: int | None = MAX_CHARS,
 ) -> list[str]:
     """The ``n`` words of ``texts`` whose own token would save the most tokens (deterministic).
 
     A candidate is a pre-token word the tokenizer splits into two or more tokens, seen at least
-    ``min_count`` times, not in ``exclude``, and one that the tokenizer can decode back once added.
-    Ranked by tokens saved (``count * (pieces - 1)``), then count, then the text itself.
+    ``min_count`` times, not whitespace only, not in ``exclude``, and one that the tokenizer can decode
+    back once added. Ranked by tokens saved (``count * (pieces - 1)``), then count, then the text itself.
+    Only the first ``max_chars`` characters are read (None: all): frequent words show early, and a
+    corpus of many GB would take hours to tokenize.
     Raises CPTConfigError naming ``extend_vocabulary`` when the corpus gives fewer than ``n`` candidates.
     """
     if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
         raise CPTConfigError(f"cpt-plugin config 'extend_vocabulary': got {n!r}. Use a whole number > 0.")
-    counts, pieces = _word_counts(tokenizer, texts)
+    counts, pieces, read = _word_counts(tokenizer, texts, max_chars)
     excluded = set(exclude)
     ranked = sorted(
         (word for word, count in counts.items() if count >= min_count and pieces[word] >= 2),
@@ -118,8 +136,10 @@ def learn_new_tokens(
     if len(chosen) < n:
         raise CPTConfigError(
             f"cpt-plugin config 'extend_vocabulary': asked for {n} new tokens, but the training corpus "
-            f"supports only {len(chosen)} (words split into 2+ tokens and seen at least {min_count} times). "
-            f"Set extend_vocabulary: {len(chosen)} or lower, or give more new-domain text."
+            f"supports only {len(chosen)} (words split into 2+ tokens and seen at least {min_count} times in "
+            f"its first {read:,} characters). "
+            + (f"Set extend_vocabulary: {len(chosen)} or lower" if chosen else "Set extend_vocabulary: 0")
+            + ", or give more new-domain text."
         )
     return chosen
 

@@ -300,3 +300,19 @@ def test_cli_extends_the_vocabulary_for_cpt_only(tmp_path, capsys):
     assert (
         merged.config.vocab_size == 320 and len(AutoTokenizer.from_pretrained(tmp_path / "exported")) == 309
     )
+
+
+def test_learn_reads_at_most_max_chars():
+    """A many-GB corpus is not tokenized whole: only its first max_chars characters count."""
+    text = TEXT[1]  # "The quick brown fox ..." (95 characters)
+
+    def corpus():
+        yield text * 3
+        raise AssertionError("read past max_chars")
+
+    assert learn_new_tokens(byte_bpe_tokenizer(), corpus(), 2, max_chars=len(text) * 3)
+    message = (
+        rf"supports only 0 .* in its first {len(text)} characters\)\. Set extend_vocabulary: 0, or give more"
+    )
+    with pytest.raises(CPTConfigError, match=message):
+        learn_new_tokens(byte_bpe_tokenizer(), [text * 3], 2, max_chars=len(text))
