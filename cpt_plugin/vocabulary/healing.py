@@ -23,7 +23,11 @@ trained row with a large norm (a BOS token, say) is never taken for an untrained
 row larger than the trained ones is not found either. A model fresh from random init (every row
 untrained) finds nothing, which is what we want there. Untrained rows that look like trained ones (an init
 scale equal to the trained row norms; transformers' mean-and-covariance resizing) are not found, nor are
-they when most of the vocabulary is untrained (the median then is an untrained row). When the untrained
+they when most of the vocabulary is untrained (the median then is an untrained row). A short pretraining
+leaves rare trained rows about as small as untrained ones: a tiny Llama (vocabulary 512, width 64) after
+150 AdamW steps on 70% of its tokens had unseen input rows of norm 0.12-0.20 next to seen ones of
+0.18-0.44, and unseen untied lm_head rows pushed together to 0.71-0.81 (seen: 0.16-0.60); the rule found
+none of them (robust z-scores within +-2), as it should not call that clear. When the untrained
 tokens are known (ids that never occur in the base's training text: ``ids_never_seen``), pass them as
 ``ids`` and no statistics are used.
 The padding row (``padding_idx``) is never counted: it is zero by design. Rows already marked fresh

@@ -123,11 +123,12 @@ def _bf16_case(rows: int = 64, width: int = 256, seed: int = 0):
     return weight, grad, scale
 
 
-@pytest.mark.parametrize("path", ["triton", "torch"])
+@pytest.mark.parametrize("path", ["triton", "torch", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_bf16_stochastic_rounding_per_row_is_unbiased(path):
     """bf16 weights (the default bfloat16_sr): each stored value is a bf16 neighbour of the exact fp32
-    AdamW result at its row's LR, and the rounding error averages out."""
-    weight, grad, scale = _bf16_case()
+    AdamW result at its row's LR, and the rounding error averages out. "triton": the fused kernel under
+    the CPU interpreter; "cuda": the same kernel compiled for the GPU (GPU machine only)."""
+    weight, grad, scale = _bf16_case(rows=512 if path == "cuda" else 64)
     hyper = dict(step=1, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
     lr = 1e-3
     exact = torch.empty(weight.shape, dtype=torch.float64)
@@ -136,11 +137,18 @@ def test_bf16_stochastic_rounding_per_row_is_unbiased(path):
         w, _, _ = sr.adamw_step_reference(weight.float()[rows], grad.float()[rows], zeros[rows], zeros[rows],
                                           lr=rate, **hyper)  # fmt: skip
         exact[rows] = w
-    updated = weight.clone()
-    moments = (torch.zeros_like(weight), torch.zeros_like(weight))
-    if path == "triton":
-        assert sr.fused_path_applies(updated, grad, *moments)
-        sr.adamw_bf16_sr_fused_(updated, grad, *moments, lr=lr, **hyper, seed=5, row_scale=scale)
+    if path == "triton" and torch.cuda.is_available():
+        pytest.skip("no interpreter on a GPU machine: the 'cuda' case runs this kernel there")
+    device = "cuda" if path == "cuda" else "cpu"
+    updated = weight.clone().to(device)
+    moments = (torch.zeros_like(updated), torch.zeros_like(updated))
+    if path in ("triton", "cuda"):
+        on_device = (grad.to(device), scale.to(device))
+        assert sr.fused_path_applies(updated, on_device[0], *moments)
+        sr.adamw_bf16_sr_fused_(
+            updated, on_device[0], *moments, lr=lr, **hyper, seed=5, row_scale=on_device[1]
+        )
+        updated = updated.cpu()
     else:
         generator = torch.Generator().manual_seed(5)
         sr.adamw_step_(updated, grad, *moments, lr=lr, **hyper, generator=generator, row_scale=scale)
