@@ -20,6 +20,7 @@ param group, so the Trainer's optimizer checkpoint carries it and resume is exac
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -49,6 +50,14 @@ def row_scale(model: nn.Module, config: CPTConfig, learning_rate: float) -> tupl
     else None. Fresh rows get 1, the others known LR / fresh LR; the embedding group runs at the fresh LR."""
     rows = fresh_rows(model)
     if rows is None or not config.row_aware_embedding_lr or not config.train_embeddings:
+        return None
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":  # set by TrainingArguments too
+        logger.warning(
+            "cpt-plugin: %d new or untrained embedding rows learn at the embedding LR like the others: DeepSpeed "
+            "ZeRO flattens the embeddings, so their rows cannot have an LR of their own (DDP and FSDP2 can). "
+            "Set row_aware_embedding_lr: false to silence this.",
+            rows.numel(),
+        )
         return None
     embed = input_embeddings(model)
     weight = getattr(embed, "weight", None)
@@ -175,8 +184,10 @@ def _local_row_scale(dist_param: torch.Tensor, param: torch.Tensor, scale: torch
     """The factors of the rows this rank holds (all of them without sharding), on the param's device."""
     if dist_param.shape[0] != scale.numel():
         raise CPTConfigError(
-            f"cpt-plugin: the per-row LR vector has {scale.numel()} entries but a parameter of its group has "
-            f"{dist_param.shape[0]} rows. Build the optimizer after resizing the embeddings."
+            f"cpt-plugin: the per-row LR vector has {scale.numel()} entries but a parameter of its group has shape "
+            f"{tuple(dist_param.shape)}: resized after the optimizer was built, or flattened by an engine "
+            "(DeepSpeed ZeRO). Build the optimizer after resizing, use DDP or FSDP2, or set "
+            "row_aware_embedding_lr: false."
         )
     start = _row_offset(dist_param)
     return scale[start : start + param.shape[0]].to(param.device)

@@ -327,3 +327,15 @@ def test_fsdp2_row_shards_take_their_own_rows_factors(tmp_path):
     param = torch.nn.Parameter(weight.clone())
     shards.two_steps(param, grads, lambda g: g.clone(), scale)
     assert torch.equal(sharded["weight"], param.detach())
+
+
+def test_under_deepspeed_every_row_keeps_the_embedding_lr_with_one_warning(monkeypatch, caplog):
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what TrainingArguments(deepspeed=...) sets
+    model, config = _prepared(tied=True)
+    with caplog.at_level(logging.WARNING, logger="cpt_plugin"):
+        optimizer = create_optimizer(model, config, learning_rate=LR)
+    group = _embedding_group(optimizer)
+    assert group["lr"] == pytest.approx(KNOWN_LR) and "cpt_row_scale" not in group
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "DeepSpeed ZeRO flattens the embeddings" in warned[0]
+    assert "row_aware_embedding_lr: false" in warned[0]
