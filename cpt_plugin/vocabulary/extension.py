@@ -62,18 +62,41 @@ def _backend(tokenizer: Any, key: str) -> Any:
     return backend
 
 
-def _word_counts(
-    tokenizer: Any, texts: Iterable[str], max_chars: int | None
-) -> tuple[Counter[str], dict[str, int], int]:
-    """How often each pre-token word occurs in ``texts`` (up to ``max_chars`` characters), how many old
-    tokens it takes, and how many characters were read."""
+def _read(texts: Iterable[str], max_chars: int | None) -> list[str]:
+    """The texts, up to ``max_chars`` characters in all (the last one cut)."""
+    out: list[str] = []
+    read = 0
+    for text in texts:
+        if not isinstance(text, str):
+            raise CPTConfigError(
+                f"cpt-plugin config 'extend_vocabulary': the corpus gave a {type(text).__name__}, not a str. "
+                "Pass the documents' texts."
+            )
+        if max_chars is not None and read + len(text) > max_chars:
+            text = text[: max_chars - read]
+        out.append(text)
+        read += len(text)
+        if max_chars is not None and read >= max_chars:
+            break
+    return out
+
+
+def _batches(texts: list[str], size: int = 256) -> Iterable[list[str]]:
+    return (texts[i : i + size] for i in range(0, len(texts), size))
+
+
+def _word_counts(tokenizer: Any, texts: list[str]) -> tuple[Counter[str], dict[str, int]]:
+    """How often each pre-token word occurs in ``texts``, and how many old tokens it takes."""
     backend = _backend(tokenizer, "extend_vocabulary")
+    if backend.pre_tokenizer is None:
+        raise CPTConfigError(
+            "cpt-plugin config 'extend_vocabulary': the tokenizer has no pre-tokenizer (a legacy SentencePiece "
+            "tokenizer.json), so it has no words to learn from. List the tokens yourself in new_tokens."
+        )
     counts: Counter[str] = Counter()
     pieces: dict[str, int] = {}
-    batch: list[str] = []
-    read = 0
 
-    def flush() -> None:
+    for batch in _batches(texts):
         for text, encoding in zip(batch, backend.encode_batch(batch, add_special_tokens=False), strict=True):
             spans: dict[int, list[int]] = {}
             for word, (start, end) in zip(encoding.word_ids, encoding.offsets, strict=True):
@@ -85,24 +108,7 @@ def _word_counts(
                 word = text[start:end]
                 counts[word] += 1
                 pieces[word] = n
-        batch.clear()
-
-    for text in texts:
-        if not isinstance(text, str):
-            raise CPTConfigError(
-                f"cpt-plugin config 'extend_vocabulary': the corpus gave a {type(text).__name__}, not a str. "
-                "Pass the documents' texts."
-            )
-        if max_chars is not None and read + len(text) > max_chars:
-            text = text[: max_chars - read]
-        batch.append(text)
-        read += len(text)
-        if len(batch) >= 256:
-            flush()
-        if max_chars is not None and read >= max_chars:
-            break
-    flush()
-    return counts, pieces, read
+    return counts, pieces
 
 
 def learn_new_tokens(
@@ -117,41 +123,55 @@ def learn_new_tokens(
     """The ``n`` words of ``texts`` whose own token would save the most tokens (deterministic).
 
     A candidate is a pre-token word the tokenizer splits into two or more tokens, seen at least
-    ``min_count`` times, not whitespace only, not in ``exclude``, and one that the tokenizer can decode
-    back once added. Ranked by tokens saved (``count * (pieces - 1)``), then count, then the text itself.
+    ``min_count`` times, not whitespace only, not in ``exclude``; ranked by tokens saved
+    (``count * (pieces - 1)``), then count, then the text itself. It is taken when, added, it matches the
+    corpus only where it is a whole word (an added token is found anywhere in the raw text: ``"234"`` would
+    also cut ``"12345"`` into worse pieces) and decodes back.
     Only the first ``max_chars`` characters are read (None: all): frequent words show early, and a
     corpus of many GB would take hours to tokenize.
     Raises CPTConfigError naming ``extend_vocabulary`` when the corpus gives fewer than ``n`` candidates.
     """
     if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
         raise CPTConfigError(f"cpt-plugin config 'extend_vocabulary': got {n!r}. Use a whole number > 0.")
-    counts, pieces, read = _word_counts(tokenizer, texts, max_chars)
+    corpus = _read(texts, max_chars)
+    read = sum(map(len, corpus))
+    counts, pieces = _word_counts(tokenizer, corpus)
     excluded = set(exclude)
     ranked = sorted(
         (word for word, count in counts.items() if count >= min_count and pieces[word] >= 2),
         key=lambda word: (-counts[word] * (pieces[word] - 1), -counts[word], word),
     )
     ranked = [word for word in ranked if word.strip() and word not in excluded]
-    chosen = _round_trips(tokenizer, ranked, n)
+    chosen = _take(tokenizer, ranked, n, counts, corpus)
     if len(chosen) < n:
         raise CPTConfigError(
             f"cpt-plugin config 'extend_vocabulary': asked for {n} new tokens, but the training corpus "
-            f"supports only {len(chosen)} (words split into 2+ tokens and seen at least {min_count} times in "
-            f"its first {read:,} characters). "
+            f"supports only {len(chosen)} (words split into 2+ tokens, seen at least {min_count} times in its "
+            f"first {read:,} characters, and found nowhere else). "
             + (f"Set extend_vocabulary: {len(chosen)} or lower" if chosen else "Set extend_vocabulary: 0")
             + ", or give more new-domain text."
         )
     return chosen
 
 
-def _round_trips(tokenizer: Any, candidates: list[str], n: int) -> list[str]:
-    """The first ``n`` candidates that encode as one id and decode back once added (checked on a copy)."""
+def _take(tokenizer: Any, ranked: list[str], n: int, counts: Counter[str], corpus: list[str]) -> list[str]:
+    """The first ``n`` of ``ranked`` that, added to a copy of the tokenizer (a window of candidates at a
+    time), match the corpus no more often than they occur as words, and encode and decode back."""
     chosen: list[str] = []
-    while candidates and len(chosen) < n:
-        trial, candidates = candidates[: n - len(chosen)], candidates[n - len(chosen) :]
+    start = 0
+    while start < len(ranked) and len(chosen) < n:
+        window = ranked[start : start + 4 * (n - len(chosen)) + 64]
+        start += len(window)
         probe = copy.deepcopy(tokenizer)
-        probe.add_tokens(trial)
-        chosen += [t for t in trial if _problem(probe, t) is None]
+        probe.add_tokens(window)
+        ids = {int(probe.convert_tokens_to_ids(word)): word for word in window}
+        matches: Counter[int] = Counter()
+        for batch in _batches(corpus):
+            for encoding in probe.backend_tokenizer.encode_batch(batch, add_special_tokens=False):
+                matches.update(i for i in encoding.ids if i in ids)
+        for token_id, word in ids.items():
+            if len(chosen) < n and matches[token_id] <= counts[word] and _problem(probe, word) is None:
+                chosen.append(word)
     return chosen
 
 

@@ -311,8 +311,23 @@ def test_learn_reads_at_most_max_chars():
         raise AssertionError("read past max_chars")
 
     assert learn_new_tokens(byte_bpe_tokenizer(), corpus(), 2, max_chars=len(text) * 3)
-    message = (
-        rf"supports only 0 .* in its first {len(text)} characters\)\. Set extend_vocabulary: 0, or give more"
-    )
+    message = rf"supports only 0 .* in its first {len(text)} characters, and found nowhere else\)\. Set "
+    message += r"extend_vocabulary: 0, or give more"
     with pytest.raises(CPTConfigError, match=message):
         learn_new_tokens(byte_bpe_tokenizer(), [text * 3], 2, max_chars=len(text))
+
+
+def test_learned_tokens_match_only_their_own_words():
+    """An added token is matched anywhere in the raw text: " squares" would also cut " squaresq" (here its own
+    word, left out) into new pieces, so it is not taken; " y" matches only itself."""
+    corpus = [" squares x"] * 3 + [" squaresq y"] * 5
+    tokenizer = byte_bpe_tokenizer()
+    assert learn_new_tokens(tokenizer, corpus, 1, exclude=[" squaresq"]) == [" y"]
+    assert learn_new_tokens(tokenizer, corpus, 1) == [" squaresq"]  # the longer word saves the most
+
+
+def test_learning_needs_a_pre_tokenizer():
+    tokenizer = byte_bpe_tokenizer()
+    tokenizer.backend_tokenizer.pre_tokenizer = None
+    with pytest.raises(CPTConfigError, match=r"has no pre-tokenizer.*List the tokens yourself in new_tokens"):
+        learn_new_tokens(tokenizer, TEXT, 2)
