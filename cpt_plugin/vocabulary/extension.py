@@ -8,7 +8,8 @@ the rows they get must start somewhere sensible, not at the init noise of ``resi
   pre-tokenizer splits the text into words (so a learned token never spans a word boundary the tokenizer
   keeps), and a word's saving is ``count * (pieces - 1)``. Words are whole pre-tokens (with their leading
   space for byte-level tokenizers, e.g. ``" return"``) because added tokens are matched in the raw text
-  before pre-tokenization: a sub-word piece such as ``"ation"`` would be cut out of every word holding it.
+  before pre-tokenization: a sub-word piece such as ``"ation"`` would be cut out of every word holding it;
+  for the same reason a word is only taken when it occurs nowhere in the corpus but as itself.
 - :func:`add_new_tokens` adds them (``tokenizer.add_tokens``), resizes the embeddings (padded to a multiple
   of 64, tied stays tied, never shrunk), initialises the new rows, and marks them (and the padding rows it
   made) fresh (fresh_rows.py), so the optimizer trains them at their own rate and healing leaves them
@@ -20,6 +21,9 @@ as the pieces it replaces. ``"mean"``: the mean of the trained rows (rows of the
 are not marked fresh). Padding rows (beyond ``len(tokenizer)``) get that mean too.
 
 Everything is checked before anything changes; a bad input is a CPTConfigError naming the token and the fix.
+With the Trainer, extension happens in the user's script (the data is tokenized before any callback runs):
+:func:`check_trainer_vocabulary` says so for the config keys, and :func:`keep_adapter_saves_lean` keeps
+PEFT from saving every embedding matrix again in each adapter of an extended model.
 Known limit (tokenizers issues #1392, #1915): a byte-level decoder reads an added token made only of
 byte-map characters as raw bytes, so ``"Straße"`` (ß is the byte map's 0xDF) encodes right but decodes as
 ``"Stra�e"``; ``" Straße"`` (a space is no byte-map character) decodes right. Every token is checked (it
