@@ -13,6 +13,11 @@ An offline analogue of continued pretraining into a new domain that brings token
    the prose, the same token budget; held-out loss on both domains after training. Forgetting is the old
    domain's loss after CPT minus the base's.
 
+The grid (``GRID``): one baseline shared by every axis (rsLoRA r=128, embedding LR = LoRA LR / 10, 25%
+replay, cosine re-warm) and one change at a time along four axes: embedding LR ratio 0.1 / 0.3 / 1.0 and
+row-aware (known rows at the ratio, fresh rows at the LoRA LR; known rows at 0.1 and at 0.3), rsLoRA vs
+plain LoRA at r=128 and r=256, replay 0 / 5 / 25 %, cosine re-warm vs the two infinite schedules.
+
 Every run is cached as ``DIR/runs/NAME-seedS.json``: a re-run trains only what is missing (or stale, when
 the study's settings changed). ``DIR/results.json`` holds every seed, the mean and the spread (half the
 range over seeds); ``DIR/results.md`` the table; ``DIR/pareto.png`` new-domain loss against forgetting
@@ -56,18 +61,38 @@ class StudySettings:
     batch_size: int = 8
     base_steps: int = 600
     base_learning_rate: float = 3e-3
-    cpt_steps: int = 100
+    cpt_steps: int = 64  # sized so that base + 24 runs fit in 30 minutes on the shared 2-core CPU machine
     learning_rate: float = 2e-3  # the LoRA LR (and the fresh-row LR of row-aware runs)
     warmup_ratio: float = 0.05
     lora_alpha: float = 32.0
     eval_blocks: int = 128  # held-out blocks per domain (the same blocks for every run)
     shuffle_buffer: int = 256  # blocks: the CPT seed changes the data order too
 
+    def base_fields(self) -> dict[str, Any]:
+        """The settings the cached base depends on (the CPT budget may change without rebuilding it)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k in BASE_FIELDS}
+
     @property
     def cpt_tokens(self) -> int:
         return self.cpt_steps * self.batch_size * self.seq_length
 
 
+BASE_FIELDS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "tie_word_embeddings",
+    "vocab_size",
+    "corpora_max_mb",
+    "seq_length",
+    "batch_size",
+    "base_steps",
+    "base_learning_rate",
+    "eval_blocks",
+    "shuffle_buffer",
+)
 FULL = StudySettings()
 QUICK = StudySettings(
     hidden_size=32,
@@ -130,6 +155,14 @@ GRID: tuple[RunSpec, ...] = (
         needs="row_aware",
         row_aware_embedding_lr=True,
     ),
+    _spec(
+        "row-aware-0.3",
+        "row-aware: known rows x0.3, fresh rows x1.0",
+        ("embedding_lr",),
+        needs="row_aware",
+        row_aware_embedding_lr=True,
+        embedding_lr_ratio=0.3,
+    ),
     _spec("plain-lora-r128", "plain LoRA r128", ("lora",), use_rslora=False),
     _spec("rslora-r256", "rsLoRA r256", ("lora",), lora_r=256),
     _spec("plain-lora-r256", "plain LoRA r256", ("lora",), lora_r=256, use_rslora=False),
@@ -140,7 +173,7 @@ GRID: tuple[RunSpec, ...] = (
 )
 # How each axis reads, left to right (the baseline sits where its value falls).
 AXIS_ORDER: dict[str, tuple[str, ...]] = {
-    "embedding_lr": ("baseline", "emb-lr-0.3", "emb-lr-1.0", "row-aware"),
+    "embedding_lr": ("baseline", "emb-lr-0.3", "emb-lr-1.0", "row-aware", "row-aware-0.3"),
     "lora": ("baseline", "plain-lora-r128", "rslora-r256", "plain-lora-r256"),
     "replay": ("replay-0", "replay-5", "baseline"),
     "schedule": ("baseline", "infinite-cosine", "infinite-inv-sqrt"),
@@ -150,6 +183,7 @@ SHORT_LABELS: dict[str, str] = {
     "emb-lr-0.3": "x0.3",
     "emb-lr-1.0": "x1.0",
     "row-aware": "row-aware",
+    "row-aware-0.3": "row-aware 0.3",
     "plain-lora-r128": "plain r128",
     "rslora-r256": "rs r256",
     "plain-lora-r256": "plain r256",
@@ -240,6 +274,7 @@ def _trainer(
 ) -> Any:
     """A stock Trainer with CPTCallback, quiet (the capability check; runs go through the pipeline)."""
     from transformers import Trainer, TrainingArguments
+    from transformers.trainer_callback import PrinterCallback
 
     from cpt_plugin.data import collate_packed
     from cpt_plugin.integrations.hf import CPTCallback
@@ -256,13 +291,15 @@ def _trainer(
         disable_tqdm=True,
         logging_strategy="no",
     )
-    return Trainer(
+    trainer = Trainer(
         model=model,
         args=args,
         train_dataset=dataset,
         data_collator=collate_packed,
         callbacks=[CPTCallback(config)],
     )
+    trainer.remove_callback(PrinterCallback)  # no train-summary line for a check
+    return trainer
 
 
 def _fit(model: Any, dataset: Any, args: Any, callbacks: list[Any]) -> Any:
@@ -295,7 +332,8 @@ def _run_config(settings: StudySettings, cpt: Mapping[str, Any], seed: int, mode
             "min_lr_ratio": 0.1,
             "eval_every_steps": 0,
             "memory_report": False,
-            "heal_untrained_tokens": True,
+            # the study heals the exact never-seen ids itself (train_run): the detector finds none here
+            "heal_untrained_tokens": False,
             **cpt,
             "seed": seed,
         }
@@ -343,6 +381,7 @@ class Study:
     tokenizer: Any
     eval_blocks: dict[str, list[dict[str, list[int]]]]
     base: dict[str, Any]  # the base's held-out losses and vocabulary facts (DIR/base/study.json)
+    never_seen: list[int]  # token ids that never occur in the base's training text (DIR/base/never_seen.json)
 
 
 def _eval_blocks(study_settings: StudySettings, corpora: dict[str, Path], tokenizer: Any) -> dict[str, list]:
@@ -383,21 +422,32 @@ def prepare_study(out: Path, settings: StudySettings) -> Study:
 
     base_dir = out / "base"
     record_path = base_dir / "study.json"
-    wanted = dataclasses.asdict(settings)
+    wanted = settings.base_fields()
     if record_path.is_file():
         record = json.loads(record_path.read_text(encoding="utf-8"))
-        if record.get("settings") != wanted:
+        built = {k: record.get("settings", {}).get(k) for k in BASE_FIELDS}
+        if built != wanted:
+            changed = ", ".join(
+                f"{k} {built[k]!r} -> {wanted[k]!r}" for k in BASE_FIELDS if built[k] != wanted[k]
+            )
             raise SystemExit(
-                f"recipe_study: {base_dir} holds a base built with other settings "
-                f"({'--quick' if record.get('settings', {}).get('vocab_size') == QUICK.vocab_size else 'full'}"
-                "). Give another --out, or delete that folder to rebuild the base."
+                f"recipe_study: {base_dir} holds a base built with other settings ({changed}). "
+                "Give another --out, or delete that folder to rebuild the base."
             )
         corpora = _corpora(out / "corpora", settings)
         tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
         logger.info("base: reusing %s (pretrained in %.0f s)", base_dir, record["seconds"])
-        return Study(
-            out, settings, base_dir, corpora, tokenizer, _eval_blocks(settings, corpora, tokenizer), record
+        study = Study(
+            out,
+            settings,
+            base_dir,
+            corpora,
+            tokenizer,
+            _eval_blocks(settings, corpora, tokenizer),
+            record,
+            [],
         )
+        return _with_never_seen(study)
 
     started = time.perf_counter()
     corpora = write_default_corpora(out / "corpora", max_mb=settings.corpora_max_mb)  # fresh with the base
@@ -449,6 +499,7 @@ def prepare_study(out: Path, settings: StudySettings) -> Study:
     }
     _save_tiny_base(model, tokenizer, base_dir)
     record_path.write_text(json.dumps(record, indent=2), encoding="utf-8")
+    (base_dir / "never_seen.json").write_text(json.dumps(unseen.tolist()), encoding="utf-8")
     logger.info(
         "base: %s parameters, held-out loss %s %.3f, %s %.3f; %d of %d tokens never occur in the prose "
         "(%.1f%% of the code's tokens); healing finds %d rows (%d of them never seen); %.0f s",
@@ -464,7 +515,33 @@ def prepare_study(out: Path, settings: StudySettings) -> Study:
         record["healing_finds_never_seen"],
         record["seconds"],
     )
-    return Study(out, settings, base_dir, corpora, tokenizer, eval_blocks, record)
+    return _with_never_seen(Study(out, settings, base_dir, corpora, tokenizer, eval_blocks, record, []))
+
+
+def _with_never_seen(study: Study) -> Study:
+    """The never-seen ids (cached) and the healed base's held-out losses (measured once, kept in the record).
+
+    Every run starts from the base with exactly these rows healed and marked fresh (train_run)."""
+    from cpt_plugin.cli.pipeline import _load_model, heldout_loss
+    from cpt_plugin.vocabulary.healing import heal_untrained_rows, ids_never_seen
+
+    path = study.base_dir / "never_seen.json"
+    if not path.is_file():
+        ids = ids_never_seen(study.tokenizer, _texts(study.corpora["old_train"])).tolist()
+        path.write_text(json.dumps(ids), encoding="utf-8")
+    study.never_seen = json.loads(path.read_text(encoding="utf-8"))
+    if "healed_loss" not in study.base:
+        run = _run_config(study.settings, {}, 0, {"name_or_path": str(study.base_dir)})
+        model = _load_model(run, study.tokenizer)
+        heal_untrained_rows(model, ids=study.never_seen)
+        study.base["healed_loss"] = {d: heldout_loss(model, b) for d, b in study.eval_blocks.items()}
+        (study.base_dir / "study.json").write_text(json.dumps(study.base, indent=2), encoding="utf-8")
+    logger.info(
+        "base: %d never-seen token rows healed (mean of the trained rows) and marked fresh in every run; "
+        "healed base held-out loss: new %.3f, old %.3f",
+        len(study.never_seen), study.base["healed_loss"]["new"], study.base["healed_loss"]["old"],
+    )  # fmt: skip
+    return study
 
 
 # --- one run -----------------------------------------------------------------------------------------
@@ -487,10 +564,13 @@ def train_run(study: Study, spec: RunSpec, seed: int) -> dict[str, Any]:
     """One CPT run from the cached base: CPTCallback on a stock Trainer, held-out loss of both domains."""
     from cpt_plugin.cli.pipeline import _dataset, _load_model, _training_args, heldout_loss
     from cpt_plugin.integrations.hf import CPTCallback
+    from cpt_plugin.vocabulary.healing import heal_untrained_rows
 
     started = time.perf_counter()
     run = _run_config(study.settings, spec.cpt, seed, {"name_or_path": str(study.base_dir)})
     model = _load_model(run, study.tokenizer)
+    if study.never_seen:  # exact ids: the detector finds none of them on this base (DIR/base/study.json)
+        heal_untrained_rows(model, ids=study.never_seen)
     replay = run.cpt.replay_ratio
     dataset = _dataset(
         study.corpora["new_train"],
@@ -699,7 +779,8 @@ def run_study(
                 logger.warning("%s: skipped, %s (no result is written for it)", spec.name, reason)
     todo = [(spec, seed) for spec in specs if spec.name not in skipped for seed in seeds]
     runs: dict[str, list[dict[str, Any]]] = {spec.name: [] for spec in specs}
-    missing = [(spec, seed) for spec, seed in todo if _cached(study, spec, seed) is None]
+    cached = {(spec.name, seed): _cached(study, spec, seed) for spec, seed in todo}
+    missing = [(spec, seed) for spec, seed in todo if cached[spec.name, seed] is None]
     logger.info(
         "%d runs (%d configurations x %d seeds), %d cached, %d to train; %s tokens each",
         len(todo), len(specs) - len(skipped), len(seeds), len(todo) - len(missing), len(missing),
@@ -707,7 +788,7 @@ def run_study(
     )  # fmt: skip
     done = 0
     for spec, seed in todo:
-        result = _cached(study, spec, seed)
+        result = cached[spec.name, seed]
         if result is None:
             done += 1
             header = f"[{done}/{len(missing)}] {spec.name} seed {seed}"
