@@ -77,8 +77,9 @@ def test_embedded_default_end_to_end(tmp_path, capsys):
     assert config["base_model_name_or_path"] == str((tmp_path / "base-model").resolve())
     model = AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "adapter"))
     assert model.peft_config["default"].r == 4
-    assert main(["export", str(tmp_path), "--to", "merged", "--out", str(tmp_path / "merged")]) == 0
-    assert (tmp_path / "merged" / "model.safetensors").exists()
+    assert (tmp_path / "merged" / "model.safetensors").exists()  # the run writes its merged model
+    assert main(["export", str(tmp_path), "--to", "merged", "--out", str(tmp_path / "exported")]) == 0
+    assert (tmp_path / "exported" / "model.safetensors").exists()
 
 
 def test_version(capsys):

@@ -273,7 +273,11 @@ def _load_model(run: RunConfig, tokenizer: Any) -> Any:
     if run.model.get("tiny_llama"):
         torch.manual_seed(run.training.get("seed", 42))
         config = LlamaConfig(
-            vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id, **run.model["tiny_llama"]
+            vocab_size=len(tokenizer),
+            eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            **run.model["tiny_llama"],
         )
         config._attn_implementation = "sdpa"
         return LlamaForCausalLM(config)
@@ -308,7 +312,20 @@ def _load_model(run: RunConfig, tokenizer: Any) -> Any:
         from cpt_plugin.quantized import prepare_kbit_model
 
         model = prepare_kbit_model(model, torch.bfloat16 if dtype == "auto" else getattr(torch, dtype))
+    _take_token_ids(model, tokenizer)
     return model
+
+
+def _take_token_ids(model: Any, tokenizer: Any) -> None:
+    """The model's config (and generation config) take the tokenizer's BOS and PAD ids (PAD may be the EOS
+    _load_tokenizer chose). The Trainer would align them itself, with a warning-level line for each run."""
+    configs = [model.config.get_text_config(), getattr(model, "generation_config", None)]
+    for name in ("bos_token_id", "pad_token_id"):
+        value = getattr(tokenizer, name, None)
+        if value is not None:
+            for config in configs:
+                if config is not None and getattr(config, name, None) != value:
+                    setattr(config, name, value)
 
 
 def _dataset(source: Any, tokenizer: Any, run: RunConfig, **kwargs: Any) -> Any:
@@ -383,7 +400,9 @@ def _stage_progress(header: str) -> Any:
     return StageProgress()
 
 
-def _train(model: Any, dataset: Any, args: Any, callbacks: list[Any], header: str = "") -> Any:
+def _train(
+    model: Any, dataset: Any, args: Any, callbacks: list[Any], header: str = "", tokenizer: Any = None
+) -> Any:
     from transformers import Trainer
     from transformers.trainer_callback import ProgressCallback
 
@@ -398,7 +417,12 @@ def _train(model: Any, dataset: Any, args: Any, callbacks: list[Any], header: st
             header,
         )
     trainer = Trainer(
-        model=model, args=args, train_dataset=dataset, data_collator=collate_packed, callbacks=callbacks
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=collate_packed,
+        callbacks=callbacks,
+        processing_class=tokenizer,  # the sample completions decode with it; checkpoints carry it
     )
     if header and not args.disable_tqdm:
         trainer.remove_callback(ProgressCallback)
@@ -476,6 +500,7 @@ def run(run_config: RunConfig, output_dir: str | None = None) -> dict[str, Any]:
     """Runs the job and returns the summary (also written to output_dir/summary.json)."""
     from cpt_plugin.cli.plots import plot_run
     from cpt_plugin.integrations.hf import CPTCallback, check_output_dir
+    from cpt_plugin.monitoring import SampleCallback
 
     started = time.perf_counter()
     out = Path(output_dir or run_config.training.get("output_dir", "cpt-output"))
@@ -540,12 +565,14 @@ def run(run_config: RunConfig, output_dir: str | None = None) -> dict[str, Any]:
         mix = f" with {config.replay_ratio:.0%} replay of the old" if config.replay_ratio else ", no replay"
         header = f"{stage}/{stages} CPT on the {names['new']}{mix}"
         callback = CPTCallback(config, eval_new=eval_blocks.get("new"), eval_old=eval_blocks.get("old"))
-        trainer = _train(model, dataset, args, [callback], header=header)
+        trainer = _train(model, dataset, args, [callback], header=header, tokenizer=tokenizer)
         curves[name] = _curve(trainer)
         evaluations[name] = callback.evaluator
+        samples[name] = next((m for m in callback.monitors if isinstance(m, SampleCallback)), None)
         return trainer
 
     evaluations: dict[str, Any] = {}
+    samples: dict[str, Any] = {}
     replay = replay_source if cfg.replay_ratio > 0 else None
     dataset = _dataset(
         train_source, tokenizer, run_config, replay_source=replay, replay_ratio=cfg.replay_ratio
@@ -553,6 +580,7 @@ def run(run_config: RunConfig, output_dir: str | None = None) -> dict[str, Any]:
     trainer = cpt_run(replay_name, model, cfg, cpt_args, dataset)
     trainer.save_model(str(out / "adapter"))
     tokenizer.save_pretrained(str(out / "adapter"))
+    merged = _write_merged(trainer.model, tokenizer, out / "merged")
     if base_copy is not None:
         args = _training_args(run_config, out, {"output_dir": out / "no-replay", "save_strategy": "no"})
         cpt_run(
@@ -586,6 +614,9 @@ def run(run_config: RunConfig, output_dir: str | None = None) -> dict[str, Any]:
         if run_config.model.get("tiny_llama")
         else run_config.model.get("name_or_path"),
         "loss_curve": str(out / "loss_curve.png"),
+        "merged": str(merged),
+        "heldout_plots": [str(e.plot_path) for e in evaluations.values() if e is not None and e.plot_path],
+        "samples": _sample_table(samples),
         "summary": str(out / "summary.json"),
         "seconds": round(time.perf_counter() - started, 1),
     }
@@ -598,6 +629,78 @@ def run(run_config: RunConfig, output_dir: str | None = None) -> dict[str, Any]:
 
 def _curve(trainer: Any) -> list[tuple[int, float]]:
     return [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
+
+
+def _write_merged(model: Any, tokenizer: Any, folder: Path) -> Path:
+    """The trained model as one plain checkpoint in ``output_dir/merged`` (``cpt_plugin.export.merge``).
+
+    The run owns this folder: a merged model left by an earlier run into the same output_dir is moved
+    aside, and removed only once the new one is complete (put back if the export fails), so that
+    ``make default`` runs again in the same place. ``cpt-plugin export`` itself never overwrites.
+    """
+    import os
+    import shutil
+
+    from cpt_plugin.export import merge
+
+    earlier = None
+    if folder.exists():
+        earlier = folder.with_name(f".{folder.name}-earlier-run-{os.getpid()}")
+        folder.rename(earlier)
+    try:
+        merge(model, folder, tokenizer=tokenizer)
+    except BaseException:
+        if earlier is not None and not folder.exists():
+            earlier.rename(folder)
+        raise
+    if earlier is not None:
+        shutil.rmtree(earlier, ignore_errors=True)
+        logger.info("cpt-plugin: the merged model of an earlier run in %s was replaced", folder)
+    return folder
+
+
+def _sample_table(samples: dict[str, Any]) -> list[dict[str, str | None]]:
+    """One row per sample prompt: the base's completion (before CPT) and each run's (after)."""
+    rows: list[dict[str, str | None]] = []
+    for name, callback in samples.items():
+        if callback is None or callback.trained is None:
+            continue
+        for index, prompt in enumerate(callback.prompts):
+            if len(rows) <= index:
+                base = callback.base[index]["completion"] if callback.base is not None else None
+                rows.append({"prompt": prompt, "base": base})
+            rows[index][name] = callback.trained[index]["completion"]
+    return rows
+
+
+def _one_line(text: str, width: int = 72) -> str:
+    """A completion on one line of the summary (line breaks shown as a return sign)."""
+    line = text.strip().replace("\n", " \u21b5 ")
+    return line if len(line) <= width else line[: width - 1] + "\u2026"
+
+
+def _output_lines(summary: dict[str, Any]) -> list[str]:
+    """Where the evaluator's PNG, the merged model and the samples are (when the run made them)."""
+    lines = [f"held-out:    {path}" for path in summary.get("heldout_plots", [])[:1]]
+    if summary.get("merged"):
+        lines.append(f"merged:      {summary['merged']}  (AutoModelForCausalLM.from_pretrained loads it)")
+    if summary.get("samples"):
+        lines.append(f"samples:     {Path(summary['summary']).parent / 'samples.md'}")
+    return lines
+
+
+def _sample_lines(summary: dict[str, Any]) -> list[str]:
+    rows = summary.get("samples") or []
+    if not rows:
+        return []
+    width = max(len(k) for row in rows for k in row if k != "prompt") + 2
+    lines = ["", "Samples (greedy; the base before CPT, each run after it)"]
+    for index, row in enumerate(rows, start=1):
+        lines.append(f"[{index}] {row['prompt']}")
+        for name, completion in row.items():
+            if name != "prompt" and completion is not None:
+                lines.append(f"    {name.ljust(width)}| {_one_line(completion)}")
+    return lines
 
 
 def _vocabulary_line(vocabulary: dict[str, Any] | None) -> list[str]:
@@ -631,10 +734,12 @@ def format_summary(summary: dict[str, Any]) -> str:
                 cell += f" ({losses[d] - base[d]:+.3f})"
             cells.append(cell.rjust(col))
         lines.append(name.ljust(width) + "".join(cells))
+    lines += _sample_lines(summary)
     lines += [
         "",
         f"adapter:     {summary['adapter']}  (base model: {summary['base_model']})",
         f"loss curves: {summary['loss_curve']}",
+        *_output_lines(summary),
         f"all numbers: {summary['summary']}",
         *_vocabulary_line(summary.get("vocabulary")),
         f"took {summary['seconds']} s",
