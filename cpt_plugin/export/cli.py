@@ -41,6 +41,12 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
         "--out", help="output directory (merged) or .gguf file (default: next to the adapter's run directory)"
     )
     parser.add_argument("--no-check", action="store_true", help="GGUF: skip the read-back with transformers")
+    parser.add_argument(
+        "--base-4bit",
+        action="store_true",
+        help="the adapter was trained on a 4-bit base (QLoRA: NF4, double quantization, as model.load_in_4bit): "
+        "merge into that base, dequantized, which is the model that was trained",
+    )
     return parser
 
 
@@ -68,14 +74,13 @@ def _export(args: argparse.Namespace) -> Path:
     adapter_dir = find_adapter_dir(source)
     run_dir = _run_dir(adapter_dir)
     if args.to == "merged":
-        return merge(
-            adapter_dir, Path(args.out) if args.out else run_dir / "merged", args.dtype, base=args.base
-        )
+        out = Path(args.out) if args.out else run_dir / "merged"
+        return merge(adapter_dir, out, args.dtype, base=args.base, base_4bit=args.base_4bit)
     out = check_new_output(Path(args.out) if args.out else run_dir / f"model-{args.outtype}.gguf", "GGUF")
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.stem}.merging-", dir=out.parent))
     try:
-        merged = merge(adapter_dir, staging / "merged", args.dtype, base=args.base)
+        merged = merge(adapter_dir, staging / "merged", args.dtype, base=args.base, base_4bit=args.base_4bit)
         return to_gguf(merged, out, args.outtype, check=not args.no_check)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -344,8 +344,25 @@ def _load_tokenizer(tokenizer: Any, *search: Path | None) -> Any | None:
     return AutoTokenizer.from_pretrained(str(directory))
 
 
+def qlora_quantization() -> Any:
+    """The 4-bit set-up of cpt-plugin's QLoRA runs (the CLI's ``model.load_in_4bit``): NF4, double
+    quantization, bf16 compute. Loading a base with it again gives the same 4-bit weights (deterministic)."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+
+
 def _load_adapter_model(
-    adapter_dir: Path, base_dir: Path, dtype: torch.dtype | None, tokenizer: Any | None
+    adapter_dir: Path,
+    base_dir: Path,
+    dtype: torch.dtype | None,
+    tokenizer: Any | None,
+    base_4bit: bool = False,
 ) -> nn.Module:
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -362,7 +379,17 @@ def _load_adapter_model(
     base_rows = int(skeleton.get_input_embeddings().weight.shape[0])
     rows = _adapter_embedding_rows(adapter_dir, input_name) or base_rows
     check_vocabulary(rows, tokenizer, "found for the adapter")
-    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=dtype or "auto")
+    kwargs: dict[str, Any] = {"dtype": dtype or "auto"}
+    if base_4bit:
+        if rows != base_rows:
+            raise CPTConfigError(
+                f"cpt-plugin export: the adapter in {adapter_dir} has {rows} embedding rows, its base {base_rows}; "
+                "a 4-bit base cannot be resized. Merge without base_4bit (--base-4bit), or load the 4-bit base, "
+                "resize it as the run did, add the adapter and pass that model to merge()."
+            )
+        # the 4-bit base of a QLoRA run, as it trained: its leftovers (norms, embeddings) were kept bf16
+        kwargs = {"dtype": dtype or torch.bfloat16, "quantization_config": qlora_quantization()}
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), **kwargs)
     if rows != base_rows:  # the run resized the vocabulary: the base must have the adapter's shape
         model.resize_token_embeddings(rows, mean_resizing=False)
     # PeftModel.__init__ reads transformers' deprecated is_gradient_checkpointing (a FutureWarning the user
@@ -378,6 +405,7 @@ def merge(
     *,
     base: str | os.PathLike | None = None,
     tokenizer: Any | None = None,
+    base_4bit: bool = False,
 ) -> Path:
     """Writes the merged 16-bit model to ``out_dir`` and returns its path.
 
@@ -386,6 +414,10 @@ def merge(
     path in ``adapter_config.json`` (``base_model_name_or_path``) unless ``base`` is given.
     ``dtype``: the saved dtype (default: the model's own). ``tokenizer``: a tokenizer or its directory,
     saved beside the weights; for a directory it is found beside the adapter (or the base) when not given.
+    ``base_4bit``: the adapter was trained on a 4-bit base (QLoRA with cpt-plugin's NF4 set-up,
+    :func:`qlora_quantization`): the base is loaded that way and dequantized, so the merged model is the
+    one that was trained (merged into the original 16-bit weights it would be off by the quantization
+    error). An adapter directory does not record this, hence the switch; an in-memory model needs none.
     ``out_dir`` must not exist; nothing is left there if the export fails.
     """
     started = time.perf_counter()
@@ -395,7 +427,7 @@ def merge(
         adapter_dir = find_adapter_dir(adapter_or_model)
         base_dir = find_base_dir(adapter_dir, read_adapter_config(adapter_dir), base)
         tok = _load_tokenizer(tokenizer, adapter_dir, adapter_dir.parent, base_dir)
-        model = _load_adapter_model(adapter_dir, base_dir, dtype, tok)
+        model = _load_adapter_model(adapter_dir, base_dir, dtype, tok, base_4bit)
         return _export(model, out, dtype, tok, started)
     if not isinstance(adapter_or_model, nn.Module):
         raise CPTConfigError(

@@ -191,3 +191,30 @@ def test_merging_into_the_original_16_bit_base_would_be_off_by_the_quantization_
                     state[key].add_(module.get_delta_weight("default").to(torch.bfloat16))
         got = original(input_ids=ids).logits
     assert relative_error(got, want) > 2 * BF16_BOUND
+
+
+def test_qlora_adapter_directory_with_base_4bit(base_dir, tmp_path):
+    """`cpt-plugin export RUN --to merged --base-4bit`: an adapter directory does not record that its run was
+    QLoRA; with the switch the base is loaded as NF4 (cpt-plugin's set-up) and dequantized, so the merged model
+    computes the adapter model's logits; without it, the merge into the original 16-bit weights does not."""
+    from cpt_plugin.cli import main
+
+    model = _qlora_model(base_dir)
+    ids = torch.randint(0, 290, (2, 16), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits.float()
+    run = tmp_path / "run"
+    model.save_pretrained(run / "adapter")
+    byte_bpe_tokenizer().save_pretrained(run / "adapter")
+    config = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(base_dir)
+    assert main(["export", str(run), "--to", "merged", "--base-4bit"]) == 0
+    saved = json.loads((run / "merged" / "config.json").read_text())
+    assert "quantization_config" not in saved and saved["dtype"] == "bfloat16"
+    with torch.no_grad():
+        got = _load_plain(run / "merged")(input_ids=ids).logits
+    assert relative_error(got, want) < BF16_BOUND
+    assert main(["export", str(run), "--to", "merged", "--out", str(tmp_path / "plain")]) == 0
+    with torch.no_grad():
+        got = _load_plain(tmp_path / "plain")(input_ids=ids).logits
+    assert relative_error(got, want) > 2 * BF16_BOUND
