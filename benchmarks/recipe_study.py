@@ -620,6 +620,16 @@ def pareto_front(points: Mapping[str, tuple[float, float]]) -> list[str]:
     return sorted(front, key=lambda name: points[name])
 
 
+def paired_difference(config: Mapping[str, Any], reference: Mapping[str, Any]) -> dict[str, Any]:
+    """Per-seed differences of ``config`` minus ``reference`` (same CPT seed: same data order and replay
+    positions, so most of the seed noise cancels), mean and spread, over the seeds both have."""
+    seeds = sorted(set(config["seeds"]) & set(reference["seeds"]), key=int)
+    return {
+        key: mean_spread([config["seeds"][s][key] - reference["seeds"][s][key] for s in seeds])
+        for key in ("new", "forgetting")
+    } | {"seeds": len(seeds)}
+
+
 def summarize(
     study: Study, specs: Sequence[RunSpec], runs: Mapping[str, Any], skipped: Mapping[str, str]
 ) -> dict:
@@ -637,6 +647,9 @@ def summarize(
             for key in ("new", "old", "forgetting"):
                 entry[key] = mean_spread([r[key] for r in seeds])
         configs[spec.name] = entry
+    for name, entry in configs.items():
+        if "seeds" in entry and name != "baseline" and "seeds" in configs.get("baseline", {}):
+            entry["vs_baseline"] = paired_difference(entry, configs["baseline"])
     measured = {
         name: (c["new"]["mean"], c["forgetting"]["mean"]) for name, c in configs.items() if "new" in c
     }
@@ -659,17 +672,24 @@ def format_table(results: Mapping[str, Any]) -> str:
     """The markdown table: one row per configuration, mean ± spread over seeds."""
     base = results["base"]["loss"]
     lines = [
-        "| configuration | new-domain loss | forgetting (old-domain loss − base) | seeds | Pareto |",
-        "|---|---|---|---|---|",
-        f"| base (before CPT) | {base['new']:.3f} | — ({base['old']:.3f}) | — | |",
+        "| configuration | new-domain loss | forgetting (old-domain loss − base) | Δ new vs baseline, paired "
+        "| Δ forgetting vs baseline, paired | seeds | Pareto |",
+        "|---|---|---|---|---|---|---|",
+        f"| base (before CPT) | {base['new']:.3f} | — ({base['old']:.3f}) | | | — | |",
     ]
     front = set(results["pareto_front"])
     for name, config in results["configs"].items():
         if "skipped" in config:
-            lines.append(f"| {config['label']} | skipped: {config['skipped']} | | | |")
+            lines.append(f"| {config['label']} | skipped: {config['skipped']} | | | | | |")
             continue
+        paired = config.get("vs_baseline")
+        deltas = (
+            f"{_pm(paired['new'], signed=True)} | {_pm(paired['forgetting'], signed=True)}"
+            if paired
+            else "— | —"
+        )
         lines.append(
-            f"| {config['label']} | {_pm(config['new'])} | {_pm(config['forgetting'], signed=True)} "
+            f"| {config['label']} | {_pm(config['new'])} | {_pm(config['forgetting'], signed=True)} | {deltas} "
             f"| {len(config['seeds'])} | {'yes' if name in front else ''} |"
         )
     return "\n".join(lines) + "\n"

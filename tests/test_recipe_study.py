@@ -37,6 +37,9 @@ def test_quick_study_writes_results_table_and_plots(quick_study):
             config["old"]["mean"] - results["base"]["loss"]["old"]
         )
     assert results["configs"]["emb-lr-1.0"]["cpt"]["embedding_lr_ratio"] == 1.0
+    paired = results["configs"]["emb-lr-1.0"]["vs_baseline"]
+    one, base = results["configs"]["emb-lr-1.0"], results["configs"]["baseline"]
+    assert paired["new"]["mean"] == pytest.approx(one["new"]["mean"] - base["new"]["mean"])
     assert set(results["pareto_front"]) <= {"baseline", "emb-lr-1.0"} and results["pareto_front"]
     assert (quick_study / "runs" / "baseline-seed0.json").is_file()
     for png in ("pareto.png", "axes.png"):
@@ -90,6 +93,21 @@ def test_pareto_front_on_hand_made_points():
     }
     assert recipe_study.pareto_front(points) == ["a", "c", "f", "b"]
     assert recipe_study.pareto_front({"only": (3.0, 3.0)}) == ["only"]
+
+
+def test_paired_difference_cancels_what_both_seeds_share():
+    """Seed 1 is worse for both configurations (a harder data order): the paired difference sees only the
+    configuration's own effect, with no spread."""
+    config = {"seeds": {"0": {"new": 5.0, "forgetting": 0.30}, "1": {"new": 5.5, "forgetting": 0.40}}}
+    reference = {
+        "seeds": {"0": {"new": 5.2, "forgetting": 0.20}, "1": {"new": 5.7, "forgetting": 0.30}, "2": {}}
+    }
+    paired = recipe_study.paired_difference(config, reference)
+    assert paired["seeds"] == 2
+    assert paired["new"]["mean"] == pytest.approx(-0.2) and paired["new"]["spread"] == pytest.approx(0.0)
+    assert paired["forgetting"]["mean"] == pytest.approx(0.1) and paired["forgetting"][
+        "spread"
+    ] == pytest.approx(0.0)
 
 
 def test_grid_has_each_axis_and_one_shared_baseline():
