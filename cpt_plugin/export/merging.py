@@ -17,6 +17,7 @@ import copy
 import logging
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +139,22 @@ def _lora_weight(module: Any, name: str) -> torch.Tensor:
     return weight
 
 
+def _saved_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """The parameters and persistent buffers ``model.state_dict()`` holds, without calling it.
+
+    Why: a bitsandbytes 4-bit layer rewrites its weight when its state dict is taken (it undoes the CPU
+    repacking, re-quantizing absmax), and the model passed to the exporter is to be left as it was.
+    """
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        prefix = f"{module_name}." if module_name else ""
+        for name, param in module._parameters.items():
+            if param is not None:
+                yield prefix + name, param
+        for name, buffer in module._buffers.items():
+            if buffer is not None and name not in module._non_persistent_buffers_set:
+                yield prefix + name, buffer
+
+
 def merged_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The plain model's state dict, on the CPU, in ``dtype``: LoRA merged, trained copies in place.
 
@@ -181,7 +198,7 @@ def merged_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.T
                 if getattr(module, "bias", None) is not None:
                     put(f"{name}.bias", module.bias)
                 handled.add(name)
-        for key, tensor in base.state_dict().items():
+        for key, tensor in _saved_tensors(base):
             if key not in out and not under_handled(key.rsplit(".", 1)[0]):
                 put(key, tensor)
     # Separate copies of what shared memory in the model (safetensors refuses shared tensors); a tied

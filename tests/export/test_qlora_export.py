@@ -89,6 +89,8 @@ def qlora(base_dir, tmp_path_factory):
     ids = torch.randint(0, 290, (2, 16), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         want = model(input_ids=ids).logits.float()
+    state = model.base_model.model.get_submodule("model.layers.0.mlp.up_proj").base_layer.weight.quant_state
+    model.packed_before_export = getattr(state, "packing_format_for_cpu", False)  # AVX512-BF16 CPUs
     out = merge(model, tmp_path_factory.mktemp("qlora-out") / "merged", tokenizer=byte_bpe_tokenizer())
     return model, ids, want, out
 
@@ -218,3 +220,15 @@ def test_qlora_adapter_directory_with_base_4bit(base_dir, tmp_path):
     with torch.no_grad():
         got = _load_plain(tmp_path / "plain")(input_ids=ids).logits
     assert relative_error(got, want) > 2 * BF16_BOUND
+
+
+def test_export_leaves_the_4bit_model_as_it_was(qlora):
+    """Was: taking the model's state dict made bitsandbytes undo its CPU repacking (re-quantizing absmax), so
+    the model a user exported mid-run computed slightly different logits afterwards."""
+    model, ids, want, _ = qlora
+    if not model.packed_before_export:
+        pytest.skip("this CPU has no AVX512-BF16 (or bitsandbytes no longer repacks): nothing is rewritten")
+    weight = model.base_model.model.get_submodule("model.layers.0.mlp.up_proj").base_layer.weight
+    assert weight.quant_state.packing_format_for_cpu
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits.float(), want)
