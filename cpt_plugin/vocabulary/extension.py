@@ -155,6 +155,14 @@ def learn_new_tokens(
             + (f"Set extend_vocabulary: {len(chosen)} or lower" if chosen else "Set extend_vocabulary: 0")
             + ", or give more new-domain text."
         )
+    saved = sum(counts[word] * (pieces[word] - 1) for word in chosen)
+    total = sum(counts[word] * pieces[word] for word in counts)
+    logger.info(
+        "cpt-plugin: learned %d new tokens from %s characters of text (they shorten it by about %.1f%%)",
+        n,
+        f"{read:,}",
+        100 * saved / max(total, 1),
+    )
     return chosen
 
 

@@ -133,9 +133,11 @@ def test_unknown_init_names_the_closest():
     assert len(tokenizer) == 290
 
 
-def test_learn_new_tokens_is_deterministic_and_saves_tokens():
+def test_learn_new_tokens_is_deterministic_and_saves_tokens(caplog):
     tokenizer = byte_bpe_tokenizer()
-    learned = learn_new_tokens(tokenizer, TEXT, 6)
+    with caplog.at_level("INFO", logger="cpt_plugin"):
+        learned = learn_new_tokens(tokenizer, TEXT, 6)
+    assert "learned 6 new tokens from 932 characters of text (they shorten it by about" in caplog.text
     assert learned == learn_new_tokens(byte_bpe_tokenizer(), iter(TEXT), 6)  # same input, same tokens
     assert len(learned) == len(set(learned)) == 6
     pieces = [len(tokenizer.encode(t, add_special_tokens=False)) for t in learned]
