@@ -11,6 +11,7 @@ one bf16/fp16 dtype and lets checkpointed layers see an input that requires grad
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 from torch import nn
@@ -45,3 +46,30 @@ def prepare_kbit_model(model: nn.Module, dtype: torch.dtype = torch.bfloat16) ->
     if hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
     return model
+
+
+def dequantize_4bit(weight: Any) -> torch.Tensor:
+    """A bitsandbytes ``Params4bit`` weight as a dense tensor, the module left as it is.
+
+    Why not bitsandbytes' ``dequantize_4bit`` alone (nor PEFT's ``dequantize_module_weight``, which calls
+    it): on a CPU with AVX512-BF16, bitsandbytes (0.50) repacks a 4-bit weight for its CPU kernel at the
+    first forward in eval mode without gradients (``quant_state.packing_format_for_cpu``: the 4-bit codes
+    reordered in blocks of 32 rows, absmax un-nested, transposed and in bf16), and ``dequantize_4bit`` then
+    reads that layout as the usual one: a QLoRA run that had generated samples or evaluated was exported
+    as noise (logits 75% off). Its own inverse re-quantizes absmax and changes the module, so the packed
+    layout is read here instead, exactly as the CPU kernel reads it: code value x block absmax.
+    """
+    import bitsandbytes.functional as bnb_functional
+
+    state = weight.quant_state
+    if not getattr(state, "packing_format_for_cpu", False):
+        return bnb_functional.dequantize_4bit(weight.data, state)
+    rows, cols = state.shape
+    packed = weight.data.reshape(-1, 32)
+    codes = torch.cat([packed & 0xF, packed >> 4], dim=-1)  # 32 low nibbles, then 32 high ones
+    codes = codes.reshape(rows // 32, cols // 2, 32, 2).transpose(1, 2).reshape(rows, cols)
+    values = state.code.to(torch.float32)[codes.long()].reshape(
+        rows, cols // state.blocksize, state.blocksize
+    )
+    absmax = state.absmax.to(torch.float32).T.reshape(rows, cols // state.blocksize, 1)
+    return (values * absmax).reshape(rows, cols).to(state.dtype)

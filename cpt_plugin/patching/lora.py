@@ -114,12 +114,12 @@ def unsupported_reason(layer: nn.Module) -> str | None:
 
 def _dequantizer(base: nn.Module) -> Any:
     """A callable returning a 4-bit base's weight in the requested dtype (once per pass)."""
-    import bitsandbytes.functional as bnb_functional
+    from cpt_plugin.quantized import dequantize_4bit  # reads bitsandbytes' CPU-repacked layout too
 
     weight = base.weight
 
     def dequantize(dtype: torch.dtype) -> torch.Tensor:
-        full = bnb_functional.dequantize_4bit(weight.data, weight.quant_state)
+        full = dequantize_4bit(weight)
         return full if full.dtype == dtype else full.to(dtype)
 
     return dequantize

@@ -148,7 +148,7 @@ def test_dequantize_reads_the_cpu_packed_layout(base_dir):
     4-bit weight in its CPU-kernel layout, and the export read it as the usual one (noise)."""
     from transformers import AutoModelForCausalLM
 
-    from cpt_plugin.export.merging import dequantize_4bit
+    from cpt_plugin.quantized import dequantize_4bit
 
     name = "model.layers.0.mlp.down_proj"
     want = _canonical_dequantized(base_dir, name)
