@@ -194,6 +194,20 @@ SHORT_LABELS: dict[str, str] = {
 }
 
 
+# Where a point's label sits (points from the point) where the default (above right) overprints a
+# neighbour in the study's plot; a far label gets a thin leader line.
+LABEL_OFFSETS: dict[str, tuple[int, int]] = {
+    "baseline": (10, -32),
+    "row-aware": (-12, 26),
+    "infinite-cosine": (14, 30),
+    "infinite-inv-sqrt": (22, -18),
+    "emb-lr-0.3": (8, 8),
+    "row-aware-0.3": (-8, -16),
+    "plain-lora-r128": (-8, 10),
+    "plain-lora-r256": (6, -14),
+}
+
+
 def select(names: Sequence[str] | None) -> list[RunSpec]:
     """The grid's specs named in ``names`` (all for None); an unknown name is an error with a hint."""
     if not names:
@@ -656,7 +670,7 @@ def summarize(
     return {
         "settings": dataclasses.asdict(study.settings),
         "tokens_per_run": study.settings.cpt_tokens,
-        "base": study.base,
+        "base": {**study.base, "settings": study.settings.base_fields()},  # what the base depends on
         "domains": DOMAIN_NAMES,
         "configs": configs,
         "pareto_front": pareto_front(measured),
@@ -731,8 +745,19 @@ def plot_pareto(results: Mapping[str, Any], path: Path) -> Path:
             capsize=3,
             label=AXES.get(axis, "baseline"),
         )
-        ax.annotate(SHORT_LABELS.get(name, name), (config["new"]["mean"], config["forgetting"]["mean"]),
-                    textcoords="offset points", xytext=(5, 4), fontsize=8)  # fmt: skip
+    for name, config in configs.items():
+        point = (config["new"]["mean"], config["forgetting"]["mean"])
+        offset = LABEL_OFFSETS.get(name, (5, 6))
+        far = abs(offset[0]) + abs(offset[1]) > 20
+        ax.annotate(
+            SHORT_LABELS.get(name, name),
+            point,
+            textcoords="offset points",
+            xytext=offset,
+            ha="right" if offset[0] < 0 else "left",
+            fontsize=8,
+            arrowprops={"arrowstyle": "-", "color": "grey", "linewidth": 0.6} if far else None,
+        )
     if front:
         xs = [configs[n]["new"]["mean"] for n in front]
         ys = [configs[n]["forgetting"]["mean"] for n in front]
