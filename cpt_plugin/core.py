@@ -70,6 +70,9 @@ def setup_model(model: Any, config: CPTConfig | dict | None = None, checkpointin
         warn_if_no_patcher(model)  # the same one warning as patch() gives on a GPU
     warn_if_context_too_long(model, config)
     peft_model = prepare_model(model, config)
+    from cpt_plugin.vocabulary.extension import keep_adapter_saves_lean
+
+    keep_adapter_saves_lean(peft_model)  # an extended vocabulary: no second copy of every embedding
     if "fused_lora" in config.enabled_kernels():
         from cpt_plugin.patching.lora import enable_fused_lora
 

@@ -104,7 +104,7 @@ class CPTCallback(TrainerCallback):
         tokenizer vs embedding size, replay that the dataset would not do.
         """
         from cpt_plugin.preflight import check_trainer_inputs
-        from cpt_plugin.vocabulary.extension import check_trainer_vocabulary, keep_adapter_saves_lean
+        from cpt_plugin.vocabulary.extension import check_trainer_vocabulary
 
         check_trainer_vocabulary(self.config, model)  # new_tokens: add_new_tokens before tokenizing
         given = dict(trainer_arguments or {})
@@ -119,7 +119,6 @@ class CPTCallback(TrainerCallback):
 
         settings = resolve(self.config, TrainerSettings.from_training_args(args))
         prepared = setup_model(model, self.config, checkpointing=settings.checkpointing)
-        keep_adapter_saves_lean(prepared)  # an extended vocabulary: no second copy of every embedding
         self._planner = find_planner(prepared)
         return prepared
 
