@@ -59,6 +59,21 @@ def test_rerun_resumes_from_the_cache(quick_study, monkeypatch):
     assert list(json.loads((quick_study / "results.json").read_text())["configs"]) == ["baseline"]
 
 
+def test_a_run_made_with_other_shared_settings_is_trained_again(quick_study, monkeypatch):
+    path = quick_study / "runs" / "baseline-seed0.json"
+    result = json.loads(path.read_text())
+    result["config"]["min_lr_ratio"] = 0.5  # as if the shared CPT keys had changed since
+    path.write_text(json.dumps(result))
+    trained = []
+    real = recipe_study.train_run
+    monkeypatch.setattr(recipe_study, "train_run", lambda *a: trained.append(a[1].name) or real(*a))
+    assert (
+        recipe_study.main(["--out", str(quick_study), "--quick", "--seeds", "1", "--only", "baseline"]) == 0
+    )
+    assert trained == ["baseline"]
+    assert json.loads(path.read_text())["config"]["min_lr_ratio"] == 0.1
+
+
 def test_missing_capability_skips_the_configuration_never_fakes_it(quick_study, monkeypatch, caplog):
     monkeypatch.setitem(recipe_study.CAPABILITIES, "row_aware", lambda: "row-aware LR not built yet")
     caplog.set_level("INFO", logger="benchmarks.recipe_study")
