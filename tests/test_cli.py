@@ -132,6 +132,7 @@ def test_bad_config_fails_fast_with_the_key(tmp_path, capsys, override, message)
         ("data.eval_max_blocks=many", r"'data.eval_max_blocks': expected a whole number, got 'many'"),
         ("tokenizer=gpt2", r"Run config 'tokenizer': expected a mapping"),
         ("compare_without_replay=yes please", r"'compare_without_replay': expected a bool"),
+        ("export_merged=sure", r"'export_merged': expected a bool"),
     ],
 )
 def test_every_section_is_checked_before_anything_runs(tmp_path, capsys, override, message):
@@ -171,3 +172,17 @@ def test_readme_reference_matches_the_config_classes():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     block = readme.split(START, 1)[1].split(END, 1)[0].strip()
     assert block == reference_markdown(), "run: python -m cpt_plugin.cli.reference --write README.md"
+
+
+def test_a_user_run_writes_no_merged_copy_unless_asked():
+    """A merged 16-bit copy is as big as the model (~14 GB at 7B): only `export_merged: true` writes it
+    (the embedded default sets it)."""
+    from cpt_plugin.cli.pipeline import RunConfig, default_config_text
+    from cpt_plugin.config import load_yaml_mapping
+
+    raw = dict(
+        load_yaml_mapping(None, expected="a run config", where="default", text=default_config_text()).data
+    )
+    assert RunConfig.from_dict(raw).export_merged is True
+    raw.pop("export_merged")
+    assert RunConfig.from_dict(raw).export_merged is False

@@ -24,7 +24,9 @@ from cpt_plugin.data.checks import SPLITS
 
 logger = logging.getLogger(__name__)
 
-RUN_KEYS = {"model", "tokenizer", "data", "cpt", "training", "base_pretraining", "compare_without_replay"}
+RUN_KEYS = {
+    "model", "tokenizer", "data", "cpt", "training", "base_pretraining", "compare_without_replay", "export_merged",
+}  # fmt: skip
 # The keys of each plain section and the types their values may have (checked before anything is built).
 SECTION_KEYS: dict[str, dict[str, tuple[type, ...]]] = {
     "model": {
@@ -148,6 +150,7 @@ class RunConfig:
     tokenizer: dict[str, Any] = dataclasses.field(default_factory=dict)
     base_pretraining: dict[str, Any] | None = None
     compare_without_replay: bool = False
+    export_merged: bool = False  # also write output_dir/merged (a full 16-bit copy: ~14 GB for a 7B model)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> RunConfig:
@@ -195,6 +198,9 @@ class RunConfig:
         compare = raw.get("compare_without_replay", False)
         if not isinstance(compare, bool):
             raise _type_error("compare_without_replay", compare, (bool,))
+        export_merged = raw.get("export_merged", False)
+        if not isinstance(export_merged, bool):
+            raise _type_error("export_merged", export_merged, (bool,))
         cpt = CPTConfig.from_dict(_section(raw, "cpt"))
         quantized = "load_in_4bit" if model.get("load_in_4bit") else "load_in_8bit"
         if (cpt.new_tokens or cpt.extend_vocabulary) and model.get(quantized):
@@ -223,6 +229,7 @@ class RunConfig:
             tokenizer=tokenizer,
             base_pretraining=base,
             compare_without_replay=compare,
+            export_merged=export_merged,
         )
 
     def check_data(self) -> None:
@@ -580,7 +587,7 @@ def run(run_config: RunConfig, output_dir: str | None = None) -> dict[str, Any]:
     trainer = cpt_run(replay_name, model, cfg, cpt_args, dataset)
     trainer.save_model(str(out / "adapter"))
     tokenizer.save_pretrained(str(out / "adapter"))
-    merged = _write_merged(trainer.model, tokenizer, out / "merged")
+    merged = _write_merged(trainer.model, tokenizer, out / "merged") if run_config.export_merged else None
     if base_copy is not None:
         args = _training_args(run_config, out, {"output_dir": out / "no-replay", "save_strategy": "no"})
         cpt_run(
@@ -614,7 +621,7 @@ def run(run_config: RunConfig, output_dir: str | None = None) -> dict[str, Any]:
         if run_config.model.get("tiny_llama")
         else run_config.model.get("name_or_path"),
         "loss_curve": str(out / "loss_curve.png"),
-        "merged": str(merged),
+        "merged": str(merged) if merged else None,
         "heldout_plots": [str(e.plot_path) for e in evaluations.values() if e is not None and e.plot_path],
         "samples": _sample_table(samples),
         "summary": str(out / "summary.json"),
