@@ -737,3 +737,19 @@ def test_export_time_run_is_the_cpt_recipe_and_exports(tmp_path):
     assert info["trained_parameters"] > 0 and info["parameters"] > 0
     out = merge(tmp_path / "run", tmp_path / "merged")
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_embedding_rounding_summary_means_and_spreads():
+    """benchmarks/embedding_rounding_curve.py's table: per dtype, the mean and max-min over seeds."""
+    from benchmarks.embedding_rounding_curve import summarize
+
+    def run(dtype, seed, held, moved):
+        return {"dtype": dtype, "seed": seed, "heldout_new_loss": held, "embedding_entries_moved": moved,
+                "curve": [(10 * i, held + 0.1) for i in range(1, 7)]}  # fmt: skip
+
+    table = summarize([run("float32", 0, 6.0, 1.0), run("float32", 1, 6.2, 1.0), run("model", 0, 7.0, 0.1)])
+    assert set(table) == {"float32", "model"}
+    assert table["float32"]["heldout_new_loss"] == pytest.approx(6.1)
+    assert table["float32"]["heldout_spread"] == pytest.approx(0.2)
+    assert table["float32"]["train_loss_last_50"] == pytest.approx(6.2)
+    assert table["model"]["seeds"] == 1 and table["model"]["entries_moved"] == 0.1
