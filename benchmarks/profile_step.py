@@ -24,6 +24,48 @@ from typing import Any
 
 COPY_OPS = ("aten::copy_", "aten::to", "aten::_to_copy")
 TOP = 30
+SYNC_SITES = 12  # distinct source lines of synchronizing calls listed
+
+
+def host_and_syncs(step: Any, first: int, steps: int, device: str) -> dict[str, Any]:
+    """Is the step bound by the host? Unprofiled steps timed twice: until ``step`` returns (the host has
+    queued everything, or waited at a sync) and until the device is done. Host time close to wall time,
+    with the device idle for the difference, says the GPU waits for Python and launches, not the reverse.
+    Then one step under ``torch.cuda.set_sync_debug_mode("warn")``: every call that makes the host wait
+    for the device, counted by the source line that made it (a sync stops the host from running ahead)."""
+    import warnings
+
+    import torch
+
+    from benchmarks.hw import synchronize
+
+    host, wall = [], []
+    for i in range(first, first + steps):
+        synchronize(device)
+        start = time.perf_counter()
+        step(i)
+        host.append(time.perf_counter() - start)
+        synchronize(device)
+        wall.append(time.perf_counter() - start)
+    sites: dict[str, int] = defaultdict(int)
+    if device.startswith("cuda"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                step(first + steps)
+                synchronize(device)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        for w in caught:
+            if "synchroniz" in str(w.message):
+                sites[f"{w.filename}:{w.lineno}"] += 1
+    return {
+        "host_ms_per_step": 1e3 * sum(host) / len(host),
+        "wall_ms_per_step": 1e3 * sum(wall) / len(wall),
+        "syncs_per_step": sum(sites.values()),
+        "sync_sites": dict(sorted(sites.items(), key=lambda kv: -kv[1])[:SYNC_SITES]),
+    }
 
 
 def summarize(prof: Any, steps: int, cuda: bool) -> dict[str, Any]:
@@ -96,6 +138,16 @@ def render_text(system: str, summary: dict[str, Any]) -> str:
                 f"{100 * c['share_of_kernel_time']:.1f}% of kernel time"
             )
         lines.append(f"{name:<16} {c['count_per_step']:8.0f} calls/step  {timing}")
+    timing = summary.get("host")
+    if timing:
+        lines += [
+            "",
+            "## host vs device (unprofiled steps)",
+            f"host {timing['host_ms_per_step']:.1f} ms per step until the step returns; wall "
+            f"{timing['wall_ms_per_step']:.1f} ms until the device is done; {timing['syncs_per_step']} "
+            "synchronizing calls in one step",
+            *(f"  {count:5d}  {site}" for site, count in timing["sync_sites"].items()),
+        ]
     lines += ["", "## key_averages", summary["table"]]
     return "\n".join(lines) + "\n"
 
@@ -135,12 +187,14 @@ def run_profile(args: dict[str, Any]) -> dict[str, Any]:
     for i in range(warmup):
         step(i)
     synchronize(device)
+    host = host_and_syncs(step, warmup, steps, device)
+    warmup += steps + 1
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
         for i in range(warmup, warmup + steps):
             step(i)
         synchronize(device)
-    summary = summarize(prof, steps, cuda)
+    summary = {**summarize(prof, steps, cuda), "host": host}
     out = Path(args["out"])
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{system}_profile.txt").write_text(render_text(system, summary))

@@ -717,6 +717,9 @@ def test_profile_step_writes_the_kernel_table_and_copy_counts(tmp_path):
     assert copies["aten::to"]["count_per_step"] > 0  # autocast casts, even on the CPU
     text = (tmp_path / "hf_profile.txt").read_text()
     assert "Top 30 GPU kernels" in text and "aten::_to_copy" in text and "ms/step on the host" in text
+    host = json.loads((tmp_path / "hf_profile.json").read_text())["host"]
+    assert 0 < host["host_ms_per_step"] <= host["wall_ms_per_step"]  # host-bound or not, measured
+    assert host["syncs_per_step"] == 0 and "host vs device" in text  # sync counting is CUDA-only
 
 
 def test_export_time_run_is_the_cpt_recipe_and_exports(tmp_path):
