@@ -152,3 +152,47 @@ class _Tokenizer:
 
 def test_ids_never_seen_leaves_out_special_tokens():
     assert ids_never_seen(_Tokenizer(), ["abba", "ca"]).tolist() == [5, 6]
+
+
+@torch.no_grad()
+def _never_read_cluster(tied: bool) -> tuple[nn.Module, list[int]]:
+    """Input rows of 60 never-read tokens left near their init norm (log-norm spread 0.06) while the trained
+    rows grew to ~2.4x with a wider spread (0.16): the recipe study's base in miniature. Only 2.4x apart,
+    so the robust z-score alone (threshold -8) finds none of them."""
+    model = tiny_llama(tied=tied, vocab_size=VOCAB)
+    generator = torch.Generator().manual_seed(1)
+    never = sorted(torch.randperm(VOCAB, generator=generator)[:60].tolist())
+    directions = torch.nn.functional.normalize(torch.randn(VOCAB, 32, generator=generator), dim=1)
+    log_norms = -0.6 + 0.16 * torch.randn(VOCAB, generator=generator)
+    log_norms[never] = -1.49 + 0.06 * torch.randn(len(never), generator=generator)
+    model.get_input_embeddings().weight.copy_(directions * log_norms.exp()[:, None])
+    return model, never
+
+
+def test_a_separate_low_norm_cluster_of_untied_input_rows_is_found():
+    model, never = _never_read_cluster(tied=False)
+    assert find_untrained_rows(model).tolist() == never
+
+
+def test_the_cluster_rule_is_not_used_on_tied_embeddings():
+    """Tied: the one matrix is also the output layer, so every row got gradient through the softmax; a
+    small-norm group there is trained output knowledge ("rarely next"), and resetting it hurt the CLI
+    default's story (its no-replay run ended above the base on the new domain)."""
+    model, _never = _never_read_cluster(tied=True)
+    assert find_untrained_rows(model).numel() == 0
+
+
+@pytest.mark.parametrize(
+    "log_norms",
+    [
+        lambda g: 0.3 * torch.randn(VOCAB, generator=g),  # one Gaussian
+        lambda g: -0.5 * torch.rand(VOCAB, generator=g).log(),  # a long tail, no gap
+        lambda g: -0.2 * torch.arange(1, VOCAB + 1).float().log(),  # Zipf-like norms by frequency rank
+    ],
+    ids=["gaussian", "exponential-tail", "zipf"],
+)
+def test_no_cluster_in_one_group_with_a_tail(log_norms):
+    from cpt_plugin.vocabulary.healing import low_norm_cluster
+
+    norms = log_norms(torch.Generator().manual_seed(0)).exp()
+    assert not low_norm_cluster(norms, torch.ones(VOCAB, dtype=torch.bool)).any()
