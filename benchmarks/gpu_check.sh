@@ -19,6 +19,8 @@
 #                 PROFILE_WORKLOAD at PROFILE_SHAPE: top-30 kernels and the share of dtype copies ($OUT/profile)
 #   qlora_maxctx  one-step probes of QLORA_MAXCTX_SYSTEMS (default cpt_offload) on the QLoRA workload from
 #                 QLORA_MAXCTX_START to _CAP, bisected down to QLORA_MAXCTX_GRANULARITY tokens
+#   evaluator     the held-out evaluator's share of wall time at its default frequency (benchmarks/evaluator_overhead.py)
+#   export        `cpt-plugin export --to merged` and GGUF f16 timed at Llama-1B shapes (benchmarks/export_time.py)
 #   tf524tests    `pytest -m gpu` again on the carried newest transformers
 LONGCTX_SYSTEMS=${LONGCTX_SYSTEMS:-hf,hf_offload,trl_offload,axolotl_offload,cpt,cpt_offload_only,cpt_offload}
 LONGCTX_SHAPES=${LONGCTX_SHAPES:-1x16384,1x32768}
@@ -130,6 +132,16 @@ for stage in $STAGES; do
         --shape "$PROFILE_SHAPE" --device "$DEVICE" --out "$OUT/profile" --timeout $(( t - 20 )) | tail -60
       note "profile: exit ${PIPESTATUS[0]}"
       ;;
+    evaluator|export)
+      t=$(left)
+      if (( t < 60 )); then note "$stage: skipped (time budget)"; continue; fi
+      echo "== $stage (timeout ${t}s)"
+      case $stage in
+        evaluator) timeout -k 10 "$t" python3 -m benchmarks.evaluator_overhead --device "$DEVICE" --out "$OUT/evaluator" | tail -5 ;;
+        export) timeout -k 10 "$t" python3 -m benchmarks.export_time --out "$OUT/export" $([ "$DEVICE" = cpu ] && echo --workload tiny-llama) | tail -8 ;;
+      esac
+      note "$stage: exit ${PIPESTATUS[0]}"
+      ;;
     tf524tests)
       t=$(( $(left) < TESTS_TIMEOUT ? $(left) : TESTS_TIMEOUT ))
       if (( t < 20 )); then note "tf524tests: skipped (time budget)"; continue; fi
@@ -139,7 +151,7 @@ for stage in $STAGES; do
       note "tf524tests: exit $rc ($(grep -E '[0-9]+ (passed|failed)' "$OUT/gpu_tests_tf524.log" | tail -1))"
       ;;
     *)
-      note "unknown stage '$stage' (use tests, kernels, quick, full, longctx, qlora, qlora_maxctx, profile, tf524tests)"
+      note "unknown stage '$stage' (use tests, kernels, quick, full, longctx, qlora, qlora_maxctx, profile, evaluator, export, tf524tests)"
       ;;
   esac
 done

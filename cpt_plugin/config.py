@@ -162,7 +162,7 @@ class CPTConfig:
     log_metrics: bool = True
     # --- held-out evaluation (cpt_plugin/evaluation.py), when eval data is given ----------------
     eval_every_steps: int = 100  # held-out loss of both domains every N steps; 0: start and end only
-    eval_tokens: int = 65536  # tokens per domain in one evaluation (a fixed, small cost)
+    eval_tokens: int = 32768  # tokens per domain in one evaluation (a fixed, small cost)
     # --- safety: never lose a run (cpt_plugin/safety) -----------------------------------------
     guard: bool = True  # a non-finite step is skipped, a diverged run stopped, a NaN model never saved
     guard_max_bad_steps: int = 3  # non-finite steps in a row before the run stops

@@ -82,6 +82,9 @@ def _perplexity(loss: float) -> float:
     return math.exp(loss) if loss < 50 else math.inf
 
 
+COSTLY_OVERHEAD = 0.05  # a predicted share of training time above this is worth a warning
+
+
 class HeldoutEvaluator(TrainerCallback):
     """Held-out loss on the new and the old domain every ``every_steps`` steps, the base at step 0.
 
@@ -99,7 +102,7 @@ class HeldoutEvaluator(TrainerCallback):
         eval_old: Any = None,
         *,
         every_steps: int = 100,
-        max_tokens: int = 65536,
+        max_tokens: int = 32768,
         tokens_seen: Callable[[], int] | None = None,
         plot: bool = True,
     ) -> None:
@@ -146,12 +149,41 @@ class HeldoutEvaluator(TrainerCallback):
         else:
             logger.info("cpt-plugin: held-out at step %d: %s", state.global_step, logs)
 
+    def predicted_overhead(self, tokens_per_step: int) -> float | None:
+        """The share of training time one evaluation per ``every_steps`` steps adds (None: no periodic one).
+
+        A held-out token costs a forward, a trained token a forward and a backward (~3 forwards, more with
+        checkpointing): overhead ~ eval tokens / (3 x every_steps x tokens per step). The GPU benchmark
+        (benchmarks/evaluator_overhead.py) measures it.
+        """
+        if not self.every_steps or tokens_per_step <= 0 or not self.blocks:
+            return None
+        eval_tokens = sum(len(b["input_ids"]) for blocks in self.blocks.values() for b in blocks)
+        return eval_tokens / (3 * self.every_steps * tokens_per_step)
+
+    def _warn_if_costly(self, args: Any) -> None:
+        length = len(next(iter(self.blocks.values()))[0]["input_ids"]) if self.blocks else 0
+        per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * length
+        overhead = self.predicted_overhead(per_step)  # per device: each rank evaluates the same blocks
+        if overhead is not None and overhead > COSTLY_OVERHEAD:
+            logger.warning(
+                "cpt-plugin: the held-out evaluation (%s tokens every %d steps of %s tokens per device) will add "
+                "about %.0f%% to the training time. Raise eval_every_steps or lower eval_tokens to make it "
+                "smaller.",
+                f"{sum(len(b['input_ids']) for v in self.blocks.values() for b in v):,}",
+                self.every_steps,
+                f"{per_step:,}",
+                100 * overhead,
+            )
+
     # --- TrainerCallback events -------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, **kwargs):  # noqa: D401 - HF signature
         if not self.sources or model is None:
             return control
         if not self.blocks:
             self.blocks = {name: take_blocks(src, self.max_tokens) for name, src in self.sources.items()}
+            if state.is_world_process_zero:
+                self._warn_if_costly(args)
         if not self.base:
             self.base = self.evaluate(model, args.per_device_eval_batch_size, base=True)
             if state.global_step == 0:

@@ -756,3 +756,16 @@ def test_embedding_rounding_summary_means_and_spreads():
     assert table["float32"]["heldout_spread"] == pytest.approx(0.2)
     assert table["float32"]["train_loss_last_50"] == pytest.approx(6.2)
     assert table["model"]["seeds"] == 1 and table["model"]["entries_moved"] == 0.1
+
+
+def test_evaluator_overhead_measures_one_evaluation_against_the_steps(tmp_path):
+    """benchmarks/evaluator_overhead.py on the tiny workload: the step time, one evaluation's time, and the
+    overhead at one evaluation per ``every`` steps (the GPU number is issue 11's < 5% target)."""
+    from benchmarks.evaluator_overhead import main
+
+    args = ["--system", "hf", "--device", "cpu", "--shape", "2x64", "--tokens", "256", "--steps", "2"]
+    assert main([*args, "--out", str(tmp_path)]) == 0  # hf: our kernels under the test's Triton interpreter are slow
+    result = json.loads((tmp_path / "evaluator.json").read_text())
+    assert result["eval_tokens_per_domain"] == 256 and result["eval_every_steps"] == 100
+    assert result["overhead"] == pytest.approx(result["eval_seconds"] / (100 * result["step_seconds"]))
+    assert set(result["losses"]) == {"new", "old"}

@@ -95,3 +95,28 @@ def test_eval_keys_are_checked_by_name(key, value):
 
 def test_no_eval_data_no_evaluator():
     assert CPTCallback(lora_r=4).evaluator is None
+
+
+def test_the_evaluators_cost_is_predicted_and_a_costly_one_is_named(caplog):
+    """Cost model: held-out tokens / (3 x every_steps x tokens per step); above 5% a warning at the start
+    names the keys to change. The default (2 x 32768 tokens every 100 steps) stays under 5% from 8,192
+    tokens per step (4 x 2048: 2.7%)."""
+    import logging
+    from types import SimpleNamespace
+
+    from cpt_plugin.evaluation import HeldoutEvaluator
+
+    block = {"input_ids": list(range(2048)), "labels": list(range(2048)), "position_ids": list(range(2048))}
+    evaluator = HeldoutEvaluator(every_steps=100)
+    evaluator.blocks = {"new": [block] * 16, "old": [block] * 16}  # 2 x 32768 tokens
+    assert evaluator.predicted_overhead(2 * 2048) == pytest.approx(65536 / (3 * 100 * 4096))
+    assert evaluator.predicted_overhead(4 * 2048) < 0.05 < evaluator.predicted_overhead(2 * 2048)
+    assert HeldoutEvaluator(every_steps=0).predicted_overhead(4096) is None
+    args = SimpleNamespace(per_device_train_batch_size=1, gradient_accumulation_steps=1)
+    with caplog.at_level(logging.WARNING, logger="cpt_plugin.evaluation"):
+        evaluator._warn_if_costly(args)  # 1 x 2048 tokens per step: ~10.7%
+    assert "will add about 11% to the training time" in caplog.text and "eval_every_steps" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="cpt_plugin.evaluation"):
+        evaluator._warn_if_costly(SimpleNamespace(per_device_train_batch_size=8, gradient_accumulation_steps=1))
+    assert caplog.text == ""
