@@ -769,3 +769,19 @@ def test_evaluator_overhead_measures_one_evaluation_against_the_steps(tmp_path):
     assert result["eval_tokens_per_domain"] == 256 and result["eval_every_steps"] == 100
     assert result["overhead"] == pytest.approx(result["eval_seconds"] / (100 * result["step_seconds"]))
     assert set(result["losses"]) == {"new", "old"}
+
+
+def test_embedding_group_memory_counts_weight_grad_and_states():
+    """benchmarks/embedding_group_memory.py at a small shape: fp32 copies 4+4+8 bytes per parameter,
+    bf16_sr 2+2+4, bf16_sr with 8-bit states 2+2+~2."""
+    from benchmarks.embedding_group_memory import GIB, measure
+
+    vocab, hidden = 4096, 64  # 262,144 parameters: above the 8-bit threshold (4,096)
+    fp32 = measure("float32", "adamw", vocab, hidden)
+    sr = measure("bfloat16_sr", "adamw", vocab, hidden)
+    eight = measure("bfloat16_sr", "adamw_8bit", vocab, hidden)
+    n = vocab * hidden
+    assert fp32["trained_params"] == n
+    assert fp32["total_gib"] * GIB == pytest.approx(16 * n, abs=16)  # (+ torch's step counter)
+    assert sr["total_gib"] * GIB == pytest.approx(8 * n, abs=16)
+    assert 6 * n < eight["total_gib"] * GIB < 6.2 * n  # uint8 moments + blockwise absmax
