@@ -165,6 +165,15 @@ GRID: tuple[RunSpec, ...] = (
         row_aware_embedding_lr=True,
         embedding_lr_ratio=0.3,
     ),
+    _spec(
+        "row-aware-shift",
+        "row-aware + domain-shifted rows (>= 4x more frequent in the code): x0.1 known, 2x LoRA LR fresh",
+        ("embedding_lr",),
+        needs="row_aware",
+        row_aware_embedding_lr=True,
+        domain_shift_ratio=4.0,
+        fresh_row_learning_rate=2 * StudySettings.learning_rate,
+    ),
     _spec("plain-lora-r128", "plain LoRA r128", ("lora",), use_rslora=False),
     _spec("rslora-r256", "rsLoRA r256", ("lora",), lora_r=256),
     _spec("plain-lora-r256", "plain LoRA r256", ("lora",), lora_r=256, use_rslora=False),
@@ -175,7 +184,7 @@ GRID: tuple[RunSpec, ...] = (
 )
 # How each axis reads, left to right (the baseline sits where its value falls).
 AXIS_ORDER: dict[str, tuple[str, ...]] = {
-    "embedding_lr": ("baseline", "emb-lr-0.3", "emb-lr-1.0", "row-aware", "row-aware-0.3"),
+    "embedding_lr": ("baseline", "emb-lr-0.3", "emb-lr-1.0", "row-aware", "row-aware-0.3", "row-aware-shift"),
     "lora": ("baseline", "plain-lora-r128", "rslora-r256", "plain-lora-r256"),
     "replay": ("replay-0", "replay-5", "baseline"),
     "schedule": ("baseline", "infinite-cosine", "infinite-inv-sqrt"),
@@ -186,6 +195,7 @@ SHORT_LABELS: dict[str, str] = {
     "emb-lr-1.0": "x1.0",
     "row-aware": "row-aware",
     "row-aware-0.3": "row-aware 0.3",
+    "row-aware-shift": "row-aware + shifted",
     "plain-lora-r128": "plain r128",
     "rslora-r256": "rs r256",
     "plain-lora-r256": "plain r256",

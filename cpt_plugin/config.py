@@ -129,6 +129,9 @@ class CPTConfig:
     # rows of tokens the base never trained (added or healed: cpt_plugin/vocabulary) at their own LR
     fresh_row_learning_rate: float | None = None  # None: the LoRA LR (known rows keep the embedding LR)
     row_aware_embedding_lr: bool = True  # False: every embedding row at the embedding LR
+    # rows of tokens >= this many times more frequent in the training data than in the replay data learn at the
+    # fresh-row LR too (docs/RECIPE.md; needs a CPTDataset with replay); 0: off
+    domain_shift_ratio: float = 0.0
     weight_decay: float | None = None  # None: TrainingArguments.weight_decay
     optimizer: str | None = None  # None: follow TrainingArguments.optim (AdamW kinds), else fused AdamW
     embedding_optimizer: str = "adamw"  # "adamw_8bit": bitsandbytes 8-bit states for the embedding group
@@ -262,6 +265,10 @@ class CPTConfig:
             if value is not None:
                 check_number(key, value, allow_zero=key not in ("learning_rate", "fresh_row_learning_rate"))
         check_number("embedding_lr_ratio", self.embedding_lr_ratio, allow_zero=True)
+        check_number("domain_shift_ratio", self.domain_shift_ratio, allow_zero=True)
+        if 0 < self.domain_shift_ratio <= 1:
+            fail("domain_shift_ratio", f"got {self.domain_shift_ratio!r}",
+                 "Use 0 (off) or a ratio above 1, e.g. 4 (tokens 4x more frequent in the new domain).")  # fmt: skip
         if self.optimizer is not None and self.optimizer not in OPTIMIZERS:
             fix = did_you_mean(self.optimizer, OPTIMIZERS, f"Choose one of {', '.join(OPTIMIZERS)}.")
             fail("optimizer", f"unsupported optimizer {self.optimizer!r}", fix)

@@ -130,6 +130,13 @@ class CPTDataset(torch.utils.data.IterableDataset):
             texts, self.tokenizer, add_bos=self.add_bos, batch_size=self.tokenize_batch_size
         )
 
+    def token_pieces(self, replay: bool = False) -> Iterator[tuple[list[int], bool]]:
+        """The training (or replay) corpus as the blocks see it, tokenized: ``(ids, ends_document)`` pieces."""
+        source = self.replay_source if replay else self.source
+        if source is None:
+            raise ValueError("This CPTDataset has no replay_source.")
+        return self._pieces(source, 0, 1)
+
     def iter_blocks(self, shard: int = 0, shards: int = 1) -> Iterator[dict[str, list[int]]]:
         """The blocks of one shard (the whole corpus for ``shards=1``), as lists."""
         pieces: Iterable[tuple[list[int], bool]] = self._pieces(self.source, shard, shards)

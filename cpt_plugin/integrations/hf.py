@@ -119,6 +119,11 @@ class CPTCallback(TrainerCallback):
 
         settings = resolve(self.config, TrainerSettings.from_training_args(args))
         prepared = setup_model(model, self.config, checkpointing=settings.checkpointing)
+        if self.config.domain_shift_ratio and self.config.train_embeddings:
+            from cpt_plugin.vocabulary.domain_rows import mark_domain_shifted_rows
+
+            # after setup_model: healing has reset never-seen rows first (it leaves rows marked fresh alone)
+            mark_domain_shifted_rows(prepared, given.get("train_dataset"), self.config.domain_shift_ratio)
         self._planner = find_planner(prepared)
         return prepared
 
