@@ -77,7 +77,14 @@ def config_from_block(block: Any) -> CPTConfig:
             f"got {type(block).__name__}."
         )
     values = {k: v for k, v in _as_plain(block).items() if v is not None or k in ("target_modules",)}
-    return CPTConfig.from_dict(values)
+    config = CPTConfig.from_dict(values)
+    if config.domain_shift_ratio:
+        raise CPTConfigError(
+            "cpt-plugin: 'cpt: domain_shift_ratio' compares a CPTDataset's training and replay corpora, which "
+            "Axolotl's own datasets do not provide. Remove it from the cpt: block (it works with CPTCallback "
+            "and cpt-plugin train)."
+        )
+    return config
 
 
 def resolve_settings(data: Mapping[str, Any]) -> tuple[dict[str, Any], CPTConfig, list[str]]:

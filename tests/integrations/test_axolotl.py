@@ -55,6 +55,7 @@ def test_cpt_block_builds_config_and_follows_axolotl_data_settings():
         ({"cpt_lora_r": 8}, "under the 'cpt:' mapping"),
         ({"adapter": "qlora"}, "adapter: qlora cannot be combined"),
         ({"cpt": {"replay_ratio": 0.1}}, "another entry of datasets"),
+        ({"cpt": {"domain_shift_ratio": 4}}, "Remove it from the cpt: block"),
     ],
 )
 def test_bad_input_is_a_clear_error(extra, needle):
