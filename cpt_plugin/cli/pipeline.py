@@ -595,7 +595,8 @@ def run(run_config: RunConfig, output_dir: str | None = None) -> dict[str, Any]:
             base_copy,
             cfg.replace(replay_ratio=0.0),
             args,
-            _dataset(train_source, tokenizer, run_config),
+            # the replay corpus stays known (never mixed in) so that domain_shift_ratio marks the same rows
+            _dataset(train_source, tokenizer, run_config, replay_source=replay_source, replay_ratio=0.0),
         )
 
     first = next((e for e in evaluations.values() if e is not None), None)

@@ -71,3 +71,12 @@ def test_without_replay_data_the_key_is_an_error_naming_the_fix(tmp_path):
 def test_a_ratio_that_selects_nothing_sensible_is_refused(value):
     with pytest.raises(CPTConfigError, match="domain_shift_ratio"):
         CPTConfig(domain_shift_ratio=value)
+
+
+def test_the_cli_job_with_domain_shift_runs_both_cpt_phases(tmp_path):
+    """The no-replay comparison run keeps the replay corpus known (never mixed in), so the same rows are
+    marked there too, instead of the key failing half-way through the job."""
+    from cpt_plugin.cli import main
+    from tests.test_cli import SMALL
+
+    assert main(["train", "--output-dir", str(tmp_path), "--set", *SMALL, "cpt.domain_shift_ratio=4"]) == 0
