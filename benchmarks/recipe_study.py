@@ -215,6 +215,7 @@ LABEL_OFFSETS: dict[str, tuple[int, int]] = {
     "infinite-inv-sqrt": (22, -18),
     "emb-lr-0.3": (8, 8),
     "row-aware-0.3": (-8, -16),
+    "row-aware-shift": (10, -22),
     "plain-lora-r128": (-8, 10),
     "plain-lora-r256": (6, -14),
 }
