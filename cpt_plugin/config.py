@@ -266,6 +266,9 @@ class CPTConfig:
                 check_number(key, value, allow_zero=key not in ("learning_rate", "fresh_row_learning_rate"))
         check_number("embedding_lr_ratio", self.embedding_lr_ratio, allow_zero=True)
         check_number("domain_shift_ratio", self.domain_shift_ratio, allow_zero=True)
+        if self.domain_shift_ratio and not (self.train_embeddings and self.row_aware_embedding_lr):
+            fail("domain_shift_ratio", "it gives embedding rows their own LR, but train_embeddings or "
+                 "row_aware_embedding_lr is off", "Set both to true, or domain_shift_ratio: 0.")  # fmt: skip
         if 0 < self.domain_shift_ratio <= 1:
             fail("domain_shift_ratio", f"got {self.domain_shift_ratio!r}",
                  "Use 0 (off) or a ratio above 1, e.g. 4 (tokens 4x more frequent in the new domain).")  # fmt: skip

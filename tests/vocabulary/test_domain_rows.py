@@ -80,3 +80,9 @@ def test_the_cli_job_with_domain_shift_runs_both_cpt_phases(tmp_path):
     from tests.test_cli import SMALL
 
     assert main(["train", "--output-dir", str(tmp_path), "--set", *SMALL, "cpt.domain_shift_ratio=4"]) == 0
+
+
+@pytest.mark.parametrize("off", ["train_embeddings", "row_aware_embedding_lr"])
+def test_the_key_without_trained_rows_to_scale_is_refused(off):
+    with pytest.raises(CPTConfigError, match="domain_shift_ratio.*Set both to true"):
+        CPTConfig(domain_shift_ratio=4.0, **{off: False})
