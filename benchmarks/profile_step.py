@@ -6,7 +6,9 @@
 Each system runs in its own process (the harness's worker, mode ``profile``), builds exactly what
 ``benchmarks.run`` measures, trains ``--warmup`` steps, then profiles ``--steps`` steps. Writes per system
 DIR/<system>_profile.txt (the top-30 GPU kernels by time, the dtype-copy ops, and
-``key_averages().table(sort_by="cuda_time_total")``) and DIR/<system>_profile.json; DIR/profile.json holds
+``key_averages().table(sort_by="cuda_time_total")``, host vs wall time per step and per phase) and
+DIR/<system>_profile.json, DIR/<system>_python.txt (cProfile of one step on the caller's and the autograd
+engine's thread: where the host's time goes); DIR/profile.json holds
 every system's summary. The dtype-copy ops are aten::copy_, aten::to and aten::_to_copy: their counts per
 step and the device time under each (inclusive, so aten::to contains its aten::_to_copy and aten::copy_)
 as a share of all kernel time. On ``--device cpu`` the same runs on tiny models with CPU times only.
@@ -17,8 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +70,94 @@ def host_and_syncs(step: Any, first: int, steps: int, device: str) -> dict[str, 
         "syncs_per_step": sum(sites.values()),
         "sync_sites": dict(sorted(sites.items(), key=lambda kv: -kv[1])[:SYNC_SITES]),
     }
+
+
+def phase_times(
+    model: Any,
+    optimizer: Any,
+    ids_for: Callable[[int], Any],
+    first: int,
+    steps: int,
+    device: str,
+    step_context: Any = None,
+) -> dict[str, dict[str, float]]:
+    """Host and wall ms of forward, backward and the optimizer step, each phase started on an idle device.
+
+    Host = until the phase's Python returns; wall = until the device has finished it too. A phase whose
+    host time is close to its wall time keeps the device waiting for the host (launch-bound)."""
+    import contextlib
+
+    import torch
+
+    from benchmarks.hw import synchronize
+
+    totals: dict[str, list[float]] = {p: [0.0, 0.0] for p in ("forward", "backward", "optimizer")}
+
+    def timed(name: str, fn: Callable[[], Any]) -> Any:
+        synchronize(device)
+        start = time.perf_counter()
+        out = fn()
+        totals[name][0] += time.perf_counter() - start
+        synchronize(device)
+        totals[name][1] += time.perf_counter() - start
+        return out
+
+    for i in range(first, first + steps):
+        ids = ids_for(i)
+        with (step_context or contextlib.nullcontext)():
+
+            def forward(ids: Any = ids) -> Any:
+                with torch.autocast(device.split(":")[0], dtype=torch.bfloat16):
+                    return model(input_ids=ids, labels=ids).loss
+
+            loss = timed("forward", forward)
+            timed("backward", loss.backward)
+        timed("optimizer", lambda: (optimizer.step(), optimizer.zero_grad(set_to_none=True)))
+    return {name: {"host_ms": 1e3 * h / steps, "wall_ms": 1e3 * w / steps} for name, (h, w) in totals.items()}
+
+
+def python_hotspots(step: Callable[[int], Any], index: int, top: int = 40) -> str:
+    """cProfile of one step on both threads that run Python: the caller's (forward, optimizer) and the
+    autograd engine's (backward, recompute), sorted by own time. Hooks ``Tensor.backward`` to start a
+    second profiler in the engine thread and stop it when the engine's queue drains."""
+    import cProfile
+    import io
+    import pstats
+
+    import torch
+
+    main, engine = cProfile.Profile(), cProfile.Profile()
+    original = torch.Tensor.backward
+    caller = threading.get_ident()
+
+    def backward(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.requires_grad and self.grad_fn is not None:
+
+            def start(grad: Any) -> Any:
+                if threading.get_ident() == caller:  # CPU: the engine runs backward on the caller's thread
+                    return grad
+                engine.enable()
+                torch.autograd.Variable._execution_engine.queue_callback(engine.disable)
+                return grad
+
+            self.register_hook(start)
+        return original(self, *args, **kwargs)
+
+    torch.Tensor.backward = backward  # type: ignore[method-assign]
+    try:
+        main.enable()
+        step(index)
+        main.disable()
+    finally:
+        torch.Tensor.backward = original  # type: ignore[method-assign]
+    text = io.StringIO()
+    for title, prof in (("caller thread (forward, optimizer)", main), ("autograd thread (backward)", engine)):
+        text.write(f"### {title}\n")
+        try:
+            pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(top)
+        except TypeError:  # nothing was recorded on that thread
+            text.write("(nothing recorded)\n")
+    return text.getvalue()
 
 
 def summarize(prof: Any, steps: int, cuda: bool) -> dict[str, Any]:
@@ -148,6 +240,10 @@ def render_text(system: str, summary: dict[str, Any]) -> str:
             "synchronizing calls in one step",
             *(f"  {count:5d}  {site}" for site, count in timing["sync_sites"].items()),
         ]
+    phases = summary.get("phases")
+    if phases:
+        lines += ["", "## phases (each started on an idle device): host ms / wall ms per step"]
+        lines += [f"{name:<10} {p['host_ms']:8.1f} / {p['wall_ms']:8.1f}" for name, p in phases.items()]
     lines += ["", "## key_averages", summary["table"]]
     return "\n".join(lines) + "\n"
 
@@ -189,15 +285,28 @@ def run_profile(args: dict[str, Any]) -> dict[str, Any]:
     synchronize(device)
     host = host_and_syncs(step, warmup, steps, device)
     warmup += steps + 1
+    phases = phase_times(
+        built.model,
+        built.optimizer,
+        lambda i: batch_for_step(i, batch, seq, workload.vocab_size, seed).to(device),
+        warmup,
+        steps,
+        device,
+        built.step_context,
+    )
+    warmup += steps
+    hotspots = python_hotspots(step, warmup)
+    warmup += 1
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
         for i in range(warmup, warmup + steps):
             step(i)
         synchronize(device)
-    summary = {**summarize(prof, steps, cuda), "host": host}
+    summary = {**summarize(prof, steps, cuda), "host": host, "phases": phases}
     out = Path(args["out"])
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{system}_profile.txt").write_text(render_text(system, summary))
+    (out / f"{system}_python.txt").write_text(hotspots)
     record = {"system": system, "workload": workload.name, "batch": batch, "seq": seq, **summary}
     record.pop("table")
     (out / f"{system}_profile.json").write_text(json.dumps(record, indent=1))
