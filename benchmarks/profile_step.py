@@ -117,41 +117,55 @@ def phase_times(
 
 
 def python_hotspots(step: Callable[[int], Any], index: int, top: int = 40) -> str:
-    """cProfile of one step on both threads that run Python: the caller's (forward, optimizer) and the
-    autograd engine's (backward, recompute), sorted by own time. Hooks ``Tensor.backward`` to start a
-    second profiler in the engine thread and stop it when the engine's queue drains."""
+    """cProfile of one step on both threads that run Python, the caller's (forward, optimizer) and the
+    autograd engine's (backward, recompute), sorted by own time.
+
+    From Python 3.12 cProfile sits on ``sys.monitoring``, which sees every thread and allows one profiler
+    at a time, so one profiler covers both. Before 3.12 it sees only the thread that enabled it: a second
+    one is started in the engine thread by a hook on the loss and stopped when the engine's queue drains.
+    Never fails the profile: an error is returned as the text."""
     import cProfile
     import io
     import pstats
 
     import torch
 
-    main, engine = cProfile.Profile(), cProfile.Profile()
+    profilers: list[tuple[str, cProfile.Profile]] = []
+    main = cProfile.Profile()
     original = torch.Tensor.backward
-    caller = threading.get_ident()
+    per_thread = sys.version_info < (3, 12)
+    if per_thread:
+        engine = cProfile.Profile()
+        caller = threading.get_ident()
+        profilers = [("caller thread (forward, optimizer)", main), ("autograd thread (backward)", engine)]
 
-    def backward(self: Any, *args: Any, **kwargs: Any) -> Any:
-        if self.requires_grad and self.grad_fn is not None:
+        def backward(self: Any, *args: Any, **kwargs: Any) -> Any:
+            if self.requires_grad and self.grad_fn is not None:
 
-            def start(grad: Any) -> Any:
-                if threading.get_ident() == caller:  # CPU: the engine runs backward on the caller's thread
+                def start(grad: Any) -> Any:
+                    if threading.get_ident() != caller:  # CPU runs backward on the caller's thread
+                        engine.enable()
+                        torch.autograd.Variable._execution_engine.queue_callback(engine.disable)
                     return grad
-                engine.enable()
-                torch.autograd.Variable._execution_engine.queue_callback(engine.disable)
-                return grad
 
-            self.register_hook(start)
-        return original(self, *args, **kwargs)
+                self.register_hook(start)
+            return original(self, *args, **kwargs)
 
-    torch.Tensor.backward = backward  # type: ignore[method-assign]
+        torch.Tensor.backward = backward  # type: ignore[method-assign]
+    else:
+        profilers = [("every thread (caller: forward, optimizer; autograd engine: backward)", main)]
     try:
         main.enable()
-        step(index)
-        main.disable()
+        try:
+            step(index)
+        finally:
+            main.disable()
+    except Exception as exc:  # noqa: BLE001 - a diagnostic must not cost the profile
+        return f"python hotspots failed: {type(exc).__name__}: {exc}\n"
     finally:
         torch.Tensor.backward = original  # type: ignore[method-assign]
     text = io.StringIO()
-    for title, prof in (("caller thread (forward, optimizer)", main), ("autograd thread (backward)", engine)):
+    for title, prof in profilers:
         text.write(f"### {title}\n")
         try:
             pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(top)
@@ -295,13 +309,12 @@ def run_profile(args: dict[str, Any]) -> dict[str, Any]:
         built.step_context,
     )
     warmup += steps
-    hotspots = python_hotspots(step, warmup)
-    warmup += 1
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
         for i in range(warmup, warmup + steps):
             step(i)
         synchronize(device)
+    hotspots = python_hotspots(step, warmup + steps)  # after torch.profiler: both hook the interpreter
     summary = {**summarize(prof, steps, cuda), "host": host, "phases": phases}
     out = Path(args["out"])
     out.mkdir(parents=True, exist_ok=True)
