@@ -342,10 +342,12 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             raise RuntimeError(
                 "fused_linear_cross_entropy: backward called twice (use retain_graph only once)"
             )
-        if not bool((grad_output == 1).all()):
-            for g in (gh, gw, gb):
-                if g is not None:
-                    g.mul_(grad_output.to(g.dtype))
+        # Always scaled, never tested for 1 first: reading the value would make the host wait for the
+        # whole forward on the GPU before it could queue any of backward (about 17 ms of a Llama-1B step
+        # on an H200); the multiply costs a fraction of a millisecond.
+        for g in (gh, gw, gb):
+            if g is not None:
+                g.mul_(grad_output.to(g.dtype))
         return gh, gw, None, gb, None, None, None, None, None
 
 

@@ -152,14 +152,33 @@ def _tiled_forward(self: nn.Module, x: Any, *args: Any, **kwargs: Any) -> Any:
         return base(x, *args, **kwargs)
     if args or kwargs or not isinstance(x, torch.Tensor) or x.dim() < 2:
         return base(x, *args, **kwargs)
-    if not torch.is_grad_enabled() or x.numel() // x.shape[-1] <= chunk_tokens:
-        return base(x)  # nothing to save without grad; short sequences run as is
+    if x.numel() // x.shape[-1] <= chunk_tokens:
+        return base(x)  # short sequences run as is
+    if not torch.is_grad_enabled():  # an eval, or our checkpoint's graph-free forward: chunks, nothing saved
+        out = _chunked_without_grad(base, x, chunk_tokens)
+        self.__dict__[_OUT] = (out.shape[-1], out.dtype)
+        return out
     params = [p for p in self.parameters() if p.requires_grad]
     unused_output = self.__dict__.get(_OUT) if self.__dict__.get(_SKIP) and in_recompute() else None
     out = tiled_mlp(base, x, chunk_tokens, params=params, unused_output=unused_output)
     if unused_output is None:
         self.__dict__[_OUT] = (out.shape[-1], out.dtype)
     return out
+
+
+def _chunked_without_grad(base: Any, x: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
+    """``base(x)`` computed ``chunk_tokens`` rows at a time into one output, so that the MLP's
+    intermediate activations (tokens x intermediate, the largest tensors of a long-context step) exist for
+    one chunk only."""
+    flat = x.reshape(-1, x.shape[-1])
+    out: torch.Tensor | None = None
+    for start in range(0, flat.shape[0], chunk_tokens):
+        piece = base(flat[start : start + chunk_tokens])
+        if out is None:
+            out = piece.new_empty(flat.shape[0], piece.shape[-1])
+        out[start : start + piece.shape[0]] = piece
+    assert out is not None
+    return out.view(*x.shape[:-1], out.shape[-1])
 
 
 def _decoder_mlps(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:

@@ -274,3 +274,78 @@ def test_layer_plan_survives_trainer_enable_and_offloads_only_its_layers(monkeyp
     ids = torch.randint(0, 257, (1, 9))
     model(input_ids=ids, labels=ids).loss.backward()
     assert created == [1]  # only layer 0 offloads
+
+
+# ----------------------------------------------------------------------------------------------
+# The lean layer checkpoint (no per-tensor hooks) and when torch's checkpoint is used instead
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode,simulate", [("recompute", False), ("offload", True)])
+def test_single_process_layers_never_use_torch_checkpoint(monkeypatch, mode: str, simulate: bool) -> None:
+    """The decoder layers go through _LayerCheckpoint (graph-free forward, one recompute in backward):
+    torch.utils.checkpoint's per-saved-tensor hooks made the offloaded step host-bound on an H200."""
+    reference = tiny_llama(layers=2)
+    model = copy.deepcopy(reference)
+    enable_checkpointing(model, mode, _simulate_offload=simulate)
+
+    def refuse(*_a, **_k):
+        raise AssertionError("torch.utils.checkpoint was used")
+
+    monkeypatch.setattr(ckpt, "checkpoint", refuse)
+    hooks = []
+    original = torch.autograd.graph.saved_tensors_hooks.__init__
+
+    def counting(self, pack, unpack):
+        hooks.append(pack)
+        original(self, pack, unpack)
+
+    monkeypatch.setattr(torch.autograd.graph.saved_tensors_hooks, "__init__", counting)
+    ids = torch.randint(0, 257, (2, 13))
+    _, grads = _grads(model, [ids])
+    assert hooks == []
+    monkeypatch.undo()
+    _, ref_grads = _grads(reference, [ids])
+    _assert_same(grads, ref_grads)
+
+
+def test_autocast_is_restored_in_the_recompute() -> None:
+    reference = tiny_llama(layers=2)
+    model = copy.deepcopy(reference)
+    enable_checkpointing(model, "recompute")
+    ids = torch.randint(0, 257, (2, 11))
+
+    def grads(m):
+        m.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = m(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
+
+    _assert_same(grads(model), grads(reference))  # a recompute in fp32 would differ by bf16 rounding
+
+
+def test_autograd_grad_is_refused_with_the_fix() -> None:
+    model = tiny_llama(layers=2)
+    enable_checkpointing(model, "recompute")
+    ids = torch.randint(0, 257, (1, 7))
+    loss = model(input_ids=ids, labels=ids).loss
+    params = [p for p in model.parameters() if p.requires_grad]
+    with pytest.raises(RuntimeError, match="gradient_checkpointing: off"):
+        torch.autograd.grad(loss, params)
+
+
+def test_a_bound_tensor_that_needs_grad_goes_through_torch_checkpoint() -> None:
+    """A tensor other than the layer input that needs a gradient (the lean path would drop it)."""
+    import functools
+
+    weight = torch.randn(5, 5, requires_grad=True)
+    x = torch.randn(3, 5, requires_grad=True)
+
+    def layer(h, w):
+        return torch.tanh(h @ w)
+
+    out = CheckpointFunction(offload=False)(functools.partial(layer, w=weight), x)
+    out.sum().backward()
+    ref_w, ref_x = weight.detach().requires_grad_(True), x.detach().requires_grad_(True)
+    layer(ref_x, ref_w).sum().backward()
+    torch.testing.assert_close(weight.grad, ref_w.grad)
+    torch.testing.assert_close(x.grad, ref_x.grad)

@@ -337,7 +337,9 @@ def test_a_plan_with_modes_no_probe_measured_is_probed_again() -> None:
     planner.plan = canonical_plan(4, keep=1, offload=1, tiling="none")  # now recompute too
     assert planner._plan_has_unmeasured_modes()
     planner._calibrate([_MISSING, _MISSING, 99.0, 2.0])
-    assert planner.costs.keep == 1234.0 and planner.costs.recompute == 99.0 and planner.costs.correction == 2.0
+    assert (
+        planner.costs.keep == 1234.0 and planner.costs.recompute == 99.0 and planner.costs.correction == 2.0
+    )
     assert not planner._plan_has_unmeasured_modes()
     planner._measured.clear()
     planner._probes_at_length = MAX_PROBES_PER_LENGTH  # the cap: no endless probing
