@@ -69,21 +69,44 @@ def _base_weight(weight: torch.Tensor, dequantize: Dequantize | None, dtype: tor
     return weight if weight.dtype == dtype else weight.to(dtype)
 
 
-def _cast_factors(lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, dtype: torch.dtype):
-    """(A, s * B) in the compute dtype: the only casts of LoRA parameters in a call."""
+def _cast_factors(lora_a: torch.Tensor, lora_b: torch.Tensor, dtype: torch.dtype):
+    """(A, B) in the compute dtype: the only casts of LoRA parameters in a call. The scale is applied as
+    the GEMMs' ``alpha``, never as a separate multiply (each kernel launch costs host time, and the
+    backward of an offloaded step waits on the host)."""
     a = lora_a if lora_a.dtype == dtype else lora_a.to(dtype)
-    b_scaled = (lora_b * scale).to(dtype)
-    return a, b_scaled
+    b = lora_b if lora_b.dtype == dtype else lora_b.to(dtype)
+    return a, b
 
 
-def _project(x2: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b_scaled):
-    """(x W^T + b + (x A^T)(s B)^T, x A^T) with the LoRA product accumulated into the base output."""
+_ZEROS: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def _scaled_mm(m1: torch.Tensor, m2: torch.Tensor, scale: float) -> torch.Tensor:
+    """``scale * (m1 @ m2)`` in one GEMM (``addmm`` with beta 0 never reads its input)."""
+    if scale == 1.0:
+        return torch.mm(m1, m2)
+    key = (m1.device, m1.dtype)
+    zero = _ZEROS.get(key)
+    if zero is None:
+        zero = _ZEROS[key] = torch.zeros((), device=m1.device, dtype=m1.dtype)
+    return torch.addmm(zero, m1, m2, beta=0, alpha=scale)
+
+
+def _project(
+    x2: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: float,
+):
+    """(x W^T + b + s (x A^T) B^T, x A^T) with the LoRA product accumulated into the base output."""
     xa = torch.mm(x2, a.t())
     if bias is not None:
         out = torch.addmm(bias.to(x2.dtype), x2, w.t())
     else:
         out = torch.mm(x2, w.t())
-    out.addmm_(xa, b_scaled.t())
+    out.addmm_(xa, b.t(), alpha=scale)
     return out, xa
 
 
@@ -92,23 +115,25 @@ def _project_backward(
     x2: torch.Tensor,
     xa: torch.Tensor,
     a: torch.Tensor,
-    b_scaled: torch.Tensor,
+    b: torch.Tensor,
     scale: float,
     dx: torch.Tensor | None,
     w: torch.Tensor | None,
     need: tuple[bool, bool, bool],
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Gradients of one projection: (dX accumulated into ``dx`` or new, dA, dB); ``need`` = (x, A, B)."""
+    """Gradients of one projection: (dX accumulated into ``dx`` or new, dA, dB); ``need`` = (x, A, B).
+
+    With u = g B (unscaled): dB = s g^T (x A^T), dA = s u^T x, dX = g W + s u A."""
     need_x, need_a, need_b = need
-    grad_b = torch.mm(g2.t(), xa).mul_(scale) if need_b else None  # d(sB) = g^T xa; dB = s d(sB)
-    dxa = torch.mm(g2, b_scaled) if (need_x or need_a) else None
-    grad_a = torch.mm(dxa.t(), x2) if need_a else None
+    grad_b = _scaled_mm(g2.t(), xa, scale) if need_b else None
+    u = torch.mm(g2, b) if (need_x or need_a) else None
+    grad_a = _scaled_mm(u.t(), x2, scale) if need_a else None
     if need_x:
         if dx is None:
             dx = torch.mm(g2, w)
         else:
             dx.addmm_(g2, w)
-        dx.addmm_(dxa, a)
+        dx.addmm_(u, a, alpha=scale)
     return dx, grad_a, grad_b
 
 
@@ -132,25 +157,23 @@ class _LoraLinear(torch.autograd.Function):
             x2 = x2.to(dtype)
         with _no_autocast(x.device.type):
             w = _base_weight(weight, dequantize, dtype)
-            a, b_scaled = _cast_factors(lora_a, lora_b, scale, dtype)
-            out, xa = _project(x2, w, bias, a, b_scaled)
-        ctx.save_for_backward(x2, weight, a, b_scaled, xa)
+            a, b = _cast_factors(lora_a, lora_b, dtype)
+            out, xa = _project(x2, w, bias, a, b, scale)
+        ctx.save_for_backward(x2, weight, a, b, xa)
         ctx.meta = (scale, dequantize, dtype, x.shape, x.dtype)
         ctx.need_bias = bias is not None and ctx.needs_input_grad[2]
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
-        x2, weight, a, b_scaled, xa = ctx.saved_tensors
+        x2, weight, a, b, xa = ctx.saved_tensors
         scale, dequantize, dtype, x_shape, x_dtype = ctx.meta
         need_x, need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
         g2 = _rows(grad_out)
         if g2.dtype != dtype:
             g2 = g2.to(dtype)
         w = _base_weight(weight, dequantize, dtype) if need_x else None
-        dx, grad_a, grad_b = _project_backward(
-            g2, x2, xa, a, b_scaled, scale, None, w, (need_x, need_a, need_b)
-        )
+        dx, grad_a, grad_b = _project_backward(g2, x2, xa, a, b, scale, None, w, (need_x, need_a, need_b))
         grad_bias = g2.sum(0) if ctx.need_bias else None
         return (
             dx.view(x_shape).to(x_dtype) if dx is not None else None,
@@ -198,18 +221,20 @@ class _LoraGroup(torch.autograd.Function):
         params = [tensors[i : i + 4] for i in range(0, len(tensors), 4)]
         ranks = [p[2].shape[0] for p in params]
         with _no_autocast(x.device.type):
-            a_all = torch.cat([p[2].to(dtype) for p in params])  # (sum r) x in
-            b_scaled = [(p[3] * s).to(dtype) for p, s in zip(params, scales, strict=True)]
+            a_all = torch.cat([p[2] for p in params])  # (sum r) x in, cast once below
+            if a_all.dtype != dtype:
+                a_all = a_all.to(dtype)
+            bs = [p[3] if p[3].dtype == dtype else p[3].to(dtype) for p in params]
             xa_all = torch.mm(x2, a_all.t())
             outs = []
             offset = 0
-            for p, rank, b_s, dequantize in zip(params, ranks, b_scaled, dequantizers, strict=True):
+            for p, rank, b, scale, dequantize in zip(params, ranks, bs, scales, dequantizers, strict=True):
                 w = _base_weight(p[0], dequantize, dtype)
                 out = torch.addmm(p[1].to(dtype), x2, w.t()) if p[1] is not None else torch.mm(x2, w.t())
-                out.addmm_(xa_all[:, offset : offset + rank], b_s.t())
+                out.addmm_(xa_all[:, offset : offset + rank], b.t(), alpha=scale)
                 outs.append(out.view(*x.shape[:-1], out.shape[-1]))
                 offset += rank
-        ctx.save_for_backward(x2, a_all, xa_all, *b_scaled, *[p[0] for p in params])
+        ctx.save_for_backward(x2, a_all, xa_all, *bs, *[p[0] for p in params])
         ctx.meta = (scales, dequantizers, dtype, x.shape, x.dtype, ranks)
         ctx.need_bias = [
             p[1] is not None and ctx.needs_input_grad[4 + 4 * i + 1] for i, p in enumerate(params)
@@ -221,36 +246,45 @@ class _LoraGroup(torch.autograd.Function):
         x2, a_all, xa_all, *rest = ctx.saved_tensors
         scales, dequantizers, dtype, x_shape, x_dtype, ranks = ctx.meta
         n = len(ranks)
-        b_scaled, weights = rest[:n], rest[n:]
+        bs, weights = rest[:n], rest[n:]
         need = ctx.needs_input_grad
         need_x = need[0]
+        # One scale for the group (the usual case: same r and alpha): u = g B stays unscaled and the
+        # scale rides on the dA and dX GEMMs; otherwise each block of u is scaled where it is formed.
+        common = scales[0] if all(s == scales[0] for s in scales) else None
         grads: list[Any] = [None] * (4 * n)
-        dxa_all = x2.new_zeros(x2.shape[0], a_all.shape[0])
+        u_all = torch.empty(x2.shape[0], a_all.shape[0], dtype=x2.dtype, device=x2.device)
         dx = None
         offset = 0
         for i, (g, rank) in enumerate(zip(grad_outs, ranks, strict=True)):
-            if g is not None:
+            block = u_all[:, offset : offset + rank]
+            if g is None:
+                block.zero_()
+            else:
                 g2 = _rows(g)
                 if g2.dtype != dtype:
                     g2 = g2.to(dtype)
                 if need[4 + 4 * i + 3]:
-                    grads[4 * i + 3] = torch.mm(g2.t(), xa_all[:, offset : offset + rank]).mul_(scales[i])
-                dxa_all[:, offset : offset + rank] = torch.mm(g2, b_scaled[i])
+                    grads[4 * i + 3] = _scaled_mm(g2.t(), xa_all[:, offset : offset + rank], scales[i])
+                torch.mm(g2, bs[i], out=block)  # a column block of u_all: written in place
+                if common is None:
+                    block.mul_(scales[i])
                 if need_x:
                     w = _base_weight(weights[i], dequantizers[i], dtype)
                     dx = torch.mm(g2, w) if dx is None else dx.addmm_(g2, w)
                 if ctx.need_bias[i]:
                     grads[4 * i + 1] = g2.sum(0)
             offset += rank
+        scale = 1.0 if common is None else common
         if any(need[4 + 4 * i + 2] for i in range(n)):
-            grad_a_all = torch.mm(dxa_all.t(), x2)
+            grad_a_all = _scaled_mm(u_all.t(), x2, scale)
             offset = 0
             for i, rank in enumerate(ranks):
                 if need[4 + 4 * i + 2]:
                     grads[4 * i + 2] = grad_a_all[offset : offset + rank]
                 offset += rank
         if need_x:
-            dx = torch.mm(dxa_all, a_all) if dx is None else dx.addmm_(dxa_all, a_all)
+            dx = _scaled_mm(u_all, a_all, scale) if dx is None else dx.addmm_(u_all, a_all, alpha=scale)
             dx = dx.view(x_shape).to(x_dtype)
         return (dx, None, None, None, *grads)
 
@@ -279,20 +313,25 @@ class _LoraGatedMLP(torch.autograd.Function):
             x2 = x2.to(dtype)
         params = [tensors[i : i + 4] for i in range(0, 12, 4)]
         with _no_autocast(x.device.type):
-            casts = [_cast_factors(p[2], p[3], s, dtype) for p, s in zip(params, scales, strict=True)]
+            casts = [_cast_factors(p[2], p[3], dtype) for p in params]
             w = _base_weight(params[0][0], dequantizers[0], dtype)
-            gate, xa_gate = _project(x2, w, params[0][1], *casts[0])
+            gate, xa_gate = _project(x2, w, params[0][1], *casts[0], scales[0])
             w = _base_weight(params[1][0], dequantizers[1], dtype)
-            up, xa_up = _project(x2, w, params[1][1], *casts[1])
+            up, xa_up = _project(x2, w, params[1][1], *casts[1], scales[1])
             hidden = glu_forward(gate, up, gelu)
             if skip_output:  # a recompute whose output nobody reads: only what backward needs
                 ha_down = torch.mm(hidden, casts[2][0].t())
                 out = x2.new_zeros(x2.shape[0], params[2][3].shape[0])  # lora_b: out x r
             else:
                 w = _base_weight(params[2][0], dequantizers[2], dtype)
-                out, ha_down = _project(hidden, w, params[2][1], *casts[2])
+                out, ha_down = _project(hidden, w, params[2][1], *casts[2], scales[2])
                 del w
-            del hidden
+        # A recompute runs right before this layer's backward: its act(gate) * up is kept for the down
+        # projection's gradients instead of being formed a third time (no extra peak: backward would
+        # allocate it anyway). A first forward drops it: it would stay alive until backward.
+        # Held as an attribute, not a saved tensor, so backward can free it as soon as it is used.
+        ctx.kept_hidden = hidden if skip_output else None
+        del hidden
         flat_casts = [t for pair in casts for t in pair]
         weights = [p[0] for p in params]
         ctx.save_for_backward(x2, gate, up, xa_gate, xa_up, ha_down, *flat_casts, *weights)
@@ -307,6 +346,7 @@ class _LoraGatedMLP(torch.autograd.Function):
         x2, gate, up, xa_gate, xa_up, ha_down, *rest = ctx.saved_tensors
         casts = [(rest[0], rest[1]), (rest[2], rest[3]), (rest[4], rest[5])]
         weights = rest[6:9]
+        kept_hidden, ctx.kept_hidden = ctx.kept_hidden, None
         gelu, scales, dequantizers, dtype, x_shape, x_dtype = ctx.meta
         need = ctx.needs_input_grad
         need_x = need[0]
@@ -316,7 +356,8 @@ class _LoraGatedMLP(torch.autograd.Function):
             g2 = g2.to(dtype)
         grads: list[Any] = [None] * 12
         # down: its input (act(gate) * up) is recomputed, used for dA and freed
-        hidden = glu_forward(gate, up, gelu)
+        hidden = kept_hidden if kept_hidden is not None else glu_forward(gate, up, gelu)
+        del kept_hidden
         w = _base_weight(weights[2], dequantizers[2], dtype)
         dh, grads[10], grads[11] = _project_backward(
             g2, hidden, ha_down, *casts[2], scales[2], None, w, (True, *need_ab[2])

@@ -35,6 +35,7 @@ and measures per-layer memory; the uniform modes ``recompute`` and ``offload`` d
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 import types
@@ -361,6 +362,14 @@ def _autocast_state(device_type: str) -> list[tuple[str, torch.dtype, bool]]:
     return state
 
 
+def _measurable(x: torch.Tensor) -> bool:
+    return x.is_cuda  # device memory is counted by torch's allocator on CUDA only
+
+
+def _allocated(device: torch.device) -> int:
+    return torch.cuda.memory_allocated(device)
+
+
 class _LayerCheckpoint(torch.autograd.Function):
     """Checkpoints one decoder layer call: forward without an autograd graph, keeping (or parking in host
     memory) only the layer input; backward recomputes the layer with a graph and backpropagates through it.
@@ -374,8 +383,9 @@ class _LayerCheckpoint(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, function, offload, simulate, preserve_rng, anchor, x, *rest):
+    def forward(ctx, function, offload, simulate, preserve_rng, on_recompute, anchor, x, *rest):
         ctx.function, ctx.rest, ctx.region, ctx.rest_count = function, rest, _Region(), len(rest)
+        ctx.on_recompute = on_recompute
         ctx.x_requires_grad = x.requires_grad
         ctx.autocast = _autocast_state(x.device.type)
         ctx.rng = None
@@ -407,6 +417,8 @@ class _LayerCheckpoint(torch.autograd.Function):
         else:
             (x,) = ctx.saved_tensors
         x = x.detach().requires_grad_(ctx.x_requires_grad)
+        measure = ctx.on_recompute is not None and _measurable(x)
+        before = _allocated(x.device) if measure else 0
         with contextlib.ExitStack() as stack:
             if ctx.rng is not None:
                 cpu_state, device_states, devices = ctx.rng
@@ -418,6 +430,8 @@ class _LayerCheckpoint(torch.autograd.Function):
                 stack.enter_context(torch.autocast(kind, dtype=dtype, cache_enabled=cache))
             with torch.enable_grad():
                 out = _run_region(ctx.region, ctx.function, x, *ctx.rest)
+        if measure:  # what the layer holds for its backward: the planner's estimate of keeping it
+            ctx.on_recompute(_allocated(x.device) - before)
         outs = out if isinstance(out, tuple) else (out,)
         pairs = [
             (o, g)
@@ -426,9 +440,9 @@ class _LayerCheckpoint(torch.autograd.Function):
         ]
         if pairs:
             torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
-        ctx.function = ctx.rest = None
+        ctx.function = ctx.rest = ctx.on_recompute = None
         grad_x = x.grad if ctx.x_requires_grad else None
-        return (None, None, None, None, None, grad_x, *([None] * ctx.rest_count))
+        return (None, None, None, None, None, None, grad_x, *([None] * ctx.rest_count))
 
 
 def _distributed() -> bool:
@@ -438,7 +452,12 @@ def _distributed() -> bool:
 
 
 def _checkpointed(
-    function: Callable, args: tuple, kwargs: dict[str, Any], offload: bool, simulate_offload: bool
+    function: Callable,
+    args: tuple,
+    kwargs: dict[str, Any],
+    offload: bool,
+    simulate_offload: bool,
+    on_recompute: Callable[[int], Any] | None = None,
 ) -> Any:
     """``function(*args)`` checkpointed, the first argument offloaded if asked.
 
@@ -458,8 +477,9 @@ def _checkpointed(
         layer = _layer_of(function)
         if x.requires_grad or _has_trainable(layer):
             anchor = _grad_anchor(x.device)
+            rng = preserve and _uses_rng(layer)
             return _LayerCheckpoint.apply(
-                function, offload, not x.is_cuda, preserve and _uses_rng(layer), anchor, x, *args[1:]
+                function, offload, not x.is_cuda, rng, on_recompute, anchor, x, *args[1:]
             )
     kwargs["preserve_rng_state"] = preserve
     if not offload:
@@ -537,6 +557,9 @@ class LayerObserver(Protocol):
 
     def layer_end(self, index: int) -> None: ...
 
+    # Optional: ``layer_recomputed(index, nbytes)``, the device memory a checkpointed layer's recompute
+    # left allocated (what keeping that layer would hold), told during backward on CUDA.
+
 
 class PlanHolder:
     """The plan shared by every layer's function, plus who observes the layers (the planner, or nobody)."""
@@ -567,7 +590,12 @@ class PlannedLayerFunction:
         if mode == "keep":
             out = function(*args)
         else:
-            out = _checkpointed(function, args, kwargs, mode == "offload", holder.simulate_offload)
+            on_recompute = getattr(observer, "layer_recomputed", None)
+            if on_recompute is not None:
+                on_recompute = functools.partial(on_recompute, self.index)
+            out = _checkpointed(
+                function, args, kwargs, mode == "offload", holder.simulate_offload, on_recompute
+            )
         if observer is not None:
             observer.layer_end(self.index)
         return out

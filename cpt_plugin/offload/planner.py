@@ -25,7 +25,10 @@ plan is safe):
    is chosen again with the normal headroom (5%). A probe measures only the modes its plan ran: when
    the new plan keeps or recomputes layers and no probe has measured that mode yet (the first plan offloaded
    every layer, say), the next step is probed too (at most 3 probes per length), and costs measured by an
-   earlier probe are kept for modes a later one did not run.
+   earlier probe are kept for modes a later one did not run. A probe that kept no layer still estimates
+   ``keep``: each checkpointed layer's recompute reports the memory it left allocated for its backward
+   (``layer_recomputed``), about what keeping the layer holds (a little more: the fused MLP keeps
+   ``act(gate) * up`` there), so a budget between all-offload and all-keep gets a mixed plan.
 4. Later forwards re-plan when a batch has more tokens than the plan was made for (the plan is always for
    the longest length seen, and calibrated again at it), or when the static memory moved by more than 2%
    of the budget (optimizer states appear after the first optimizer step).
@@ -345,6 +348,7 @@ class MemoryPlanner:
         self._calibrated_tokens = 0
         self._probe_wanted = False  # measure the next step again (after an OOM changed the plan)
         self._measured: dict[str, float] = {}  # per-token costs some probe measured, by LayerCosts field
+        self._estimated: dict[str, float] = {}  # keep, estimated from checkpointed layers' recomputes
         self._probes_at_length = 0  # probes run for the current calibrated length
         self._budget_cap: float | None = None  # after an OOM: what the device proved it cannot hold
         self._probe: dict[str, Any] | None = None
@@ -365,6 +369,14 @@ class MemoryPlanner:
         if probe is not None and probe["running"] and index == len(self.layers) - 1:
             probe["running"] = False  # the forward is done; the peak is read in backward
 
+    def layer_recomputed(self, index: int, nbytes: int) -> None:
+        """A checkpointed layer's recompute left ``nbytes`` allocated: about what keeping it would hold
+        (its saved activations and output), so a probe that kept no layer still estimates ``keep``."""
+        probe = self._probe
+        tiled = index < len(self.plan.tiled) and self.plan.tiled[index]
+        if probe is not None and not probe["running"] and not tiled:
+            probe["recomputed"].append(nbytes)
+
     # --- planning ------------------------------------------------------------------------------
     def _forward_start(self, x: torch.Tensor) -> None:
         self.device = x.device
@@ -376,8 +388,8 @@ class MemoryPlanner:
         calibration = self._finish_probe() if measuring else None
         static = self._static()
         budget = self._budget(x)
-        values = [float(tokens), budget, static, *(calibration or [_MISSING] * 4)]
-        tokens_f, budget, static, *cal = agree(values, [False, True, False] + [False] * 4)
+        values = [float(tokens), budget, static, *(calibration or [_MISSING] * 5)]
+        tokens_f, budget, static, *cal = agree(values, [False, True, False] + [False] * 5)
         tokens = int(tokens_f)
         self.budget = budget
         replan = self.holder is not None and self.tokens == 0
@@ -517,6 +529,7 @@ class MemoryPlanner:
             "peak": None,
             "grads": None,
             "hooks": [],
+            "recomputed": [],
         }
         layer0 = [p for p in self.layers[0].parameters() if p.requires_grad]
 
@@ -538,7 +551,8 @@ class MemoryPlanner:
             handle.remove()
 
     def _finish_probe(self) -> list[float] | None:
-        """The probe's per-token costs [keep, keep_tiled, recompute, correction], or None without one."""
+        """The probe's per-token costs [keep, keep_tiled, recompute, correction, keep estimated from the
+        recomputes], or None without one."""
         probe, self._probe = self._probe, None
         if probe is None:
             return None
@@ -562,13 +576,18 @@ class MemoryPlanner:
             measured[2] = mean(("recompute", True))
         peak = probe["peak"] if probe["peak"] is not None else torch.cuda.max_memory_allocated(self.device)
         grads_at_peak = probe["grads"] if probe["grads"] is not None else self._grad_bytes
-        costs = self._costs_with(measured, 0.0)
+        recomputed = probe["recomputed"]
+        estimate = sum(recomputed) / len(recomputed) / tokens if recomputed else _MISSING
+        basis = list(measured)
+        if basis[0] == _MISSING:
+            basis[0] = self._estimated.get("keep", _MISSING) if estimate == _MISSING else estimate
+        costs = self._costs_with(basis, 0.0)
         modelled = predict_peak(plan, costs, tokens, 0.0)
         # static at the probe = what was measured then, with the gradients that existed at the peak
         static_at_peak = probe["static"] + grads_at_peak
         correction = (peak - static_at_peak - modelled) / tokens
         self._calibrated_tokens = tokens
-        return [*measured, correction]
+        return [*measured, correction, estimate]
 
     def _costs_with(self, measured: Sequence[float], correction: float) -> LayerCosts:
         """The analytic costs with the measured ones put in (``_MISSING`` or <= 0: not measured)."""
@@ -590,9 +609,13 @@ class MemoryPlanner:
         for name, value in zip(("keep", "keep_tiled", "recompute"), calibration[:3], strict=True):
             if value != _MISSING and value > 0:
                 self._measured[name] = value
+        if len(calibration) > 4 and calibration[4] != _MISSING and calibration[4] > 0:
+            self._estimated["keep"] = calibration[4]
         merged = [self._measured.get(name, _MISSING) for name in ("keep", "keep_tiled", "recompute")]
-        if "keep" in self._measured and "keep_tiled" not in self._measured:
-            merged[1] = _MISSING  # scaled from the measured keep in _costs_with
+        if merged[0] == _MISSING:  # no kept layer measured: the recomputes' estimate (not "measured":
+            merged[0] = self._estimated.get("keep", _MISSING)  # a plan that keeps layers is still probed)
+        if "keep_tiled" not in self._measured:
+            merged[1] = _MISSING  # scaled from the (measured or estimated) keep in _costs_with
         self.costs = self._costs_with(merged, calibration[3])
         self.calibrated = True
 

@@ -180,3 +180,43 @@ def test_fused_lora_on_gpu_bf16(activation):
     assert_close_scaled(q, lora_linear_reference(x, gate), TOL[torch.bfloat16], "group q")
     assert_close_scaled(k, lora_linear_reference(x, up), TOL[torch.bfloat16], "group k")
     assert_close_scaled(lora_linear(x, up), lora_linear_reference(x, up), TOL[torch.bfloat16], "linear")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_linear_with_one_scale_and_an_unused_output(dtype):
+    """rsLoRA with one r and alpha (the usual case): the scale rides on the dA and dX GEMMs; an output
+    without gradient leaves its block of u at zero."""
+    projections = [_projection(40, n, 16, dtype, False, 32 / 16**0.5) for n in (40, 24, 24)]
+    x = torch.randn(3, 11, 40).to(dtype).requires_grad_(True)
+    inputs = [x] + [t for p in projections for t in (p.lora_a, p.lora_b)]
+    q, _, v = lora_grouped_linear(x, projections)
+    rq, _, rv = (lora_linear_reference(x, p) for p in projections)
+    upstream = [torch.randn(t.shape).to(dtype) for t in (q, v)]
+    got = torch.autograd.grad((q, v), inputs, upstream, allow_unused=True)
+    want = torch.autograd.grad((rq, rv), inputs, upstream, allow_unused=True)
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        if w is None:
+            assert g is None or not g.any(), i
+        else:
+            assert_close_scaled(g, w, 2 * TOL[dtype], f"input {i}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gated_mlp_recompute_gives_the_same_gradients(dtype):
+    """skip_output (a checkpoint's recompute): zeros out, act(gate) * up kept for backward instead of formed
+    again; the gradients equal those of the full forward."""
+    gate, up, down = (_projection(a, b, 8, dtype, False, 2.0) for a, b in ((32, 48), (32, 48), (48, 32)))
+    x = torch.randn(13, 32).to(dtype).requires_grad_(True)
+    inputs = [x] + [t for p in (gate, up, down) for t in (p.lora_a, p.lora_b)]
+    full = lora_gated_mlp(x, gate, up, down)
+    skipped = lora_gated_mlp(x, gate, up, down, skip_output=True)
+    assert not skipped.any()
+    upstream = torch.randn(full.shape).to(dtype)
+    for i, (g, w) in enumerate(
+        zip(
+            torch.autograd.grad(skipped, inputs, upstream),
+            torch.autograd.grad(full, inputs, upstream),
+            strict=True,
+        )
+    ):
+        torch.testing.assert_close(g, w, msg=f"input {i}")

@@ -323,6 +323,53 @@ def test_memory_budget_key_is_validated() -> None:
         CPTConfig(memory_budget_gib=8, gradient_checkpointing="offload")
 
 
+def test_an_all_offload_probe_estimates_keep_from_the_recomputes() -> None:
+    """A probe that kept no layer measures nothing of keep in forward; the recomputes in its backward hold
+    what a kept layer would, so keep is estimated from them (and a plan that keeps layers is still probed
+    for real). Without it, a budget between all-offload and all-keep stayed all-offload on an H200."""
+    _, planner = _planned_model(1.0)
+    planner.plan = LayerPlan.uniform(4, "offload")
+    tokens = 100
+    planner._probe = {"running": False, "live": [0, 0, 0, 0], "tokens": tokens, "plan": planner.plan,
+                      "base": 0, "static": 0.0, "peak": 10_000_000, "grads": 0, "hooks": [],
+                      "recomputed": []}  # fmt: skip
+    for index in (3, 2, 1, 0):  # backward order, each recompute leaving 5 KB per token allocated
+        planner.layer_recomputed(index, 5_000 * tokens)
+    calibration = planner._finish_probe()
+    assert calibration is not None and calibration[4] == pytest.approx(5_000)
+    planner._calibrate(calibration)
+    assert planner.costs.keep == pytest.approx(5_000)
+    assert "keep" not in planner._measured  # estimated, not measured
+    planner.plan = canonical_plan(4, keep=2, offload=2, tiling="none")
+    assert planner._plan_has_unmeasured_modes()
+
+
+def test_checkpointed_layers_report_what_their_recompute_holds(monkeypatch) -> None:
+    """The layer checkpoint tells its observer the device memory its recompute left allocated (counted on
+    CUDA only; here the counter is faked)."""
+    from cpt_plugin.offload import checkpointing as ckpt
+    from cpt_plugin.offload.checkpointing import PlanHolder, PlannedLayerFunction
+
+    seen = []
+
+    class Observer:
+        def layer_start(self, index, x): ...
+
+        def layer_end(self, index): ...
+
+        def layer_recomputed(self, index, nbytes):
+            seen.append((index, nbytes))
+
+    counter = iter([1_000, 1_700])  # before and after the recompute
+    monkeypatch.setattr(ckpt, "_measurable", lambda x: True)
+    monkeypatch.setattr(ckpt, "_allocated", lambda device: next(counter))
+    holder = PlanHolder(LayerPlan.uniform(2, "recompute"), Observer())
+    layer = torch.nn.Linear(4, 4)
+    x = torch.randn(3, 4, requires_grad=True)
+    PlannedLayerFunction(holder, 1)(layer, x).sum().backward()
+    assert seen == [(1, 700)] and layer.weight.grad is not None and x.grad is not None
+
+
 def test_a_plan_with_modes_no_probe_measured_is_probed_again() -> None:
     """Calibrated on an all-offload probe, a plan that keeps layers is probed once more (the offload probe
     measured no keep cost); costs measured earlier survive a later probe that did not run their mode."""
