@@ -8,6 +8,7 @@
 #   TOTAL_BUDGET=530               seconds for the whole script (stages get timeouts that fit in it)
 #   TESTS_TIMEOUT=150 KERNELS_TIMEOUT=110
 #   RUN_ARGS="..."                 extra arguments for benchmarks.run (e.g. "--systems hf,cpt_offload")
+#   QUICK_SYSTEMS=hf,unsloth,...   the quick/full suite's systems only (RUN_ARGS reach the long-context stages too)
 #   KERNEL_ARGS="..."              extra arguments for benchmarks.kernels (e.g. "--ops flce")
 #   DEVICE=cpu                     dry run of this script on a CPU machine (tiny models, no timing claims)
 # Long-context stages (each writes its own subfolder of $OUT: results.json, report.md, PNGs):
@@ -107,7 +108,7 @@ for stage in $STAGES; do
       t=$(left)
       if (( t < 60 )); then note "$stage: skipped (time budget)"; continue; fi
       echo "== $stage suite (timeout ${t}s)"
-      timeout -k 10 "$t" python3 -m benchmarks.run --suite "$stage" --out "$OUT" --time-budget $(( t - 20 )) --no-report --device "$DEVICE" $RUN_ARGS
+      timeout -k 10 "$t" python3 -m benchmarks.run --suite "$stage" --out "$OUT" --time-budget $(( t - 20 )) --no-report --device "$DEVICE" ${QUICK_SYSTEMS:+--systems "$QUICK_SYSTEMS"} $RUN_ARGS
       note "$stage: exit $?"
       ;;
     longctx|qlora|qlora_maxctx)
