@@ -100,7 +100,8 @@ if triton is not None:
 
     @triton.jit
     def _adamw_bf16_sr_kernel(
-        w_ptr, g_ptr, m_ptr, v_ptr, n, seed, decay, beta1, beta2, step_size, bias_correction2_sqrt, eps,
+        w_ptr, g_ptr, m_ptr, v_ptr, n, seed, decay, one_minus_beta1, beta2, one_minus_beta2, step_size,
+        bias_correction2_sqrt, eps,
         scale_ptr, lr_decay, row, BLOCK: tl.constexpr, HAS_SCALE: tl.constexpr,
     ):  # fmt: skip
         """One AdamW step over bf16 weight, grad and moments (all passed as int16 views: integer loads and
@@ -120,8 +121,10 @@ if triton is not None:
         else:
             w = w * decay
             step = step_size
-        m = m + (1.0 - beta1) * (g - m)
-        v = v * beta2 + (1.0 - beta2) * g * g
+        # 1 - beta comes in from the host: formed here from fp32 beta2 = 0.999 it is off by 1.3e-5
+        # (cancellation), which moved some updates by 2 bf16 ulps on an H200 (the interpreter keeps fp64)
+        m = m + one_minus_beta1 * (g - m)
+        v = v * beta2 + one_minus_beta2 * g * g
         w = w - step * m / (tl.sqrt(v) / bias_correction2_sqrt + eps)
         r0, r1, r2, _ = tl.randint4x(seed, offsets)
         tl.store(w_ptr + offsets, _fp32_to_bf16_bits_stochastic(w, r0), mask=mask)
@@ -162,7 +165,8 @@ def adamw_bf16_sr_fused_(
         row_scale = row_scale.to(param.device, torch.float32).contiguous()
     _adamw_bf16_sr_kernel[(triton.cdiv(n, block),)](
         param.view(torch.int16), grad.view(torch.int16), exp_avg.view(torch.int16), exp_avg_sq.view(torch.int16),
-        n, seed & ((1 << 31) - 1), 1.0 - lr * weight_decay, betas[0], betas[1], lr / (1 - betas[0] ** step),
+        n, seed & ((1 << 31) - 1), 1.0 - lr * weight_decay, 1.0 - betas[0], betas[1], 1.0 - betas[1],
+        lr / (1 - betas[0] ** step),
         math.sqrt(1 - betas[1] ** step), eps, row_scale if row_scale is not None else param, lr * weight_decay,
         row, BLOCK=block, HAS_SCALE=row_scale is not None,
     )  # fmt: skip
