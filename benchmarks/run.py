@@ -196,7 +196,8 @@ class Harness:
                 "seed": args.seed,
                 "precision": (
                     "bf16 weights, bf16 autocast; LoRA parameters as PEFT creates them (fp32); trained "
-                    "embedding copies fp32 for cpt-plugin (trained_embeddings_dtype), bf16 for HF/Liger"
+                    "embedding copies bf16 with stochastically rounded updates for cpt-plugin (its default "
+                    "trained_embeddings_dtype: bfloat16_sr), bf16 for HF/Liger/Unsloth"
                 ),
                 "allocator": "PYTORCH_ALLOC_CONF=expandable_segments:True",
             },
