@@ -416,7 +416,9 @@ class CPTConfig:
             self.new_tokens = list(tokens)
         check_number("extend_vocabulary", self.extend_vocabulary, allow_zero=True, integer=True)
         if self.new_token_init not in ("subtoken_mean", "mean"):
-            fix = did_you_mean(self.new_token_init, ("subtoken_mean", "mean"), "Choose subtoken_mean or mean.")
+            fix = did_you_mean(
+                self.new_token_init, ("subtoken_mean", "mean"), "Choose subtoken_mean or mean."
+            )
             fail("new_token_init", f"unknown init {self.new_token_init!r}", fix)
         if (self.new_tokens or self.extend_vocabulary) and not self.train_embeddings:
             key = "new_tokens" if self.new_tokens else "extend_vocabulary"

@@ -769,7 +769,9 @@ def test_evaluator_overhead_measures_one_evaluation_against_the_steps(tmp_path):
     from benchmarks.evaluator_overhead import main
 
     args = ["--system", "hf", "--device", "cpu", "--shape", "2x64", "--tokens", "256", "--steps", "2"]
-    assert main([*args, "--out", str(tmp_path)]) == 0  # hf: our kernels under the test's Triton interpreter are slow
+    assert (
+        main([*args, "--out", str(tmp_path)]) == 0
+    )  # hf: our kernels under the test's Triton interpreter are slow
     result = json.loads((tmp_path / "evaluator.json").read_text())
     assert result["eval_tokens_per_domain"] == 256 and result["eval_every_steps"] == 100
     assert result["overhead"] == pytest.approx(result["eval_seconds"] / (100 * result["step_seconds"]))

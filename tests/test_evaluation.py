@@ -118,5 +118,7 @@ def test_the_evaluators_cost_is_predicted_and_a_costly_one_is_named(caplog):
     assert "will add about 11% to the training time" in caplog.text and "eval_every_steps" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="cpt_plugin.evaluation"):
-        evaluator._warn_if_costly(SimpleNamespace(per_device_train_batch_size=8, gradient_accumulation_steps=1))
+        evaluator._warn_if_costly(
+            SimpleNamespace(per_device_train_batch_size=8, gradient_accumulation_steps=1)
+        )
     assert caplog.text == ""
