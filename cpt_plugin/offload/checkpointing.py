@@ -11,10 +11,13 @@ How it plugs in: transformers routes every way of enabling checkpointing (``grad
 (5.17 and 5.24). We wrap that method on the model instances so that our checkpoint function is the one
 installed on every checkpointed layer, now and whenever checkpointing is enabled again later.
 
-The recompute itself is ``torch.utils.checkpoint`` (non-reentrant: RNG and autocast state preserved, works
-with DDP, no need for inputs that require grad). For offload, the layer input is handed to it through a
-small handle instead of as a tensor argument, so that checkpoint's closure does not keep it on the GPU; on
-recompute the handle returns the copy fetched back from the host.
+The recompute: in a single process, :class:`_LayerCheckpoint` runs the layer's forward without an autograd
+graph and, in backward, recomputes it once (autocast and, for layers with dropout, the RNG state restored)
+and backpropagates through it; a zero-size leaf that requires grad lets a layer whose input needs no
+gradient (frozen embeddings) still reach its parameters. Under torch.distributed, or when another tensor
+bound to the call needs a gradient, it is ``torch.utils.checkpoint`` (non-reentrant), as before; there the
+offloaded input is handed over through a small handle instead of as a tensor argument, so that
+checkpoint's closure does not keep it on the GPU.
 
 Per-layer modes (what the memory planner, ``planner.py``, drives): each decoder layer can instead get its
 own mode, read at every call from a shared :class:`LayerPlan`:
@@ -650,8 +653,9 @@ def _enable_input_require_grads_wrapper(self: torch.nn.Module) -> None:
     """Instance replacement of ``enable_input_require_grads`` while our checkpointing is installed.
 
     transformers (and PEFT) make the input embeddings' output require grad whenever checkpointing is
-    enabled, because reentrant checkpointing loses the parameter gradients of a layer whose input does
-    not. Ours is non-reentrant, where that is not needed, and the hook costs memory: the embedding output
+    enabled, because torch's reentrant checkpointing loses the parameter gradients of a layer whose input
+    does not. Ours does not need it (torch's non-reentrant mode, or our layer checkpoint with its grad
+    anchor), and the hook costs memory: the embedding output
     becomes an autograd leaf that the graph keeps on the GPU for the whole step (hidden x 2 bytes per
     token, defeating the offload of layer 0's input), plus its gradient at the end of backward.
     """

@@ -373,8 +373,10 @@ class MemoryPlanner:
         """A checkpointed layer's recompute left ``nbytes`` allocated: about what keeping it would hold
         (its saved activations and output), so a probe that kept no layer still estimates ``keep``."""
         probe = self._probe
-        tiled = index < len(self.plan.tiled) and self.plan.tiled[index]
-        if probe is not None and not probe["running"] and not tiled:
+        if probe is None or probe["running"]:
+            return
+        tiled = probe["plan"].tiled
+        if index < len(tiled) and not tiled[index]:  # a tiled MLP's recompute saves less than keeping it
             probe["recomputed"].append(nbytes)
 
     # --- planning ------------------------------------------------------------------------------
