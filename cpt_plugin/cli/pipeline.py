@@ -576,7 +576,11 @@ def run(run_config: RunConfig, output_dir: str | None = None) -> dict[str, Any]:
         curves[name] = _curve(trainer)
         evaluations[name] = callback.evaluator
         samples[name] = next((m for m in callback.monitors if isinstance(m, SampleCallback)), None)
+        if callback.domain_shifted_rows is not None and name not in shifted:
+            shifted[name] = callback.domain_shifted_rows
         return trainer
+
+    shifted: dict[str, int] = {}
 
     evaluations: dict[str, Any] = {}
     samples: dict[str, Any] = {}
@@ -630,6 +634,14 @@ def run(run_config: RunConfig, output_dir: str | None = None) -> dict[str, Any]:
     }
     if vocabulary:
         summary["vocabulary"] = vocabulary
+    if shifted.get(replay_name) is not None:
+        rows = model.get_input_embeddings().weight.shape[0]
+        summary["domain_shifted_rows"] = {
+            "rows": shifted[replay_name],
+            "of": int(rows),
+            "ratio": cfg.domain_shift_ratio,
+            "learning_rate": cfg.fresh_row_learning_rate or cpt_args.learning_rate,
+        }
     (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     print(format_summary(summary))
     return summary
@@ -722,6 +734,16 @@ def _vocabulary_line(vocabulary: dict[str, Any] | None) -> list[str]:
     ]
 
 
+def _shifted_rows_line(shifted: dict[str, Any] | None) -> list[str]:
+    if not shifted:
+        return []
+    return [
+        f"embeddings:  {shifted['rows']} of {shifted['of']} rows are the new domain's own tokens (at least "
+        f"{shifted['ratio']:g}x more frequent there than in the replay data): they learned at the LoRA LR "
+        f"({shifted['learning_rate']:g}), the others at the embedding LR (cpt.domain_shift_ratio)"
+    ]
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     """The before/after table: adaptation (new domain) and forgetting (old domain), with the change."""
     table = summary["heldout_loss"]
@@ -750,6 +772,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         *_output_lines(summary),
         f"all numbers: {summary['summary']}",
         *_vocabulary_line(summary.get("vocabulary")),
+        *_shifted_rows_line(summary.get("domain_shifted_rows")),
         f"took {summary['seconds']} s",
     ]
     return "\n".join(lines)

@@ -67,6 +67,7 @@ class CPTCallback(TrainerCallback):
         self.config = CPTConfig.coerce(config, **overrides)
         self._tokens_since_log = 0
         self.tokens_seen = 0  # training tokens (input_ids) of this process, for the evaluator's x axis
+        self.domain_shifted_rows: int | None = None  # rows marked by domain_shift_ratio, once prepared
         from cpt_plugin.evaluation import HeldoutEvaluator
 
         # the held-out evaluator, added to the trainer by the __init__ hook
@@ -123,7 +124,9 @@ class CPTCallback(TrainerCallback):
             from cpt_plugin.vocabulary.domain_rows import mark_domain_shifted_rows
 
             # after setup_model: healing has reset never-seen rows first (it leaves rows marked fresh alone)
-            mark_domain_shifted_rows(prepared, given.get("train_dataset"), self.config.domain_shift_ratio)
+            self.domain_shifted_rows = mark_domain_shifted_rows(
+                prepared, given.get("train_dataset"), self.config.domain_shift_ratio
+            )
         self._planner = find_planner(prepared)
         return prepared
 
