@@ -27,14 +27,42 @@ UNSLOTH_GC, UNSLOTH_NOGC = "unsloth", "unsloth_nogc"
 
 
 def load(out_dir: str | Path) -> dict[str, Any]:
-    """results.json and kernels.json of one output directory, merged ({} where absent)."""
+    """results.json and kernels.json of one output directory, merged ({} where absent); throughput rows of
+    several rounds (``--rounds``) collapsed to one per system and shape (see collapse_rounds)."""
     out = Path(out_dir)
     data: dict[str, Any] = {}
     if (out / "results.json").exists():
         data = json.loads((out / "results.json").read_text())
     if (out / "kernels.json").exists():
         data["kernels"] = json.loads((out / "kernels.json").read_text())
+    if data.get("train"):
+        data["train"] = collapse_rounds(data["train"])
     return data
+
+
+def collapse_rounds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (workload, batch, seq, system), in first-seen order: the round with the median tokens/s
+    (the lower middle of an even count), its peak memory replaced by the highest of any round, and every
+    round's tokens/s kept in ``rounds_tokens_per_s``. A system with no successful round keeps its first row."""
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for row in rows:
+        key = (row.get("workload"), row.get("batch"), row.get("seq"), row.get("system"))
+        groups.setdefault(key, []).append(row)
+    collapsed = []
+    for group in groups.values():
+        ok = [r for r in group if r.get("status") == "ok" and r.get("tokens_per_s")]
+        if len(group) == 1 or not ok:
+            collapsed.append(group[0])
+            continue
+        ok.sort(key=lambda r: r["tokens_per_s"])
+        row = dict(ok[(len(ok) - 1) // 2])
+        row["rounds_tokens_per_s"] = [r["tokens_per_s"] for r in ok]
+        for key in ("peak_allocated_gib", "peak_reserved_gib"):
+            values = [r[key] for r in ok if r.get(key) is not None]
+            if values:
+                row[key] = max(values)
+        collapsed.append(row)
+    return collapsed
 
 
 def _f(value: Any, spec: str = ".2f", suffix: str = "") -> str:
@@ -51,6 +79,9 @@ def _ratio(value: Any, base: Any) -> str:
 
 def _status(row: dict[str, Any]) -> str:
     status = row.get("status", "?")
+    rounds = row.get("rounds_tokens_per_s")
+    if status == "ok" and rounds:
+        return f"ok, median of {len(rounds)} rounds ({min(rounds):,.0f}–{max(rounds):,.0f} tok/s)"
     if status == "ok":
         return "ok"
     error = str(row.get("error", "")).replace("|", "/").replace("\n", " ")

@@ -73,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measure every system this many times, in turns (A B C A B C): a card whose speed drifts "
+        "during the call then moves every system alike; the report takes each system's median round",
+    )
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--out", default="outputs/bench", help="output directory")
     p.add_argument("--time-budget", type=float, default=float("inf"), help="seconds for the whole run")
@@ -104,6 +111,8 @@ def resolve_args(argv: list[str] | None = None) -> argparse.Namespace:
         )
     except argparse.ArgumentTypeError as exc:
         parser.error(str(exc))
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
     cpu = args.device == "cpu"
     args.shapes = args.shapes or (CPU_SHAPES if cpu else suite.shapes)
     args.maxctx_workloads = [w for w in suite.maxctx_workloads if w in args.workloads] or args.workloads[:1]
@@ -194,6 +203,7 @@ class Harness:
                 "warmup": args.warmup,
                 "steps": args.steps,
                 "seed": args.seed,
+                "rounds": args.rounds,
                 "precision": (
                     "bf16 weights, bf16 autocast; LoRA parameters as PEFT creates them (fp32); trained "
                     "embedding copies bf16 with stochastically rounded updates for cpt-plugin (its default "
@@ -240,9 +250,14 @@ class Harness:
         unavailable: set[str] = set()
         for wname in self.args.workloads:
             workload = resolve_workload(wname, self.args.device)
+            turns = [(rnd, system) for rnd in range(self.args.rounds) for system in self.args.systems]
             for batch, seq in self.args.shapes:
-                for system in self.args.systems:
+                for rnd, system in turns:
                     record: dict[str, Any] = {"system": system, "workload": wname, "batch": batch, "seq": seq}
+                    if self.args.rounds > 1:
+                        record["round"] = rnd
+                    if system in unavailable and rnd > 0:
+                        continue  # said once, in its first round
                     if system in unavailable:
                         record.update(status="unavailable", error="see the first row of this system")
                     elif self.remaining() < 20:
