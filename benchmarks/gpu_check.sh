@@ -23,6 +23,7 @@
 #   evaluator     the held-out evaluator's share of wall time at its default frequency (benchmarks/evaluator_overhead.py)
 #   export        `cpt-plugin export --to merged` and GGUF f16 timed at Llama-1B shapes (benchmarks/export_time.py)
 #   tf524tests    `pytest -m gpu` again on the carried newest transformers
+#   hostcosts     host microseconds per call of GEMMs (each cuBLAS backend), casts, Triton launches ($OUT/hostcosts)
 LONGCTX_SYSTEMS=${LONGCTX_SYSTEMS:-hf,hf_offload,trl_offload,axolotl_offload,cpt,cpt_offload_only,cpt_offload}
 LONGCTX_SHAPES=${LONGCTX_SHAPES:-1x16384,1x32768}
 QLORA_SYSTEMS=${QLORA_SYSTEMS:-hf,unsloth,cpt,cpt_offload_only,cpt_offload}
@@ -143,6 +144,11 @@ for stage in $STAGES; do
       esac
       note "$stage: exit ${PIPESTATUS[0]}"
       ;;
+    hostcosts)
+      echo "== host cost per call"
+      timeout -k 10 60 python3 -m benchmarks.host_costs --out "$OUT/hostcosts" | tail -40
+      note "hostcosts: exit ${PIPESTATUS[0]}"
+      ;;
     tf524tests)
       t=$(( $(left) < TESTS_TIMEOUT ? $(left) : TESTS_TIMEOUT ))
       if (( t < 20 )); then note "tf524tests: skipped (time budget)"; continue; fi
@@ -152,7 +158,7 @@ for stage in $STAGES; do
       note "tf524tests: exit $rc ($(grep -E '[0-9]+ (passed|failed)' "$OUT/gpu_tests_tf524.log" | tail -1))"
       ;;
     *)
-      note "unknown stage '$stage' (use tests, kernels, quick, full, longctx, qlora, qlora_maxctx, profile, evaluator, export, tf524tests)"
+      note "unknown stage '$stage' (use tests, kernels, quick, full, longctx, qlora, qlora_maxctx, profile, evaluator, export, hostcosts, tf524tests)"
       ;;
   esac
 done
