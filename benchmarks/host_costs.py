@@ -62,6 +62,91 @@ def out_dtype_check(torch: Any) -> dict[str, Any]:
     return result
 
 
+def triton_launch_costs(calls: int) -> dict[str, Any]:
+    """Where a Triton kernel's 90 us of host time goes: our wrapper, the autograd Function, Triton's
+    ``kernel[grid](...)`` and the compiled kernel's own launcher (``compiled[grid](...)``, no argument
+    specialization), the last checked against the first for the same output."""
+    import torch
+
+    from cpt_plugin.kernels import rms_norm as rn
+
+    x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
+    w = torch.ones(256, device="cuda", dtype=torch.bfloat16)
+    y = torch.empty_like(x)
+    rstd = torch.empty(64, device="cuda", dtype=torch.float32)
+    runtime_args = (x, x.stride(0), w, y, y.stride(0), rstd, 64, 256, 1e-6, 0.0)
+    constexprs = {"CAST_LLAMA": True, "BLOCK_ROWS": 16, "BLOCK_COLS": 256}
+    grid = (4,)
+    rows: dict[str, Any] = {}
+    with torch.no_grad():
+        rows["rms_norm() public"] = per_call_us(lambda: rn.rms_norm(x, w, 1e-6), calls)
+        rows["_RMSNormFunction.apply"] = per_call_us(
+            lambda: rn._RMSNormFunction.apply(x, w, 1e-6, 0.0, "llama"), calls
+        )
+        rows["kernel[grid](...)"] = per_call_us(
+            lambda: rn._rms_norm_fwd_kernel[grid](*runtime_args, **constexprs, num_warps=4), calls
+        )
+        compiled = rn._rms_norm_fwd_kernel[grid](*runtime_args, **constexprs, num_warps=4)
+        want = y.clone()
+        for label, args in (
+            ("compiled[grid](runtime args)", runtime_args),
+            ("compiled[grid](all args)", (*runtime_args, *constexprs.values())),
+        ):
+            try:
+                y.zero_()
+                compiled[grid](*args)
+                torch.cuda.synchronize()
+                same = bool(torch.equal(y, want))
+                rows[label] = {
+                    "us": per_call_us(lambda args=args: compiled[grid](*args), calls),
+                    "same_output": same,
+                }
+            except Exception as exc:  # noqa: BLE001 - the launcher's signature differs between versions
+                rows[label] = f"{type(exc).__name__}: {exc}"[:200]
+    x.requires_grad_(True)
+    rows["rms_norm() with grad"] = per_call_us(lambda: rn.rms_norm(x, w, 1e-6), calls)
+    return {k: (round(v, 2) if isinstance(v, float) else v) for k, v in rows.items()}
+
+
+def _lora_order(t: int, k: int, n: int, r: int) -> dict[str, Any]:
+    import torch
+    from triton.testing import do_bench
+
+    x = torch.randn(t, k, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
+    a = torch.randn(r, k, device="cuda", dtype=torch.bfloat16) / k**0.5
+    b = torch.randn(n, r, device="cuda", dtype=torch.bfloat16)
+    zero = torch.zeros((), device="cuda", dtype=torch.bfloat16)
+
+    def base_first() -> Any:
+        xa = x @ a.t()
+        out = x @ w.t()
+        return out.addmm_(xa, b.t(), alpha=0.5)
+
+    def lora_first() -> Any:
+        xa = x @ a.t()
+        out = torch.addmm(zero, xa, b.t(), beta=0, alpha=0.5)
+        return out.addmm_(x, w.t())
+
+    return {
+        "base_first_ms": round(do_bench(base_first), 4),
+        "lora_first_ms": round(do_bench(lora_first), 4),
+        "base_gemm_only_ms": round(do_bench(lambda: x @ w.t()), 4),
+        "max_abs_diff": float((base_first().float() - lora_first().float()).abs().max()),
+    }
+
+
+def lora_order_ms() -> dict[str, Any]:
+    """GPU time of ``x W^T + s (x A^T) B^T`` two ways: base GEMM then the LoRA product added onto it
+    (the large output written, read and written again), or the LoRA product first and the base GEMM
+    accumulating onto it (beta 1). Llama-1B gate (8192 x 2048 -> 8192, r 128), Mistral-7B gate
+    (8192 x 4096 -> 14336, r 32)."""
+    return {
+        "llama-1b gate": _lora_order(8192, 2048, 8192, 128),
+        "mistral-7b gate": _lora_order(8192, 4096, 14336, 32),
+    }
+
+
 def measure(calls: int) -> dict[str, Any]:
     import torch
 
@@ -115,6 +200,8 @@ def measure(calls: int) -> dict[str, Any]:
         "host_us_per_call": rows,
         "gemm_host_us_by_blas_backend": backends,
         "out_dtype": out_dtype_check(torch),
+        "triton": triton_launch_costs(calls),
+        "lora_order_ms": lora_order_ms(),
     }
 
 

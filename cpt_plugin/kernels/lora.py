@@ -61,7 +61,8 @@ class LoraProjection:
 
 
 # ------------------------------------------------------------------------------------------------
-# The building blocks: one projection forward and backward on 2-D inputs in the compute dtype.
+# The building blocks: a group of projections sharing one 2-D input, forward and backward, in the compute
+# dtype. Every function below is a group (q/k/v: three, gate/up: two, o and down: one).
 # ------------------------------------------------------------------------------------------------
 def _base_weight(weight: torch.Tensor, dequantize: Dequantize | None, dtype: torch.dtype) -> torch.Tensor:
     if dequantize is not None:
@@ -69,76 +70,170 @@ def _base_weight(weight: torch.Tensor, dequantize: Dequantize | None, dtype: tor
     return weight if weight.dtype == dtype else weight.to(dtype)
 
 
-def _cast_factors(lora_a: torch.Tensor, lora_b: torch.Tensor, dtype: torch.dtype):
-    """(A, B) in the compute dtype: the only casts of LoRA parameters in a call. The scale is applied as
-    the GEMMs' ``alpha``, never as a separate multiply (each kernel launch costs host time, and the
-    backward of an offloaded step waits on the host)."""
-    a = lora_a if lora_a.dtype == dtype else lora_a.to(dtype)
-    b = lora_b if lora_b.dtype == dtype else lora_b.to(dtype)
-    return a, b
+def _cast_factors(
+    lora_as: Sequence[torch.Tensor], lora_bs: Sequence[torch.Tensor], dtype: torch.dtype
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(the A factors stacked as one (sum r) x in matrix, the B factors) in the compute dtype.
+
+    Why one buffer: every cast is an allocation and a launch, and an offloaded step's backward waits on
+    the host. The group's factors are copied into one buffer by one ``_foreach_copy_`` (one kernel on
+    CUDA), A's first, so the stacked A (the group's shared ``x A^T`` GEMM) is a view, not a ``cat``."""
+    factors = [*lora_as, *lora_bs]
+    if all(f.dtype == dtype for f in factors):
+        a_stack = lora_as[0] if len(lora_as) == 1 else torch.cat(list(lora_as))
+        return a_stack, list(lora_bs)
+    numels = [f.numel() for f in factors]
+    flat = torch.empty(sum(numels), dtype=dtype, device=factors[0].device)
+    casts = [part.view(f.shape) for part, f in zip(flat.split(numels), factors, strict=True)]
+    torch._foreach_copy_(casts, factors)
+    n_a = sum(numels[: len(lora_as)])
+    return flat[:n_a].view(-1, lora_as[0].shape[1]), casts[len(lora_as) :]
 
 
 _ZEROS: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+_OUT_DTYPE_GEMM: dict[str, bool] = {}  # device type -> mm/addmm take out_dtype here (tried once)
+
+
+def _zero(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    key = (device, dtype)
+    zero = _ZEROS.get(key)
+    if zero is None:
+        zero = _ZEROS[key] = torch.zeros((), device=device, dtype=dtype)
+    return zero
 
 
 def _scaled_mm(m1: torch.Tensor, m2: torch.Tensor, scale: float) -> torch.Tensor:
     """``scale * (m1 @ m2)`` in one GEMM (``addmm`` with beta 0 never reads its input)."""
     if scale == 1.0:
         return torch.mm(m1, m2)
-    key = (m1.device, m1.dtype)
-    zero = _ZEROS.get(key)
-    if zero is None:
-        zero = _ZEROS[key] = torch.zeros((), device=m1.device, dtype=m1.dtype)
-    return torch.addmm(zero, m1, m2, beta=0, alpha=scale)
+    return torch.addmm(_zero(m1.device, m1.dtype), m1, m2, beta=0, alpha=scale)
 
 
-def _project(
+def _grad_mm(m1: torch.Tensor, m2: torch.Tensor, scale: float, param_dtype: torch.dtype) -> torch.Tensor:
+    """``scale * (m1 @ m2)`` as a LoRA factor's gradient, in the factor's dtype.
+
+    16-bit operands and an fp32 factor (PEFT's default): on CUDA the GEMM accumulates in fp32 anyway and
+    writes fp32 directly (``out_dtype``), so autograd does not cast each gradient in another kernel. Where
+    that overload is missing, the 16-bit product, which autograd then casts."""
+    device_type = m1.device.type
+    if (
+        param_dtype == torch.float32
+        and m1.dtype in (torch.bfloat16, torch.float16)
+        and _OUT_DTYPE_GEMM.get(device_type, device_type == "cuda")
+    ):
+        try:
+            if scale == 1.0:
+                return torch.mm(m1, m2, out_dtype=param_dtype)
+            return torch.addmm(
+                _zero(m1.device, param_dtype), m1, m2, beta=0, alpha=scale, out_dtype=param_dtype
+            )
+        except (RuntimeError, TypeError, NotImplementedError):  # not in this build: the 16-bit path
+            _OUT_DTYPE_GEMM[device_type] = False
+    return _scaled_mm(m1, m2, scale)
+
+
+def _group_forward(
     x2: torch.Tensor,
-    w: torch.Tensor,
-    bias: torch.Tensor | None,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    scale: float,
-):
-    """(x W^T + b + s (x A^T) B^T, x A^T) with the LoRA product accumulated into the base output."""
-    xa = torch.mm(x2, a.t())
-    if bias is not None:
-        out = torch.addmm(bias.to(x2.dtype), x2, w.t())
-    else:
-        out = torch.mm(x2, w.t())
-    out.addmm_(xa, b.t(), alpha=scale)
-    return out, xa
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor | None],
+    a_stack: torch.Tensor,
+    bs: Sequence[torch.Tensor],
+    ranks: Sequence[int],
+    scales: Sequence[float],
+    dequantizers: Sequence[Dequantize | None],
+    dtype: torch.dtype,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """([x W_i^T + b_i + s_i (x A_i^T) B_i^T], x A^T of the stack).
 
-
-def _project_backward(
-    g2: torch.Tensor,
-    x2: torch.Tensor,
-    xa: torch.Tensor,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    scale: float,
-    dx: torch.Tensor | None,
-    w: torch.Tensor | None,
-    need: tuple[bool, bool, bool],
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Gradients of one projection: (dX accumulated into ``dx`` or new, dA, dB); ``need`` = (x, A, B).
-
-    With u = g B (unscaled): dB = s g^T (x A^T), dA = s u^T x, dX = g W + s u A."""
-    need_x, need_a, need_b = need
-    grad_b = _scaled_mm(g2.t(), xa, scale) if need_b else None
-    u = torch.mm(g2, b) if (need_x or need_a) else None
-    grad_a = _scaled_mm(u.t(), x2, scale) if need_a else None
-    if need_x:
-        if dx is None:
-            dx = torch.mm(g2, w)
+    The LoRA product is written first and the base GEMM accumulates onto it (beta 1): the large output
+    is written once and read once inside the base GEMM, not written, read and written again by a
+    second pass."""
+    xa_all = torch.mm(x2, a_stack.t())
+    outs = []
+    offset = 0
+    for weight, bias, b, rank, scale, dequantize in zip(
+        weights, biases, bs, ranks, scales, dequantizers, strict=True
+    ):
+        xa = xa_all[:, offset : offset + rank]
+        if bias is not None:
+            out = torch.addmm(bias.to(dtype), xa, b.t(), alpha=scale)
         else:
-            dx.addmm_(g2, w)
-        dx.addmm_(u, a, alpha=scale)
-    return dx, grad_a, grad_b
+            out = _scaled_mm(xa, b.t(), scale)
+        out.addmm_(x2, _base_weight(weight, dequantize, dtype).t())
+        outs.append(out)
+        offset += rank
+    return outs, xa_all
+
+
+def _group_backward(
+    grads_out: Sequence[torch.Tensor | None],
+    x2: torch.Tensor,
+    xa_all: torch.Tensor,
+    a_stack: torch.Tensor,
+    bs: Sequence[torch.Tensor],
+    weights: Sequence[torch.Tensor],
+    ranks: Sequence[int],
+    scales: Sequence[float],
+    dequantizers: Sequence[Dequantize | None],
+    dtype: torch.dtype,
+    need_x: bool,
+    need_a: Sequence[bool],
+    need_b: Sequence[bool],
+    need_bias: Sequence[bool],
+    param_dtypes: tuple[torch.dtype, torch.dtype],
+) -> tuple[torch.Tensor | None, list[Any], list[Any], list[Any]]:
+    """(dX, [dA_i], [dB_i], [db_i]) of a group; ``grads_out`` are 2-D in the compute dtype (None: unused).
+
+    With u_i = g_i B_i (unscaled): dB_i = s g_i^T (x A_i^T), dA_i = s u_i^T x, dX = s u A_stack + sum g_i W_i.
+    The u_i are written into column blocks of one buffer, so dA of the whole stack and the LoRA part of
+    dX are one GEMM each; the base GEMMs accumulate dX onto the LoRA part."""
+    n = len(ranks)
+    # One scale for the group (the usual case: same r and alpha): u stays unscaled and the scale rides on
+    # the dA and dX GEMMs; otherwise each block of u is scaled where it is formed.
+    common = scales[0] if all(s == scales[0] for s in scales) else None
+    grad_a: list[Any] = [None] * n
+    grad_b: list[Any] = [None] * n
+    grad_bias: list[Any] = [None] * n
+    a_dtype, b_dtype = param_dtypes
+    u_all = torch.empty(x2.shape[0], a_stack.shape[0], dtype=x2.dtype, device=x2.device)
+    offset = 0
+    for i, (g, rank) in enumerate(zip(grads_out, ranks, strict=True)):
+        block = u_all[:, offset : offset + rank]
+        if g is None:
+            block.zero_()
+        else:
+            if need_b[i]:
+                grad_b[i] = _grad_mm(g.t(), xa_all[:, offset : offset + rank], scales[i], b_dtype)
+            torch.mm(g, bs[i], out=block)  # a column block of u_all: written in place
+            if common is None:
+                block.mul_(scales[i])
+            if need_bias[i]:
+                grad_bias[i] = g.sum(0)
+        offset += rank
+    scale = 1.0 if common is None else common
+    if any(need_a):
+        grad_a_all = _grad_mm(u_all.t(), x2, scale, a_dtype)
+        offset = 0
+        for i, rank in enumerate(ranks):
+            if need_a[i]:
+                grad_a[i] = grad_a_all[offset : offset + rank]
+            offset += rank
+    dx = None
+    if need_x:
+        dx = _scaled_mm(u_all, a_stack, scale)
+        for g, weight, dequantize in zip(grads_out, weights, dequantizers, strict=True):
+            if g is not None:
+                dx.addmm_(g, _base_weight(weight, dequantize, dtype))
+    return dx, grad_a, grad_b, grad_bias
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
+
+
+def _rows_in(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    t2 = _rows(t)
+    return t2 if t2.dtype == dtype else t2.to(dtype)
 
 
 def _no_autocast(device_type: str):
@@ -146,51 +241,87 @@ def _no_autocast(device_type: str):
     return torch.autocast(device_type=device_type, enabled=False)
 
 
+def _split_params(tensors: Sequence[Any]) -> list[tuple[Any, Any, Any, Any]]:
+    """(weight, bias, lora_a, lora_b) per projection from the flat argument list."""
+    return [tuple(tensors[i : i + 4]) for i in range(0, len(tensors), 4)]  # type: ignore[misc]
+
+
 # ------------------------------------------------------------------------------------------------
-# One projection
+# Projections sharing one input: q/k/v, or a single projection (o)
 # ------------------------------------------------------------------------------------------------
-class _LoraLinear(torch.autograd.Function):
+class _LoraGroup(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scale, dequantize, dtype):
-        x2 = _rows(x)
-        if x2.dtype != dtype:
-            x2 = x2.to(dtype)
+    def forward(ctx, x, scales, dequantizers, dtype, *tensors):
+        # tensors: (weight, bias, lora_a, lora_b) per projection
+        ctx.set_materialize_grads(False)  # an output nobody uses gets no gradient
+        x2 = _rows_in(x, dtype)
+        params = _split_params(tensors)
+        ranks = [p[2].shape[0] for p in params]
         with _no_autocast(x.device.type):
-            w = _base_weight(weight, dequantize, dtype)
-            a, b = _cast_factors(lora_a, lora_b, dtype)
-            out, xa = _project(x2, w, bias, a, b, scale)
-        ctx.save_for_backward(x2, weight, a, b, xa)
-        ctx.meta = (scale, dequantize, dtype, x.shape, x.dtype)
-        ctx.need_bias = bias is not None and ctx.needs_input_grad[2]
-        return out.view(*x.shape[:-1], out.shape[-1])
+            a_stack, bs = _cast_factors([p[2] for p in params], [p[3] for p in params], dtype)
+            outs, xa_all = _group_forward(
+                x2,
+                [p[0] for p in params],
+                [p[1] for p in params],
+                a_stack,
+                bs,
+                ranks,
+                scales,
+                dequantizers,
+                dtype,
+            )
+        ctx.save_for_backward(x2, a_stack, xa_all, *bs, *[p[0] for p in params])
+        ctx.meta = (
+            scales,
+            dequantizers,
+            dtype,
+            x.shape,
+            x.dtype,
+            ranks,
+            (params[0][2].dtype, params[0][3].dtype),
+        )
+        ctx.need_bias = [
+            p[1] is not None and ctx.needs_input_grad[4 + 4 * i + 1] for i, p in enumerate(params)
+        ]
+        return tuple(out.view(*x.shape[:-1], out.shape[-1]) for out in outs)
 
     @staticmethod
-    def backward(ctx, grad_out):
-        x2, weight, a, b, xa = ctx.saved_tensors
-        scale, dequantize, dtype, x_shape, x_dtype = ctx.meta
-        need_x, need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
-        g2 = _rows(grad_out)
-        if g2.dtype != dtype:
-            g2 = g2.to(dtype)
-        w = _base_weight(weight, dequantize, dtype) if need_x else None
-        dx, grad_a, grad_b = _project_backward(g2, x2, xa, a, b, scale, None, w, (need_x, need_a, need_b))
-        grad_bias = g2.sum(0) if ctx.need_bias else None
-        return (
-            dx.view(x_shape).to(x_dtype) if dx is not None else None,
-            None,
-            grad_bias,
-            grad_a,
-            grad_b,
-            None,
-            None,
-            None,
+    def backward(ctx, *grad_outs):
+        x2, a_stack, xa_all, *rest = ctx.saved_tensors
+        scales, dequantizers, dtype, x_shape, x_dtype, ranks, param_dtypes = ctx.meta
+        n = len(ranks)
+        bs, weights = rest[:n], rest[n:]
+        need = ctx.needs_input_grad
+        grads_2d = [None if g is None else _rows_in(g, dtype) for g in grad_outs]
+        dx, grad_a, grad_b, grad_bias = _group_backward(
+            grads_2d,
+            x2,
+            xa_all,
+            a_stack,
+            bs,
+            weights,
+            ranks,
+            scales,
+            dequantizers,
+            dtype,
+            need[0],
+            [need[4 + 4 * i + 2] for i in range(n)],
+            [need[4 + 4 * i + 3] for i in range(n)],
+            ctx.need_bias,
+            param_dtypes,
         )
+        grads: list[Any] = []
+        for i in range(n):
+            grads += [None, grad_bias[i], grad_a[i], grad_b[i]]
+        if dx is not None:
+            dx = dx.view(x_shape).to(x_dtype)
+        return (dx, None, None, None, *grads)
 
 
 def lora_linear(x: torch.Tensor, projection: LoraProjection) -> torch.Tensor:
     """``x W^T + b + s (x A^T) B^T`` in the compute dtype (see module doc), with a fused backward."""
     p = projection
-    return _LoraLinear.apply(x, p.weight, p.bias, p.lora_a, p.lora_b, p.scale, p.dequantize, compute_dtype(x))
+    return _LoraGroup.apply(x, (p.scale,), (p.dequantize,), compute_dtype(x), *p.tensors())[0]
 
 
 def lora_linear_reference(x: torch.Tensor, projection: LoraProjection) -> torch.Tensor:
@@ -205,88 +336,6 @@ def lora_linear_reference(x: torch.Tensor, projection: LoraProjection) -> torch.
             torch.nn.functional.linear(xc, p.lora_a.to(dtype)), p.lora_b.to(dtype)
         )
         return out + lora * p.scale
-
-
-# ------------------------------------------------------------------------------------------------
-# Projections sharing one input (q, k, v): one x A^T product, one dX buffer
-# ------------------------------------------------------------------------------------------------
-class _LoraGroup(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, scales, dequantizers, dtype, *tensors):
-        # tensors: (weight, bias, lora_a, lora_b) per projection
-        ctx.set_materialize_grads(False)  # an output nobody uses gets no gradient
-        x2 = _rows(x)
-        if x2.dtype != dtype:
-            x2 = x2.to(dtype)
-        params = [tensors[i : i + 4] for i in range(0, len(tensors), 4)]
-        ranks = [p[2].shape[0] for p in params]
-        with _no_autocast(x.device.type):
-            a_all = torch.cat([p[2] for p in params])  # (sum r) x in, cast once below
-            if a_all.dtype != dtype:
-                a_all = a_all.to(dtype)
-            bs = [p[3] if p[3].dtype == dtype else p[3].to(dtype) for p in params]
-            xa_all = torch.mm(x2, a_all.t())
-            outs = []
-            offset = 0
-            for p, rank, b, scale, dequantize in zip(params, ranks, bs, scales, dequantizers, strict=True):
-                w = _base_weight(p[0], dequantize, dtype)
-                out = torch.addmm(p[1].to(dtype), x2, w.t()) if p[1] is not None else torch.mm(x2, w.t())
-                out.addmm_(xa_all[:, offset : offset + rank], b.t(), alpha=scale)
-                outs.append(out.view(*x.shape[:-1], out.shape[-1]))
-                offset += rank
-        ctx.save_for_backward(x2, a_all, xa_all, *bs, *[p[0] for p in params])
-        ctx.meta = (scales, dequantizers, dtype, x.shape, x.dtype, ranks)
-        ctx.need_bias = [
-            p[1] is not None and ctx.needs_input_grad[4 + 4 * i + 1] for i, p in enumerate(params)
-        ]
-        return tuple(outs)
-
-    @staticmethod
-    def backward(ctx, *grad_outs):
-        x2, a_all, xa_all, *rest = ctx.saved_tensors
-        scales, dequantizers, dtype, x_shape, x_dtype, ranks = ctx.meta
-        n = len(ranks)
-        bs, weights = rest[:n], rest[n:]
-        need = ctx.needs_input_grad
-        need_x = need[0]
-        # One scale for the group (the usual case: same r and alpha): u = g B stays unscaled and the
-        # scale rides on the dA and dX GEMMs; otherwise each block of u is scaled where it is formed.
-        common = scales[0] if all(s == scales[0] for s in scales) else None
-        grads: list[Any] = [None] * (4 * n)
-        u_all = torch.empty(x2.shape[0], a_all.shape[0], dtype=x2.dtype, device=x2.device)
-        dx = None
-        offset = 0
-        for i, (g, rank) in enumerate(zip(grad_outs, ranks, strict=True)):
-            block = u_all[:, offset : offset + rank]
-            if g is None:
-                block.zero_()
-            else:
-                g2 = _rows(g)
-                if g2.dtype != dtype:
-                    g2 = g2.to(dtype)
-                if need[4 + 4 * i + 3]:
-                    grads[4 * i + 3] = _scaled_mm(g2.t(), xa_all[:, offset : offset + rank], scales[i])
-                torch.mm(g2, bs[i], out=block)  # a column block of u_all: written in place
-                if common is None:
-                    block.mul_(scales[i])
-                if need_x:
-                    w = _base_weight(weights[i], dequantizers[i], dtype)
-                    dx = torch.mm(g2, w) if dx is None else dx.addmm_(g2, w)
-                if ctx.need_bias[i]:
-                    grads[4 * i + 1] = g2.sum(0)
-            offset += rank
-        scale = 1.0 if common is None else common
-        if any(need[4 + 4 * i + 2] for i in range(n)):
-            grad_a_all = _scaled_mm(u_all.t(), x2, scale)
-            offset = 0
-            for i, rank in enumerate(ranks):
-                if need[4 + 4 * i + 2]:
-                    grads[4 * i + 2] = grad_a_all[offset : offset + rank]
-                offset += rank
-        if need_x:
-            dx = _scaled_mm(u_all, a_all, scale) if dx is None else dx.addmm_(u_all, a_all, alpha=scale)
-            dx = dx.view(x_shape).to(x_dtype)
-        return (dx, None, None, None, *grads)
 
 
 def lora_grouped_linear(x: torch.Tensor, projections: Sequence[LoraProjection]) -> tuple[torch.Tensor, ...]:
@@ -308,73 +357,118 @@ class _LoraGatedMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, gelu, scales, dequantizers, dtype, skip_output, *tensors):
         # tensors: (weight, bias, lora_a, lora_b) for gate, up and down
-        x2 = _rows(x)
-        if x2.dtype != dtype:
-            x2 = x2.to(dtype)
-        params = [tensors[i : i + 4] for i in range(0, 12, 4)]
+        x2 = _rows_in(x, dtype)
+        gate_p, up_p, down_p = _split_params(tensors)
+        ranks_gu = [gate_p[2].shape[0], up_p[2].shape[0]]
         with _no_autocast(x.device.type):
-            casts = [_cast_factors(p[2], p[3], dtype) for p in params]
-            w = _base_weight(params[0][0], dequantizers[0], dtype)
-            gate, xa_gate = _project(x2, w, params[0][1], *casts[0], scales[0])
-            w = _base_weight(params[1][0], dequantizers[1], dtype)
-            up, xa_up = _project(x2, w, params[1][1], *casts[1], scales[1])
+            # gate and up share their input: one stacked A, one x A^T GEMM
+            a_gu, (b_gate, b_up) = _cast_factors([gate_p[2], up_p[2]], [gate_p[3], up_p[3]], dtype)
+            a_down, (b_down,) = _cast_factors([down_p[2]], [down_p[3]], dtype)
+            (gate, up), xa_gu = _group_forward(
+                x2,
+                [gate_p[0], up_p[0]],
+                [gate_p[1], up_p[1]],
+                a_gu,
+                [b_gate, b_up],
+                ranks_gu,
+                scales[:2],
+                dequantizers[:2],
+                dtype,
+            )
             hidden = glu_forward(gate, up, gelu)
             if skip_output:  # a recompute whose output nobody reads: only what backward needs
-                ha_down = torch.mm(hidden, casts[2][0].t())
-                out = x2.new_zeros(x2.shape[0], params[2][3].shape[0])  # lora_b: out x r
+                ha_down = torch.mm(hidden, a_down.t())
+                out = x2.new_zeros(x2.shape[0], down_p[3].shape[0])  # lora_b: out x r
             else:
-                w = _base_weight(params[2][0], dequantizers[2], dtype)
-                out, ha_down = _project(hidden, w, params[2][1], *casts[2], scales[2])
-                del w
+                (out,), ha_down = _group_forward(
+                    hidden,
+                    [down_p[0]],
+                    [down_p[1]],
+                    a_down,
+                    [b_down],
+                    [down_p[2].shape[0]],
+                    scales[2:],
+                    dequantizers[2:],
+                    dtype,
+                )
         # A recompute runs right before this layer's backward: its act(gate) * up is kept for the down
         # projection's gradients instead of being formed a third time (no extra peak: backward would
         # allocate it anyway). A first forward drops it: it would stay alive until backward.
         # Held as an attribute, not a saved tensor, so backward can free it as soon as it is used.
         ctx.kept_hidden = hidden if skip_output else None
         del hidden
-        flat_casts = [t for pair in casts for t in pair]
-        weights = [p[0] for p in params]
-        ctx.save_for_backward(x2, gate, up, xa_gate, xa_up, ha_down, *flat_casts, *weights)
-        ctx.meta = (gelu, scales, dequantizers, dtype, x.shape, x.dtype)
+        weights = [gate_p[0], up_p[0], down_p[0]]
+        ctx.save_for_backward(x2, gate, up, xa_gu, ha_down, a_gu, a_down, b_gate, b_up, b_down, *weights)
+        ctx.meta = (
+            gelu,
+            scales,
+            dequantizers,
+            dtype,
+            x.shape,
+            x.dtype,
+            ranks_gu,
+            (gate_p[2].dtype, gate_p[3].dtype),
+        )
         ctx.need_bias = [
-            p[1] is not None and ctx.needs_input_grad[5 + 4 * i + 1] for i, p in enumerate(params)
+            p[1] is not None and ctx.needs_input_grad[6 + 4 * i + 1]
+            for i, p in enumerate((gate_p, up_p, down_p))
         ]
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
-        x2, gate, up, xa_gate, xa_up, ha_down, *rest = ctx.saved_tensors
-        casts = [(rest[0], rest[1]), (rest[2], rest[3]), (rest[4], rest[5])]
-        weights = rest[6:9]
+        x2, gate, up, xa_gu, ha_down, a_gu, a_down, b_gate, b_up, b_down, *weights = ctx.saved_tensors
         kept_hidden, ctx.kept_hidden = ctx.kept_hidden, None
-        gelu, scales, dequantizers, dtype, x_shape, x_dtype = ctx.meta
+        gelu, scales, dequantizers, dtype, x_shape, x_dtype, ranks_gu, param_dtypes = ctx.meta
         need = ctx.needs_input_grad
-        need_x = need[0]
-        need_ab = [(need[6 + 4 * i + 2], need[6 + 4 * i + 3]) for i in range(3)]
-        g2 = _rows(grad_out)
-        if g2.dtype != dtype:
-            g2 = g2.to(dtype)
-        grads: list[Any] = [None] * 12
-        # down: its input (act(gate) * up) is recomputed, used for dA and freed
+        need_a = [need[6 + 4 * i + 2] for i in range(3)]
+        need_b = [need[6 + 4 * i + 3] for i in range(3)]
+        g2 = _rows_in(grad_out, dtype)
+        # down: its input (act(gate) * up) is recomputed (or kept by a recompute), used for dA and freed
         hidden = kept_hidden if kept_hidden is not None else glu_forward(gate, up, gelu)
         del kept_hidden
-        w = _base_weight(weights[2], dequantizers[2], dtype)
-        dh, grads[10], grads[11] = _project_backward(
-            g2, hidden, ha_down, *casts[2], scales[2], None, w, (True, *need_ab[2])
+        dh, (grad_a_down,), (grad_b_down,), (grad_bias_down,) = _group_backward(
+            [g2],
+            hidden,
+            ha_down,
+            a_down,
+            [b_down],
+            weights[2:],
+            [a_down.shape[0]],
+            scales[2:],
+            dequantizers[2:],
+            dtype,
+            True,
+            need_a[2:],
+            need_b[2:],
+            ctx.need_bias[2:],
+            param_dtypes,
         )
-        if ctx.need_bias[2]:
-            grads[9] = g2.sum(0)
-        del hidden, w
+        del hidden
         d_gate, d_up = glu_backward(dh, gate, up, gelu)
         del dh
-        dx = None
-        for index, (d, xa) in enumerate(((d_gate, xa_gate), (d_up, xa_up))):
-            w = _base_weight(weights[index], dequantizers[index], dtype) if need_x else None
-            dx, grads[4 * index + 2], grads[4 * index + 3] = _project_backward(
-                d, x2, xa, *casts[index], scales[index], dx, w, (need_x, *need_ab[index])
-            )
-            if ctx.need_bias[index]:
-                grads[4 * index + 1] = d.sum(0)
+        dx, grad_a, grad_b, grad_bias = _group_backward(
+            [d_gate, d_up],
+            x2,
+            xa_gu,
+            a_gu,
+            [b_gate, b_up],
+            weights[:2],
+            ranks_gu,
+            scales[:2],
+            dequantizers[:2],
+            dtype,
+            need[0],
+            need_a[:2],
+            need_b[:2],
+            ctx.need_bias[:2],
+            param_dtypes,
+        )
+        grads = [
+            None, grad_bias[0], grad_a[0], grad_b[0],
+            None, grad_bias[1], grad_a[1], grad_b[1],
+            None, grad_bias_down, grad_a_down, grad_b_down,
+        ]  # fmt: skip
         dx = dx.view(x_shape).to(x_dtype) if dx is not None else None
         return (dx, None, None, None, None, None, *grads)
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from cpt_plugin.kernels.lora import (
     LoraProjection,
@@ -220,3 +223,106 @@ def test_gated_mlp_recompute_gives_the_same_gradients(dtype):
         )
     ):
         torch.testing.assert_close(g, w, msg=f"input {i}")
+
+
+def test_gated_mlp_with_gate_and_up_of_different_ranks_and_scales():
+    """gate and up share one stacked A (one x A^T GEMM, one u buffer): ranks and scales that differ
+    between them (PEFT's rank_pattern / alpha_pattern) and biases still give the reference gradients."""
+    gate = _projection(40, 56, 8, torch.float32, True, 2.0)
+    up = _projection(40, 56, 24, torch.float32, False, 0.5)
+    down = _projection(56, 40, 16, torch.float32, True, 1.0)
+    x = torch.randn(2, 9, 40).requires_grad_(True)
+    inputs = [x] + [t for p in (gate, up, down) for t in (p.lora_a, p.lora_b)]
+    got = lora_gated_mlp(x, gate, up, down)
+    want = lora_gated_mlp_reference(x, gate, up, down)
+    assert_close_scaled(got, want, TOL[torch.float32], "output")
+    for i, (g, w) in enumerate(zip(_grads(got, inputs, 5), _grads(want, inputs, 5), strict=True)):
+        assert_close_scaled(g, w, TOL[torch.float32], f"input {i}")
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the aten ops a call dispatches (what a GPU would launch), by name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+    def gemms(self) -> int:
+        return sum(self.counts[name] for name in ("mm", "addmm", "addmm_"))
+
+
+def _bf16_lora(n_in: int, n_out: int, rank: int = 8) -> LoraProjection:
+    p = _projection(n_in, n_out, rank, torch.bfloat16, False, 2.0)
+    return p  # bf16 base weight, fp32 factors: PEFT's layout on a bf16 model
+
+
+def test_launch_counts_of_the_gated_mlp_and_the_qkv_group():
+    """Each launch costs host time that an offloaded backward waits for: the fp32 factors of a group are
+    cast by one foreach copy (A's stacked, no cat), gate and up share one x A^T GEMM and one dA / dX-LoRA
+    GEMM. Pins the counts: forward 8 GEMMs and 2 copies for the MLP (was 9 GEMMs and 6 casts), backward
+    13 GEMMs (was 15); q/k/v forward 7 GEMMs, 1 copy, no cat."""
+    gate, up, down = _bf16_lora(32, 48), _bf16_lora(32, 48), _bf16_lora(48, 32)
+    x = torch.randn(13, 32, dtype=torch.bfloat16, requires_grad=True)
+    with _OpCounter() as forward:
+        out = lora_gated_mlp(x, gate, up, down)
+    assert forward.gemms() == 8
+    assert forward.counts["_foreach_copy_"] == 2
+    assert forward.counts["_to_copy"] == 0 and forward.counts["cat"] == 0
+    with _OpCounter() as backward:
+        out.backward(torch.randn_like(out))
+    assert backward.gemms() == 13
+    q, k, v = _bf16_lora(32, 32), _bf16_lora(32, 16), _bf16_lora(32, 16)
+    with _OpCounter() as group:
+        lora_grouped_linear(x, [q, k, v])
+    assert group.gemms() == 7
+    assert group.counts["_foreach_copy_"] == 1
+    assert group.counts["_to_copy"] == 0 and group.counts["cat"] == 0
+
+
+def test_fp32_gradient_gemm_falls_back_where_the_overload_is_missing(monkeypatch):
+    """``out_dtype`` GEMMs exist on CUDA only: tried on another device they fail once, the 16-bit product
+    is used from then on (autograd casts it), and the gradients stay right."""
+    from cpt_plugin.kernels import lora as lora_module
+
+    monkeypatch.setitem(lora_module._OUT_DTYPE_GEMM, "cpu", True)
+    p = _bf16_lora(24, 40)
+    x = torch.randn(2, 7, 24, dtype=torch.bfloat16, requires_grad=True)
+    inputs = [x, p.lora_a, p.lora_b]
+    got = _grads(lora_linear(x, p), inputs, 3)
+    assert lora_module._OUT_DTYPE_GEMM["cpu"] is False
+    want = _grads(lora_linear_reference(x, p), inputs, 3)
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == w.dtype
+        assert_close_scaled(g, w, 2 * TOL[torch.bfloat16], "grads")
+
+
+@pytest.mark.gpu
+def test_lora_gradients_are_written_fp32_by_the_gemms_on_gpu():
+    """On CUDA the factors' gradients come out of the GEMMs in fp32 (``out_dtype``): no cast kernel per
+    gradient in backward, and they match the reference."""
+    device = torch.device("cuda")
+    gate, up, down = (
+        LoraProjection(
+            p.weight.to(device),
+            None,
+            p.lora_a.detach().to(device).requires_grad_(True),
+            p.lora_b.detach().to(device).requires_grad_(True),
+            p.scale,
+        )
+        for p in (_bf16_lora(320, 864, 128), _bf16_lora(320, 864, 128), _bf16_lora(864, 320, 128))
+    )
+    x = torch.randn(3, 517, 320, device=device, dtype=torch.bfloat16, requires_grad=True)
+    out = lora_gated_mlp(x, gate, up, down)
+    upstream = torch.randn_like(out)
+    inputs = [x] + [t for p in (gate, up, down) for t in (p.lora_a, p.lora_b)]
+    with _OpCounter() as backward:
+        got = torch.autograd.grad(out, inputs, upstream)
+    assert backward.counts["_to_copy"] == 0, backward.counts
+    want = torch.autograd.grad(lora_gated_mlp_reference(x, gate, up, down), inputs, upstream)
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert g.dtype == w.dtype, i
+        assert_close_scaled(g, w, 2 * TOL[torch.bfloat16], f"input {i}")
