@@ -174,16 +174,54 @@ def python_hotspots(step: Callable[[int], Any], index: int, top: int = 40) -> st
     return text.getvalue()
 
 
+def idle_gaps(intervals: list[tuple[float, float, str]], steps: int, top: int = 12) -> dict[str, Any]:
+    """How long the device sat idle between compute kernels, and before which kernels.
+
+    ``intervals`` are (start us, end us, kernel name) of the profiled steps' kernels; copies (the offload's
+    side stream) do not count as busy. The idle time is grouped by the kernel that ended the wait: a
+    launch the host was late with, or the first kernel after a synchronization."""
+    compute = sorted((a, b, n) for a, b, n in intervals if not n.startswith(("Memcpy", "Memset")))
+    if not compute:
+        return {"idle_ms_per_step": None, "busy_ms_per_step": None, "gaps_before": []}
+    busy = 0.0
+    idle = 0.0
+    by_next: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    cur_start, cur_end = compute[0][0], compute[0][1]
+    for start, end, name in compute[1:]:
+        if start > cur_end:
+            busy += cur_end - cur_start
+            gap = start - cur_end
+            idle += gap
+            entry = by_next[name]
+            entry[0] += 1
+            entry[1] += gap
+            cur_start, cur_end = start, end
+        else:
+            cur_end = max(cur_end, end)
+    busy += cur_end - cur_start
+    ranked = sorted(by_next.items(), key=lambda kv: kv[1][1], reverse=True)[:top]
+    return {
+        "busy_ms_per_step": busy / 1e3 / steps,
+        "idle_ms_per_step": idle / 1e3 / steps,
+        "gaps_before": [
+            {"kernel": name, "gaps_per_step": n / steps, "idle_ms_per_step": us / 1e3 / steps}
+            for name, (n, us) in ranked
+        ],
+    }
+
+
 def summarize(prof: Any, steps: int, cuda: bool) -> dict[str, Any]:
     """Top kernels by device time and the dtype-copy ops' counts and shares, from a finished profile."""
     from torch.autograd import DeviceType
 
     kernels: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    intervals: list[tuple[float, float, str]] = []
     for event in prof.events():
         if getattr(event, "device_type", None) == DeviceType.CUDA:
             entry = kernels[event.name]
             entry[0] += 1
             entry[1] += event.time_range.elapsed_us()
+            intervals.append((event.time_range.start, event.time_range.end, event.name))
     kernel_us = sum(us for _, us in kernels.values())
     top = sorted(kernels.items(), key=lambda kv: kv[1][1], reverse=True)[:TOP]
     averages = {avg.key: avg for avg in prof.key_averages()}
@@ -215,6 +253,7 @@ def summarize(prof: Any, steps: int, cuda: bool) -> dict[str, Any]:
             for name, (n, us) in top
         ],
         "copy_ops": copies,
+        "device_idle": idle_gaps(intervals, steps),
         "table": prof.key_averages().table(
             sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=TOP, max_name_column_width=60
         ),
@@ -244,6 +283,17 @@ def render_text(system: str, summary: dict[str, Any]) -> str:
                 f"{100 * c['share_of_kernel_time']:.1f}% of kernel time"
             )
         lines.append(f"{name:<16} {c['count_per_step']:8.0f} calls/step  {timing}")
+    idle = summary.get("device_idle") or {}
+    if idle.get("idle_ms_per_step") is not None:
+        lines += [
+            "",
+            f"## device idle between compute kernels: {idle['idle_ms_per_step']:.1f} ms per step "
+            f"(busy {idle['busy_ms_per_step']:.1f} ms); idle time by the kernel that ended the wait",
+        ]
+        lines += [
+            f"{g['idle_ms_per_step']:8.2f} ms {g['gaps_per_step']:7.1f} gaps  {g['kernel'][:120]}"
+            for g in idle["gaps_before"]
+        ]
     timing = summary.get("host")
     if timing:
         lines += [

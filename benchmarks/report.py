@@ -286,6 +286,27 @@ def slope_table(data: dict[str, Any]) -> list[str]:
     return out
 
 
+def plan_table(data: dict[str, Any]) -> list[str]:
+    """The memory planner's predicted peak against the peak measured over the timed steps."""
+    rows = [r for r in data.get("train", []) if r.get("status") == "ok" and r.get("memory_plan")]
+    if not rows:
+        return []
+    lines = [
+        "| workload | batch × seq | system | plan | budget (GiB) | predicted peak | measured peak | error |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        plan = r["memory_plan"]
+        measured = r.get("timed_peak_allocated_gib", r.get("peak_allocated_gib"))
+        error = (plan["predicted_peak_gib"] - measured) / measured if measured else None
+        lines.append(
+            f"| {r['workload']} | {r['batch']} × {r['seq']} | {r['system']} | {plan['plan']} | "
+            f"{_f(plan.get('budget_gib'))} | {_f(plan['predicted_peak_gib'])} | {_f(measured)} | "
+            f"{_f(error and 100 * error, '+.1f', '%')} |"
+        )
+    return lines
+
+
 def kernel_table(data: dict[str, Any]) -> list[str]:
     kern = data.get("kernels", {})
     rows = kern.get("rows", [])
@@ -328,6 +349,7 @@ def render_markdown(data: dict[str, Any], images: list[str] | None = None) -> st
             slope_table(data),
         ),
         ("Largest context at batch 1", maxctx_table(data)),
+        ("The memory planner: predicted against measured peak (timed steps)", plan_table(data)),
         ("Kernels (forward + backward)", kernel_table(data)),
     ):
         if table:
@@ -529,6 +551,12 @@ def summary(data: dict[str, Any]) -> str:
                 + f"MFU {_f(r.get('mfu', None) and 100 * r['mfu'], '.1f', '%')}  "
                 f"loss {r['losses'][0]:.3f}->{r['losses'][-1]:.3f}"
             )
+            if r.get("memory_plan"):
+                plan = r["memory_plan"]
+                lines.append(
+                    f"{'':>10} plan: {plan['plan']}; predicted {_f(plan['predicted_peak_gib'])} GiB, measured "
+                    f"{_f(r.get('timed_peak_allocated_gib', r.get('peak_allocated_gib')))} GiB (timed steps)"
+                )
         else:
             lines.append(f"{r['workload']:>10} {r['batch']}x{r['seq']:<6} {r['system']:<12} {_status(r)}")
     for r in data.get("maxctx", []):

@@ -80,6 +80,24 @@ def _prime_optimizer(model, optimizer) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
+def memory_plan(model: Any) -> dict[str, Any] | None:
+    """The memory planner's plan (``gradient_checkpointing: auto`` systems): what it predicted, next to
+    the measured peak of the timed steps (its error is what docs/BENCHMARKS.md reports)."""
+    try:
+        from cpt_plugin.offload.planner import find_planner
+    except ImportError:
+        return None
+    planner = find_planner(model)
+    if planner is None or planner.plan is None:
+        return None
+    return {
+        "plan": planner.plan.describe(),
+        "tokens": planner.tokens,
+        "predicted_peak_gib": planner.predicted / 2**30,
+        "budget_gib": planner.budget / 2**30 if planner.budget else None,
+    }
+
+
 def run_train(args: dict[str, Any]) -> dict[str, Any]:
     from benchmarks.systems import UNSLOTH_SYSTEMS  # torch only: transformers is not imported yet
 
@@ -114,8 +132,13 @@ def run_train(args: dict[str, Any]) -> dict[str, Any]:
         out["static_allocated_gib"] = torch.cuda.memory_allocated() / 2**30
         torch.cuda.reset_peak_memory_stats()
     losses, times = [], []
+    warmup_peak = 0.0
     try:
         for step in range(warmup + steps):
+            if step == warmup and warmup and device.startswith("cuda"):
+                # the timed steps' own peak too: a planner's probe (in warm-up) may run another plan
+                warmup_peak = torch.cuda.max_memory_allocated() / 2**30
+                torch.cuda.reset_peak_memory_stats()
             input_ids = batch_for_step(step, batch, seq, workload.vocab_size, seed).to(device)
             synchronize(device)
             start = time.perf_counter()
@@ -130,6 +153,12 @@ def run_train(args: dict[str, Any]) -> dict[str, Any]:
     timed = times[warmup:]
     median = statistics.median(timed)
     out.update(_memory(device))
+    if warmup_peak:
+        out["timed_peak_allocated_gib"] = out["peak_allocated_gib"]
+        out["peak_allocated_gib"] = max(warmup_peak, out["peak_allocated_gib"])
+    plan = memory_plan(model)
+    if plan is not None:
+        out["memory_plan"] = plan
     out.update(
         status="ok",
         losses=[float(x) for x in losses],

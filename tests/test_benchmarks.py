@@ -828,3 +828,54 @@ def test_rounds_measure_systems_in_turns_and_the_report_takes_the_median(tmp_pat
     ]  # fmt: skip
     (row,) = collapse_rounds(fake)
     assert row["tokens_per_s"] == 20.0 and row["peak_allocated_gib"] == 3.0  # lower middle; highest peak
+
+
+def test_report_shows_the_planners_prediction_against_the_timed_peak():
+    """cpt_auto rows carry the plan the worker read from the planner; the report gives its error against
+    the peak of the timed steps (a warm-up probe may have run another plan)."""
+    plan = {"plan": "16 keep", "tokens": 8192, "predicted_peak_gib": 14.0, "budget_gib": 120.0}
+    row = {
+        "system": "cpt_auto",
+        "workload": "llama-1b",
+        "batch": 4,
+        "seq": 2048,
+        "status": "ok",
+        "tokens_per_s": 70000.0,
+        "peak_allocated_gib": 15.0,
+        "timed_peak_allocated_gib": 13.33,
+        "losses": [12.0, 11.0],
+        "info": {},
+        "memory_plan": plan,
+    }
+    data = {"meta": {"suite": "quick", "device": "cuda"}, "train": [row]}
+    table = "\n".join(report.plan_table(data))
+    assert "| llama-1b | 4 × 2048 | cpt_auto | 16 keep | 120.00 | 14.00 | 13.33 | +5.0% |" in table
+    assert "plan: 16 keep; predicted 14.00 GiB, measured 13.33 GiB" in report.summary(data)
+    assert "predicted against measured peak" in report.render_markdown(data)
+
+
+def test_worker_records_no_plan_for_a_model_without_a_planner():
+    import torch
+
+    from benchmarks.worker import memory_plan
+
+    assert memory_plan(torch.nn.Linear(2, 2)) is None
+
+
+def test_idle_gaps_count_the_device_waiting_between_compute_kernels():
+    """Overlapping kernels are one busy stretch, side-stream copies are not busy, and each idle gap is
+    charged to the kernel that ended it."""
+    from benchmarks.profile_step import idle_gaps
+
+    intervals = [
+        (0.0, 100.0, "gemm"),
+        (50.0, 120.0, "glu"),  # overlaps: busy 0-120
+        (130.0, 200.0, "Memcpy DtoH (Device -> Pinned)"),  # not compute
+        (1120.0, 1200.0, "rms_norm"),  # 1000 us idle before rms_norm
+        (1700.0, 1800.0, "rms_norm"),  # 500 more
+        (1810.0, 1900.0, "gemm"),  # 10
+    ]
+    got = idle_gaps(intervals, steps=1)
+    assert got["busy_ms_per_step"] == pytest.approx((120 + 80 + 100 + 90) / 1e3)
+    assert got["idle_ms_per_step"] == pytest.approx(1.51)
+    assert got["gaps_before"][0] == {"kernel": "rms_norm", "gaps_per_step": 2, "idle_ms_per_step": 1.5}
