@@ -7,6 +7,7 @@
 #   STAGES="tests kernels quick"   stages to run, in this order (also: "full" for the full suite)
 #   TOTAL_BUDGET=530               seconds for the whole script (stages get timeouts that fit in it)
 #   TESTS_TIMEOUT=150 KERNELS_TIMEOUT=110
+#   TESTS_K="planner or lora"      only the GPU tests pytest's -k selects
 #   RUN_ARGS="..."                 extra arguments for benchmarks.run (e.g. "--systems hf,cpt_offload")
 #   QUICK_SYSTEMS=hf,unsloth,...   the quick/full suite's systems only (RUN_ARGS reach the long-context stages too)
 #   KERNEL_ARGS="..."              extra arguments for benchmarks.kernels (e.g. "--ops flce")
@@ -94,7 +95,7 @@ for stage in $STAGES; do
       t=$(( $(left) < TESTS_TIMEOUT ? $(left) : TESTS_TIMEOUT ))
       if (( t < 20 )); then note "tests: skipped (time budget)"; continue; fi
       echo "== tests (timeout ${t}s)"
-      timeout -k 10 "$t" python3 -m pytest -m gpu -q -p no:cacheprovider tests/ 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
+      timeout -k 10 "$t" python3 -m pytest -m gpu -q -p no:cacheprovider ${TESTS_K:+-k "$TESTS_K"} tests/ 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
       rc=${PIPESTATUS[0]}
       note "tests: exit $rc ($(grep -E '[0-9]+ (passed|failed)' "$OUT/gpu_tests.log" | tail -1))"
       ;;

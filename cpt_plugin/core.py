@@ -46,6 +46,25 @@ def warn_if_context_too_long(model: Any, config: CPTConfig) -> None:
         )
 
 
+def offload_embeddings_wanted(config: CPTConfig, mode: str) -> bool:
+    """``offload_embeddings: null`` (the default) is on for checkpointed runs of one process on a GPU.
+
+    Why: there the frozen embedding originals PEFT keeps next to the trained copies are a large part of a
+    small peak (0.5 GiB of 6.6 at Llama-1B shapes) and are never read while the adapters are active;
+    measured no slower on an H200. Off across processes: DDP, FSDP and DeepSpeed own every parameter's
+    placement (DDP broadcasts frozen parameters too)."""
+    if config.offload_embeddings is not None:
+        return bool(config.offload_embeddings)
+    import os
+
+    import torch
+
+    from cpt_plugin.offload.planner import distributed_world
+
+    one_process = distributed_world() == 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1
+    return mode in ("recompute", "offload", "auto") and one_process and torch.cuda.is_available()
+
+
 def setup_model(model: Any, config: CPTConfig | dict | None = None, checkpointing: str | None = None) -> Any:
     """Returns the trainable CPT model (a PeftModel) built from ``model``.
 
@@ -96,7 +115,7 @@ def setup_model(model: Any, config: CPTConfig | dict | None = None, checkpointin
         from cpt_plugin.offload.tiled_mlp import enable_tiled_mlp
 
         enable_tiled_mlp(peft_model, config.tiled_mlp_chunk_tokens)
-    if config.offload_embeddings:
+    if offload_embeddings_wanted(config, mode):
         from cpt_plugin.offload.embeddings import offload_frozen_embeddings
 
         offload_frozen_embeddings(peft_model)

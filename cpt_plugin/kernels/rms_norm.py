@@ -11,6 +11,8 @@ The forward stores one fp32 ``rstd`` per row so the backward never recomputes th
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -135,9 +137,15 @@ def _rms_norm_bwd_kernel(
 def _launch_shape(n_cols: int, target: int, device: torch.device) -> tuple[int, int, int]:
     """(BLOCK_COLS, BLOCK_ROWS, num_warps): one row per program for big rows, several for small ones.
 
-    The interpreter pays per operation, not per element: there, fewer and bigger programs.
+    The interpreter pays per operation, not per element: there, fewer and bigger programs. Cached: a
+    launch's host time counts (an offloaded backward waits on the host), and the shapes repeat.
     """
-    if device.type != "cuda":
+    return _launch_shape_for(n_cols, target, device.type)
+
+
+@functools.lru_cache(maxsize=64)
+def _launch_shape_for(n_cols: int, target: int, device_type: str) -> tuple[int, int, int]:
+    if device_type != "cuda":
         target *= 8
     block_cols = triton.next_power_of_2(n_cols)
     block_rows = max(1, min(64, target // block_cols))

@@ -134,3 +134,26 @@ def test_gpu_memory_freed_and_restored() -> None:
     torch.testing.assert_close(out, reference(input_ids=ids).logits, rtol=0, atol=0)
     restore_frozen_embeddings(model)
     assert all(p.is_cuda for p in originals)
+
+
+def test_offload_embeddings_default_is_on_for_checkpointed_single_gpu_runs(monkeypatch) -> None:
+    """``offload_embeddings: null``: on when checkpointing in one process on a GPU (the originals are a
+    large part of a small peak), off without checkpointing, across processes, on CPU, and as configured
+    when set."""
+    from cpt_plugin.config import CPTConfig
+    from cpt_plugin.core import offload_embeddings_wanted
+
+    default = CPTConfig()
+    assert default.offload_embeddings is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    for mode in ("recompute", "offload", "auto"):
+        assert offload_embeddings_wanted(default, mode)
+    assert not offload_embeddings_wanted(default, "off")
+    assert not offload_embeddings_wanted(CPTConfig(offload_embeddings=False), "offload")
+    assert offload_embeddings_wanted(CPTConfig(offload_embeddings=True), "off")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert not offload_embeddings_wanted(default, "offload")
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert not offload_embeddings_wanted(default, "offload")
