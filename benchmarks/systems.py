@@ -63,10 +63,11 @@ CPT_VARIANTS: dict[str, dict[str, Any]] = {
     # as Unsloth sets up the same recipe: the frozen embedding originals off the GPU
     "cpt_nogc_emb": dict(gradient_checkpointing="off", tiled_mlp=False, offload_embeddings=True),
     "cpt_offload_emb": dict(gradient_checkpointing="offload", tiled_mlp=False, offload_embeddings=True),
-    # the memory planner (offload/planner.py): default budget, and an 8 GiB one
-    "cpt_auto": dict(gradient_checkpointing="auto", tiled_mlp=False, offload_embeddings=False),
+    # the memory planner (offload/planner.py): default budget, and an 8 GiB one; offload_embeddings at its
+    # default (None: the frozen originals go off the GPU in a single-process run)
+    "cpt_auto": dict(gradient_checkpointing="auto", tiled_mlp=False, offload_embeddings=None),
     "cpt_auto_8g": dict(
-        gradient_checkpointing="auto", tiled_mlp=False, offload_embeddings=False, memory_budget_gib=8.0
+        gradient_checkpointing="auto", tiled_mlp=False, offload_embeddings=None, memory_budget_gib=8.0
     ),
 }
 
