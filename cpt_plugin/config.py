@@ -157,8 +157,9 @@ class CPTConfig:
     gradient_checkpointing: str = "auto"  # auto: the memory planner when the Trainer checkpoints, else off
     # auto's memory budget (peak allocated GiB per device); None: free memory at the first step - 1 GiB - 5%
     memory_budget_gib: float | None = None
-    # keep PEFT's frozen embedding originals off the GPU; None: on when checkpointing in one process
-    offload_embeddings: bool | None = None
+    offload_embeddings: bool | None = (
+        None  # frozen embedding originals off the GPU; None: on when checkpointing on one GPU
+    )
     tiled_mlp: bool = False  # run the MLP over the sequence in chunks (long-context memory)
     tiled_mlp_chunk_tokens: int = 4096
     rope_scaling: dict[str, Any] | None = None  # e.g. {"rope_type": "yarn", "factor": 4.0}
