@@ -36,6 +36,17 @@ def _projection(
     )
 
 
+def _to_device(p: LoraProjection, device: torch.device) -> LoraProjection:
+    """The same projection on ``device`` (no bias), its factors fresh leaves there."""
+    return LoraProjection(
+        p.weight.to(device),
+        None,
+        p.lora_a.detach().to(device).requires_grad_(True),
+        p.lora_b.detach().to(device).requires_grad_(True),
+        p.scale,
+    )
+
+
 def _grads(out: torch.Tensor, tensors: list[torch.Tensor], seed: int) -> list[torch.Tensor]:
     upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.device, out.dtype)
     return list(torch.autograd.grad(out, tensors, upstream))
@@ -162,16 +173,7 @@ def test_fused_lora_on_gpu_bf16(activation):
         _projection(a, b, rank, torch.bfloat16, False, 32 / rank**0.5)
         for a, b in ((hidden, inter),) * 2 + ((inter, hidden),)
     )
-    gate, up, down = (
-        LoraProjection(
-            p.weight.to(device),
-            None,
-            p.lora_a.detach().to(device).requires_grad_(True),
-            p.lora_b.detach().to(device).requires_grad_(True),
-            p.scale,
-        )
-        for p in (gate, up, down)
-    )
+    gate, up, down = (_to_device(p, device) for p in (gate, up, down))
     x = torch.randn(2, tokens, hidden, device=device, dtype=torch.bfloat16, requires_grad=True)
     got = lora_gated_mlp(x, gate, up, down, activation)
     want = lora_gated_mlp_reference(x, gate, up, down, activation)
@@ -256,8 +258,8 @@ class _OpCounter(TorchDispatchMode):
 
 
 def _bf16_lora(n_in: int, n_out: int, rank: int = 8) -> LoraProjection:
-    p = _projection(n_in, n_out, rank, torch.bfloat16, False, 2.0)
-    return p  # bf16 base weight, fp32 factors: PEFT's layout on a bf16 model
+    """A bf16 base weight with fp32 factors: PEFT's layout on a bf16 model."""
+    return _projection(n_in, n_out, rank, torch.bfloat16, False, 2.0)
 
 
 def test_launch_counts_of_the_gated_mlp_and_the_qkv_group():
@@ -306,13 +308,7 @@ def test_lora_gradients_are_written_fp32_by_the_gemms_on_gpu():
     gradient in backward, and they match the reference."""
     device = torch.device("cuda")
     gate, up, down = (
-        LoraProjection(
-            p.weight.to(device),
-            None,
-            p.lora_a.detach().to(device).requires_grad_(True),
-            p.lora_b.detach().to(device).requires_grad_(True),
-            p.scale,
-        )
+        _to_device(p, device)
         for p in (_bf16_lora(320, 864, 128), _bf16_lora(320, 864, 128), _bf16_lora(864, 320, 128))
     )
     x = torch.randn(3, 517, 320, device=device, dtype=torch.bfloat16, requires_grad=True)
