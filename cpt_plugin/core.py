@@ -51,8 +51,8 @@ def offload_embeddings_wanted(config: CPTConfig, mode: str) -> bool:
 
     Why: there the frozen embedding originals PEFT keeps next to the trained copies are a large part of a
     small peak (0.5 GiB of 6.6 at Llama-1B shapes) and are never read while the adapters are active;
-    measured no slower on an H200. Off across processes: DDP, FSDP and DeepSpeed own every parameter's
-    placement (DDP broadcasts frozen parameters too)."""
+    measured no slower on an H200. Off across processes and under accelerate's FSDP or DeepSpeed (even on
+    one GPU): they own every parameter's placement (DDP broadcasts frozen parameters too)."""
     if config.offload_embeddings is not None:
         return bool(config.offload_embeddings)
     import os
@@ -62,7 +62,13 @@ def offload_embeddings_wanted(config: CPTConfig, mode: str) -> bool:
     from cpt_plugin.offload.planner import distributed_world
 
     one_process = distributed_world() == 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1
-    return mode in ("recompute", "offload", "auto") and one_process and torch.cuda.is_available()
+    sharded = any(
+        os.environ.get(f"ACCELERATE_USE_{name}", "").lower() in ("1", "true")
+        for name in ("FSDP", "DEEPSPEED")
+    )
+    return (
+        mode in ("recompute", "offload", "auto") and one_process and not sharded and torch.cuda.is_available()
+    )
 
 
 def setup_model(model: Any, config: CPTConfig | dict | None = None, checkpointing: str | None = None) -> Any:

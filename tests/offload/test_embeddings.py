@@ -155,5 +155,8 @@ def test_offload_embeddings_default_is_on_for_checkpointed_single_gpu_runs(monke
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert not offload_embeddings_wanted(default, "offload")
     monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    assert not offload_embeddings_wanted(default, "offload")
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert not offload_embeddings_wanted(default, "offload")
