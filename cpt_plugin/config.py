@@ -258,6 +258,18 @@ class CPTConfig:
                 bound = ">= 0" if allow_zero else "> 0"
                 fail(key, f"got {value!r}", f"Use a value {bound}.")
 
+        for field in dataclasses.fields(
+            self
+        ):  # the switches: a YAML "yes"/"on" or a typo is not silently truthy
+            value = getattr(self, field.name)
+            if field.type == "bool" and not isinstance(value, bool):
+                fail(field.name, f"expected true or false, got {value!r}", "Write true or false.")
+            if field.type == "bool | None" and value is not None and not isinstance(value, bool):
+                fail(
+                    field.name,
+                    f"expected true, false or null, got {value!r}",
+                    "Write true, false or null (the default).",
+                )
         check_number("lora_r", self.lora_r, allow_zero=False, integer=True)
         check_number("lora_alpha", self.lora_alpha, allow_zero=False)
         if not 0 <= self.lora_dropout < 1:

@@ -31,6 +31,9 @@ def test_unknown_key_names_closest():
         ("kernels", ["rmsnorm"], "Did you mean 'rms_norm'"),
         ("gradient_checkpointing", "yes", "gradient_checkpointing"),
         ("rope_scaling", {"factor": 2.0}, "rope_scaling"),
+        ("tiled_mlp", "yes", r"tiled_mlp': expected true or false, got 'yes'"),
+        ("packing", 1, "packing"),
+        ("offload_embeddings", "auto", r"offload_embeddings': expected true, false or null"),
     ],
 )
 def test_bad_values_raise_with_key_and_fix(key, value, message):
