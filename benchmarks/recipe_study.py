@@ -182,6 +182,19 @@ GRID: tuple[RunSpec, ...] = (
     _spec("infinite-cosine", "infinite_cosine", ("schedule",), schedule="infinite_cosine"),
     _spec("infinite-inv-sqrt", "infinite_inv_sqrt", ("schedule",), schedule="infinite_inv_sqrt"),
 )
+# Probes around the domain-shifted rows (docs/RECIPE.md, "Probes that did not close the gap"): run with
+# --only, never part of the default grid, its table or its plots.
+PROBES: tuple[RunSpec, ...] = tuple(
+    _spec(name, label, ("embedding_lr",), needs="row_aware", row_aware_embedding_lr=True, **changes)
+    for name, label, changes in (
+        ("shift-known-0.03", "domain-shifted rows at 2x, other known rows x0.03",
+         dict(domain_shift_ratio=4.0, embedding_lr_ratio=0.03, fresh_row_learning_rate=2 * StudySettings.learning_rate)),
+        ("shift-known-0.03-f3", "domain-shifted rows at 3x, other known rows x0.03",
+         dict(domain_shift_ratio=4.0, embedding_lr_ratio=0.03, fresh_row_learning_rate=3 * StudySettings.learning_rate)),
+        ("shift-2", "domain-shifted rows (>= 2x more frequent in the code) at 2x, known x0.1",
+         dict(domain_shift_ratio=2.0, fresh_row_learning_rate=2 * StudySettings.learning_rate)),
+    )
+)  # fmt: skip
 # How each axis reads, left to right (the baseline sits where its value falls).
 AXIS_ORDER: dict[str, tuple[str, ...]] = {
     "embedding_lr": ("baseline", "emb-lr-0.3", "emb-lr-1.0", "row-aware", "row-aware-0.3", "row-aware-shift"),
@@ -222,17 +235,19 @@ LABEL_OFFSETS: dict[str, tuple[int, int]] = {
 
 
 def select(names: Sequence[str] | None) -> list[RunSpec]:
-    """The grid's specs named in ``names`` (all for None); an unknown name is an error with a hint."""
+    """The grid's specs named in ``names`` (all for None; the probes only by name); an unknown name is an
+    error with a hint."""
     if not names:
         return list(GRID)
     from cpt_plugin.config import did_you_mean
 
-    known = [spec.name for spec in GRID]
+    specs = (*GRID, *PROBES)
+    known = [spec.name for spec in specs]
     for name in names:
         if name not in known:
             hint = did_you_mean(name, known, f"Configurations: {', '.join(known)}.")
             raise SystemExit(f"recipe_study: unknown configuration '{name}' in --only. {hint}")
-    return [spec for spec in GRID if spec.name in names]
+    return [spec for spec in specs if spec.name in names]
 
 
 # --- capabilities that a configuration needs ----------------------------------------------------------

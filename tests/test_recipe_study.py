@@ -132,3 +132,10 @@ def test_grid_has_each_axis_and_one_shared_baseline():
     assert len(configs) == len(set(configs))  # no configuration is run twice under two names
     for axis, order in recipe_study.AXIS_ORDER.items():
         assert "baseline" in order and all(axis in recipe_study.select([n])[0].axes for n in order)
+
+
+def test_probes_run_by_name_only_and_repeat_no_grid_configuration():
+    grid = {tuple(sorted(spec.cpt.items())) for spec in recipe_study.GRID}
+    assert all(tuple(sorted(p.cpt.items())) not in grid for p in recipe_study.PROBES)
+    assert [s.name for s in recipe_study.select(None)] == [s.name for s in recipe_study.GRID]
+    assert [s.name for s in recipe_study.select(["shift-2", "baseline"])] == ["baseline", "shift-2"]
