@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
+
+logger = logging.getLogger(__name__)
 
 # (hidden[N, H]) -> (hidden'[N, H'], weight[V, H'], bias[V] | None)
 HeadPlan = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
@@ -39,12 +42,30 @@ def make_causal_lm_forward(original: Callable[..., Any], softcap_attr: str | Non
         _unshard_fsdp(self.lm_head)
         plan = lm_head_plan(self.lm_head)
         if plan is None:
+            _notice_unknown_head(self.lm_head)
             return original(self, *args, **kwargs)
         return _fused_forward(self, call, plan, softcap_attr)
 
     forward.__cpt_patched__ = True  # type: ignore[attr-defined]
     forward.__cpt_original__ = original  # type: ignore[attr-defined]
     return forward
+
+
+_NOTICED_HEADS: set[str] = set()
+
+
+def _notice_unknown_head(head: nn.Module) -> None:
+    """Once per kind of head: the loss falls back to transformers' own (full logits), and why."""
+    kind = type(head).__name__
+    if kind in _NOTICED_HEADS:
+        return
+    _NOTICED_HEADS.add(kind)
+    logger.warning(
+        "cpt-plugin: the fused linear + cross-entropy does not know an lm_head of type %s (e.g. PEFT's "
+        "trainable tokens on tied embeddings), so this model's loss is computed from the full logits as "
+        "transformers does: correct, with more memory at long context.",
+        kind,
+    )
 
 
 # ------------------------------------------------------------------------------------------------

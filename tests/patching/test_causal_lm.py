@@ -139,3 +139,34 @@ def test_signature_kept_and_generate_works(llama_pair) -> None:
         got = model.generate(prompt, max_new_tokens=3, do_sample=False)
         want = reference.generate(prompt, max_new_tokens=3, do_sample=False)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_peft_trainable_tokens_give_the_unpatched_loss_and_gradients(tied, caplog) -> None:
+    """PEFT's ``trainable_token_indices`` (only some embedding rows trained): untied, the plain lm_head goes
+    through the fused loss; tied, PEFT wraps lm_head too and the head keeps transformers' loss, with one
+    notice. Either way the same loss and gradients as the unpatched model (never a silent wrong answer)."""
+    from cpt_plugin.patching import causal_lm
+
+    causal_lm._NOTICED_HEADS.clear()
+    model = _peft(
+        tiny_model("llama", tie_word_embeddings=tied),
+        target_modules=PROJECTIONS,
+        trainable_token_indices={"embed_tokens": [3, 7, 200]},
+    )
+    with torch.no_grad():  # PEFT starts the deltas at the original rows: move them
+        for name, param in model.named_parameters():
+            if "trainable_tokens_delta" in name:
+                param.add_(0.5 * torch.randn(param.shape, generator=torch.Generator().manual_seed(3)))
+    inputs = batch()
+    want_loss, want_grads, _ = train_step(model, inputs)
+    patch(model)
+    with caplog.at_level("WARNING", logger="cpt_plugin.patching.causal_lm"):
+        got_loss, got_grads, out = train_step(model, inputs)
+        train_step(model, inputs)
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-4, atol=1e-6)
+    assert_same_grads(got_grads, want_grads)
+    assert any("trainable_tokens_delta" in n for n in got_grads)
+    notices = [r for r in caplog.records if "does not know an lm_head" in r.getMessage()]
+    assert (out.logits is None) == (not tied)
+    assert len(notices) == (1 if tied else 0)
