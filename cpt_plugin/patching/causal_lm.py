@@ -7,10 +7,11 @@ transformers' ``ForCausalLMLoss`` (pad with ignore_index, drop the first), ``num
 labels the original forward runs, so generation and evaluation return logits as before.
 
 The LM head may be an ``nn.Linear`` (tied or not), a PEFT ``ModulesToSaveWrapper`` (its active
-trainable copy is used) or a PEFT LoRA ``Linear``: then the loss sees ``[x, dropout(x) A^T]`` against
+trainable copy is used), PEFT's trainable tokens on a tied head (the weight with its trained rows) or a
+PEFT LoRA ``Linear``: then the loss sees ``[x, dropout(x) A^T]`` against
 ``[W, scaling * B]``, which equals ``x W^T + scaling * B A dropout(x)`` and lets autograd reach A and B
 (a fused loss that only reads ``lm_head.weight`` would leave them untrained). Anything else falls back
-to the original forward.
+to the original forward, with one notice per kind of head.
 """
 
 from __future__ import annotations
@@ -61,9 +62,9 @@ def _notice_unknown_head(head: nn.Module) -> None:
         return
     _NOTICED_HEADS.add(kind)
     logger.warning(
-        "cpt-plugin: the fused linear + cross-entropy does not know an lm_head of type %s (e.g. PEFT's "
-        "trainable tokens on tied embeddings), so this model's loss is computed from the full logits as "
-        "transformers does: correct, with more memory at long context.",
+        "cpt-plugin: the fused linear + cross-entropy does not know an lm_head of type %s, so this model's "
+        "loss is computed from the full logits as transformers does: correct, with more memory at long "
+        "context.",
         kind,
     )
 
@@ -207,24 +208,54 @@ def lm_head_plan(head: nn.Module) -> HeadPlan | None:
     """How to feed ``head`` to the fused loss, or None when it is a kind we do not understand."""
     peft_types = _peft_types()
     if peft_types is not None:
-        modules_to_save_wrapper, lora_linear = peft_types
+        modules_to_save_wrapper, lora_linear, trainable_tokens_wrapper = peft_types
         if isinstance(head, modules_to_save_wrapper):
             return lm_head_plan(_active_copy(head))
         if isinstance(head, lora_linear):
             return _lora_plan(head)
+        if trainable_tokens_wrapper is not None and isinstance(head, trainable_tokens_wrapper):
+            return _trainable_tokens_plan(head.token_adapter)
     if isinstance(head, nn.Linear) and type(head).forward is nn.Linear.forward:
         weight, bias = head.weight, head.bias
         return lambda hidden: (hidden, weight, bias)
     return None
 
 
-def _peft_types() -> tuple[type, type] | None:
+def _peft_types() -> tuple[type, type, type | None] | None:
     try:
         from peft.tuners.lora import Linear as LoraLinear
         from peft.utils.other import ModulesToSaveWrapper
     except ImportError:
         return None
-    return ModulesToSaveWrapper, LoraLinear
+    try:
+        from peft.utils.other import TrainableTokensWrapper
+    except ImportError:  # a PEFT without trainable tokens
+        TrainableTokensWrapper = None  # noqa: N806
+    return ModulesToSaveWrapper, LoraLinear, TrainableTokensWrapper
+
+
+def _trainable_tokens_plan(layer: nn.Module) -> HeadPlan | None:
+    """PEFT's trainable tokens on a (tied) lm_head: mirrors ``TrainableTokensLayer.forward_adapters``.
+
+    With adapters active the head is ``F.linear(x, W)`` with W the base weight whose selected rows are the
+    trained deltas (``get_merged_weights``, no bias), so the fused loss takes that W and autograd reaches
+    the deltas through its ``index_copy``; a V x H copy of the weight instead of the tokens x V logits."""
+    base = layer.base_layer
+    if not isinstance(base, nn.Linear) or type(base).forward is not nn.Linear.forward:
+        return None
+    if not callable(getattr(layer, "get_merged_weights", None)):
+        return None  # a PEFT whose layer we have not read: transformers' loss
+    active = list(layer.active_adapters)
+    if layer.disable_adapters or not active or layer.merged:
+        return lm_head_plan(base)
+
+    def plan(hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        check = getattr(layer, "_check_overlapping_tokens", None)
+        if callable(check):
+            check(active)  # as PEFT's forward: two active adapters may not share a token
+        return hidden, layer.get_merged_weights(active), None
+
+    return plan
 
 
 def _active_copy(wrapper: nn.Module) -> nn.Module:

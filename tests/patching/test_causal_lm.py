@@ -142,31 +142,54 @@ def test_signature_kept_and_generate_works(llama_pair) -> None:
 
 
 @pytest.mark.parametrize("tied", [False, True])
-def test_peft_trainable_tokens_give_the_unpatched_loss_and_gradients(tied, caplog) -> None:
-    """PEFT's ``trainable_token_indices`` (only some embedding rows trained): untied, the plain lm_head goes
-    through the fused loss; tied, PEFT wraps lm_head too and the head keeps transformers' loss, with one
-    notice. Either way the same loss and gradients as the unpatched model (never a silent wrong answer)."""
-    from cpt_plugin.patching import causal_lm
-
-    causal_lm._NOTICED_HEADS.clear()
+def test_peft_trainable_tokens_give_the_unpatched_loss_and_gradients(tied) -> None:
+    """PEFT's ``trainable_token_indices`` (only some embedding rows trained): untied, lm_head stays a plain
+    Linear; tied, PEFT wraps lm_head too and the fused loss takes the weight with its trained rows. Either
+    way the fused loss runs (no logits) and gives the unpatched model's loss and gradients."""
+    inputs = batch()
+    seen = sorted({int(i) for i in inputs["input_ids"][1, :3]})  # rows the batch reads: input gradients too
     model = _peft(
         tiny_model("llama", tie_word_embeddings=tied),
         target_modules=PROJECTIONS,
-        trainable_token_indices={"embed_tokens": [3, 7, 200]},
+        trainable_token_indices={"embed_tokens": [*seen, 250]},
     )
     with torch.no_grad():  # PEFT starts the deltas at the original rows: move them
         for name, param in model.named_parameters():
             if "trainable_tokens_delta" in name:
                 param.add_(0.5 * torch.randn(param.shape, generator=torch.Generator().manual_seed(3)))
+    want_loss, want_grads, _ = train_step(model, inputs)
+    patch(model)
+    got_loss, got_grads, out = train_step(model, inputs)
+    assert out.logits is None
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-4, atol=1e-6)
+    assert_same_grads(got_grads, want_grads)
+    assert any("trainable_tokens_delta" in n and got_grads[n].abs().sum() > 0 for n in got_grads)
+    with torch.no_grad(), model.disable_adapter():  # the base head: the plain weight
+        base_loss = model(**inputs).loss
+    assert not torch.allclose(base_loss, got_loss)
+
+
+def test_an_unknown_head_keeps_transformers_loss_with_one_notice(caplog) -> None:
+    """A head the fused loss does not know (here a Linear with its own forward) falls back to the original
+    forward (full logits), with one notice for that kind of head, not one per step."""
+    from cpt_plugin.patching import causal_lm
+
+    class ScaledHead(torch.nn.Linear):
+        def forward(self, x):
+            return 2.0 * super().forward(x)
+
+    causal_lm._NOTICED_HEADS.clear()
+    model = tiny_model("llama", tie_word_embeddings=False)
+    old = model.lm_head
+    model.lm_head = ScaledHead(old.in_features, old.out_features, bias=False)
+    model.lm_head.weight = old.weight
     inputs = batch()
     want_loss, want_grads, _ = train_step(model, inputs)
     patch(model)
     with caplog.at_level("WARNING", logger="cpt_plugin.patching.causal_lm"):
         got_loss, got_grads, out = train_step(model, inputs)
         train_step(model, inputs)
+    assert out.logits is not None
     torch.testing.assert_close(got_loss, want_loss, rtol=1e-4, atol=1e-6)
-    assert_same_grads(got_grads, want_grads)
-    assert any("trainable_tokens_delta" in n for n in got_grads)
-    notices = [r for r in caplog.records if "does not know an lm_head" in r.getMessage()]
-    assert (out.logits is None) == (not tied)
-    assert len(notices) == (1 if tied else 0)
+    notices = [r for r in caplog.records if "does not know an lm_head of type ScaledHead" in r.getMessage()]
+    assert len(notices) == 1
