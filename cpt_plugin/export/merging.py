@@ -114,6 +114,15 @@ def _lora_weight(module: Any, name: str) -> torch.Tensor:
     return weight
 
 
+def _trainable_tokens_weight(layer: Any) -> torch.Tensor:
+    """PEFT's trainable tokens (``trainable_token_indices``): the base weight with the trained rows of the
+    active adapters written in (PEFT's own ``get_merged_weights``), or the base weight when none is active."""
+    active = [a for a in layer.active_adapters if a in layer.token_indices]
+    if layer.disable_adapters or layer.merged or not active:
+        return layer.base_layer.weight
+    return layer.get_merged_weights(active)
+
+
 def _saved_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """The parameters and persistent buffers ``model.state_dict()`` holds, without calling it.
 
@@ -131,12 +140,18 @@ def _saved_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def merged_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The plain model's state dict, on the CPU, in ``dtype``: LoRA merged, trained copies in place.
+    """The plain model's state dict, on the CPU, in ``dtype``: LoRA merged, trained copies (and PEFT's
+    trainable token rows) in place.
 
     Works on a PeftModel and on a model with adapters injected in place; the model is not changed.
     """
     from peft.tuners.lora import LoraLayer
     from peft.utils import ModulesToSaveWrapper
+
+    try:
+        from peft.utils.other import TrainableTokensWrapper as trainable_tokens
+    except ImportError:  # a PEFT without trainable tokens
+        trainable_tokens = None
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     out: dict[str, torch.Tensor] = {}
@@ -167,6 +182,11 @@ def merged_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.T
                 source = source if source is not None else module.original_module
                 for key, tensor in source.state_dict().items():
                     put(f"{name}.{key}", tensor)
+                handled.add(name)
+            elif trainable_tokens is not None and isinstance(module, trainable_tokens):
+                layer = module.token_adapter
+                for pname, param in layer.base_layer.named_parameters(recurse=False):
+                    put(f"{name}.{pname}", _trainable_tokens_weight(layer) if pname == "weight" else param)
                 handled.add(name)
             elif _is_quantized(module):
                 put(f"{name}.weight", _dense_weight(module))

@@ -143,3 +143,33 @@ def test_merge_from_adapter_dir_gives_no_future_warning_and_keeps_the_base_dtype
         merge(tmp_path / "adapter", tmp_path / "merged")
     assert set(_saved_tensors(tmp_path / "merged").values()) == {torch.bfloat16}
     assert json.loads((tmp_path / "merged" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_merged_export_of_peft_trainable_tokens(tied, tmp_path):
+    """A PEFT model that trains only some embedding rows (``trainable_token_indices``, tied lm_head wrapped
+    by PEFT too): the merged export writes those rows into the plain weights and gives the adapter model's
+    logits (before, the wrapper's keys did not match the plain model and the export stopped)."""
+    from peft import LoraConfig, get_peft_model
+
+    from tests.patching.models import tiny_model
+
+    base = tiny_model("llama", tie_word_embeddings=tied, vocab_size=VOCAB)
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "gate_proj"], trainable_token_indices=[3, 5, 200]
+    )
+    model = get_peft_model(base, config)
+    generator = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name or "trainable_tokens_delta" in name:
+                param.add_(0.5 * torch.randn(param.shape, generator=generator))
+    ids = torch.tensor([[3, 5, 200, 7, 9, 3, 11, 200]])
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    out = merge(model, tmp_path / "merged", dtype=torch.float32)
+    loaded = _load_plain(out)
+    assert (loaded.get_input_embeddings().weight is loaded.get_output_embeddings().weight) is tied
+    with torch.no_grad():
+        got = loaded(input_ids=ids).logits
+    assert relative_error(got, want) < 1e-5
