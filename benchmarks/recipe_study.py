@@ -193,6 +193,8 @@ PROBES: tuple[RunSpec, ...] = tuple(
          dict(domain_shift_ratio=4.0, embedding_lr_ratio=0.03, fresh_row_learning_rate=3 * StudySettings.learning_rate)),
         ("shift-2", "domain-shifted rows (>= 2x more frequent in the code) at 2x, known x0.1",
          dict(domain_shift_ratio=2.0, fresh_row_learning_rate=2 * StudySettings.learning_rate)),
+        ("fresh-rows-only", "only the never-seen rows train (embedding_rows: fresh), the known rows frozen",
+         dict(embedding_rows="fresh")),
     )
 )  # fmt: skip
 # How each axis reads, left to right (the baseline sits where its value falls).

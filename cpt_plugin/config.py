@@ -28,6 +28,7 @@ OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_8bit")
 CHECKPOINTING_MODES = ("off", "recompute", "offload", "auto")
 TRAINED_EMBEDDINGS_DTYPES = ("float32", "bfloat16_sr", "model")
 EMBEDDING_OPTIMIZERS = ("adamw", "adamw_8bit")
+EMBEDDING_ROWS = ("all", "fresh")
 KERNEL_NAMES = ("rms_norm", "rope", "swiglu", "fused_linear_cross_entropy", "fused_lora")
 
 CPT_KEYS_EXAMPLE = "cpt-plugin keys (e.g. 'lora_r: 64')"  # what a cpt-plugin YAML file holds
@@ -118,6 +119,7 @@ class CPTConfig:
     use_rslora: bool = True
     target_modules: list[str] | str | None = None  # None: every attention and MLP projection
     train_embeddings: bool = True  # input embeddings and lm_head fully trained
+    embedding_rows: str = "all"  # "fresh": only new or untrained rows train (PEFT trainable tokens)
     # dtype of the trained embedding copies on 16-bit models: "bfloat16_sr" (bf16 copies whose updates the
     # optimizer rounds stochastically, so small embedding-LR updates survive; fp16 models: fp32 copies),
     # "float32" (fp32 copies) or "model" (the model's dtype, round-to-nearest, as plain PEFT does)
@@ -278,6 +280,17 @@ class CPTConfig:
             value = getattr(self, key)
             if value is not None:
                 check_number(key, value, allow_zero=key not in ("learning_rate", "fresh_row_learning_rate"))
+        if self.embedding_rows not in EMBEDDING_ROWS:
+            fix = did_you_mean(
+                self.embedding_rows, EMBEDDING_ROWS, f"Choose one of {', '.join(EMBEDDING_ROWS)}."
+            )
+            fail("embedding_rows", f"got {self.embedding_rows!r}", fix)
+        if self.embedding_rows == "fresh" and not self.train_embeddings:
+            fail("embedding_rows", "is 'fresh', which trains some embedding rows, but train_embeddings is off",
+                 "Set train_embeddings: true, or embedding_rows: all.")  # fmt: skip
+        if self.embedding_rows == "fresh" and self.domain_shift_ratio:
+            fail("embedding_rows", "is 'fresh' (the rows marked before PEFT wraps the model), but "
+                 "domain_shift_ratio marks rows after that", "Set domain_shift_ratio: 0, or embedding_rows: all.")  # fmt: skip
         check_number("embedding_lr_ratio", self.embedding_lr_ratio, allow_zero=True)
         check_number("domain_shift_ratio", self.domain_shift_ratio, allow_zero=True)
         if self.domain_shift_ratio and not (self.train_embeddings and self.row_aware_embedding_lr):

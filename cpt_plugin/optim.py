@@ -88,6 +88,9 @@ def build_param_groups(
     embedding_lr = config.resolved_embedding_lr(learning_rate)
     embedding_ids = embedding_parameter_ids(model)
     rows = row_scale(model, config, learning_rate) if embedding_ids else None
+    if config.embedding_rows == "fresh":  # only fresh rows train (PEFT trainable tokens): all at the fresh LR
+        embedding_lr = config.fresh_row_learning_rate or learning_rate
+        rows = None
     buckets: dict[tuple[str, bool], list[nn.Parameter]] = {}
     seen: set[int] = set()
     for name, param in model.named_parameters():

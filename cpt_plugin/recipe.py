@@ -134,6 +134,10 @@ def build_lora_config(model: nn.Module, config: CPTConfig) -> Any:
         for name in (input_name, output_name):
             if name and name.split(".")[-1] not in modules_to_save:
                 modules_to_save.append(name.split(".")[-1])
+    token_indices = None
+    if config.train_embeddings and config.embedding_rows == "fresh":
+        token_indices = _fresh_token_indices(model, input_name, output_name, tied)
+        modules_to_save = []
     return LoraConfig(
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
@@ -142,10 +146,42 @@ def build_lora_config(model: nn.Module, config: CPTConfig) -> Any:
         target_modules=targets,
         fan_in_fan_out=_targets_conv1d(model, targets),
         modules_to_save=modules_to_save or None,
-        ensure_weight_tying=bool(tied and modules_to_save),
+        trainable_token_indices=token_indices,
+        ensure_weight_tying=bool(tied and (modules_to_save or token_indices)),
         bias="none",
         task_type="CAUSAL_LM",
     )
+
+
+def _fresh_token_indices(
+    model: nn.Module, input_name: str | None, output_name: str | None, tied: bool
+) -> dict[str, list[int]]:
+    """``embedding_rows: fresh``: PEFT's trainable tokens on the new or untrained rows only.
+
+    Why: full trained copies of embed_tokens and lm_head cost vocab x hidden each (plus gradients and
+    optimizer states); when only the rows of new tokens are meant to learn, PEFT keeps just those rows as
+    deltas. Tied embeddings: PEFT wraps lm_head with the same rows. The rows are those marked before PEFT
+    wraps the model (vocabulary extension, untrained-token healing)."""
+    from cpt_plugin.vocabulary.fresh_rows import fresh_rows
+
+    rows = fresh_rows(model)
+    if rows is None or input_name is None:
+        raise CPTConfigError(
+            "cpt-plugin config 'embedding_rows' is 'fresh', which trains only new or untrained embedding rows, "
+            "but none are marked. Add tokens first (cpt_plugin.add_new_tokens / new_tokens / extend_vocabulary), "
+            "let heal_untrained_tokens find untrained rows, or set embedding_rows: all."
+        )
+    ids = [int(i) for i in rows]
+    indices = {input_name.split(".")[-1]: ids}
+    if output_name and not tied:
+        indices[output_name.split(".")[-1]] = ids
+    logger.info(
+        "cpt-plugin: embeddings: %d new or untrained rows train (PEFT trainable tokens%s); the others stay "
+        "frozen (embedding_rows: fresh)",
+        len(ids),
+        "; lm_head tied to them" if tied else ", in embed_tokens and lm_head",
+    )
+    return indices
 
 
 def _trained_copy(module: Any) -> Any:

@@ -419,3 +419,42 @@ def test_per_row_lr_step_time_on_llama_1b_embedding_shapes():
         f"fp32 torch fused AdamW {torch_fused * 1e3:.2f} ms, fp32 per-row chunked {chunked * 1e3:.2f} ms"
     )
     assert per_row <= 1.3 * plain + 2e-4
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_embedding_rows_fresh_trains_only_the_marked_rows_without_full_copies(tied):
+    """``embedding_rows: fresh``: PEFT's trainable tokens on the marked rows (no vocab x hidden copies), at
+    the fresh-row LR; one step moves those rows of the effective embedding (and lm_head) and no other, and
+    the merged weights carry them."""
+    from cpt_plugin.export.merging import merged_state_dict
+
+    model, config = _prepared(tied, embedding_rows="fresh", heal_untrained_tokens=False)
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert not any("modules_to_save" in n for n in trained)
+    deltas = [p for n, p in trained.items() if "trainable_tokens_delta" in n]
+    assert len(deltas) == (1 if tied else 2) and all(p.shape == (len(FRESH), 32) for p in deltas)
+    optimizer = create_optimizer(model, config, learning_rate=LR, weight_decay=0.0)
+    group = _embedding_group(optimizer)
+    assert group["lr"] == LR and "cpt_row_scale" not in group
+    assert {id(p) for p in group["params"]} == {id(p) for p in deltas}
+    before = merged_state_dict(model, torch.float32)
+    ids = torch.tensor([[3, 10, 200, 7, 3, 9, 10, 11]])
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    after = merged_state_dict(model, torch.float32)
+    fresh = _fresh_mask(257)
+    for key in ("model.embed_tokens.weight", *(() if tied else ("lm_head.weight",))):
+        moved = (after[key] - before[key]).abs().amax(dim=1) > 0
+        assert moved[fresh].all() and not moved[~fresh].any(), key
+
+
+def test_embedding_rows_fresh_without_marked_rows_or_with_domain_shift_is_an_error():
+    base = tiny_llama()
+    with pytest.raises(CPTConfigError, match="embedding_rows' is 'fresh'.*none are marked"):
+        prepare_model(base, CPTConfig(lora_r=4, embedding_rows="fresh", heal_untrained_tokens=False))
+    with pytest.raises(CPTConfigError, match="embedding_rows.*domain_shift_ratio"):
+        CPTConfig(embedding_rows="fresh", domain_shift_ratio=4.0)
+    with pytest.raises(CPTConfigError, match="Did you mean 'fresh'"):
+        CPTConfig(embedding_rows="frsh")
+    with pytest.raises(CPTConfigError, match="train_embeddings"):
+        CPTConfig(embedding_rows="fresh", train_embeddings=False)
