@@ -7,7 +7,7 @@ transformers' ``ForCausalLMLoss`` (pad with ignore_index, drop the first), ``num
 labels the original forward runs, so generation and evaluation return logits as before.
 
 The LM head may be an ``nn.Linear`` (tied or not), a PEFT ``ModulesToSaveWrapper`` (its active
-trainable copy is used), PEFT's trainable tokens on a tied head (the weight with its trained rows) or a
+trainable copy is used), PEFT's trainable tokens on the head (the weight with its trained rows) or a
 PEFT LoRA ``Linear``: then the loss sees ``[x, dropout(x) A^T]`` against
 ``[W, scaling * B]``, which equals ``x W^T + scaling * B A dropout(x)`` and lets autograd reach A and B
 (a fused loss that only reads ``lm_head.weight`` would leave them untrained). Anything else falls back
@@ -235,7 +235,8 @@ def _peft_types() -> tuple[type, type, type | None] | None:
 
 
 def _trainable_tokens_plan(layer: nn.Module) -> HeadPlan | None:
-    """PEFT's trainable tokens on a (tied) lm_head: mirrors ``TrainableTokensLayer.forward_adapters``.
+    """PEFT's trainable tokens on lm_head (tied to the input rows, or its own): mirrors
+    ``TrainableTokensLayer.forward_adapters``.
 
     With adapters active the head is ``F.linear(x, W)`` with W the base weight whose selected rows are the
     trained deltas (``get_merged_weights``, no bias), so the fused loss takes that W and autograd reaches

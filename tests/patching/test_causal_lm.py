@@ -141,18 +141,21 @@ def test_signature_kept_and_generate_works(llama_pair) -> None:
     assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_peft_trainable_tokens_give_the_unpatched_loss_and_gradients(tied) -> None:
+@pytest.mark.parametrize(("tied", "head_too"), [(False, False), (False, True), (True, False)])
+def test_peft_trainable_tokens_give_the_unpatched_loss_and_gradients(tied, head_too) -> None:
     """PEFT's ``trainable_token_indices`` (only some embedding rows trained): untied, lm_head stays a plain
-    Linear; tied, PEFT wraps lm_head too and the fused loss takes the weight with its trained rows. Either
-    way the fused loss runs (no logits) and gives the unpatched model's loss and gradients."""
+    Linear or gets its own trainable rows (``embedding_rows: fresh`` does that); tied, PEFT wraps lm_head too.
+    A wrapped head gives the fused loss the weight with its trained rows. Every way the fused loss runs (no
+    logits) and gives the unpatched model's loss and gradients."""
     inputs = batch()
     seen = sorted({int(i) for i in inputs["input_ids"][1, :3]})  # rows the batch reads: input gradients too
+    indices = {"embed_tokens": [*seen, 250], **({"lm_head": [*seen, 250]} if head_too else {})}
     model = _peft(
         tiny_model("llama", tie_word_embeddings=tied),
         target_modules=PROJECTIONS,
-        trainable_token_indices={"embed_tokens": [*seen, 250]},
+        trainable_token_indices=indices,
     )
+    assert (type(model.base_model.model.lm_head).__name__ == "TrainableTokensWrapper") == (tied or head_too)
     with torch.no_grad():  # PEFT starts the deltas at the original rows: move them
         for name, param in model.named_parameters():
             if "trainable_tokens_delta" in name:
