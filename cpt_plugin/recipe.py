@@ -147,7 +147,7 @@ def build_lora_config(model: nn.Module, config: CPTConfig) -> Any:
         fan_in_fan_out=_targets_conv1d(model, targets),
         modules_to_save=modules_to_save or None,
         trainable_token_indices=token_indices,
-        ensure_weight_tying=bool(tied and (modules_to_save or token_indices)),
+        ensure_weight_tying=bool(tied and modules_to_save),  # PEFT ties trainable tokens by itself
         bias="none",
         task_type="CAUSAL_LM",
     )
