@@ -20,6 +20,18 @@ def _peft(model, **lora):
     return get_peft_model(model, config)
 
 
+def _fused_matches_unpatched(model, inputs) -> dict[str, torch.Tensor]:
+    """Trains one step unpatched, patches, trains the same step again: the fused loss ran (no logits) and
+    gave the same loss and gradients. Returns the fused step's gradients."""
+    want_loss, want_grads, _ = train_step(model, inputs)
+    patch(model)
+    got_loss, got_grads, out = train_step(model, inputs)
+    assert out.logits is None
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-4, atol=1e-6)
+    assert_same_grads(got_grads, want_grads)
+    return got_grads
+
+
 def test_peft_lora_with_trained_embeddings_matches_unpatched() -> None:
     model = _peft(
         tiny_model("llama"), target_modules=PROJECTIONS, modules_to_save=["embed_tokens", "lm_head"]
@@ -41,13 +53,7 @@ def test_peft_lora_with_trained_embeddings_matches_unpatched() -> None:
 
 def test_lora_on_lm_head_gets_gradients_under_the_fused_loss() -> None:
     model = _peft(tiny_model("llama"), target_modules=["q_proj", "lm_head"], lora_dropout=0.1)
-    inputs = batch()
-    want_loss, want_grads, _ = train_step(model, inputs)
-    patch(model)
-    got_loss, got_grads, out = train_step(model, inputs)
-    assert out.logits is None
-    torch.testing.assert_close(got_loss, want_loss, rtol=1e-4, atol=1e-6)
-    assert_same_grads(got_grads, want_grads)
+    got_grads = _fused_matches_unpatched(model, batch())
     for factor in ("lora_A", "lora_B"):
         name = next(n for n in got_grads if "lm_head" in n and factor in n)
         assert got_grads[name].abs().sum() > 0, name
@@ -160,16 +166,13 @@ def test_peft_trainable_tokens_give_the_unpatched_loss_and_gradients(tied, head_
         for name, param in model.named_parameters():
             if "trainable_tokens_delta" in name:
                 param.add_(0.5 * torch.randn(param.shape, generator=torch.Generator().manual_seed(3)))
-    want_loss, want_grads, _ = train_step(model, inputs)
-    patch(model)
-    got_loss, got_grads, out = train_step(model, inputs)
-    assert out.logits is None
-    torch.testing.assert_close(got_loss, want_loss, rtol=1e-4, atol=1e-6)
-    assert_same_grads(got_grads, want_grads)
+    got_grads = _fused_matches_unpatched(model, inputs)
     assert any("trainable_tokens_delta" in n and got_grads[n].abs().sum() > 0 for n in got_grads)
-    with torch.no_grad(), model.disable_adapter():  # the base head: the plain weight
-        base_loss = model(**inputs).loss
-    assert not torch.allclose(base_loss, got_loss)
+    with torch.no_grad():
+        trained_loss = model(**inputs).loss
+        with model.disable_adapter():  # the base head: the plain weight
+            base_loss = model(**inputs).loss
+    assert not torch.allclose(base_loss, trained_loss)
 
 
 def test_an_unknown_head_keeps_transformers_loss_with_one_notice(caplog) -> None:
