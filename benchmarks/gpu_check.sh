@@ -24,6 +24,7 @@
 #   evaluator     the held-out evaluator's share of wall time at its default frequency (benchmarks/evaluator_overhead.py)
 #   export        `cpt-plugin export --to merged` and GGUF f16 timed at Llama-1B shapes (benchmarks/export_time.py)
 #   tf524tests    `pytest -m gpu` again on the carried newest transformers
+#   hostbreakdown host ms per step of each function in one forward ($HOSTBREAKDOWN_SYSTEMS, default cpt_nogc)
 #   hostcosts     host microseconds per call of GEMMs (each cuBLAS backend), casts, Triton launches ($OUT/hostcosts)
 LONGCTX_SYSTEMS=${LONGCTX_SYSTEMS:-hf,hf_offload,trl_offload,axolotl_offload,cpt,cpt_offload_only,cpt_offload}
 LONGCTX_SHAPES=${LONGCTX_SHAPES:-1x16384,1x32768}
@@ -41,6 +42,8 @@ T0=$(date +%s)
 OUT=${OUT:-outputs/gpu_check}
 mkdir -p "$OUT"
 STAGES=${STAGES:-"tests kernels quick"}
+HOSTBREAKDOWN_SYSTEMS=${HOSTBREAKDOWN_SYSTEMS:-cpt_nogc}
+HOSTBREAKDOWN_SHAPE=${HOSTBREAKDOWN_SHAPE:-4x2048}
 TOTAL_BUDGET=${TOTAL_BUDGET:-530}
 TESTS_TIMEOUT=${TESTS_TIMEOUT:-150}
 KERNELS_TIMEOUT=${KERNELS_TIMEOUT:-110}
@@ -150,6 +153,14 @@ for stage in $STAGES; do
       timeout -k 10 60 python3 -m benchmarks.host_costs --out "$OUT/hostcosts" | tail -40
       note "hostcosts: exit ${PIPESTATUS[0]}"
       ;;
+    hostbreakdown)
+      echo "== host time of one forward, by function ($HOSTBREAKDOWN_SYSTEMS)"
+      for system in ${HOSTBREAKDOWN_SYSTEMS//,/ }; do
+        timeout -k 10 120 python3 -m benchmarks.host_breakdown --systems "$system" --shape "$HOSTBREAKDOWN_SHAPE" \
+          --out "$OUT/hostbreakdown" 2>&1 | grep -v "^cpt-plugin" | tail -30
+      done
+      note "hostbreakdown: exit ${PIPESTATUS[0]}"
+      ;;
     tf524tests)
       t=$(( $(left) < TESTS_TIMEOUT ? $(left) : TESTS_TIMEOUT ))
       if (( t < 20 )); then note "tf524tests: skipped (time budget)"; continue; fi
@@ -159,7 +170,7 @@ for stage in $STAGES; do
       note "tf524tests: exit $rc ($(grep -E '[0-9]+ (passed|failed)' "$OUT/gpu_tests_tf524.log" | tail -1))"
       ;;
     *)
-      note "unknown stage '$stage' (use tests, kernels, quick, full, longctx, qlora, qlora_maxctx, profile, evaluator, export, hostcosts, tf524tests)"
+      note "unknown stage '$stage' (use tests, kernels, quick, full, longctx, qlora, qlora_maxctx, profile, evaluator, export, hostcosts, hostbreakdown, tf524tests)"
       ;;
   esac
 done
