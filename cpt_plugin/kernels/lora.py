@@ -56,9 +56,6 @@ class LoraProjection:
     scale: float
     dequantize: Dequantize | None = None  # 4-bit base: returns the weight in the requested dtype
 
-    def tensors(self) -> tuple[torch.Tensor | None, ...]:
-        return (self.weight, self.bias, self.lora_a, self.lora_b)
-
 
 # ------------------------------------------------------------------------------------------------
 # The building blocks: a group of projections sharing one 2-D input, forward and backward, in the compute
@@ -71,23 +68,35 @@ def _base_weight(weight: torch.Tensor, dequantize: Dequantize | None, dtype: tor
 
 
 def _cast_factors(
-    lora_as: Sequence[torch.Tensor], lora_bs: Sequence[torch.Tensor], dtype: torch.dtype
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """(the A factors stacked as one (sum r) x in matrix, the B factors) in the compute dtype.
+    groups: Sequence[tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]]], dtype: torch.dtype
+) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
+    """Per group of (A factors, B factors): (its A factors stacked as one (sum r) x in matrix, its Bs),
+    all in the compute dtype.
 
-    Why one buffer: every cast is an allocation and a launch, and an offloaded step's backward waits on
-    the host. The group's factors are copied into one buffer by one ``_foreach_copy_`` (one kernel on
-    CUDA), A's first, so the stacked A (the group's shared ``x A^T`` GEMM) is a view, not a ``cat``."""
-    factors = [*lora_as, *lora_bs]
+    Why one buffer: every cast is an allocation and a launch, and a launch-bound forward waits on the
+    host. All factors of the call (the MLP's three projections, say) are copied into one buffer by one
+    ``_foreach_copy_`` (one kernel on CUDA), each group's A's first and next to each other, so a group's
+    stacked A (its shared ``x A^T`` GEMM) is a view, not a ``cat``."""
+    factors = [f for lora_as, lora_bs in groups for f in (*lora_as, *lora_bs)]
     if all(f.dtype == dtype for f in factors):
-        a_stack = lora_as[0] if len(lora_as) == 1 else torch.cat(list(lora_as))
-        return a_stack, list(lora_bs)
+        return [
+            (lora_as[0] if len(lora_as) == 1 else torch.cat(list(lora_as)), list(lora_bs))
+            for lora_as, lora_bs in groups
+        ]
     numels = [f.numel() for f in factors]
     flat = torch.empty(sum(numels), dtype=dtype, device=factors[0].device)
     casts = [part.view(f.shape) for part, f in zip(flat.split(numels), factors, strict=True)]
     torch._foreach_copy_(casts, factors)
-    n_a = sum(numels[: len(lora_as)])
-    return flat[:n_a].view(-1, lora_as[0].shape[1]), casts[len(lora_as) :]
+    out = []
+    start = index = 0
+    for lora_as, lora_bs in groups:
+        n_a = sum(numels[index : index + len(lora_as)])
+        a_stack = flat[start : start + n_a].view(-1, lora_as[0].shape[1])
+        index += len(lora_as)
+        out.append((a_stack, casts[index : index + len(lora_bs)]))
+        start += n_a + sum(numels[index : index + len(lora_bs)])
+        index += len(lora_bs)
+    return out
 
 
 _ZEROS: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
@@ -179,10 +188,9 @@ def _group_backward(
     need_x: bool,
     need_a: Sequence[bool],
     need_b: Sequence[bool],
-    need_bias: Sequence[bool],
     param_dtypes: tuple[torch.dtype, torch.dtype],
-) -> tuple[torch.Tensor | None, list[Any], list[Any], list[Any]]:
-    """(dX, [dA_i], [dB_i], [db_i]) of a group; ``grads_out`` are 2-D in the compute dtype (None: unused).
+) -> tuple[torch.Tensor | None, list[Any], list[Any]]:
+    """(dX, [dA_i], [dB_i]) of a group; ``grads_out`` are 2-D in the compute dtype (None: unused).
 
     With u_i = g_i B_i (unscaled): dB_i = s g_i^T (x A_i^T), dA_i = s u_i^T x, dX = s u A_stack + sum g_i W_i.
     The u_i are written into column blocks of one buffer, so dA of the whole stack and the LoRA part of
@@ -193,7 +201,6 @@ def _group_backward(
     common = scales[0] if all(s == scales[0] for s in scales) else None
     grad_a: list[Any] = [None] * n
     grad_b: list[Any] = [None] * n
-    grad_bias: list[Any] = [None] * n
     a_dtype, b_dtype = param_dtypes
     u_all = torch.empty(x2.shape[0], a_stack.shape[0], dtype=x2.dtype, device=x2.device)
     offset = 0
@@ -207,8 +214,6 @@ def _group_backward(
             torch.mm(g, bs[i], out=block)  # a column block of u_all: written in place
             if common is None:
                 block.mul_(scales[i])
-            if need_bias[i]:
-                grad_bias[i] = g.sum(0)
         offset += rank
     scale = 1.0 if common is None else common
     if any(need_a):
@@ -224,7 +229,7 @@ def _group_backward(
         for g, weight, dequantize in zip(grads_out, weights, dequantizers, strict=True):
             if g is not None:
                 dx.addmm_(g, _base_weight(weight, dequantize, dtype))
-    return dx, grad_a, grad_b, grad_bias
+    return dx, grad_a, grad_b
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -241,9 +246,35 @@ def _no_autocast(device_type: str):
     return torch.autocast(device_type=device_type, enabled=False)
 
 
-def _split_params(tensors: Sequence[Any]) -> list[tuple[Any, Any, Any, Any]]:
-    """(weight, bias, lora_a, lora_b) per projection from the flat argument list."""
-    return [tuple(tensors[i : i + 4]) for i in range(0, len(tensors), 4)]  # type: ignore[misc]
+@dataclass(frozen=True)
+class _FrozenBase:
+    """A group's frozen base tensors and constants: given to ``apply`` as one non-tensor argument, so
+    autograd neither tracks nor saves them (the host cost of ``apply`` grows with its tensor arguments)."""
+
+    weights: tuple[torch.Tensor, ...]
+    biases: tuple[torch.Tensor | None, ...]
+    scales: tuple[float, ...]
+    dequantizers: tuple[Dequantize | None, ...]
+
+
+def _frozen_base(projections: Sequence[LoraProjection]) -> _FrozenBase:
+    """The projections' base tensors; a trained base weight or bias has no gradient here, so it is refused."""
+    for p in projections:
+        if p.weight.requires_grad or (p.bias is not None and p.bias.requires_grad):
+            raise ValueError(
+                "the fused LoRA path computes frozen base layers only (a base weight or bias requires grad); "
+                "use PEFT's own forward for trained base layers"
+            )
+    return _FrozenBase(
+        tuple(p.weight for p in projections),
+        tuple(p.bias for p in projections),
+        tuple(p.scale for p in projections),
+        tuple(p.dequantize for p in projections),
+    )
+
+
+def _factors(projections: Sequence[LoraProjection]) -> list[torch.Tensor]:
+    return [t for p in projections for t in (p.lora_a, p.lora_b)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -251,77 +282,57 @@ def _split_params(tensors: Sequence[Any]) -> list[tuple[Any, Any, Any, Any]]:
 # ------------------------------------------------------------------------------------------------
 class _LoraGroup(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, scales, dequantizers, dtype, *tensors):
-        # tensors: (weight, bias, lora_a, lora_b) per projection
+    def forward(ctx, x, base: _FrozenBase, dtype, *factors):
+        # factors: (lora_a, lora_b) per projection
         ctx.set_materialize_grads(False)  # an output nobody uses gets no gradient
         x2 = _rows_in(x, dtype)
-        params = _split_params(tensors)
-        ranks = [p[2].shape[0] for p in params]
+        lora_as, lora_bs = factors[0::2], factors[1::2]
+        ranks = [a.shape[0] for a in lora_as]
         with _no_autocast(x.device.type):
-            a_stack, bs = _cast_factors([p[2] for p in params], [p[3] for p in params], dtype)
+            ((a_stack, bs),) = _cast_factors([(lora_as, lora_bs)], dtype)
             outs, xa_all = _group_forward(
-                x2,
-                [p[0] for p in params],
-                [p[1] for p in params],
-                a_stack,
-                bs,
-                ranks,
-                scales,
-                dequantizers,
-                dtype,
+                x2, base.weights, base.biases, a_stack, bs, ranks, base.scales, base.dequantizers, dtype
             )
-        ctx.save_for_backward(x2, a_stack, xa_all, *bs, *[p[0] for p in params])
-        ctx.meta = (
-            scales,
-            dequantizers,
-            dtype,
-            x.shape,
-            x.dtype,
-            ranks,
-            (params[0][2].dtype, params[0][3].dtype),
-        )
-        ctx.need_bias = [
-            p[1] is not None and ctx.needs_input_grad[4 + 4 * i + 1] for i, p in enumerate(params)
-        ]
+        ctx.save_for_backward(x2, a_stack, xa_all, *bs)
+        ctx.base = base  # frozen parameters: held, not saved (no saved-tensor hooks, no version checks)
+        ctx.meta = (dtype, x.shape, x.dtype, ranks, (lora_as[0].dtype, lora_bs[0].dtype))
         return tuple(out.view(*x.shape[:-1], out.shape[-1]) for out in outs)
 
     @staticmethod
     def backward(ctx, *grad_outs):
-        x2, a_stack, xa_all, *rest = ctx.saved_tensors
-        scales, dequantizers, dtype, x_shape, x_dtype, ranks, param_dtypes = ctx.meta
-        n = len(ranks)
-        bs, weights = rest[:n], rest[n:]
+        x2, a_stack, xa_all, *bs = ctx.saved_tensors
+        base: _FrozenBase = ctx.base
+        dtype, x_shape, x_dtype, ranks, param_dtypes = ctx.meta
         need = ctx.needs_input_grad
         grads_2d = [None if g is None else _rows_in(g, dtype) for g in grad_outs]
-        dx, grad_a, grad_b, grad_bias = _group_backward(
+        dx, grad_a, grad_b = _group_backward(
             grads_2d,
             x2,
             xa_all,
             a_stack,
             bs,
-            weights,
+            base.weights,
             ranks,
-            scales,
-            dequantizers,
+            base.scales,
+            base.dequantizers,
             dtype,
             need[0],
-            [need[4 + 4 * i + 2] for i in range(n)],
-            [need[4 + 4 * i + 3] for i in range(n)],
-            ctx.need_bias,
+            need[3::2],
+            need[4::2],
             param_dtypes,
         )
         grads: list[Any] = []
-        for i in range(n):
-            grads += [None, grad_bias[i], grad_a[i], grad_b[i]]
+        for da, db in zip(grad_a, grad_b, strict=True):
+            grads += [da, db]
         if dx is not None:
             dx = dx.view(x_shape).to(x_dtype)
-        return (dx, None, None, None, *grads)
+        return (dx, None, None, *grads)
 
 
 def lora_linear(x: torch.Tensor, projection: LoraProjection) -> torch.Tensor:
     """``x W^T + b + s (x A^T) B^T`` in the compute dtype (see module doc), with a fused backward."""
-    p = projection
-    return _LoraGroup.apply(x, (p.scale,), (p.dequantize,), compute_dtype(x), *p.tensors())[0]
+    projections = (projection,)
+    return _LoraGroup.apply(x, _frozen_base(projections), compute_dtype(x), *_factors(projections))[0]
 
 
 def lora_linear_reference(x: torch.Tensor, projection: LoraProjection) -> torch.Tensor:
@@ -340,14 +351,7 @@ def lora_linear_reference(x: torch.Tensor, projection: LoraProjection) -> torch.
 
 def lora_grouped_linear(x: torch.Tensor, projections: Sequence[LoraProjection]) -> tuple[torch.Tensor, ...]:
     """Several LoRA projections of the same input (q, k, v): one ``x A^T``, dX formed in one buffer."""
-    tensors = [t for p in projections for t in p.tensors()]
-    return _LoraGroup.apply(
-        x,
-        tuple(p.scale for p in projections),
-        tuple(p.dequantize for p in projections),
-        compute_dtype(x),
-        *tensors,
-    )
+    return _LoraGroup.apply(x, _frozen_base(projections), compute_dtype(x), *_factors(projections))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -355,40 +359,42 @@ def lora_grouped_linear(x: torch.Tensor, projections: Sequence[LoraProjection]) 
 # ------------------------------------------------------------------------------------------------
 class _LoraGatedMLP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, gelu, scales, dequantizers, dtype, skip_output, *tensors):
-        # tensors: (weight, bias, lora_a, lora_b) for gate, up and down
+    def forward(ctx, x, gelu, base: _FrozenBase, dtype, skip_output, *factors):
+        # base and factors: gate, up and down
         x2 = _rows_in(x, dtype)
-        gate_p, up_p, down_p = _split_params(tensors)
-        ranks_gu = [gate_p[2].shape[0], up_p[2].shape[0]]
+        a_gate, b_gate, a_up, b_up, a_down, b_down = factors
+        ranks_gu = [a_gate.shape[0], a_up.shape[0]]
+        w_gate, w_up, w_down = base.weights
         with _no_autocast(x.device.type):
-            # gate and up share their input: one stacked A, one x A^T GEMM
-            a_gu, (b_gate, b_up) = _cast_factors([gate_p[2], up_p[2]], [gate_p[3], up_p[3]], dtype)
-            a_down, (b_down,) = _cast_factors([down_p[2]], [down_p[3]], dtype)
+            # one cast for all six factors; gate and up share their input: one stacked A, one x A^T GEMM
+            (a_gu, (bc_gate, bc_up)), (ac_down, (bc_down,)) = _cast_factors(
+                [((a_gate, a_up), (b_gate, b_up)), ((a_down,), (b_down,))], dtype
+            )
             (gate, up), xa_gu = _group_forward(
                 x2,
-                [gate_p[0], up_p[0]],
-                [gate_p[1], up_p[1]],
+                (w_gate, w_up),
+                base.biases[:2],
                 a_gu,
-                [b_gate, b_up],
+                (bc_gate, bc_up),
                 ranks_gu,
-                scales[:2],
-                dequantizers[:2],
+                base.scales[:2],
+                base.dequantizers[:2],
                 dtype,
             )
             hidden = glu_forward(gate, up, gelu)
             if skip_output:  # a recompute whose output nobody reads: only what backward needs
-                ha_down = torch.mm(hidden, a_down.t())
-                out = x2.new_zeros(x2.shape[0], down_p[3].shape[0])  # lora_b: out x r
+                ha_down = torch.mm(hidden, ac_down.t())
+                out = x2.new_zeros(x2.shape[0], b_down.shape[0])  # lora_b: out x r
             else:
                 (out,), ha_down = _group_forward(
                     hidden,
-                    [down_p[0]],
-                    [down_p[1]],
-                    a_down,
-                    [b_down],
-                    [down_p[2].shape[0]],
-                    scales[2:],
-                    dequantizers[2:],
+                    (w_down,),
+                    base.biases[2:],
+                    ac_down,
+                    (bc_down,),
+                    (a_down.shape[0],),
+                    base.scales[2:],
+                    base.dequantizers[2:],
                     dtype,
                 )
         # A recompute runs right before this layer's backward: its act(gate) * up is kept for the down
@@ -397,80 +403,60 @@ class _LoraGatedMLP(torch.autograd.Function):
         # Held as an attribute, not a saved tensor, so backward can free it as soon as it is used.
         ctx.kept_hidden = hidden if skip_output else None
         del hidden
-        weights = [gate_p[0], up_p[0], down_p[0]]
-        ctx.save_for_backward(x2, gate, up, xa_gu, ha_down, a_gu, a_down, b_gate, b_up, b_down, *weights)
-        ctx.meta = (
-            gelu,
-            scales,
-            dequantizers,
-            dtype,
-            x.shape,
-            x.dtype,
-            ranks_gu,
-            (gate_p[2].dtype, gate_p[3].dtype),
-        )
-        ctx.need_bias = [
-            p[1] is not None and ctx.needs_input_grad[6 + 4 * i + 1]
-            for i, p in enumerate((gate_p, up_p, down_p))
-        ]
+        ctx.save_for_backward(x2, gate, up, xa_gu, ha_down, a_gu, ac_down, bc_gate, bc_up, bc_down)
+        ctx.base = base  # frozen parameters: held, not saved
+        ctx.meta = (gelu, dtype, x.shape, x.dtype, ranks_gu, (a_gate.dtype, b_gate.dtype))
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
-        x2, gate, up, xa_gu, ha_down, a_gu, a_down, b_gate, b_up, b_down, *weights = ctx.saved_tensors
+        x2, gate, up, xa_gu, ha_down, a_gu, a_down, b_gate, b_up, b_down = ctx.saved_tensors
+        base: _FrozenBase = ctx.base
         kept_hidden, ctx.kept_hidden = ctx.kept_hidden, None
-        gelu, scales, dequantizers, dtype, x_shape, x_dtype, ranks_gu, param_dtypes = ctx.meta
+        gelu, dtype, x_shape, x_dtype, ranks_gu, param_dtypes = ctx.meta
         need = ctx.needs_input_grad
-        need_a = [need[6 + 4 * i + 2] for i in range(3)]
-        need_b = [need[6 + 4 * i + 3] for i in range(3)]
+        need_a, need_b = need[5::2], need[6::2]  # gate, up, down
         g2 = _rows_in(grad_out, dtype)
         # down: its input (act(gate) * up) is recomputed (or kept by a recompute), used for dA and freed
         hidden = kept_hidden if kept_hidden is not None else glu_forward(gate, up, gelu)
         del kept_hidden
-        dh, (grad_a_down,), (grad_b_down,), (grad_bias_down,) = _group_backward(
+        dh, (grad_a_down,), (grad_b_down,) = _group_backward(
             [g2],
             hidden,
             ha_down,
             a_down,
             [b_down],
-            weights[2:],
+            base.weights[2:],
             [a_down.shape[0]],
-            scales[2:],
-            dequantizers[2:],
+            base.scales[2:],
+            base.dequantizers[2:],
             dtype,
             True,
             need_a[2:],
             need_b[2:],
-            ctx.need_bias[2:],
             param_dtypes,
         )
         del hidden
         d_gate, d_up = glu_backward(dh, gate, up, gelu)
         del dh
-        dx, grad_a, grad_b, grad_bias = _group_backward(
+        dx, grad_a, grad_b = _group_backward(
             [d_gate, d_up],
             x2,
             xa_gu,
             a_gu,
             [b_gate, b_up],
-            weights[:2],
+            base.weights[:2],
             ranks_gu,
-            scales[:2],
-            dequantizers[:2],
+            base.scales[:2],
+            base.dequantizers[:2],
             dtype,
             need[0],
             need_a[:2],
             need_b[:2],
-            ctx.need_bias[:2],
             param_dtypes,
         )
-        grads = [
-            None, grad_bias[0], grad_a[0], grad_b[0],
-            None, grad_bias[1], grad_a[1], grad_b[1],
-            None, grad_bias_down, grad_a_down, grad_b_down,
-        ]  # fmt: skip
         dx = dx.view(x_shape).to(x_dtype) if dx is not None else None
-        return (dx, None, None, None, None, None, *grads)
+        return (dx, None, None, None, None, grad_a[0], grad_b[0], grad_a[1], grad_b[1], grad_a_down, grad_b_down)
 
 
 def lora_gated_mlp(
@@ -488,16 +474,14 @@ def lora_gated_mlp(
     return zeros."""
     if activation not in ("swiglu", "geglu"):
         raise ValueError(f"activation must be 'swiglu' or 'geglu', got {activation!r}")
-    projections: Sequence[LoraProjection] = (gate, up, down)
-    tensors = [t for p in projections for t in p.tensors()]
+    projections = (gate, up, down)
     return _LoraGatedMLP.apply(
         x,
         activation == "geglu",
-        tuple(p.scale for p in projections),
-        tuple(p.dequantize for p in projections),
+        _frozen_base(projections),
         compute_dtype(x),
         skip_output,
-        *tensors,
+        *_factors(projections),
     )
 
 

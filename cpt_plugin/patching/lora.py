@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 _FUSED = "_cpt_fused_lora"
 _GROUP = "_cpt_lora_group"
+_PROJECTION = "_cpt_lora_projection"  # the LoraProjection last built for the layer (see projection_of)
 _LEDGER = Ledger()
 # Sibling projections that read the same input, computed together when the first one is called.
 GROUPS: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"),)
@@ -126,22 +127,67 @@ def _dequantizer(base: nn.Module) -> Any:
 
 
 def projection_of(layer: nn.Module) -> LoraProjection | None:
-    """The tensors of a marked layer for a plain call now, or None when PEFT's forward must run."""
-    if not layer.__dict__.get(_FUSED) or layer.disable_adapters or layer.merged:
+    """The tensors of a marked layer for a plain call now, or None when PEFT's forward must run.
+
+    Called for every projection of every forward, so it reads PEFT's state straight from the layer's
+    dicts and reuses the projection it built last time while the same tensors and scale are there
+    (PEFT's properties and a fresh dataclass cost more host time than the GEMM launch they precede).
+    A PEFT without those attributes takes the slow path, which uses only the public properties."""
+    state = layer.__dict__
+    if not state.get(_FUSED):
+        return None
+    try:
+        if state["_disable_adapters"] or state["merged_adapters"]:
+            return None
+        active = state["_active_adapter"]
+        modules = state["_modules"]
+        name = active if isinstance(active, str) else (active[0] if len(active) == 1 else None)
+        lora_a_module = modules["lora_A"]._modules.get(name)
+        if lora_a_module is None:
+            return None
+        lora_a = lora_a_module._parameters["weight"]
+        lora_b = modules["lora_B"]._modules[name]._parameters["weight"]
+        base_params = modules["base_layer"]._parameters
+        weight, bias = base_params["weight"], base_params.get("bias")
+        scale = state["scaling"][name]
+    except (KeyError, TypeError, AttributeError):
+        return _projection_from_properties(layer)
+    cached = state.get(_PROJECTION)
+    if (
+        cached is not None
+        and cached.lora_a is lora_a
+        and cached.lora_b is lora_b
+        and cached.weight is weight
+        and cached.bias is bias
+        and cached.scale == scale
+    ):
+        return cached
+    projection = _build_projection(modules["base_layer"], lora_a, lora_b, scale)
+    state[_PROJECTION] = projection
+    return projection
+
+
+def _build_projection(base: nn.Module, lora_a: Any, lora_b: Any, scale: float) -> LoraProjection:
+    return LoraProjection(
+        weight=base.weight,
+        bias=base.bias,
+        lora_a=lora_a,
+        lora_b=lora_b,
+        scale=float(scale),
+        dequantize=_dequantizer(base) if _is_4bit(base) else None,
+    )
+
+
+def _projection_from_properties(layer: nn.Module) -> LoraProjection | None:
+    """projection_of through PEFT's public properties only (no cache)."""
+    if layer.disable_adapters or layer.merged:
         return None
     active = layer.active_adapters
     if len(active) != 1 or active[0] not in layer.lora_A:
         return None
     name = active[0]
-    base = layer.base_layer
-    four_bit = _is_4bit(base)
-    return LoraProjection(
-        weight=base.weight,
-        bias=base.bias,
-        lora_a=layer.lora_A[name].weight,
-        lora_b=layer.lora_B[name].weight,
-        scale=float(layer.scaling[name]),
-        dequantize=_dequantizer(base) if four_bit else None,
+    return _build_projection(
+        layer.base_layer, layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name]
     )
 
 
@@ -226,6 +272,7 @@ def disable_fused_lora(model: nn.Module) -> int:
     count = 0
     for _, layer in _lora_layers(model):
         layer.__dict__.pop(_GROUP, None)
+        layer.__dict__.pop(_PROJECTION, None)
         if layer.__dict__.pop(_FUSED, None):
             count += 1
     return count

@@ -138,6 +138,42 @@ def test_dora_falls_back_to_peft(caplog):
     assert any("variant" in r.getMessage() for r in caplog.records)
 
 
+def test_cached_projection_follows_replaced_tensors_and_scales():
+    """projection_of reuses the projection it built while the layer's tensors and scale are the same ones:
+    a replaced factor or base weight (FSDP2 swaps parameters, a user may too), a new scale, a disabled or
+    merged adapter are each seen at the next call, and the output matches PEFT's own forward then."""
+    from cpt_plugin.patching.lora import projection_of
+
+    model = _setup("llama", _config(kernels=True))
+    layer = model.base_model.model.model.layers[0].self_attn.o_proj
+    first = projection_of(layer)
+    assert first is not None and projection_of(layer) is first
+    x = torch.randn(2, 5, layer.in_features)
+
+    def peft_output() -> torch.Tensor:
+        layer.__dict__.pop("_cpt_fused_lora")
+        try:
+            return layer(x)
+        finally:
+            layer.__dict__["_cpt_fused_lora"] = True
+
+    with torch.no_grad():
+        layer.lora_B["default"].weight = torch.nn.Parameter(torch.randn_like(layer.lora_B["default"].weight))
+        assert projection_of(layer).lora_b is layer.lora_B["default"].weight
+        torch.testing.assert_close(layer(x), peft_output(), rtol=1e-5, atol=1e-5)
+        layer.base_layer.weight = torch.nn.Parameter(torch.randn_like(layer.base_layer.weight), False)
+        assert projection_of(layer).weight is layer.base_layer.weight
+        layer.scaling["default"] = 0.25
+        assert projection_of(layer).scale == 0.25
+        torch.testing.assert_close(layer(x), peft_output(), rtol=1e-5, atol=1e-5)
+        with model.disable_adapter():
+            assert projection_of(layer) is None
+        layer.merge()
+        assert projection_of(layer) is None
+        layer.unmerge()
+        assert projection_of(layer) is not None
+
+
 def test_disable_fused_lora_restores_peft_numbers():
     model = _setup("llama", _config(kernels=True))
     inputs = batch()

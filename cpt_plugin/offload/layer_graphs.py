@@ -1,0 +1,293 @@
+"""Kept decoder layers replayed as CUDA graphs: the same kernels, without the host's time per launch.
+
+Why: at Llama-1B shapes the forward of a CPT step is bound by the host, not the GPU. Measured on an H200
+(``benchmarks/host_breakdown.py``, docs/BENCHMARKS.md): 43.8 ms of host time per forward even at 1 x 64
+tokens (2.5 ms per decoder layer: Python, PEFT's module calls, about 40 launches at 20-65 µs each),
+against about 25 ms of GPU time for the layers at 4 x 2048; the device idles for the difference. A graph
+replays a layer's whole forward (and, in backward, its whole backward) in one launch.
+
+How: a kept layer (``keep`` in the per-layer plan, see checkpointing.py) is run eagerly for its first
+``WARMUP_CALLS`` grad-enabled calls with one input signature (shapes, dtypes, the keywords transformers
+binds), so lazy initialisation (cuBLAS handles, Triton compilation, our one-time GEMM probes) happens
+outside any capture. At the next call its forward is captured on static copies of its inputs, and at its
+backward the backward (``torch.autograd.grad`` of the output w.r.t. the input and the layer's trainable
+parameters) is captured; both are replayed at once and at every later call. Captures happen in the order
+replays will (every forward, then the backwards in reverse) and share one memory pool, as in
+``torch.cuda.make_graphed_callables``. Differences from it, each for a run that must not go silently wrong:
+
+* the parameters' gradients are returned as fresh tensors (one multi-tensor copy), never as the graph's
+  static buffers, which ``AccumulateGrad`` would otherwise adopt as ``.grad`` and the next replay would
+  overwrite (wrong sums under gradient accumulation);
+* a second forward of a layer before the first one's backward (two losses from one model, say) runs
+  eagerly: replaying would overwrite the activations the first backward still needs;
+* any other signature, no-grad or eval calls, a layer with dropout, and a failed capture run eagerly (a
+  failed capture turns graphs off for the model, with one notice naming the error);
+* a change of the plan (the memory planner stepping down after an OOM, say) frees every graph; they are
+  captured again after the warm-up.
+
+Memory: the activations a kept layer saves live in the graphs' pool between steps instead of being freed
+after backward (the same bytes at the peak; not available to evaluation or the optimizer step between
+steps). Only for one process on one GPU, without bitsandbytes 4-bit layers (their kernels are not known
+to be capturable): elsewhere nothing changes.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+WARMUP_CALLS = 2  # eager grad-enabled calls per layer and signature before its capture
+
+
+def graphs_available(model: torch.nn.Module) -> str | None:
+    """Why CUDA graphs cannot be used for ``model`` here, or None when they can."""
+    from cpt_plugin.offload.planner import distributed_world
+
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    if distributed_world() > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return "more than one process (DDP/FSDP/DeepSpeed own the gradients' timing)"
+    if any(
+        os.environ.get(f"ACCELERATE_USE_{name}", "").lower() in ("1", "true")
+        for name in ("FSDP", "DEEPSPEED")
+    ):
+        return "FSDP or DeepSpeed is on"
+    if any(type(p).__name__ == "Params4bit" for p in model.parameters()):
+        return "the model has bitsandbytes 4-bit layers"
+    return None
+
+
+def _signature(value: Any) -> Any:
+    """What must be equal between calls for a captured graph to compute the same thing."""
+    if isinstance(value, torch.Tensor):
+        return (
+            "tensor",
+            tuple(value.shape),
+            tuple(value.stride()),
+            value.dtype,
+            value.device,
+            value.requires_grad,
+        )
+    if isinstance(value, (tuple, list)):
+        return (type(value).__name__, tuple(_signature(v) for v in value))
+    if isinstance(value, dict):
+        return ("dict", tuple((k, _signature(v)) for k, v in sorted(value.items())))
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return ("value", value)
+    return ("object", id(value))  # a cache object or the like: graphs only while it is the same one
+
+
+def _static_copy(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_static_copy(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _static_copy(v) for k, v in value.items()}
+    return value
+
+
+def _copy_into(static: Any, value: Any) -> None:
+    if isinstance(static, torch.Tensor):
+        if static.data_ptr() != value.data_ptr():
+            static.copy_(value)
+    elif isinstance(static, (tuple, list)):
+        for s, v in zip(static, value, strict=True):
+            _copy_into(s, v)
+    elif isinstance(static, dict):
+        for key, s in static.items():
+            _copy_into(s, value[key])
+
+
+def _kwargs_need_grad(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.requires_grad
+    if isinstance(value, (tuple, list)):
+        return any(_kwargs_need_grad(v) for v in value)
+    if isinstance(value, dict):
+        return any(_kwargs_need_grad(v) for v in value.values())
+    return False
+
+
+def _autocast_now(device_type: str) -> tuple[bool, torch.dtype]:
+    return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+
+
+class _LayerGraph:
+    """One layer's forward and backward graphs for one input signature, with their static tensors."""
+
+    def __init__(self, signature: Any, owner: LayerGraphs) -> None:
+        self.signature = signature
+        self.owner = owner
+        self.warm_calls = 0
+        self.forward_graph: torch.cuda.CUDAGraph | None = None
+        self.backward_graph: torch.cuda.CUDAGraph | None = None
+        self.static_x: torch.Tensor | None = None
+        self.static_kwargs: dict[str, Any] = {}
+        self.static_out: torch.Tensor | None = None
+        self.static_grad_out: torch.Tensor | None = None
+        self.static_grads: tuple[torch.Tensor | None, ...] = ()
+        self.params: tuple[torch.Tensor, ...] = ()
+        self.pending: weakref.ref | None = None  # the autograd node of a forward whose backward is due
+        self.pool: Any = None  # the memory pool its forward was captured in (its backward uses it too)
+
+    def capture_forward(
+        self, function: Callable, x: torch.Tensor, params: tuple[torch.Tensor, ...], pool: Any
+    ) -> None:
+        self.params = params
+        self.pool = pool
+        self.static_x = x.detach().clone().requires_grad_(x.requires_grad)
+        keywords = dict(getattr(function, "keywords", None) or {})
+        self.static_kwargs = _static_copy(keywords)
+        call = functools.partial(function.func, *function.args, **self.static_kwargs)
+        graph = torch.cuda.CUDAGraph()
+        enabled, dtype = _autocast_now("cuda")
+        with torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False):
+            with torch.cuda.graph(graph, pool=pool):
+                out = call(self.static_x)
+        if not isinstance(out, torch.Tensor) or not out.requires_grad:
+            raise TypeError(f"the layer returned {type(out).__name__}, not one tensor that requires grad")
+        self.static_out = out
+        self.static_grad_out = torch.empty_like(out)
+        self.forward_graph = graph
+
+    def capture_backward(self) -> bool:
+        """Captures the backward; on failure computes it eagerly instead (False), so the step completes."""
+        assert self.static_out is not None and self.static_x is not None
+        inputs = [self.static_x] if self.static_x.requires_grad else []
+        inputs += [p for p in self.params if p.requires_grad]
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, pool=self.pool):
+                grads = torch.autograd.grad(
+                    self.static_out, inputs, self.static_grad_out, allow_unused=True, retain_graph=True
+                )
+            captured = True
+        except Exception as error:  # noqa: BLE001 - the retained graph still computes it eagerly
+            self.owner.turn_off(f"{type(error).__name__}: {error}")
+            graph = None
+            captured = False
+        if not captured:  # the forward replay wrote real activations: backpropagate through them now
+            grads = torch.autograd.grad(self.static_out, inputs, self.static_grad_out, allow_unused=True)
+        grads = list(grads)
+        grad_x = grads.pop(0) if self.static_x.requires_grad else None
+        self.static_grads = (grad_x, *[grads.pop(0) if p.requires_grad else None for p in self.params])
+        self.static_out = self.static_out.detach()  # frees the capture-time autograd graph
+        self.backward_graph = graph
+        return captured
+
+    def replay_forward(self, x: torch.Tensor, keywords: dict[str, Any]) -> torch.Tensor:
+        assert self.static_x is not None and self.static_out is not None and self.forward_graph is not None
+        if self.static_x.data_ptr() != x.data_ptr():
+            self.static_x.copy_(x)
+        _copy_into(self.static_kwargs, keywords)
+        self.forward_graph.replay()
+        return self.static_out.detach()
+
+
+class _GraphedLayer(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, graph: _LayerGraph, keywords: dict, x: torch.Tensor, *params):
+        ctx.graph = graph
+        graph.pending = weakref.ref(ctx)
+        return graph.replay_forward(x, keywords)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        graph: _LayerGraph = ctx.graph
+        graph.pending = None
+        if graph.static_grad_out.data_ptr() != grad_out.data_ptr():
+            graph.static_grad_out.copy_(grad_out)
+        if graph.backward_graph is not None:
+            graph.backward_graph.replay()
+        elif graph.capture_backward():  # the first backward: captured, then replayed like every later one
+            graph.backward_graph.replay()
+        # (a failed capture has computed this step's gradients eagerly, and graphs are off from now on)
+        grad_x, *param_grads = graph.static_grads
+        present = [g for g in param_grads if g is not None]
+        fresh = iter(torch._foreach_mul(present, 1.0) if present else [])  # never hand out static buffers
+        grads = [next(fresh) if g is not None else None for g in param_grads]
+        if grad_x is not None:
+            grad_x = grad_x.clone()
+        return (None, None, grad_x, *grads)
+
+
+def _layer_from(function: Callable) -> torch.nn.Module | None:
+    """The decoder layer behind transformers' partial (``super().__call__`` bound, or ``forward, self``)."""
+    owner = getattr(getattr(function, "func", None), "__self__", None)
+    if isinstance(owner, torch.nn.Module):
+        return owner
+    args = getattr(function, "args", ())
+    return args[0] if args and isinstance(args[0], torch.nn.Module) else None
+
+
+class LayerGraphs:
+    """The CUDA graphs of one model's kept layers (see the module doc); held by the layers' PlanHolder."""
+
+    def __init__(self) -> None:
+        self.pool: Any = None
+        self.graphs: dict[int, _LayerGraph] = {}
+        self.plan_seen: Any = None
+        self.off_reason: str | None = None
+        self.captured = 0
+
+    def reset(self) -> None:
+        """Frees every graph (they are captured again after the warm-up)."""
+        self.graphs = {}
+        self.pool = None
+
+    def run(self, index: int, function: Callable, args: tuple) -> torch.Tensor | None:
+        """The layer's output through its graph, or None when the caller must run it eagerly."""
+        if self.off_reason is not None or len(args) != 1 or not isinstance(args[0], torch.Tensor):
+            return None
+        x = args[0]
+        keywords = getattr(function, "keywords", None)
+        layer = _layer_from(function)
+        if not x.is_cuda or keywords is None or layer is None or _kwargs_need_grad(keywords):
+            return None
+        from cpt_plugin.offload.checkpointing import _uses_rng
+
+        if _uses_rng(layer):
+            return None
+        signature = (_signature(x), _signature(keywords), _autocast_now("cuda"))
+        graph = self.graphs.get(index)
+        if graph is None or graph.signature != signature:
+            if graph is not None and graph.forward_graph is not None:
+                return None  # another signature than the captured one: eager
+            graph = self.graphs[index] = _LayerGraph(signature, self)
+        if graph.pending is not None and graph.pending() is not None:
+            return None  # its last forward still waits for its backward
+        params = tuple(p for p in layer.parameters() if p.requires_grad)
+        if graph.forward_graph is None:
+            graph.warm_calls += 1
+            if graph.warm_calls <= WARMUP_CALLS:
+                return None
+            try:
+                if self.pool is None:
+                    self.pool = torch.cuda.graph_pool_handle()
+                graph.capture_forward(function, x, params, self.pool)
+            except Exception as error:  # noqa: BLE001 - any failure: this model trains without graphs
+                self.turn_off(f"{type(error).__name__}: {error}")
+                return None
+            self.captured += 1
+            if self.captured == 1:
+                logger.info("cpt-plugin: kept decoder layers run as CUDA graphs from this step on")
+        return _GraphedLayer.apply(graph, keywords, x, *params)
+
+    def turn_off(self, reason: str) -> None:
+        self.off_reason = reason
+        self.reset()
+        logger.warning(
+            "cpt-plugin: CUDA graphs for the kept decoder layers are off for this run (%s); the layers run "
+            "eagerly, with the same results. Set cuda_graphs: false to skip the attempt.",
+            reason[:300],
+        )
