@@ -96,9 +96,11 @@ def _static_copy(value: Any) -> Any:
 
 
 def _copy_into(static: Any, value: Any) -> None:
+    """New inputs into a graph's static tensors. Through ``.data``: the capture-time autograd graph saved
+    these tensors, and an in-place copy on them would bump their version and fail its backward capture."""
     if isinstance(static, torch.Tensor):
         if static.data_ptr() != value.data_ptr():
-            static.copy_(value)
+            static.data.copy_(value)
     elif isinstance(static, (tuple, list)):
         for s, v in zip(static, value, strict=True):
             _copy_into(s, v)
@@ -186,8 +188,7 @@ class _LayerGraph:
 
     def replay_forward(self, x: torch.Tensor, keywords: dict[str, Any]) -> torch.Tensor:
         assert self.static_x is not None and self.static_out is not None and self.forward_graph is not None
-        if self.static_x.data_ptr() != x.data_ptr():
-            self.static_x.copy_(x)
+        _copy_into(self.static_x, x)
         _copy_into(self.static_kwargs, keywords)
         self.forward_graph.replay()
         return self.static_out.detach()
@@ -205,8 +206,7 @@ class _GraphedLayer(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         graph: _LayerGraph = ctx.graph
         graph.pending = None
-        if graph.static_grad_out.data_ptr() != grad_out.data_ptr():
-            graph.static_grad_out.copy_(grad_out)
+        _copy_into(graph.static_grad_out, grad_out)
         if graph.backward_graph is not None:
             graph.backward_graph.replay()
         elif graph.capture_backward():  # the first backward: captured, then replayed like every later one
