@@ -456,7 +456,8 @@ class _LoraGatedMLP(torch.autograd.Function):
             param_dtypes,
         )
         dx = dx.view(x_shape).to(x_dtype) if dx is not None else None
-        return (dx, None, None, None, None, grad_a[0], grad_b[0], grad_a[1], grad_b[1], grad_a_down, grad_b_down)
+        grads = (grad_a[0], grad_b[0], grad_a[1], grad_b[1], grad_a_down, grad_b_down)
+        return (dx, None, None, None, None, *grads)
 
 
 def lora_gated_mlp(
