@@ -152,6 +152,8 @@ def projection_of(layer: nn.Module) -> LoraProjection | None:
         scale = state["scaling"][name]
     except (KeyError, TypeError, AttributeError):
         return _projection_from_properties(layer)
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        return None  # a base unfrozen after set-up: PEFT's forward gives it its gradient
     cached = state.get(_PROJECTION)
     if (
         cached is not None
@@ -186,6 +188,9 @@ def _projection_from_properties(layer: nn.Module) -> LoraProjection | None:
     if len(active) != 1 or active[0] not in layer.lora_A:
         return None
     name = active[0]
+    base = layer.base_layer
+    if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
+        return None
     return _build_projection(
         layer.base_layer, layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name]
     )

@@ -172,6 +172,10 @@ def test_cached_projection_follows_replaced_tensors_and_scales():
         assert projection_of(layer) is None
         layer.unmerge()
         assert projection_of(layer) is not None
+    layer.base_layer.weight.requires_grad_(True)  # unfrozen after set-up: PEFT's path, with its gradient
+    assert projection_of(layer) is None
+    layer(x).sum().backward()
+    assert layer.base_layer.weight.grad is not None
 
 
 def test_disable_fused_lora_restores_peft_numbers():
