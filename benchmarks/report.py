@@ -292,8 +292,9 @@ def plan_table(data: dict[str, Any]) -> list[str]:
     if not rows:
         return []
     lines = [
-        "| workload | batch × seq | system | plan | budget (GiB) | predicted peak | measured peak | error |",
-        "|---|---|---|---|---|---|---|---|",
+        "| workload | batch × seq | system | plan | budget (GiB) | predicted peak | measured peak | error "
+        "| longest predicted to fit (tokens) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         plan = r["memory_plan"]
@@ -302,7 +303,7 @@ def plan_table(data: dict[str, Any]) -> list[str]:
         lines.append(
             f"| {r['workload']} | {r['batch']} × {r['seq']} | {r['system']} | {plan['plan']} | "
             f"{_f(plan.get('budget_gib'))} | {_f(plan['predicted_peak_gib'])} | {_f(measured)} | "
-            f"{_f(error and 100 * error, '+.1f', '%')} |"
+            f"{_f(error and 100 * error, '+.1f', '%')} | {plan.get('longest_tokens', '–')} |"
         )
     return lines
 
@@ -555,7 +556,8 @@ def summary(data: dict[str, Any]) -> str:
                 plan = r["memory_plan"]
                 lines.append(
                     f"{'':>10} plan: {plan['plan']}; predicted {_f(plan['predicted_peak_gib'])} GiB, measured "
-                    f"{_f(r.get('timed_peak_allocated_gib', r.get('peak_allocated_gib')))} GiB (timed steps)"
+                    f"{_f(r.get('timed_peak_allocated_gib', r.get('peak_allocated_gib')))} GiB (timed steps); "
+                    f"longest predicted to fit {plan.get('longest_tokens', '–')} tokens"
                 )
         else:
             lines.append(f"{r['workload']:>10} {r['batch']}x{r['seq']:<6} {r['system']:<12} {_status(r)}")

@@ -95,6 +95,7 @@ def memory_plan(model: Any) -> dict[str, Any] | None:
         "tokens": planner.tokens,
         "predicted_peak_gib": planner.predicted / 2**30,
         "budget_gib": planner.budget / 2**30 if planner.budget else None,
+        "longest_tokens": planner.longest_tokens(),  # the longest micro-batch it predicts to fit
     }
 
 

@@ -85,7 +85,13 @@ from typing import Any
 
 import torch
 
-from cpt_plugin.offload.checkpointing import LayerPlan, decoder_layers, enable_layer_plan, layer_plan_holder
+from cpt_plugin.offload.checkpointing import (
+    LayerPlan,
+    decoder_layers,
+    enable_layer_plan,
+    layer_plan_holder,
+    offload_pool_stats,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -258,6 +264,53 @@ def choose_plan(
         return best[2], best[1], True
     assert smallest is not None
     return smallest[1], smallest[0], False
+
+
+def smallest_plan(layers: int, can_offload: bool = True, tiled: bool = True) -> LayerPlan:
+    """The plan that holds the least device memory per token: every layer offloaded (recomputed without
+    CUDA), every MLP tiled (``tiled``; untiled saves the one-chunk transient at short lengths)."""
+    return LayerPlan.uniform(layers, "offload" if can_offload else "recompute", tiled=tiled)
+
+
+def longest_fitting_tokens(
+    layers: int,
+    costs: LayerCosts,
+    static: float,
+    budget: float,
+    *,
+    can_offload: bool = True,
+    host_bytes: float | None = None,
+    hidden_bytes: float = 0.0,
+) -> int:
+    """The most tokens one micro-batch can have under ``budget`` with the smallest plan (0: none fit).
+
+    The predicted peak of a plan is linear in the token count (``predict_peak``), so the bound is solved,
+    not searched, for every layer offloaded with and without the tiled MLP (whose one-chunk transient costs
+    more than it saves at short lengths). ``host_bytes`` (host memory free for the offloaded layer inputs)
+    bounds it too: each offloaded layer keeps ``hidden_bytes`` per token there until its backward."""
+    longest = 0
+    for tiled in (False, True):
+        plan = smallest_plan(layers, can_offload, tiled)
+        at_one = predict_peak(plan, costs, 1, static)
+        per_token = predict_peak(plan, costs, 2, static) - at_one
+        fixed = at_one - per_token
+        if per_token > 0 and budget > fixed:
+            longest = max(longest, int((budget - fixed) // per_token))
+    if can_offload and host_bytes is not None and hidden_bytes > 0:
+        longest = min(longest, int(host_bytes // (layers * hidden_bytes)))
+    return max(longest, 0)
+
+
+def host_memory_available() -> float | None:
+    """Bytes of host memory the kernel reports available (Linux ``MemAvailable``), or None elsewhere."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -492,6 +545,7 @@ class MemoryPlanner:
     def _report(self, reason: str | None) -> None:
         assert self.budget is not None
         counts = self.plan.counts()
+        longest = self.longest_tokens()
         self._log = {
             "memory_plan_keep": counts["keep"],
             "memory_plan_recompute": counts["recompute"],
@@ -501,13 +555,24 @@ class MemoryPlanner:
             "memory_plan_predicted_peak_gib": round(self.predicted / GIB, 3),
             "memory_plan_budget_gib": round(self.budget / GIB, 3),
             "memory_plan_oom_retries": self.oom_retries,
+            "memory_plan_longest_tokens": longest,
         }
         why = f" ({reason})" if reason else ""
         state = "calibrated" if self.calibrated else "uncalibrated"
         message = (
-            "cpt-plugin memory plan for %d tokens%s: %s; predicted peak %.3g GiB (%s) of a %.3g GiB budget."
+            "cpt-plugin memory plan for %d tokens%s: %s; predicted peak %.3g GiB (%s) of a %.3g GiB budget; "
+            "the longest micro-batch it predicts to fit: %d tokens (every layer %s, MLP tiled)."
         )
-        args = (self.tokens, why, self.plan.describe(), self.predicted / GIB, state, self.budget / GIB)
+        args = (
+            self.tokens,
+            why,
+            self.plan.describe(),
+            self.predicted / GIB,
+            state,
+            self.budget / GIB,
+            longest,
+            "offloaded" if self.can_offload else "recomputed",
+        )
         if self.fits or self.oom_retries:  # after an OOM the budget is a guess; oom_retry warns already
             logger.info(message, *args)
         else:
@@ -516,6 +581,30 @@ class MemoryPlanner:
                 "memory; lower the tokens per micro-batch or raise memory_budget_gib.",
                 *args,
             )
+
+    def longest_tokens(self) -> int:
+        """The most tokens per micro-batch the budget holds with the smallest plan, by the current model
+        (calibrated after the first probe) and static memory; host memory bounds the offloaded inputs."""
+        if self.budget is None:
+            return 0
+        return longest_fitting_tokens(
+            len(self.layers),
+            self.costs,
+            self._static_planned,
+            self._target(),
+            can_offload=self.can_offload,
+            host_bytes=self._host_bytes_for_offload() if self.can_offload else None,
+            hidden_bytes=self.costs.hidden,
+        )
+
+    @staticmethod
+    def _host_bytes_for_offload() -> float | None:
+        """Host memory the offloaded inputs can use: what is available plus what the offload's buffer
+        pool already holds (it reuses its pinned buffers)."""
+        available = host_memory_available()
+        if available is None:
+            return None
+        return available + offload_pool_stats()["bytes"]
 
     # --- probe and calibration (CUDA) ----------------------------------------------------------
     def _start_probe(self, tokens: int, static: float) -> None:

@@ -23,8 +23,10 @@ from cpt_plugin.offload.planner import (
     choose_plan,
     find_planner,
     install_planner,
+    longest_fitting_tokens,
     plan_time,
     predict_peak,
+    smallest_plan,
 )
 
 # A toy with round numbers (bytes per token): a kept layer saves 10, a recomputed one 1, offloaded 0.
@@ -102,6 +104,26 @@ def test_tiling_considered_only_beyond_a_chunk_and_forced_by_the_switch() -> Non
     assert all(forced.tiled) and forced.counts()["keep"] == 8
 
 
+@pytest.mark.parametrize("tile", [0.0, 37.0])
+def test_longest_fitting_length_is_where_the_smallest_plan_stops_fitting(tile) -> None:
+    costs = LayerCosts(**{**TOY.__dict__, "tile_transient": tile})
+    budget, static = 5000.0, 400.0
+    longest = longest_fitting_tokens(8, costs, static, budget)
+    peak = [predict_peak(smallest_plan(8, tiled=tiled), costs, longest, static) for tiled in (False, True)]
+    assert min(peak) <= budget
+    for tiled in (False, True):
+        assert predict_peak(smallest_plan(8, tiled=tiled), costs, longest + 1, static) > budget
+    # the planner's own search agrees: the longest fits (with the smallest plan), one token more does not
+    assert choose_plan(8, costs, longest, static, budget, chunk_tokens=1)[2]
+    assert not choose_plan(8, costs, longest + 1, static, budget, chunk_tokens=1)[2]
+    # host memory for the offloaded inputs (8 layers x 1 byte per token here) can be the tighter bound
+    assert longest_fitting_tokens(8, costs, static, budget, host_bytes=80.0, hidden_bytes=1.0) == 10
+    assert longest_fitting_tokens(8, costs, static, budget, host_bytes=1e12, hidden_bytes=1.0) == longest
+    assert longest_fitting_tokens(8, costs, budget + 1, budget) == 0  # static alone is over the budget
+    without_cuda = longest_fitting_tokens(8, costs, static, budget, can_offload=False)
+    assert 0 < without_cuda < longest  # recomputed inputs stay on the device
+
+
 def test_analytic_costs_of_llama_1b_shapes() -> None:
     shapes = ModelShapes(
         layers=16, hidden=2048, intermediate=8192, heads=32, kv_heads=8, head_dim=64, vocab=128256,
@@ -135,6 +157,8 @@ def test_replans_for_a_longer_sequence_and_logs_it(caplog) -> None:
     assert "memory plan for 64 tokens" in caplog.text
     log = planner.pop_log()
     assert log["memory_plan_keep"] == 4 and log["memory_plan_budget_gib"] == pytest.approx(budget, abs=1e-3)
+    assert log["memory_plan_longest_tokens"] == planner.longest_tokens() > 64  # more than all kept holds
+    assert f"the longest micro-batch it predicts to fit: {planner.longest_tokens()} tokens" in caplog.text
     assert planner.pop_log() == {}  # once, until the plan changes
     model(input_ids=ids[:, :32], labels=ids[:, :32]).loss.backward()
     assert planner.tokens == 64 and planner.pop_log() == {}  # shorter: the plan for the longest stays
