@@ -25,6 +25,7 @@
 #   export        `cpt-plugin export --to merged` and GGUF f16 timed at Llama-1B shapes (benchmarks/export_time.py)
 #   tf524tests    `pytest -m gpu` again on the carried newest transformers
 #   hostbreakdown host ms per step of each function in one forward ($HOSTBREAKDOWN_SYSTEMS, default cpt_nogc)
+#   graphcheck    one CUDA-graph capture per piece of a patched decoder layer, each in its own process
 #   hostcosts     host microseconds per call of GEMMs (each cuBLAS backend), casts, Triton launches ($OUT/hostcosts)
 LONGCTX_SYSTEMS=${LONGCTX_SYSTEMS:-hf,hf_offload,trl_offload,axolotl_offload,cpt,cpt_offload_only,cpt_offload}
 LONGCTX_SHAPES=${LONGCTX_SHAPES:-1x16384,1x32768}
@@ -161,6 +162,11 @@ for stage in $STAGES; do
       done
       note "hostbreakdown: exit ${PIPESTATUS[0]}"
       ;;
+    graphcheck)
+      echo "== which piece of a patched layer a CUDA graph cannot capture"
+      timeout -k 10 "$(left)" python3 -m benchmarks.graph_capture_check --out "$OUT/graphcheck" 2>&1 | tail -40
+      note "graphcheck: exit ${PIPESTATUS[0]}"
+      ;;
     tf524tests)
       t=$(( $(left) < TESTS_TIMEOUT ? $(left) : TESTS_TIMEOUT ))
       if (( t < 20 )); then note "tf524tests: skipped (time budget)"; continue; fi
@@ -170,7 +176,7 @@ for stage in $STAGES; do
       note "tf524tests: exit $rc ($(grep -E '[0-9]+ (passed|failed)' "$OUT/gpu_tests_tf524.log" | tail -1))"
       ;;
     *)
-      note "unknown stage '$stage' (use tests, kernels, quick, full, longctx, qlora, qlora_maxctx, profile, evaluator, export, hostcosts, hostbreakdown, tf524tests)"
+      note "unknown stage '$stage' (use tests, kernels, quick, full, longctx, qlora, qlora_maxctx, profile, evaluator, export, hostcosts, hostbreakdown, graphcheck, tf524tests)"
       ;;
   esac
 done
