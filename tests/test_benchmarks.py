@@ -879,3 +879,30 @@ def test_idle_gaps_count_the_device_waiting_between_compute_kernels():
     assert got["busy_ms_per_step"] == pytest.approx((120 + 80 + 100 + 90) / 1e3)
     assert got["idle_ms_per_step"] == pytest.approx(1.51)
     assert got["gaps_before"][0] == {"kernel": "rms_norm", "gaps_per_step": 2, "idle_ms_per_step": 1.5}
+
+
+def test_host_breakdown_stack_timer_splits_inclusive_and_self_time():
+    """The host breakdown's timer: a wrapped call's own time excludes the wrapped calls inside it."""
+    import time as _time
+
+    from benchmarks.host_breakdown import StackTimer
+
+    timer = StackTimer()
+    inner = timer.wrap("inner", lambda: _time.sleep(0.02))
+
+    def outer_body():
+        _time.sleep(0.01)
+        inner()
+        inner()
+
+    outer = timer.wrap("outer", outer_body)
+    outer()  # not enabled: nothing recorded
+    assert not timer.totals
+    timer.enabled = True
+    outer()
+    count, inclusive, own = timer.totals["outer"]
+    inner_count, inner_inclusive, inner_own = timer.totals["inner"]
+    assert count == 1 and inner_count == 2
+    assert inner_own == pytest.approx(inner_inclusive)
+    assert inclusive == pytest.approx(own + inner_inclusive, abs=1e-4)
+    assert 0.009 < own < 0.02 and inner_inclusive >= 0.04
