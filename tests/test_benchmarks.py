@@ -905,4 +905,4 @@ def test_host_breakdown_stack_timer_splits_inclusive_and_self_time():
     assert count == 1 and inner_count == 2
     assert inner_own == pytest.approx(inner_inclusive)
     assert inclusive == pytest.approx(own + inner_inclusive, abs=1e-4)
-    assert 0.009 < own < 0.02 and inner_inclusive >= 0.04
+    assert 0.009 < own < 0.05 and inner_inclusive >= 0.04  # sleeps never return early
