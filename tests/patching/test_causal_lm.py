@@ -20,11 +20,13 @@ def _peft(model, **lora):
     return get_peft_model(model, config)
 
 
-def _fused_matches_unpatched(model, inputs) -> dict[str, torch.Tensor]:
+def _fused_matches_unpatched(model, inputs, reports: list | None = None) -> dict[str, torch.Tensor]:
     """Trains one step unpatched, patches, trains the same step again: the fused loss ran (no logits) and
-    gave the same loss and gradients. Returns the fused step's gradients."""
+    gave the same loss and gradients. Returns the fused step's gradients (``reports`` gets the patch report)."""
     want_loss, want_grads, _ = train_step(model, inputs)
-    patch(model)
+    report = patch(model)
+    if reports is not None:
+        reports.append(report)
     got_loss, got_grads, out = train_step(model, inputs)
     assert out.logits is None
     torch.testing.assert_close(got_loss, want_loss, rtol=1e-4, atol=1e-6)
@@ -36,15 +38,9 @@ def test_peft_lora_with_trained_embeddings_matches_unpatched() -> None:
     model = _peft(
         tiny_model("llama"), target_modules=PROJECTIONS, modules_to_save=["embed_tokens", "lm_head"]
     )
-    inputs = batch()
-    want_loss, want_grads, _ = train_step(model, inputs)
-
-    report = patch(model)
-    assert "LlamaForCausalLM.forward" in report.applied["fused_linear_cross_entropy"]
-    got_loss, got_grads, out = train_step(model, inputs)
-    assert out.logits is None
-    torch.testing.assert_close(got_loss, want_loss, rtol=1e-4, atol=1e-6)
-    assert_same_grads(got_grads, want_grads)
+    reports = []
+    got_grads = _fused_matches_unpatched(model, batch(), reports)
+    assert "LlamaForCausalLM.forward" in reports[0].applied["fused_linear_cross_entropy"]
     head = [n for n in got_grads if "lm_head.modules_to_save" in n]
     assert head and all(got_grads[n].abs().sum() > 0 for n in head)
     assert not any("lm_head.original_module" in n for n in got_grads)
@@ -63,13 +59,7 @@ def test_tied_gemma_head_with_softcap_under_peft() -> None:
     model = _peft(tiny_model("gemma2"), target_modules=PROJECTIONS)
     assert model.get_base_model().config.tie_word_embeddings
     model.get_base_model().model.embed_tokens.weight.requires_grad_(True)  # tied head weight trains too
-    inputs = batch()
-    want_loss, want_grads, _ = train_step(model, inputs)
-    patch(model)
-    got_loss, got_grads, out = train_step(model, inputs)
-    assert out.logits is None
-    torch.testing.assert_close(got_loss, want_loss, rtol=1e-4, atol=1e-6)
-    assert_same_grads(got_grads, want_grads)
+    got_grads = _fused_matches_unpatched(model, batch())
     assert got_grads["base_model.model.model.embed_tokens.weight"].abs().sum() > 0
 
 
