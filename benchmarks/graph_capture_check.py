@@ -8,7 +8,7 @@ forward was invalidated (``cudaErrorStreamCaptureInvalidated``) without saying w
 failed capture leaves the process unusable (the allocator keeps recording to the graph's pool, the CUDA
 generator stays in capture mode). So here every piece (the norm, q/k/v through PEFT, RoPE, SDPA with
 each backend, attention, MLP, the whole layer, its backward) is captured in a fresh subprocess of its
-own, after two eager warm-up calls, with ``torch.cuda.set_sync_debug_mode("error")`` on during the
+own (five at once by default), after two eager warm-up calls, with ``torch.cuda.set_sync_debug_mode("error")`` on during the
 capture (a synchronizing op then raises where it is called) and ``capture_error_mode`` as given. The
 report is one line per piece: captured and replayed equal to eager, or the error and where it came from.
 """
@@ -20,6 +20,7 @@ import json
 import subprocess
 import sys
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ PIECES = (
     "mlp",
     "layer",
     "layer_backward",
+    "layer@global",  # torch.cuda.graph's default mode: another thread's unsafe call also invalidates it
 )
 
 
@@ -166,6 +168,23 @@ def check_piece(
                 "where": where}  # fmt: skip
 
 
+def _run_child(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """``name`` (``piece`` or ``piece@mode``) checked in a fresh process; its JSON line, or why none came."""
+    piece, _, mode = name.partition("@")
+    command = [sys.executable, "-m", "benchmarks.graph_capture_check", "--one", piece, "--system", args.system,
+               "--workload", args.workload, "--shape", args.shape, "--mode", mode or args.mode]  # fmt: skip
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    except subprocess.TimeoutExpired:
+        return {"piece": name, "status": "timed out"}
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if not lines:
+        return {"piece": name, "status": "no result", "error": done.stderr[-600:]}
+    result = json.loads(lines[-1])
+    result["piece"] = name
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--system", default="cpt_nogc")
@@ -174,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pieces", default=",".join(PIECES))
     parser.add_argument("--mode", default="thread_local", choices=("global", "thread_local", "relaxed"))
     parser.add_argument("--out", default=None)
+    parser.add_argument("--jobs", type=int, default=5, help="pieces checked at once (each its own process)")
     parser.add_argument(
         "--one", default=None, help=argparse.SUPPRESS
     )  # a child: check this piece, print JSON
@@ -182,23 +202,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.one:
         print(json.dumps(check_piece(args.one, args.system, args.workload, batch, seq, args.mode)))
         return 0
-    results = []
-    for name in args.pieces.split(","):
-        command = [sys.executable, "-m", "benchmarks.graph_capture_check", "--one", name, "--system", args.system,
-                   "--workload", args.workload, "--shape", args.shape, "--mode", args.mode]  # fmt: skip
-        try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
-            lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-            result = json.loads(lines[-1]) if lines else {"piece": name, "status": "no result",
-                                                          "error": done.stderr[-600:]}  # fmt: skip
-        except subprocess.TimeoutExpired:
-            result = {"piece": name, "status": "timed out"}
-        results.append(result)
+    names = args.pieces.split(",")
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:  # one child process per piece
+        results = list(pool.map(lambda name: _run_child(name, args), names))
+    for name, result in zip(names, results, strict=True):
         print(
-            f"{name:>15}: {result['status']}  {result.get('error', result.get('max_abs_diff_vs_eager', ''))}"
+            f"{name:>22}: {result['status']}  {result.get('error', result.get('max_abs_diff_vs_eager', ''))}"
         )
         for frame in result.get("where", []):
-            print(f"{'':>17}{frame}")
+            print(f"{'':>24}{frame}")
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "graph_capture_check.json").write_text(json.dumps(results, indent=1))
