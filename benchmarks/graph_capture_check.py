@@ -36,7 +36,14 @@ PIECES = (
     "layer",
     "layer_backward",
     "layer@global",  # torch.cuda.graph's default mode: another thread's unsafe call also invalidates it
+    "pair",  # the layer's forward captured, then its backward (make_graphed_callables' order)
+    "pair_nested",  # the same, the backward captured inside an outer autograd backward (engine thread)
+    "make_graphed",  # torch.cuda.make_graphed_callables on the layer
+    "pair_norm",  # forward + backward pairs of the layer's parts, to find the one whose backward fails
+    "pair_attention",
+    "pair_mlp",
 )
+PAIRS = ("pair", "pair_nested", "make_graphed", "pair_norm", "pair_attention", "pair_mlp")
 
 
 def _layer_inputs(model: Any, ids: Any) -> tuple[Any, Any, Any]:
@@ -102,6 +109,92 @@ def _piece(name: str, layer: Any, hidden: Any, rope: tuple[Any, Any], modeling: 
     return pieces[name]
 
 
+def _first(out: Any) -> Any:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _check_pair(name: str, layer: Any, hidden: Any, rope: tuple[Any, Any], mode: str) -> dict[str, Any]:
+    """Forward and backward of the whole layer as two graphs (``name`` in PAIRS), replayed against eager."""
+    import torch
+
+    cos, sin = rope
+    part = {"pair_norm": layer.input_layernorm, "pair_attention": layer.self_attn, "pair_mlp": layer.mlp}
+    module = part.get(name, layer)
+    params = [p for p in module.parameters() if p.requires_grad]
+    x = hidden.detach().clone().requires_grad_(True)
+    grad = torch.randn_like(hidden)
+
+    def forward(inp: Any) -> Any:
+        if module is layer or module is layer.self_attn:
+            return _first(module(inp, position_embeddings=(cos, sin), attention_mask=None))
+        return module(inp)
+
+    stream = torch.cuda.Stream()
+    stage = "warm-up"
+    try:
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                eager = [g.detach().clone() for g in torch.autograd.grad(forward(x), [x, *params], grad)]
+        torch.cuda.current_stream().wait_stream(stream)
+        if name == "make_graphed":
+            stage = "capture"
+
+            class Wrapped(torch.nn.Module):
+                def __init__(self) -> None:
+                    super().__init__()
+                    self.layer = layer
+
+                def forward(self, inp: Any) -> Any:
+                    return forward(inp)
+
+            graphed = torch.cuda.make_graphed_callables(Wrapped(), (x,))
+            stage = "replay"
+            static = torch.autograd.grad(graphed(x), [x, *params], grad)
+        else:
+            fwd, bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+            static_x = x.detach().clone().requires_grad_(True)
+            stage = "forward capture"
+            with torch.cuda.graph(fwd, stream=stream, capture_error_mode=mode):
+                static_out = forward(static_x)
+            stage = "backward capture"
+            held: dict[str, Any] = {}
+
+            def capture_backward() -> None:
+                with torch.cuda.graph(bwd, pool=fwd.pool(), stream=stream, capture_error_mode=mode):
+                    held["grads"] = torch.autograd.grad(
+                        static_out, [static_x, *params], grad, retain_graph=True
+                    )
+
+            if name == "pair_nested":
+
+                class Outer(torch.autograd.Function):
+                    @staticmethod
+                    def forward(ctx: Any, t: Any) -> Any:
+                        return t.clone()
+
+                    @staticmethod
+                    def backward(ctx: Any, g: Any) -> Any:
+                        capture_backward()
+                        return g
+
+                Outer.apply(torch.zeros(1, device="cuda", requires_grad=True)).sum().backward()
+            else:
+                capture_backward()
+            stage = "replay"
+            fwd.replay()
+            bwd.replay()
+            static = held["grads"]
+        torch.cuda.synchronize()
+        diffs = [float((s.float() - e.float()).abs().max()) for s, e in zip(static, eager, strict=True)]
+        return {"piece": name, "status": "ok", "max_abs_diff_vs_eager": max(diffs)}
+    except Exception as error:  # noqa: BLE001 - the point is to report it
+        frames = traceback.extract_tb(error.__traceback__)
+        where = [f"{f.filename.split('site-packages/')[-1]}:{f.lineno} {f.name}" for f in frames[-6:]]
+        return {"piece": name, "status": f"failed in {stage}", "error": f"{type(error).__name__}: {error}"[:600],
+                "where": where}  # fmt: skip
+
+
 def _flat(out: Any) -> list[Any]:
     import torch
 
@@ -138,6 +231,9 @@ def check_piece(
     )
     ids = batch_for_step(5, batch, seq, workload.vocab_size, 0).to(device)
     layer, hidden, rope = _layer_inputs(model, ids)
+    if name in PAIRS:
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+            return _check_pair(name, layer, hidden, rope, mode)
     run = _piece(name, layer, hidden, rope, modeling)
     stage = "warm-up"
     try:
