@@ -573,6 +573,7 @@ class PlanHolder:
         self.plan = plan
         self.observer = observer
         self.simulate_offload = simulate_offload  # tests: "offload" into plain host memory on CPU
+        self.graphs: Any = None  # layer_graphs.LayerGraphs: kept layers replayed as CUDA graphs
 
 
 class PlannedLayerFunction:
@@ -591,7 +592,15 @@ class PlannedLayerFunction:
             observer.layer_start(self.index, args[0] if args else None)  # may change holder.plan
         mode = holder.plan.modes[self.index]
         if mode == "keep":
-            out = function(*args)
+            out = None
+            graphs = holder.graphs
+            if graphs is not None:
+                if graphs.plan_seen is not holder.plan:  # a new plan: graphs of the old one are freed
+                    graphs.reset()
+                    graphs.plan_seen = holder.plan
+                out = graphs.run(self.index, function, args)
+            if out is None:
+                out = function(*args)
         else:
             on_recompute = getattr(observer, "layer_recomputed", None)
             if on_recompute is not None:

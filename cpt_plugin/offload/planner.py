@@ -484,7 +484,10 @@ class MemoryPlanner:
             present = sum(
                 p.grad.numel() * p.grad.element_size() for p in self.trainable if p.grad is not None
             )
-            base = torch.cuda.memory_allocated(self.device) - present
+            # the CUDA graphs of kept layers hold those layers' activations between steps: not static
+            graphs = getattr(self.holder, "graphs", None)
+            held = graphs.held_bytes if graphs is not None else 0
+            base = torch.cuda.memory_allocated(self.device) - present - held
         elif self._host_static_bytes is not None:
             base = float(self._host_static_bytes())
         else:

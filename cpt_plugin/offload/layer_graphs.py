@@ -1,0 +1,389 @@
+"""Kept decoder layers replayed as CUDA graphs: the same kernels, without the host's time per launch.
+
+Why: at Llama-1B shapes the forward of a CPT step is bound by the host, not the GPU. Measured on an H200
+(``benchmarks/host_breakdown.py``, docs/BENCHMARKS.md): 43.8 ms of host time per forward even at 1 x 64
+tokens (2.5 ms per decoder layer: Python, PEFT's module calls, about 40 launches at 20-65 µs each),
+against about 25 ms of GPU time for the layers at 4 x 2048; the device idles for the difference. A graph
+replays a layer's whole forward (and, in backward, its whole backward) in one launch.
+
+How: a kept layer (``keep`` in the per-layer plan, see checkpointing.py) is run eagerly for its first
+``WARMUP_CALLS`` grad-enabled calls with one input signature (shapes, dtypes, the keywords transformers
+binds), so lazy initialisation (cuBLAS handles, Triton compilation, our one-time GEMM probes) happens
+outside any capture. At the next call the layer runs once more eagerly on the capture stream, then its
+forward is captured on static copies of its inputs and, right after, its backward (``torch.autograd.grad``
+of the output w.r.t. the input and the layer's trainable parameters, on a static output gradient), in
+``torch.cuda.make_graphed_callables``' order; from then on the forward graph replays in forward and the
+backward graph in backward. (A first version captured the backward later, inside the training step's own
+backward: on the H200 that capture was invalidated, while this order captured and replayed the same layer;
+``benchmarks/graph_capture_check.py``, docs/BENCHMARKS.md.) All graphs share one memory pool; each layer's
+capture-time autograd graph is kept alive, so the activations its backward graph reads are never handed
+to a later capture. Differences from ``make_graphed_callables``, each for a run that must not go silently
+wrong:
+
+* the parameters' gradients are returned as fresh tensors (one multi-tensor copy), never as the graph's
+  static buffers, which ``AccumulateGrad`` would otherwise adopt as ``.grad`` and the next replay would
+  overwrite (wrong sums under gradient accumulation);
+* a second forward of a layer before the first one's backward (two losses from one model, say) runs
+  eagerly: replaying would overwrite the activations the first backward still needs;
+* any other signature, no-grad or eval calls, a layer with dropout, and a failed capture run eagerly (a
+  failed capture turns graphs off for the model, with one notice naming the error);
+* a change of the plan (the memory planner stepping down after an OOM, say) frees every graph; they are
+  captured again after the warm-up;
+* a layer whose parameters were replaced, moved or had ``requires_grad`` changed, or whose PEFT adapters
+  were disabled, merged or switched, drops its graphs (a replay reads the captured storage and computes
+  the captured adapter set-up); a failed capture ends the allocator's routing into the graphs' pool.
+
+Memory: the activations a kept layer saves live in the graphs' pool between steps instead of being freed
+after backward (the same bytes at the peak; not available to evaluation or the optimizer step between
+steps; the planner counts them as activations, not as static memory, through ``held_bytes``). Only the
+first signature a layer captured is replayed: batches of other lengths run eagerly. Only for one process
+on one GPU, without bitsandbytes 4-bit layers (their kernels are not known to be capturable): elsewhere
+nothing changes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+WARMUP_CALLS = 2  # eager grad-enabled calls per layer and signature before its capture
+
+
+def graphs_available(model: torch.nn.Module) -> str | None:
+    """Why CUDA graphs cannot be used for ``model`` here, or None when they can."""
+    from cpt_plugin.offload.planner import distributed_world
+
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    if distributed_world() > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return "more than one process (DDP/FSDP/DeepSpeed own the gradients' timing)"
+    if any(
+        os.environ.get(f"ACCELERATE_USE_{name}", "").lower() in ("1", "true")
+        for name in ("FSDP", "DEEPSPEED")
+    ):
+        return "FSDP or DeepSpeed is on"
+    if any(type(p).__name__ == "Params4bit" for p in model.parameters()):
+        return "the model has bitsandbytes 4-bit layers"
+    return None
+
+
+def _signature(value: Any) -> Any:
+    """What must be equal between calls for a captured graph to compute the same thing."""
+    if isinstance(value, torch.Tensor):
+        return (
+            "tensor",
+            tuple(value.shape),
+            tuple(value.stride()),
+            value.dtype,
+            value.device,
+            value.requires_grad,
+        )
+    if isinstance(value, (tuple, list)):
+        return (type(value).__name__, tuple(_signature(v) for v in value))
+    if isinstance(value, dict):
+        return ("dict", tuple((k, _signature(v)) for k, v in sorted(value.items())))
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return ("value", value)
+    return ("object", id(value))  # a cache object or the like: graphs only while it is the same one
+
+
+def _static_copy(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_static_copy(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _static_copy(v) for k, v in value.items()}
+    return value
+
+
+def _copy_into(static: Any, value: Any) -> None:
+    """New inputs into a graph's static tensors. Through ``.data``: the capture-time autograd graph saved
+    these tensors, and an in-place copy on them would bump their version and fail its backward capture."""
+    if isinstance(static, torch.Tensor):
+        if static.data_ptr() != value.data_ptr():
+            static.data.copy_(value)
+    elif isinstance(static, (tuple, list)):
+        for s, v in zip(static, value, strict=True):
+            _copy_into(s, v)
+    elif isinstance(static, dict):
+        for key, s in static.items():
+            _copy_into(s, value[key])
+
+
+def _kwargs_need_grad(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.requires_grad
+    if isinstance(value, (tuple, list)):
+        return any(_kwargs_need_grad(v) for v in value)
+    if isinstance(value, dict):
+        return any(_kwargs_need_grad(v) for v in value.values())
+    return False
+
+
+def _autocast_now(device_type: str) -> tuple[bool, torch.dtype]:
+    return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+
+
+class _LayerGraph:
+    """One layer's forward and backward graphs for one input signature, with their static tensors."""
+
+    def __init__(self, signature: Any, owner: LayerGraphs) -> None:
+        self.signature = signature
+        self.owner = owner
+        self.warm_calls = 0
+        self.forward_graph: torch.cuda.CUDAGraph | None = None
+        self.backward_graph: torch.cuda.CUDAGraph | None = None
+        self.static_x: torch.Tensor | None = None
+        self.static_kwargs: dict[str, Any] = {}
+        self.static_out: torch.Tensor | None = None  # detached; its autograd graph is held in _alive
+        self.static_grad_out: torch.Tensor | None = None
+        self.static_grads: tuple[torch.Tensor | None, ...] = ()
+        self.params: tuple[torch.Tensor, ...] = ()
+        self.pending: weakref.ref | None = None  # the autograd node of a forward whose backward is due
+        self._alive: Any = None  # the captured forward's output with its autograd graph (see capture)
+
+    def capture(
+        self, function: Callable, x: torch.Tensor, params: tuple[torch.Tensor, ...], pool: Any,
+        stream: torch.cuda.Stream,
+    ) -> None:  # fmt: skip
+        """Captures the forward, then at once the backward, into ``pool`` on ``stream``.
+
+        The order is ``torch.cuda.make_graphed_callables``' (the H200 check in
+        benchmarks/graph_capture_check.py captured the layer this way; a backward captured later, inside
+        the training step's own backward, was invalidated). The capture-time autograd graph is kept alive
+        (``retain_graph``): the activations the backward graph reads stay allocated in the pool, so the
+        next layer's capture cannot be given their memory."""
+        self.params = params
+        self.static_x = x.detach().clone().requires_grad_(x.requires_grad)
+        keywords = dict(getattr(function, "keywords", None) or {})
+        self.static_kwargs = _static_copy(keywords)
+        call = functools.partial(function.func, *function.args, **self.static_kwargs)
+        inputs = ([self.static_x] if self.static_x.requires_grad else []) + [p for p in params]
+        enabled, dtype = _autocast_now("cuda")
+        with torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False):
+            # one eager pass on the capture stream first (cuBLAS workspaces, autograd streams)
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                out = call(self.static_x)
+                if not isinstance(out, torch.Tensor) or not out.requires_grad:
+                    raise TypeError(
+                        f"the layer returned {type(out).__name__}, not one tensor that requires grad"
+                    )
+                torch.autograd.grad(out, inputs, torch.zeros_like(out), allow_unused=True)
+                del out
+            torch.cuda.current_stream().wait_stream(stream)
+            forward_graph = torch.cuda.CUDAGraph()
+            with _capture(forward_graph, pool, stream):
+                out = call(self.static_x)
+        self.static_grad_out = torch.zeros_like(out)
+        backward_graph = torch.cuda.CUDAGraph()
+        with _capture(backward_graph, pool, stream):
+            grads = list(
+                torch.autograd.grad(out, inputs, self.static_grad_out, allow_unused=True, retain_graph=True)
+            )
+        grad_x = grads.pop(0) if self.static_x.requires_grad else None
+        self.static_grads = (grad_x, *grads)
+        self._alive = out
+        self.static_out = out.detach()
+        self.forward_graph, self.backward_graph = forward_graph, backward_graph
+
+    def replay_forward(self, x: torch.Tensor, keywords: dict[str, Any]) -> torch.Tensor:
+        assert self.static_x is not None and self.static_out is not None and self.forward_graph is not None
+        _copy_into(self.static_x, x)
+        _copy_into(self.static_kwargs, keywords)
+        self.forward_graph.replay()
+        return self.static_out.detach()  # a fresh alias: autograd sets the returned tensor's grad_fn
+
+
+@contextlib.contextmanager
+def _capture(graph: torch.cuda.CUDAGraph, pool: Any, stream: torch.cuda.Stream) -> Any:
+    """``torch.cuda.graph`` in thread-local error mode, which cleans up after a failed capture: torch
+    then leaves the allocator routing this thread's allocations into the dead graph's pool and the CUDA
+    generator in capture mode (``cudaStreamEndCapture`` raises before either is undone), and every later
+    allocation or random op of the run would be wrong."""
+    try:
+        with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
+            yield
+    except BaseException:
+        _recover_from_failed_capture(pool)
+        raise
+
+
+def _recover_from_failed_capture(pool: Any) -> None:
+    end = getattr(torch._C, "_cuda_endAllocateToPool", None)
+    if end is not None and pool is not None:
+        try:
+            end(torch.cuda.current_device(), pool)
+        except Exception:  # noqa: BLE001 - already ended: nothing to undo
+            pass
+    try:  # a trivial capture that ends normally takes the generator through its capture epilogue
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            torch.empty(1, device="cuda").uniform_()
+        del graph
+    except Exception:  # noqa: BLE001 - best effort; the caller turns graphs off either way
+        pass
+
+
+class _GraphedLayer(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, graph: _LayerGraph, keywords: dict, x: torch.Tensor, *params):
+        ctx.graph = graph
+        graph.pending = weakref.ref(ctx)
+        return graph.replay_forward(x, keywords)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        graph: _LayerGraph = ctx.graph
+        graph.pending = None
+        assert graph.static_grad_out is not None and graph.backward_graph is not None
+        _copy_into(graph.static_grad_out, grad_out)
+        graph.backward_graph.replay()
+        grad_x, *param_grads = graph.static_grads
+        present = [g for g in param_grads if g is not None]
+        fresh = iter(torch._foreach_mul(present, 1.0) if present else [])  # never hand out static buffers
+        grads = [next(fresh) if g is not None else None for g in param_grads]
+        if grad_x is not None:
+            grad_x = grad_x.clone()
+        return (None, None, grad_x, *grads)
+
+
+def _layer_from(function: Callable) -> torch.nn.Module | None:
+    """The decoder layer behind transformers' partial (``super().__call__`` bound, or ``forward, self``)."""
+    owner = getattr(getattr(function, "func", None), "__self__", None)
+    if isinstance(owner, torch.nn.Module):
+        return owner
+    args = getattr(function, "args", ())
+    return args[0] if args and isinstance(args[0], torch.nn.Module) else None
+
+
+def _parameter_slots(layer: torch.nn.Module) -> tuple[tuple[dict, str, torch.nn.Parameter], ...]:
+    return tuple(
+        (module._parameters, name, param)
+        for module in layer.modules()
+        for name, param in module._parameters.items()
+        if param is not None
+    )
+
+
+def _adapter_state(layer: torch.nn.Module) -> tuple[Any, ...]:
+    """What PEFT's forward reads besides tensors (adapters disabled or merged, the active adapter)."""
+    state = []
+    for module in layer.modules():
+        d = module.__dict__
+        if "lora_A" in d.get("_modules", {}):
+            state.append(
+                (
+                    d.get("_disable_adapters"),
+                    tuple(d.get("merged_adapters", ())),
+                    str(d.get("_active_adapter")),
+                )
+            )
+    return tuple(state)
+
+
+class _LayerState:
+    """A decoder layer's parameters as captured: a replay reads their storage, so it is valid only while
+    the same parameter objects, with the same storage and ``requires_grad``, are in the same places."""
+
+    def __init__(self, layer: torch.nn.Module) -> None:
+        self.slots = _parameter_slots(layer)
+        self.flags = tuple(p.requires_grad for _, _, p in self.slots)
+        self.pointers = tuple(p.data_ptr() for _, _, p in self.slots)
+        self.trainable = tuple(p for _, _, p in self.slots if p.requires_grad)
+        self.adapters = _adapter_state(layer)
+
+    def unchanged(self, layer: torch.nn.Module) -> bool:
+        for (params, name, param), flag, pointer in zip(self.slots, self.flags, self.pointers, strict=True):
+            if params.get(name) is not param or param.requires_grad != flag or param.data_ptr() != pointer:
+                return False
+        return _adapter_state(layer) == self.adapters
+
+
+class LayerGraphs:
+    """The CUDA graphs of one model's kept layers (see the module doc); held by the layers' PlanHolder."""
+
+    def __init__(self) -> None:
+        self.pool: Any = None
+        self.stream: torch.cuda.Stream | None = None
+        self.graphs: dict[int, _LayerGraph] = {}
+        self.states: dict[int, _LayerState] = {}
+        self.plan_seen: Any = None
+        self.off_reason: str | None = None
+        self.captured = 0
+        self.held_bytes = 0  # device memory the graphs keep between steps (their activations, buffers)
+
+    def reset(self) -> None:
+        """Frees every graph (they are captured again after the warm-up)."""
+        self.graphs, self.states = {}, {}
+        self.pool = None
+        self.held_bytes = 0
+
+    def run(self, index: int, function: Callable, args: tuple) -> torch.Tensor | None:
+        """The layer's output through its graph, or None when the caller must run it eagerly."""
+        if self.off_reason is not None or len(args) != 1 or not isinstance(args[0], torch.Tensor):
+            return None
+        x = args[0]
+        keywords = getattr(function, "keywords", None)
+        layer = _layer_from(function)
+        if not x.is_cuda or keywords is None or layer is None or _kwargs_need_grad(keywords):
+            return None
+        from cpt_plugin.offload.checkpointing import _uses_rng
+
+        if _uses_rng(layer):
+            return None
+        state = self.states.get(index)
+        if state is not None and not state.unchanged(layer):
+            # parameters replaced or moved, adapters switched: this layer's graphs are stale
+            self.graphs.pop(index, None)
+            state = None
+        if state is None:
+            state = self.states[index] = _LayerState(layer)
+        signature = (_signature(x), _signature(keywords), _autocast_now("cuda"), layer.training)
+        graph = self.graphs.get(index)
+        if graph is None or graph.signature != signature:
+            if graph is not None and graph.forward_graph is not None:
+                return None  # another signature than the captured one: eager
+            graph = self.graphs[index] = _LayerGraph(signature, self)
+        if graph.pending is not None and graph.pending() is not None:
+            return None  # its last forward still waits for its backward
+        params = state.trainable
+        if graph.forward_graph is None:
+            graph.warm_calls += 1
+            if graph.warm_calls <= WARMUP_CALLS:
+                return None
+            before = torch.cuda.memory_allocated(x.device)
+            try:
+                if self.pool is None:
+                    self.pool = torch.cuda.graph_pool_handle()
+                if self.stream is None:
+                    self.stream = torch.cuda.Stream(x.device)
+                graph.capture(function, x, params, self.pool, self.stream)
+            except Exception as error:  # noqa: BLE001 - any failure: this model trains without graphs
+                self.turn_off(f"{type(error).__name__}: {error}")
+                return None
+            self.held_bytes += max(torch.cuda.memory_allocated(x.device) - before, 0)
+            self.captured += 1
+            if self.captured == 1:
+                logger.info("cpt-plugin: kept decoder layers run as CUDA graphs from this step on")
+        return _GraphedLayer.apply(graph, keywords, x, *params)
+
+    def turn_off(self, reason: str) -> None:
+        self.off_reason = reason
+        self.reset()
+        logger.warning(
+            "cpt-plugin: CUDA graphs for the kept decoder layers are off for this run (%s); the layers run "
+            "eagerly, with the same results. Set cuda_graphs: false to skip the attempt.",
+            reason[:300],
+        )
