@@ -51,8 +51,8 @@ EXTRA_SYSTEMS = (
     "cpt_offload_emb",
     "cpt_auto",
     "cpt_auto_8g",
-    "cpt_nogc_eager",
-    "cpt_auto_eager",
+    "cpt_nogc_graphs",
+    "cpt_auto_graphs",
     *OFFLOAD_COMPETITORS,
 )
 
@@ -71,11 +71,11 @@ CPT_VARIANTS: dict[str, dict[str, Any]] = {
     "cpt_auto_8g": dict(
         gradient_checkpointing="auto", tiled_mlp=False, offload_embeddings=None, memory_budget_gib=8.0
     ),
-    # the kept layers without CUDA graphs (cuda_graphs defaults to on where they can run)
-    "cpt_nogc_eager": dict(
-        gradient_checkpointing="off", tiled_mlp=False, offload_embeddings=False, cuda_graphs=False
+    # the kept layers replayed as CUDA graphs (cuda_graphs is off by default)
+    "cpt_nogc_graphs": dict(
+        gradient_checkpointing="off", tiled_mlp=False, offload_embeddings=False, cuda_graphs=True
     ),
-    "cpt_auto_eager": dict(gradient_checkpointing="auto", tiled_mlp=False, cuda_graphs=False),
+    "cpt_auto_graphs": dict(gradient_checkpointing="auto", tiled_mlp=False, cuda_graphs=True),
 }
 
 LIGER_PATCHERS = {

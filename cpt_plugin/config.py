@@ -162,9 +162,7 @@ class CPTConfig:
     offload_embeddings: bool | None = (
         None  # frozen embedding originals off the GPU; None: on when checkpointing on one GPU
     )
-    cuda_graphs: bool | None = (
-        None  # kept decoder layers replayed as CUDA graphs; None: on for one GPU, one process
-    )
+    cuda_graphs: bool = False  # kept decoder layers replayed as CUDA graphs (one GPU, one process)
     tiled_mlp: bool = False  # run the MLP over the sequence in chunks (long-context memory)
     tiled_mlp_chunk_tokens: int = 4096
     rope_scaling: dict[str, Any] | None = None  # e.g. {"rope_type": "yarn", "factor": 4.0}

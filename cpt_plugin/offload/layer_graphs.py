@@ -154,7 +154,7 @@ class _LayerGraph:
 
     def capture(
         self, function: Callable, x: torch.Tensor, params: tuple[torch.Tensor, ...], pool: Any,
-        stream: torch.cuda.Stream,
+        stream: torch.cuda.Stream, slots: tuple[tuple[dict, str, torch.nn.Parameter], ...],
     ) -> None:  # fmt: skip
         """Captures the forward, then at once the backward, into ``pool`` on ``stream``.
 
@@ -168,9 +168,18 @@ class _LayerGraph:
         keywords = dict(getattr(function, "keywords", None) or {})
         self.static_kwargs = _static_copy(keywords)
         call = functools.partial(function.func, *function.args, **self.static_kwargs)
-        inputs = ([self.static_x] if self.static_x.requires_grad else []) + [p for p in params]
+        # Each trained parameter is swapped for a fresh leaf on the same storage while the layer is run
+        # and captured: a replay then reads the live parameter, and the backward capture ends at the
+        # leaves' own gradient accumulators, created on the capture stream. The parameters' accumulators
+        # were created on the training stream, and an older autograd graph (a ``loss`` the caller still
+        # holds) keeps them alive; a capture that reached them was invalidated on the H200.
+        aliases = [p.detach().requires_grad_(True) for p in params]
+        inputs = ([self.static_x] if self.static_x.requires_grad else []) + aliases
         enabled, dtype = _autocast_now("cuda")
-        with torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False):
+        with (
+            _parameters_swapped(slots, dict(zip(map(id, params), aliases, strict=True))),
+            torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False),
+        ):
             # one eager pass on the capture stream first (cuBLAS workspaces, autograd streams)
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
@@ -186,6 +195,7 @@ class _LayerGraph:
             with _capture(forward_graph, pool, stream):
                 out = call(self.static_x)
         self.static_grad_out = torch.zeros_like(out)
+        self._aliases = aliases
         backward_graph = torch.cuda.CUDAGraph()
         with _capture(backward_graph, pool, stream):
             grads = list(
@@ -203,6 +213,21 @@ class _LayerGraph:
         _copy_into(self.static_kwargs, keywords)
         self.forward_graph.replay()
         return self.static_out.detach()  # a fresh alias: autograd sets the returned tensor's grad_fn
+
+
+@contextlib.contextmanager
+def _parameters_swapped(
+    slots: tuple[tuple[dict, str, torch.nn.Parameter], ...], replacements: dict[int, torch.Tensor]
+) -> Any:
+    """The layer's parameters with ``id`` in ``replacements`` replaced in their modules, restored after."""
+    swapped = [(params, name, param) for params, name, param in slots if id(param) in replacements]
+    for params, name, param in swapped:
+        params[name] = replacements[id(param)]
+    try:
+        yield
+    finally:
+        for params, name, param in swapped:
+            params[name] = param
 
 
 @contextlib.contextmanager
@@ -369,7 +394,7 @@ class LayerGraphs:
                     self.pool = torch.cuda.graph_pool_handle()
                 if self.stream is None:
                     self.stream = torch.cuda.Stream(x.device)
-                graph.capture(function, x, params, self.pool, self.stream)
+                graph.capture(function, x, params, self.pool, self.stream, state.slots)
             except Exception as error:  # noqa: BLE001 - any failure: this model trains without graphs
                 self.turn_off(f"{type(error).__name__}: {error}")
                 return None
