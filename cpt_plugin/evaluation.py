@@ -62,10 +62,11 @@ def take_blocks(source: Any, max_tokens: int) -> list[dict[str, list[int]]]:
 def heldout_loss(model: Any, blocks: list[dict[str, Any]], batch_size: int = 8) -> float:
     """Token-weighted mean loss over fixed held-out blocks (the same blocks at every evaluation)."""
     from cpt_plugin.data import collate_packed
+    from cpt_plugin.model_parts import input_device
 
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
+    device = input_device(model)
     total, count = 0.0, 0
     try:
         for start in range(0, len(blocks), batch_size):

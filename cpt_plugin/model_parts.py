@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 # Names that are not LoRA targets whatever the architecture: they are trained fully instead.
@@ -33,6 +34,22 @@ def output_embeddings(model: Any) -> Any:
         return model.get_output_embeddings()
     except (AttributeError, NotImplementedError):
         return None
+
+
+def input_device(model: Any) -> torch.device:
+    """Where a batch's input ids go: the first accelerator the model's parameters are on, else CPU.
+
+    Not simply the first parameter's device: with ``offload_embeddings`` the frozen embedding originals
+    (often the first parameters) sit in host memory while the trained copies and every layer are on the
+    GPU, and under ``disable_adapter()`` the originals follow their input's device."""
+    fallback = None
+    for param in model.parameters():
+        kind = param.device.type
+        if kind not in ("cpu", "meta"):
+            return param.device
+        if fallback is None and kind == "cpu":
+            fallback = param.device
+    return fallback if fallback is not None else torch.device("cpu")
 
 
 def embedding_roles(model: nn.Module) -> list[tuple[str, nn.Module]]:

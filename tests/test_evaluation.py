@@ -4,6 +4,7 @@ import copy
 import math
 
 import pytest
+import torch
 from transformers import Trainer, TrainingArguments
 
 from cpt_plugin import CPTCallback, CPTConfig
@@ -122,3 +123,43 @@ def test_the_evaluators_cost_is_predicted_and_a_costly_one_is_named(caplog):
             SimpleNamespace(per_device_train_batch_size=8, gradient_accumulation_steps=1)
         )
     assert caplog.text == ""
+
+
+class _FakeParam:
+    def __init__(self, device: str) -> None:
+        self.device = torch.device(device)
+
+
+class _FakeModel:
+    def __init__(self, *devices: str) -> None:
+        self.devices = devices
+
+    def parameters(self):
+        return (_FakeParam(d) for d in self.devices)
+
+
+def test_inputs_go_to_the_accelerator_even_when_the_first_parameters_are_in_host_memory():
+    """offload_embeddings keeps the frozen embedding originals (the first parameters) on the CPU: the
+    evaluator and the generation samples sent their ids there, and the GPU layers then failed."""
+    from cpt_plugin.model_parts import input_device
+
+    assert input_device(_FakeModel("cpu", "cuda:0", "cuda:0")) == torch.device("cuda:0")
+    assert input_device(_FakeModel("meta", "cpu")) == torch.device("cpu")
+    assert input_device(_FakeModel()) == torch.device("cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_heldout_loss_on_the_gpu_with_offloaded_embeddings():
+    from cpt_plugin import setup_model
+    from cpt_plugin.offload.embeddings import offload_frozen_embeddings
+
+    torch.manual_seed(0)
+    model = setup_model(tiny_llama().cuda(), {"lora_r": 4}, checkpointing="offload")
+    offload_frozen_embeddings(model)
+    assert next(model.parameters()).device.type == "cpu"  # the case that failed on the H200
+    blocks = take_blocks(RandomBlocks(n=4, seed=2), 64)
+    loss = heldout_loss(model, blocks)
+    with model.disable_adapter():
+        base = heldout_loss(model, blocks)
+    assert math.isfinite(loss) and math.isfinite(base)

@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from transformers import GenerationConfig, TextStreamer, TrainerCallback
 
+from cpt_plugin.model_parts import input_device
+
 logger = logging.getLogger(__name__)
 
 JSON_NAME = "samples.json"
@@ -60,16 +62,6 @@ class LoggingStreamer(TextStreamer):
             logger.info("%s%s", self.prefix, line)
 
 
-def _device(model: torch.nn.Module) -> torch.device:
-    """Where the input ids go: the input embeddings' device (the first parameter's as a fallback)."""
-    get = getattr(model, "get_input_embeddings", None)
-    embeddings = get() if callable(get) else None
-    weight = getattr(embeddings, "weight", None)
-    if isinstance(weight, torch.Tensor) and weight.device.type != "meta":
-        return weight.device
-    return next(model.parameters()).device
-
-
 @contextlib.contextmanager
 def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
     """Eval mode without gradients for the generation; the previous mode afterwards, even on an error."""
@@ -103,7 +95,7 @@ def generate_samples(
     generation = GenerationConfig(
         max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad
     )
-    device = _device(model)
+    device = input_device(model)
     completions = []
     with _eval_mode(model), switch_off:
         for index, prompt in enumerate(prompts, start=1):
