@@ -46,10 +46,35 @@ def _pre_tokenizer_kinds(spec: dict | None) -> list[dict]:
     return [spec]
 
 
+# llama.cpp's pre-tokenizer names for the split patterns of the tokenizers of the families we export
+# (the ``Split`` regex in their tokenizer.json). transformers ships this table from 5.2x on as
+# ``GGUF_PRE_TOKENIZER_SPLITS``; older releases (the GPU image's 5.17) do not, and the export failed there.
+KNOWN_SPLITS: dict[str, str] = {
+    "llama-bpe": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+",
+    "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+",
+    "gpt-4o": r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+"
+    r"[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+",
+    "tekken": r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+}
+
+
+def _known_splits() -> dict[str, str]:
+    try:
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+    except ImportError:  # transformers before the table existed
+        return KNOWN_SPLITS
+    return {**KNOWN_SPLITS, **GGUF_PRE_TOKENIZER_SPLITS}
+
+
 def _gpt2_pre_name(spec: dict) -> str:
     """llama.cpp's name for how this tokenizer splits text before BPE."""
-    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
-
+    splits_by_name = _known_splits()
     parts = _pre_tokenizer_kinds(spec.get("pre_tokenizer"))
     kinds = [p.get("type") for p in parts]
     if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
@@ -58,7 +83,7 @@ def _gpt2_pre_name(spec: dict) -> str:
     if len(splits) == 1:
         regex = splits[0].get("pattern", {}).get("Regex")
         for preferred in ("llama-bpe", "qwen2", "gpt-4o", "tekken"):
-            if GGUF_PRE_TOKENIZER_SPLITS.get(preferred) == regex:
+            if splits_by_name.get(preferred) == regex:
                 return preferred
     logger.warning(
         "cpt-plugin export: the tokenizer's pre-tokenizer (%s) is not one cpt-plugin can name for llama.cpp; "

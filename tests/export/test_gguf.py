@@ -109,7 +109,18 @@ def test_gguf_tokenizer_reads_back(exported, tokenizer):
         reloaded(text, add_special_tokens=False)["input_ids"]
         == tokenizer(text, add_special_tokens=False)["input_ids"]
     )
-    assert reloaded.eos_token == "</s>" and reloaded.bos_token == "<s>"
+    # the ids llama.cpp reads
+    from gguf import GGUFReader
+    from packaging.version import Version
+    from transformers import __version__ as transformers_version
+
+    fields = GGUFReader(str(path)).fields
+    token = {int(fields[f"tokenizer.ggml.{k}_token_id"].parts[-1][0]): k for k in ("bos", "eos")}
+    assert {reloaded.convert_ids_to_tokens(i): k for i, k in token.items()} == {"<s>": "bos", "</s>": "eos"}
+    # transformers 5.17's GGUF tokenizer converter takes the eos token from the bos id (its ggml.py);
+    # the newest release reads both right
+    if Version(transformers_version) >= Version("5.24"):
+        assert reloaded.eos_token == "</s>" and reloaded.bos_token == "<s>"
 
 
 def test_llama3_rope_is_written_as_rope_freqs(tmp_path, tokenizer):
@@ -136,3 +147,23 @@ def test_llama3_rope_is_written_as_rope_freqs(tmp_path, tokenizer):
     plain = 1.0 / (rope["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
     # llama.cpp divides each frequency by its factor: the same frequencies transformers uses
     torch.testing.assert_close(torch.from_numpy(factors.copy()), plain / scaled, rtol=1e-5, atol=1e-6)
+
+
+def test_pre_tokenizer_names_do_not_need_transformers_table(monkeypatch):
+    """transformers 5.17 (the GPU image's) has no GGUF_PRE_TOKENIZER_SPLITS: the GGUF export failed there
+    with an ImportError. Our table names the same splits, and equals transformers' where it exists."""
+    import transformers.integrations.gguf.gguf_tokenizer_mapping as mapping
+
+    from cpt_plugin.export import gguf_vocab
+
+    newest = getattr(mapping, "GGUF_PRE_TOKENIZER_SPLITS", None)
+    if newest is not None:
+        for name, regex in gguf_vocab.KNOWN_SPLITS.items():
+            assert newest[name] == regex, name
+        monkeypatch.delattr(mapping, "GGUF_PRE_TOKENIZER_SPLITS")
+    for name, regex in gguf_vocab.KNOWN_SPLITS.items():
+        spec = {"pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated"},
+            {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False},
+        ]}}  # fmt: skip
+        assert gguf_vocab._gpt2_pre_name(spec) == name
