@@ -53,6 +53,8 @@ from typing import Any
 
 import torch
 
+from cpt_plugin.offload.checkpointing import _needs_grad, _uses_rng
+
 logger = logging.getLogger(__name__)
 
 WARMUP_CALLS = 2  # eager grad-enabled calls per layer and signature before its capture
@@ -118,16 +120,6 @@ def _copy_into(static: Any, value: Any) -> None:
     elif isinstance(static, dict):
         for key, s in static.items():
             _copy_into(s, value[key])
-
-
-def _kwargs_need_grad(value: Any) -> bool:
-    if isinstance(value, torch.Tensor):
-        return value.requires_grad
-    if isinstance(value, (tuple, list)):
-        return any(_kwargs_need_grad(v) for v in value)
-    if isinstance(value, dict):
-        return any(_kwargs_need_grad(v) for v in value.values())
-    return False
 
 
 def _autocast_now(device_type: str) -> tuple[bool, torch.dtype]:
@@ -362,9 +354,8 @@ class LayerGraphs:
         x = args[0]
         keywords = getattr(function, "keywords", None)
         layer = _layer_from(function)
-        if not x.is_cuda or keywords is None or layer is None or _kwargs_need_grad(keywords):
+        if not x.is_cuda or keywords is None or layer is None or _needs_grad(keywords):
             return None
-        from cpt_plugin.offload.checkpointing import _uses_rng
 
         if _uses_rng(layer):
             return None
