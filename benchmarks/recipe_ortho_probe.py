@@ -55,13 +55,13 @@ def old_domain_directions(model: Any, study: Any, count: int) -> torch.Tensor:
 class ProjectOutputRows(TrainerCallback):
     """After each optimizer step, takes the update of the chosen lm_head rows off ``directions``."""
 
-    def __init__(self, study: Any, directions: int, rows: str) -> None:
-        self.study, self.count, self.rows = study, directions, rows
+    def __init__(self, study: Any, directions: int, rows: str, refresh: int = 0) -> None:
+        self.study, self.count, self.rows, self.refresh = study, directions, rows, refresh
 
     def on_train_begin(
         self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None, **_: Any
     ):
-        basis = old_domain_directions(model, self.study, self.count)
+        held = {"basis": old_domain_directions(model, self.study, self.count), "steps": 0}
         weight = next(p for n, p in model.named_parameters() if "lm_head" in n and p.requires_grad)
         inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper has no step hooks
         group = next(g for g in inner.param_groups if any(p is weight for p in g["params"]))
@@ -72,9 +72,15 @@ class ProjectOutputRows(TrainerCallback):
         before: dict[str, torch.Tensor] = {}
 
         def save(*_: Any) -> None:
+            held["steps"] += 1
+            if (
+                self.refresh and held["steps"] % self.refresh == 0
+            ):  # the old domain's directions as they are now
+                held["basis"] = old_domain_directions(model, self.study, self.count)
             before["rows"] = weight.detach()[rows].float().clone()
 
         def project(*_: Any) -> None:
+            basis = held["basis"]
             with torch.no_grad():
                 delta = weight[rows].float() - before["rows"]
                 weight[rows] = (before["rows"] + delta - (delta @ basis.t()) @ basis).to(weight.dtype)
@@ -92,12 +98,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--directions", type=int, default=4)
     parser.add_argument("--rows", choices=("all", "boosted"), default="all")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--refresh", type=int, default=0, help="recompute the directions every N steps (0: once)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     study = study_module.prepare_study(args.out, study_module.FULL)
     spec = next(s for s in study_module.GRID if s.name == "row-aware-shift")
     fit = study_module._fit
-    probe = ProjectOutputRows(study, args.directions, args.rows)
+    probe = ProjectOutputRows(study, args.directions, args.rows, args.refresh)
     study_module._fit = lambda model, dataset, train_args, callbacks: fit(
         model, dataset, train_args, [*callbacks, probe]
     )
@@ -108,10 +117,11 @@ def main(argv: list[str] | None = None) -> int:
             name: json.loads((args.out / "runs" / f"{name}-seed{seed}.json").read_text())
             for name in ("baseline", "emb-lr-1.0", "row-aware-shift")
         }
-        name = f"ortho-{args.rows}-{args.directions}-seed{seed}.json"
+        refreshed = f"-refresh{args.refresh}" if args.refresh else ""
+        name = f"ortho-{args.rows}-{args.directions}{refreshed}-seed{seed}.json"
         (args.out / "ortho" / name).write_text(json.dumps({**result, "reference": reference}, indent=1))
         print(
-            f"seed {seed} ({args.rows} rows, {args.directions} directions): new {result['new']:.3f}, forgetting "
+            f"seed {seed} ({args.rows} rows, {args.directions} directions{refreshed}): new {result['new']:.3f}, forgetting "
             f"{result['forgetting']:+.3f} | shifted rows alone {reference['row-aware-shift']['new']:.3f} "
             f"{reference['row-aware-shift']['forgetting']:+.3f} | x0.1 {reference['baseline']['new']:.3f} "
             f"{reference['baseline']['forgetting']:+.3f} | x1.0 {reference['emb-lr-1.0']['new']:.3f} "
