@@ -31,37 +31,60 @@ OLD_TEXTS = 64  # documents of the old domain's training text that give the dire
 TOKENS_PER_TEXT = 128
 
 
-def old_domain_directions(model: Any, study: Any, count: int) -> torch.Tensor:
-    """(count x hidden) orthonormal rows: the old domain's mean final hidden state, then its leading
-    principal directions, from the model as it is (post-norm hidden states, the lm_head's input)."""
+def _final_hidden(model: Any, study: Any, corpus: str) -> torch.Tensor:
+    """(tokens x hidden) post-norm final hidden states (the lm_head's input) of a corpus' first texts."""
     from benchmarks.recipe_study import _texts
 
     base = model.get_base_model().model
     states = []
     with torch.no_grad():
-        for text in _texts(study.corpora["old_train"])[:OLD_TEXTS]:
+        for text in _texts(study.corpora[corpus])[:OLD_TEXTS]:
             ids = study.tokenizer(text)["input_ids"][:TOKENS_PER_TEXT]
             if len(ids) >= 16:
                 states.append(base(input_ids=torch.tensor([ids])).last_hidden_state[0].float())
-    hidden = torch.cat(states)
+    return torch.cat(states)
+
+
+def old_domain_directions(model: Any, study: Any, count: int, basis: str = "principal") -> torch.Tensor:
+    """(count x hidden) orthonormal rows to keep output-row updates off, from the model as it is.
+
+    ``principal``: the old domain's mean final hidden state, then its leading principal directions.
+    ``discriminative``: the directions where old-domain hidden states are strongest relative to new-domain
+    ones (the leading generalized eigenvectors of their second moments, old against new): a row's update
+    along them moves its logit in old contexts much more than in new ones."""
+    hidden = _final_hidden(model, study, "old_train")
+    if basis == "discriminative":
+        new = _final_hidden(model, study, "new_train")
+        old_moment = hidden.t() @ hidden / len(hidden)
+        new_moment = new.t() @ new / len(new)
+        ridge = 1e-3 * new_moment.diagonal().mean() * torch.eye(len(new_moment))
+        # C_new^-1/2 C_old C_new^-1/2, whose eigenvectors map back to the generalized ones
+        values, vectors = torch.linalg.eigh(new_moment + ridge)
+        whiten = vectors @ torch.diag(values.rsqrt()) @ vectors.t()
+        _, directions = torch.linalg.eigh(whiten @ old_moment @ whiten)
+        leading = (whiten @ directions[:, -count:]).flip(1)
+        q, _ = torch.linalg.qr(leading)
+        return q.t()
     mean = hidden.mean(0)
-    basis = [mean[:, None]]
+    columns = [mean[:, None]]
     if count > 1:
-        basis.append(torch.linalg.svd(hidden - mean, full_matrices=False)[2][: count - 1].t())
-    q, _ = torch.linalg.qr(torch.cat(basis, 1))
+        columns.append(torch.linalg.svd(hidden - mean, full_matrices=False)[2][: count - 1].t())
+    q, _ = torch.linalg.qr(torch.cat(columns, 1))
     return q.t()
 
 
 class ProjectOutputRows(TrainerCallback):
     """After each optimizer step, takes the update of the chosen lm_head rows off ``directions``."""
 
-    def __init__(self, study: Any, directions: int, rows: str, refresh: int = 0) -> None:
-        self.study, self.count, self.rows, self.refresh = study, directions, rows, refresh
+    def __init__(
+        self, study: Any, directions: int, rows: str, refresh: int = 0, basis: str = "principal"
+    ) -> None:
+        self.study, self.count, self.rows, self.refresh, self.basis = study, directions, rows, refresh, basis
 
     def on_train_begin(
         self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None, **_: Any
     ):
-        held = {"basis": old_domain_directions(model, self.study, self.count), "steps": 0}
+        held = {"basis": old_domain_directions(model, self.study, self.count, self.basis), "steps": 0}
         weight = next(p for n, p in model.named_parameters() if "lm_head" in n and p.requires_grad)
         inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper has no step hooks
         group = next(g for g in inner.param_groups if any(p is weight for p in g["params"]))
@@ -76,7 +99,7 @@ class ProjectOutputRows(TrainerCallback):
             if (
                 self.refresh and held["steps"] % self.refresh == 0
             ):  # the old domain's directions as they are now
-                held["basis"] = old_domain_directions(model, self.study, self.count)
+                held["basis"] = old_domain_directions(model, self.study, self.count, self.basis)
             before["rows"] = weight.detach()[rows].float().clone()
 
         def project(*_: Any) -> None:
@@ -98,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--directions", type=int, default=4)
     parser.add_argument("--rows", choices=("all", "boosted"), default="all")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--basis", choices=("principal", "discriminative"), default="principal")
     parser.add_argument(
         "--refresh", type=int, default=0, help="recompute the directions every N steps (0: once)"
     )
@@ -106,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     study = study_module.prepare_study(args.out, study_module.FULL)
     spec = next(s for s in study_module.GRID if s.name == "row-aware-shift")
     fit = study_module._fit
-    probe = ProjectOutputRows(study, args.directions, args.rows, args.refresh)
+    probe = ProjectOutputRows(study, args.directions, args.rows, args.refresh, args.basis)
     study_module._fit = lambda model, dataset, train_args, callbacks: fit(
         model, dataset, train_args, [*callbacks, probe]
     )
@@ -117,7 +141,9 @@ def main(argv: list[str] | None = None) -> int:
             name: json.loads((args.out / "runs" / f"{name}-seed{seed}.json").read_text())
             for name in ("baseline", "emb-lr-1.0", "row-aware-shift")
         }
-        refreshed = f"-refresh{args.refresh}" if args.refresh else ""
+        refreshed = (f"-refresh{args.refresh}" if args.refresh else "") + (
+            "-discriminative" if args.basis == "discriminative" else ""
+        )
         name = f"ortho-{args.rows}-{args.directions}{refreshed}-seed{seed}.json"
         (args.out / "ortho" / name).write_text(json.dumps({**result, "reference": reference}, indent=1))
         print(
