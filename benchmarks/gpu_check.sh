@@ -64,7 +64,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || echo "WARNING: installing the carried wheels failed"
 else
-  echo "WARNING: no .whl/ folder: liger-kernel and unsloth rows will be 'unavailable' (run bash ../shared/tools/prepare_device_wheels.sh unsloth==2026.10.9 unsloth_zoo==2026.10.9)"
+  echo "WARNING: no .whl/ folder: liger-kernel and unsloth rows will be 'unavailable' (run bash ../shared/tools/prepare_device_wheels.sh unsloth==2026.10.9 unsloth_zoo==2026.10.9 gguf==0.19.0)"
 fi
 export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
 # The newest transformers (+ peft) beside the image's, used by the longctx and tf524tests stages only.

@@ -8,9 +8,13 @@ forward was invalidated (``cudaErrorStreamCaptureInvalidated``) without saying w
 failed capture leaves the process unusable (the allocator keeps recording to the graph's pool, the CUDA
 generator stays in capture mode). So here every piece (the norm, q/k/v through PEFT, RoPE, SDPA with
 each backend, attention, MLP, the whole layer, its backward) is captured in a fresh subprocess of its
-own (five at once by default), after two eager warm-up calls, with ``torch.cuda.set_sync_debug_mode("error")`` on during the
-capture (a synchronizing op then raises where it is called) and ``capture_error_mode`` as given. The
-report is one line per piece: captured and replayed equal to eager, or the error and where it came from.
+own (five at once by default), after two eager warm-up calls, with ``torch.cuda.set_sync_debug_mode("error")``
+on during the capture (a synchronizing op then raises where it is called) and ``capture_error_mode`` as
+given; the ``pair*`` pieces and ``make_graphed`` capture a forward and then its backward, as
+``torch.cuda.make_graphed_callables`` does. The report is one line per piece: captured and replayed
+equal to eager (the largest difference), or the error and where it came from. The ninth session's run
+(docs/BENCHMARKS.md): every forward piece and every pair captured; only a backward captured on its own,
+after an eager forward on another stream, did not.
 """
 
 from __future__ import annotations
