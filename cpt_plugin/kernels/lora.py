@@ -11,7 +11,7 @@ again: about 28% of a CPT step's GPU time on Llama-1B shapes went to those copie
   saved 16-bit activation and the small ``x A^T`` (tokens x r), so no fp32 copy of an activation exists;
 * a gated MLP (``down(act(gate(x)) * up(x))``, SwiGLU or tanh-GeGLU) is one function: it saves the input,
   the two pre-activations and three tokens x r products, and recomputes ``act(gate) * up`` in backward
-  instead of keeping it.
+  instead of keeping it; the gradients of the pre-activations are written into their own memory.
 
 The compute dtype is autocast's dtype when autocast is on for the input's device, else the input's dtype.
 That matches PEFT under autocast (its matmuls then run in the autocast dtype too). Without autocast on a
@@ -402,6 +402,7 @@ class _LoraGatedMLP(torch.autograd.Function):
         # allocate it anyway). A first forward drops it: it would stay alive until backward.
         # Held as an attribute, not a saved tensor, so backward can free it as soon as it is used.
         ctx.kept_hidden = hidden if skip_output else None
+        ctx.gate_up_overwritten = False
         del hidden
         ctx.save_for_backward(x2, gate, up, xa_gu, ha_down, a_gu, ac_down, bc_gate, bc_up, bc_down)
         ctx.base = base  # frozen parameters: held, not saved
@@ -414,6 +415,12 @@ class _LoraGatedMLP(torch.autograd.Function):
         base: _FrozenBase = ctx.base
         kept_hidden, ctx.kept_hidden = ctx.kept_hidden, None
         gelu, dtype, x_shape, x_dtype, ranks_gu, param_dtypes = ctx.meta
+        if ctx.gate_up_overwritten:  # a second backward of this graph (retain_graph=True): recomputed
+            with _no_autocast(x2.device.type):
+                (gate, up), _ = _group_forward(
+                    x2, base.weights[:2], base.biases[:2], a_gu, (b_gate, b_up), ranks_gu,
+                    base.scales[:2], base.dequantizers[:2], dtype,
+                )  # fmt: skip
         need = ctx.needs_input_grad
         need_a, need_b = need[5::2], need[6::2]  # gate, up, down
         g2 = _rows_in(grad_out, dtype)
@@ -437,7 +444,10 @@ class _LoraGatedMLP(torch.autograd.Function):
             param_dtypes,
         )
         del hidden
-        d_gate, d_up = glu_backward(dh, gate, up, gelu)
+        # gate and up are not read again: their memory takes the gradients (a later backward of the same
+        # graph recomputes them, above)
+        d_gate, d_up = glu_backward(dh, gate, up, gelu, overwrite=True)
+        ctx.gate_up_overwritten = d_gate.data_ptr() == gate.data_ptr()
         del dh
         dx, grad_a, grad_b = _group_backward(
             [d_gate, d_up],

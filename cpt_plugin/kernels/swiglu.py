@@ -99,9 +99,13 @@ def glu_forward(gate: torch.Tensor, up: torch.Tensor, gelu: bool) -> torch.Tenso
 
 
 def glu_backward(
-    dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, gelu: bool
+    dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, gelu: bool, *, overwrite: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(d gate, d up) of act(gate) * up for the upstream gradient ``dy``, without autograd."""
+    """(d gate, d up) of act(gate) * up for the upstream gradient ``dy``, without autograd.
+
+    ``overwrite``: the caller no longer needs ``gate`` and ``up``, and the Triton kernel may write the
+    gradients into their memory (each element is read before it is written): two tokens x intermediate
+    buffers fewer at the peak of a layer's backward. The reference path (CPU) never overwrites."""
     if not use_triton(dy, gate, up):
         ref = geglu_reference if gelu else swiglu_reference
         with torch.enable_grad():
@@ -110,7 +114,7 @@ def glu_backward(
             dg, du = torch.autograd.grad(ref(g, u), (g, u), dy)
         return dg, du
     g, u, d = _flat(gate), _flat(up), _flat(dy)
-    dg, du = torch.empty_like(g), torch.empty_like(u)
+    dg, du = (g, u) if overwrite else (torch.empty_like(g), torch.empty_like(u))
     n = g.numel()
     if n:
         _glu_bwd_kernel[(triton.cdiv(n, _BLOCK),)](
