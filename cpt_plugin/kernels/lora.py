@@ -111,11 +111,16 @@ def _zero(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return zero
 
 
-def _scaled_mm(m1: torch.Tensor, m2: torch.Tensor, scale: float) -> torch.Tensor:
-    """``scale * (m1 @ m2)`` in one GEMM (``addmm`` with beta 0 never reads its input)."""
+def _scaled_mm(
+    m1: torch.Tensor, m2: torch.Tensor, scale: float, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``scale * (m1 @ m2)`` in one GEMM (``addmm`` with beta 0 never reads its input), into ``out`` if given."""
     if scale == 1.0:
-        return torch.mm(m1, m2)
-    return torch.addmm(_zero(m1.device, m1.dtype), m1, m2, beta=0, alpha=scale)
+        return torch.mm(m1, m2) if out is None else torch.mm(m1, m2, out=out)
+    zero = _zero(m1.device, m1.dtype)
+    if out is None:
+        return torch.addmm(zero, m1, m2, beta=0, alpha=scale)
+    return torch.addmm(zero, m1, m2, beta=0, alpha=scale, out=out)
 
 
 def _grad_mm(m1: torch.Tensor, m2: torch.Tensor, scale: float, param_dtype: torch.dtype) -> torch.Tensor:
@@ -189,8 +194,12 @@ def _group_backward(
     need_a: Sequence[bool],
     need_b: Sequence[bool],
     param_dtypes: tuple[torch.dtype, torch.dtype],
+    x_is_scratch: bool = False,
 ) -> tuple[torch.Tensor | None, list[Any], list[Any]]:
     """(dX, [dA_i], [dB_i]) of a group; ``grads_out`` are 2-D in the compute dtype (None: unused).
+
+    ``x_is_scratch``: nothing reads ``x2`` after this call, so dX (its shape and dtype) is written into its
+    memory once dA has read it: one tokens x in buffer fewer at the peak.
 
     With u_i = g_i B_i (unscaled): dB_i = s g_i^T (x A_i^T), dA_i = s u_i^T x, dX = s u A_stack + sum g_i W_i.
     The u_i are written into column blocks of one buffer, so dA of the whole stack and the LoRA part of
@@ -225,7 +234,7 @@ def _group_backward(
             offset += rank
     dx = None
     if need_x:
-        dx = _scaled_mm(u_all, a_stack, scale)
+        dx = _scaled_mm(u_all, a_stack, scale, out=x2 if x_is_scratch and x2.is_contiguous() else None)
         for g, weight, dequantize in zip(grads_out, weights, dequantizers, strict=True):
             if g is not None:
                 dx.addmm_(g, _base_weight(weight, dequantize, dtype))
@@ -442,6 +451,7 @@ class _LoraGatedMLP(torch.autograd.Function):
             need_a[2:],
             need_b[2:],
             param_dtypes,
+            x_is_scratch=True,  # act(gate) * up, formed for this backward: its memory takes d hidden
         )
         del hidden
         # gate and up are not read again: their memory takes the gradients (a later backward of the same

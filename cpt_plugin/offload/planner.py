@@ -49,7 +49,7 @@ adapted projections)::
       keep      attn = b(2H + 3q + 3kv) + r_attn b   mlp = b(2H + 3I) + r_mlp b   (tiled: mlp = 2Hb)
       recompute Hb (its input)          offload 0 (its input waits in host memory)
     R  (a checkpointed layer's recompute, during its backward) = keep - recompute
-    W  (one layer's backward working set)                       = b(3H + 2I + 2q + 2kv)  (+Hb prefetch)
+    W  (one layer's backward working set)                       = b(3H + I + 2q + 2kv)  (+Hb prefetch)
     L  (the loss at the end of the forward)                     = b·2H + 4H (fused loss), + V(b + 8) unfused
     peak = static + T · max( sum_i S_i + Hb + L,  max_j [ sum_{i<=j} S_i + R·[j checkpointed] + W ] )
            + T · c (calibration) + the tiled MLP's one-chunk transient
@@ -166,8 +166,9 @@ def analytic_costs(shapes: ModelShapes, chunk_tokens: int) -> LayerCosts:
         keep_tiled=attn + 2 * h * b,
         recompute=h * b,
         offload=0.0,
-        # the MLP's 2I: act(gate) * up and its gradient (d gate and d up are written over gate and up)
-        work=b * (3 * h + 2 * i + 2 * q + 2 * kv),
+        # the MLP's I: act(gate) * up, formed again, whose memory then takes its gradient (d gate and d up
+        # are written over gate and up)
+        work=b * (3 * h + i + 2 * q + 2 * kv),
         loss=loss,
         hidden=h * b,
         tile_transient=chunk_tokens * (mlp + b * 3 * i),
