@@ -171,7 +171,7 @@ def analytic_costs(shapes: ModelShapes, chunk_tokens: int) -> LayerCosts:
         work=b * (3 * h + i + 2 * q + 2 * kv),
         loss=loss,
         hidden=h * b,
-        tile_transient=chunk_tokens * (mlp + b * 3 * i),
+        tile_transient=chunk_tokens * (mlp + b * i),  # one chunk: its saved set and the working set above
     )
 
 
