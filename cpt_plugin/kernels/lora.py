@@ -11,7 +11,8 @@ again: about 28% of a CPT step's GPU time on Llama-1B shapes went to those copie
   saved 16-bit activation and the small ``x A^T`` (tokens x r), so no fp32 copy of an activation exists;
 * a gated MLP (``down(act(gate(x)) * up(x))``, SwiGLU or tanh-GeGLU) is one function: it saves the input,
   the two pre-activations and three tokens x r products, and recomputes ``act(gate) * up`` in backward
-  instead of keeping it; the gradients of the pre-activations are written into their own memory.
+  instead of keeping it; in backward that recomputed product's memory then takes its gradient, and the
+  pre-activations' memory takes theirs (one tokens x intermediate buffer formed in backward, not four).
 
 The compute dtype is autocast's dtype when autocast is on for the input's device, else the input's dtype.
 That matches PEFT under autocast (its matmuls then run in the autocast dtype too). Without autocast on a
