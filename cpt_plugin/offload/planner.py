@@ -49,7 +49,8 @@ adapted projections)::
       keep      attn = b(2H + 3q + 3kv) + r_attn b   mlp = b(2H + 3I) + r_mlp b   (tiled: mlp = 2Hb)
       recompute Hb (its input)          offload 0 (its input waits in host memory)
     R  (a checkpointed layer's recompute, during its backward) = keep - recompute
-    W  (one layer's backward working set)                       = b(3H + I + 2q + 2kv)  (+Hb prefetch)
+    W  (one layer's backward working set)                       = b(3H + 2q + 2kv) + Ib (our fused MLP)
+                                                                  or 3Ib (another MLP)  (+Hb prefetch)
     L  (the loss at the end of the forward)                     = b·2H + 4H (fused loss), + V(b + 8) unfused
     peak = static + T · max( sum_i S_i + Hb + L,  max_j [ sum_{i<=j} S_i + R·[j checkpointed] + W ] )
            + T · c (calibration) + the tiled MLP's one-chunk transient
@@ -128,6 +129,7 @@ class ModelShapes:
     lora_rank_mlp: int = 0
     fused_loss: bool = True
     residual_mlp: bool = True  # the recompute of a tiled MLP can be skipped (FamilySpec.residual_mlp)
+    fused_mlp: bool = False  # the MLP runs our fused LoRA function (its backward reuses its buffers)
 
 
 @dataclass(frozen=True)
@@ -161,17 +163,18 @@ def analytic_costs(shapes: ModelShapes, chunk_tokens: int) -> LayerCosts:
     attn = b * (2 * h + 3 * q + 3 * kv + shapes.lora_rank_attn) + 4 * shapes.heads + 8
     mlp = b * (2 * h + 3 * i + shapes.lora_rank_mlp)
     loss = 2 * h * b + 4 * h + (0 if shapes.fused_loss else shapes.vocab * (b + 8))
+    # The MLP's backward buffers: ours forms act(gate) * up again and writes its gradient into it, and d gate,
+    # d up over gate, up (I); otherwise act(gate) * up, d gate and d up each have their own (3I).
+    mlp_work = b * (i if shapes.fused_mlp else 3 * i)
     return LayerCosts(
         keep=attn + mlp,
         keep_tiled=attn + 2 * h * b,
         recompute=h * b,
         offload=0.0,
-        # the MLP's I: act(gate) * up, formed again, whose memory then takes its gradient (d gate and d up
-        # are written over gate and up)
-        work=b * (3 * h + i + 2 * q + 2 * kv),
+        work=b * (3 * h + 2 * q + 2 * kv) + mlp_work,
         loss=loss,
         hidden=h * b,
-        tile_transient=chunk_tokens * (mlp + b * i),  # one chunk: its saved set and the working set above
+        tile_transient=chunk_tokens * (mlp + mlp_work),  # one chunk: its saved set and backward buffers
     )
 
 
@@ -779,6 +782,17 @@ def model_shapes(model: torch.nn.Module, layers: Sequence[torch.nn.Module], fuse
         lora_rank_mlp=rank_mlp,
         fused_loss=fused_loss,
         residual_mlp=mlp_feeds_residual_only(layer0),
+        fused_mlp=_mlp_is_fused(layer0),
+    )
+
+
+def _mlp_is_fused(layer: torch.nn.Module) -> bool:
+    """Whether the layer's gate, up and down projections are all marked for the fused LoRA MLP."""
+    from cpt_plugin.patching.lora import is_marked_fused
+
+    mlp = getattr(layer, "mlp", None)
+    return mlp is not None and all(
+        is_marked_fused(getattr(mlp, name, None)) for name in ("gate_proj", "up_proj", "down_proj")
     )
 
 

@@ -126,6 +126,11 @@ def _dequantizer(base: nn.Module) -> Any:
     return dequantize
 
 
+def is_marked_fused(layer: Any) -> bool:
+    """Whether ``layer`` is a LoRA layer that :func:`enable_fused_lora` marked for the fused path."""
+    return isinstance(layer, nn.Module) and bool(layer.__dict__.get(_FUSED))
+
+
 def projection_of(layer: nn.Module) -> LoraProjection | None:
     """The tensors of a marked layer for a plain call now, or None when PEFT's forward must run.
 

@@ -136,6 +136,28 @@ def test_analytic_costs_of_llama_1b_shapes() -> None:
     assert costs.recompute == 2048 * 2
 
 
+def test_the_backward_working_set_follows_the_mlp_that_runs():
+    """Our fused LoRA MLP forms one tokens x intermediate buffer in backward, another MLP three; the shapes
+    say which one a patched model has."""
+    import dataclasses
+
+    from cpt_plugin import setup_model
+    from cpt_plugin.offload.checkpointing import decoder_layers
+    from cpt_plugin.offload.planner import model_shapes
+    from cpt_plugin.patching.lora import disable_fused_lora
+
+    model = setup_model(tiny_llama(layers=2), {"lora_r": 4, "kernels": ["fused_lora"]}, checkpointing="off")
+    assert model_shapes(model, decoder_layers(model), fused_loss=True).fused_mlp
+    disable_fused_lora(model)
+    shapes = model_shapes(model, decoder_layers(model), fused_loss=True)
+    assert not shapes.fused_mlp
+    fused = analytic_costs(dataclasses.replace(shapes, fused_mlp=True), chunk_tokens=64)
+    plain = analytic_costs(shapes, chunk_tokens=64)
+    intermediate_bytes = shapes.intermediate * shapes.act_bytes
+    assert plain.work - fused.work == 2 * intermediate_bytes
+    assert plain.tile_transient - fused.tile_transient == 64 * 2 * intermediate_bytes
+
+
 def _planned_model(budget_gib: float, layers: int = 4):
     model = tiny_llama(layers=layers)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
