@@ -1,0 +1,257 @@
+"""The planner's analytic memory model against the bytes a patched model really holds, counted on the CPU.
+
+  TRITON_INTERPRET=1 python -m benchmarks.planner_model_check [--tokens 96,160] [--fused-mlp both]
+
+Why: before its first probe the planner plans from ``analytic_costs`` alone, and a one-step run never
+calibrates it. At 524,288 tokens on an H200 (ninth session) it predicted 110.7 GiB where 85.3 GiB were
+measured. The GPU's allocator peak says *that* the model is off, not *which* term; this counts each term.
+
+How: a ``TorchDispatchMode`` sees every tensor an op creates during one training micro-batch of a patched
+Llama (our kernels, under the Triton interpreter so they allocate what they allocate on the GPU; bf16
+autocast as in training) and counts its storage until the last tensor on it dies. Read at each decoder
+layer's start in the forward, the count gives what each layer keeps for its backward; its maximum over
+forward and backward gives the peak. Each quantity is taken at two token counts and divided by their
+difference, so what does not grow with the tokens (weights' casts, gradients) drops out: what is left is
+bytes per token, the unit of the planner's model. The attention runs through SDPA's flash kernel on the
+CPU, which saves what the GPU's flash and cuDNN kernels save (q, k, v, output, log-sum-exp).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import weakref
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+SHAPES = dict(  # Llama-1B's ratios at a size the interpreter runs in seconds: I = 4H, kv heads = heads / 4
+    hidden_size=256,
+    intermediate_size=1024,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    head_dim=32,
+    vocab_size=512,
+)
+LORA_RANK = 8
+
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes of the storages created while active that are still alive (``current``) and at most (``peak``).
+
+    A storage counts from the op that created it until its last tensor dies (a finalizer on the storage's
+    Python object, which torch keeps for as long as the storage lives). An op's output on the storage of
+    one of its inputs (a view, an in-place op) creates none, so storages that existed before (the weights)
+    are never counted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.current = 0
+        self.peak = 0
+        self.paused = 0  # inside a Triton interpreter launch: its host copies of the arguments are not ours
+        self._seen: set[int] = set()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if self.paused:
+            return out
+        inputs = {
+            id(t.untyped_storage()) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)
+        }
+        for leaf in tree_leaves(out):  # a view or an in-place result shares an input's storage
+            if isinstance(leaf, torch.Tensor) and leaf.device.type != "meta":
+                storage = leaf.untyped_storage()
+                if id(storage) not in inputs:
+                    self._count(storage)
+        return out
+
+    def _count(self, storage: torch.UntypedStorage) -> None:
+        key = id(storage)
+        if key in self._seen or storage.nbytes() == 0:
+            return
+        self._seen.add(key)
+        nbytes = storage.nbytes()
+        self.current += nbytes
+        self.peak = max(self.peak, self.current)
+        weakref.finalize(storage, self._free, key, nbytes)
+
+    def _free(self, key: int, nbytes: int) -> None:
+        self._seen.discard(key)
+        self.current -= nbytes
+
+
+@contextlib.contextmanager
+def interpreter_copies_uncounted(counter: LiveBytes) -> Iterator[None]:
+    """The Triton interpreter runs a kernel on host copies of its tensor arguments (allocated and copied
+    back inside the launch); a GPU launch allocates nothing. Launches are therefore not counted. A launch
+    also leaves its arguments in a reference cycle, which would keep a dead tensor alive until Python's
+    next garbage collection: the cycle is collected right after each launch."""
+    from triton.runtime.interpreter import GridExecutor
+
+    launch = GridExecutor.__call__
+
+    def uncounted(self: Any, *args: Any, **kwargs: Any) -> Any:
+        counter.paused += 1
+        try:
+            return launch(self, *args, **kwargs)
+        finally:
+            gc.collect(0)
+            counter.paused -= 1
+
+    GridExecutor.__call__ = uncounted
+    try:
+        yield
+    finally:
+        GridExecutor.__call__ = launch
+
+
+class _LayerStarts:
+    """A layer observer (the planner's interface) that reads the live bytes at each layer's forward start."""
+
+    def __init__(self, counter: LiveBytes, layers: int) -> None:
+        self.counter = counter
+        self.layers = layers
+        self.starts: list[int] = []
+        self.forward_done = False
+
+    def layer_start(self, index: int, x: Any) -> None:
+        if not self.forward_done:
+            self.starts.append(self.counter.current)
+
+    def layer_end(self, index: int) -> None:
+        if index == self.layers - 1 and not self.forward_done:
+            self.starts.append(self.counter.current)  # after the last layer: its saved set is in too
+
+    def layer_recomputed(self, index: int, nbytes: int) -> None:
+        pass
+
+
+@dataclass
+class Measured:
+    """One micro-batch of one plan: live bytes (relative to the start) at each layer boundary and the peak."""
+
+    tokens: int
+    boundaries: list[int]
+    forward_end: int
+    peak: int
+
+
+def build_model(layers: int, fused_mlp: bool, seed: int = 0) -> Any:
+    """A bf16 Llama of ``SHAPES``, patched by cpt-plugin with the CPT recipe (LoRA on every projection)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from cpt_plugin import setup_model
+    from cpt_plugin.patching.lora import disable_fused_lora
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        **SHAPES, num_hidden_layers=layers, max_position_embeddings=4096, attn_implementation="sdpa"
+    )
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.train()
+    cfg = {"lora_r": LORA_RANK, "kernels": True, "guard": False, "memory_report": False}
+    model = setup_model(model, cfg, checkpointing="off")
+    if not fused_mlp:
+        disable_fused_lora(model)
+    return model
+
+
+def measure(model: Any, modes: Sequence[str], tokens: int, seed: int = 0) -> Measured:
+    """Live bytes of one forward + backward of ``tokens`` tokens with each layer in its mode of ``modes``."""
+    from cpt_plugin.offload.checkpointing import LayerPlan, enable_layer_plan
+
+    counter = LiveBytes()
+    observer = _LayerStarts(counter, len(modes))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_layer_plan(model, LayerPlan(tuple(modes), (False,) * len(modes)), observer)
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, SHAPES["vocab_size"], (1, tokens), generator=generator)
+    for param in model.parameters():
+        param.grad = None
+    with counter, interpreter_copies_uncounted(counter), torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+        observer.forward_done = True
+        forward_end = counter.current
+        loss.backward()
+    del loss
+    return Measured(tokens, observer.starts, forward_end, counter.peak)
+
+
+def per_token(low: float, high: float, tokens: tuple[int, int]) -> float:
+    return (high - low) / (tokens[1] - tokens[0])
+
+
+def check(layers: int, fused_mlp: bool, tokens: tuple[int, int]) -> dict[str, Any]:
+    """Measured against analytic bytes per token: what a kept and a recomputed layer hold, and the peak
+    of an all-keep, an all-recompute and a mixed plan."""
+    from cpt_plugin.offload.checkpointing import decoder_layers
+    from cpt_plugin.offload.planner import analytic_costs, model_shapes, predict_peak
+
+    model = build_model(layers, fused_mlp)
+    shapes = model_shapes(model, decoder_layers(model), fused_loss=True)
+    costs = analytic_costs(shapes, chunk_tokens=1 << 30)
+    plans = {
+        "keep": ("keep",) * layers,
+        "recompute": ("recompute",) * layers,
+        "mixed": ("recompute",) * (layers - 1) + ("keep",),
+    }
+    rows: dict[str, Any] = {"fused_mlp": shapes.fused_mlp, "tokens": list(tokens), "shapes": SHAPES}
+    from cpt_plugin.offload.checkpointing import LayerPlan
+
+    for name, modes in plans.items():
+        low, high = (measure(model, modes, t) for t in tokens)
+        saved = [per_token(a, b, tokens) for a, b in zip(low.boundaries, high.boundaries, strict=True)]
+        layer_saved = [b - a for a, b in zip(saved, saved[1:])]
+        plan = LayerPlan(modes, (False,) * layers)
+        predicted = per_token(
+            predict_peak(plan, costs, tokens[0], 0.0), predict_peak(plan, costs, tokens[1], 0.0), tokens
+        )
+        rows[name] = {
+            "layer_saved_per_token": layer_saved,
+            "peak_per_token": per_token(low.peak, high.peak, tokens),
+            "predicted_peak_per_token": predicted,
+            "forward_end_per_token": per_token(low.forward_end, high.forward_end, tokens),
+        }
+    rows["analytic"] = {
+        "keep": costs.keep,
+        "recompute": costs.recompute,
+        "work": costs.work,
+        "loss": costs.loss,
+    }
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tokens", default="96,160", help="two token counts (their difference is used)")
+    parser.add_argument("--layers", type=int, default=3)
+    parser.add_argument("--fused-mlp", choices=("yes", "no", "both"), default="both")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    low, high = (int(t) for t in args.tokens.split(","))
+    fused = {"yes": (True,), "no": (False,), "both": (True, False)}[args.fused_mlp]
+    results = [check(args.layers, f, (low, high)) for f in fused]
+    if args.json:
+        print(json.dumps(results, indent=1))
+        return 0
+    for result in results:
+        analytic = result["analytic"]
+        print(f"fused MLP {result['fused_mlp']}: bytes per token (analytic keep {analytic['keep']:.0f}, "
+              f"recompute {analytic['recompute']:.0f}, work {analytic['work']:.0f})")  # fmt: skip
+        for name in ("keep", "recompute", "mixed"):
+            row = result[name]
+            saved = ", ".join(f"{v:.0f}" for v in row["layer_saved_per_token"])
+            error = row["predicted_peak_per_token"] / row["peak_per_token"] - 1
+            print(f"  {name:9s} saved per layer [{saved}]  peak {row['peak_per_token']:.0f}  "
+                  f"predicted {row['predicted_peak_per_token']:.0f} ({error:+.1%})")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
