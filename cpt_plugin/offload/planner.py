@@ -46,18 +46,31 @@ adapted projections)::
     static   = memory_allocated at the forward start - gradients present
                + G (every trainable gradient) + 2G (AdamW states, until the first optimizer step is seen)
     per token, saved until backward by a layer in mode
-      keep      attn = b(2H + 3q + 3kv) + r_attn b   mlp = b(2H + 3I) + r_mlp b   (tiled: mlp = 2Hb)
+      keep      attn = b(2H + 2q + 2kv + r_attn) + 4·heads + 8
+                mlp  = b(2H + 2I + r_mlp) (our fused MLP), b(2H + 4I + r_mlp) (another)   (tiled: 2Hb)
       recompute Hb (its input)          offload 0 (its input waits in host memory)
     R  (a checkpointed layer's recompute, during its backward) = keep - recompute
-    W  (one layer's backward working set)                       = b(3H + 2q + 2kv) + Ib (our fused MLP)
-                                                                  or 3Ib (another MLP)  (+Hb prefetch)
-    L  (the loss at the end of the forward)                     = b·2H + 4H (fused loss), + V(b + 8) unfused
+    W  (one layer's backward working set)  = max(Ib, b(3H + 2q + 2kv) - 2Ib) (our fused MLP)
+                                             or b(3H + 2q + 2kv) + 3Ib (another MLP)   (+Hb prefetch)
+    L  (the loss at the end of the forward)                     = b·2H + 8 (fused loss), + V(b + 8) unfused
     peak = static + T · max( sum_i S_i + Hb + L,  max_j [ sum_{i<=j} S_i + R·[j checkpointed] + W ] )
            + T · c (calibration) + the tiled MLP's one-chunk transient
 
-(The counts assume our kernels: SDPA saves q, k, v and its output, SwiGLU saves gate and up. At Llama-1B
-shapes the kept-minus-offloaded activations come to 10.1 GiB at 8192 tokens, against 10.4 GiB between
-the measured peaks without checkpointing and with offload on an H200.)
+What a kept layer saves, with our kernels: the normed input and the attention block's residual output
+(2H), q, k and v (after RoPE) and SDPA's output (2q + 2kv) with its fp32 log-sum-exp (4 bytes a head),
+the MLP's normed input and the layer's output (2H), gate and up (2I; the fused MLP forms act(gate) * up
+again in backward, another MLP also saves it and PEFT's fp32 copy of it for lora_A: 4I), every LoRA
+product x A^T (r) and the two RMSNorms' fp32 rstd (8). The fused MLP's backward forms one tokens x I
+buffer; the attention's backward runs after the MLP's saved gate and up are freed, hence the max in W.
+``benchmarks/planner_model_check.py`` counts these on the CPU (every storage a patched layer creates,
+under the Triton interpreter), at two shapes: with the fused MLP, keep, recompute and W are exact and
+the predicted peaks of all-keep, all-recompute and mixed plans within 0.1%; with another MLP, keep is
+within 5% and the peaks 0-9% high. Against the H200's measured peaks (2026-12-01, one-GPU Llama-1B
+shapes, with the MLP backward of the time: W = 3Ib, and the static part from the trained parameters'
+sizes): the 524,288-token step (keep 1, recompute 13, offload 2) 89.2 GiB predicted against 85.3
+measured (+4.6%; that static part counts AdamW states the single measured step had not created yet);
+131,072 tokens (keep 14, recompute 2) 117.4 against 117.8 (-0.3%). The model before this one said 110.7
+GiB for the first.
 
 The backward runs from the top layer down, freeing as it goes, so the plan keeps the top layers,
 recomputes the middle and offloads the bottom: the largest prefix then meets no recompute.
@@ -160,18 +173,25 @@ def analytic_costs(shapes: ModelShapes, chunk_tokens: int) -> LayerCosts:
     b = shapes.act_bytes
     h, i = shapes.hidden, shapes.intermediate
     q, kv = shapes.heads * shapes.head_dim, shapes.kv_heads * shapes.head_dim
-    attn = b * (2 * h + 3 * q + 3 * kv + shapes.lora_rank_attn) + 4 * shapes.heads + 8
-    mlp = b * (2 * h + 3 * i + shapes.lora_rank_mlp)
-    loss = 2 * h * b + 4 * h + (0 if shapes.fused_loss else shapes.vocab * (b + 8))
+    attn = b * (2 * h + 2 * q + 2 * kv + shapes.lora_rank_attn) + 4 * shapes.heads + 8
+    # gate and up; another MLP also saves act(gate) * up and PEFT's fp32 copy of it (module doc)
+    mlp = b * (2 * h + (2 if shapes.fused_mlp else 4) * i + shapes.lora_rank_mlp)
+    # the final norm's output and the fused loss' gradient of it (its logits chunk is fixed-size), the loss
+    loss = 2 * h * b + 8 + (0 if shapes.fused_loss else shapes.vocab * (b + 8))
     # The MLP's backward buffers: ours forms act(gate) * up again and writes its gradient into it, and d gate,
     # d up over gate, up (I); otherwise act(gate) * up, d gate and d up each have their own (3I).
     mlp_work = b * (i if shapes.fused_mlp else 3 * i)
+    attention_work = b * (3 * h + 2 * q + 2 * kv)
+    if shapes.fused_mlp:  # the attention's backward runs once the MLP's gate and up are freed
+        work = max(mlp_work, attention_work - 2 * b * i)
+    else:
+        work = attention_work + mlp_work
     return LayerCosts(
         keep=attn + mlp,
         keep_tiled=attn + 2 * h * b,
         recompute=h * b,
         offload=0.0,
-        work=b * (3 * h + 2 * q + 2 * kv) + mlp_work,
+        work=work,
         loss=loss,
         hidden=h * b,
         tile_transient=chunk_tokens * (mlp + mlp_work),  # one chunk: its saved set and backward buffers

@@ -1,0 +1,27 @@
+"""The planner's analytic memory model against the bytes a patched layer really holds (counted on CPU).
+
+The GPU test (test_planner.py) checks the calibrated prediction; this one checks the uncalibrated model
+term by term, which is all a one-step run (the 524,288-token step) ever gets."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def test_analytic_memory_model_matches_the_counted_bytes() -> None:
+    from benchmarks.planner_model_check import check
+
+    result = check(layers=2, fused_mlp=True, tokens=(96, 160), plans=("keep", "recompute"))
+    assert result["fused_mlp"]
+    analytic = result["analytic"]
+    # what a kept and a recomputed layer leave for their backward, per token: exact
+    assert result["keep"]["layer_saved_per_token"] == pytest.approx([analytic["keep"]] * 2, abs=1)
+    assert result["recompute"]["layer_saved_per_token"] == pytest.approx([analytic["recompute"]] * 2, abs=1)
+    # the fused MLP's backward working set beyond the saved activations (one tokens x intermediate buffer)
+    assert result["keep"]["peak_beyond_saved_per_token"] == pytest.approx(analytic["work"], rel=0.02)
+    # the whole peak within one hidden state per token (Hb: 5% of it with 2 layers here; exact with 3)
+    hidden_bytes = result["shapes"]["hidden_size"] * 2
+    for plan in ("keep", "recompute"):
+        row = result[plan]
+        error = abs(row["predicted_peak_per_token"] - row["peak_per_token"])
+        assert error <= hidden_bytes, (plan, row)
