@@ -166,15 +166,19 @@ def build_model(layers: int, fused_mlp: bool, seed: int = 0, shapes: dict[str, i
     return model
 
 
-def measure(model: Any, modes: Sequence[str], tokens: int, seed: int = 0) -> Measured:
-    """Live bytes of one forward + backward of ``tokens`` tokens with each layer in its mode of ``modes``."""
+def measure(model: Any, modes: Sequence[str], tokens: int, seed: int = 0, tiled_chunk: int = 0) -> Measured:
+    """Live bytes of one forward + backward of ``tokens`` tokens with each layer in its mode of ``modes``;
+    ``tiled_chunk`` > 0: every MLP tiled in chunks of that many tokens."""
     from cpt_plugin.kernels import fused_linear_cross_entropy as flce
-    from cpt_plugin.offload.checkpointing import LayerPlan, enable_layer_plan
+    from cpt_plugin.offload.checkpointing import LayerPlan, decoder_layers, enable_layer_plan
+    from cpt_plugin.offload.tiled_mlp import set_tiled_layers
 
     counter = LiveBytes()
     observer = _LayerStarts(counter, len(modes))
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    enable_layer_plan(model, LayerPlan(tuple(modes), (False,) * len(modes)), observer)
+    tiled = (bool(tiled_chunk),) * len(modes)
+    enable_layer_plan(model, LayerPlan(tuple(modes), tiled), observer)
+    set_tiled_layers(decoder_layers(model), tiled, max(tiled_chunk, 1))
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, model.config.vocab_size, (1, tokens), generator=generator)
     for param in model.parameters():
@@ -200,9 +204,11 @@ def check(
     tokens: tuple[int, int],
     shapes: dict[str, int] | None = None,
     plans: Sequence[str] = ("keep", "recompute", "mixed"),
+    tiled_chunk: int = 0,
 ) -> dict[str, Any]:
     """Measured against analytic bytes per token: what a kept and a recomputed layer hold, and the peak
-    of an all-keep, an all-recompute and a mixed plan."""
+    of an all-keep, an all-recompute and a mixed plan (every MLP tiled in chunks of ``tiled_chunk`` tokens
+    when > 0: the chunk's own transient is fixed, so the per-token slope leaves it out)."""
     from cpt_plugin.offload.checkpointing import LayerPlan, decoder_layers
     from cpt_plugin.offload.planner import analytic_costs, model_shapes, predict_peak
 
@@ -217,10 +223,10 @@ def check(
     rows: dict[str, Any] = {"shapes": shapes or SHAPES, "tokens": list(tokens), "fused_mlp": dims.fused_mlp}
     for name in plans:
         modes = layouts[name]
-        low, high = (measure(model, modes, t) for t in tokens)
+        low, high = (measure(model, modes, t, tiled_chunk=tiled_chunk) for t in tokens)
         saved = [per_token(a, b, tokens) for a, b in zip(low.boundaries, high.boundaries, strict=True)]
         layer_saved = [b - a for a, b in zip(saved, saved[1:], strict=False)]
-        plan = LayerPlan(modes, (False,) * layers)
+        plan = LayerPlan(modes, (bool(tiled_chunk),) * layers)
         predicted = per_token(
             predict_peak(plan, costs, tokens[0], 0.0), predict_peak(plan, costs, tokens[1], 0.0), tokens
         )
@@ -235,7 +241,7 @@ def check(
             "forward_end_per_token": per_token(low.forward_end, high.forward_end, tokens),
         }
     rows["analytic"] = {
-        "keep": costs.keep,
+        "keep": costs.keep_tiled if tiled_chunk else costs.keep,
         "recompute": costs.recompute,
         "work": costs.work,
         "loss": costs.loss,
@@ -249,12 +255,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=3)
     parser.add_argument("--fused-mlp", choices=("yes", "no", "both"), default="both")
     parser.add_argument("--shape", default="", help="overrides of SHAPES: hidden_size=192,head_dim=32,...")
+    parser.add_argument("--tiled-chunk", type=int, default=0, help="tile every MLP in chunks of N tokens")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     shapes = {**SHAPES, **{k: int(v) for k, v in (kv.split("=") for kv in args.shape.split(",") if kv)}}
     low, high = (int(t) for t in args.tokens.split(","))
     fused = {"yes": (True,), "no": (False,), "both": (True, False)}[args.fused_mlp]
-    results = [check(args.layers, f, (low, high), shapes) for f in fused]
+    results = [check(args.layers, f, (low, high), shapes, tiled_chunk=args.tiled_chunk) for f in fused]
     if args.json:
         print(json.dumps(results, indent=1))
         return 0

@@ -52,8 +52,9 @@ adapted projections)::
     R  (a checkpointed layer's recompute, during its backward) = keep - recompute
     W  (one layer's backward working set)  = max(Ib, b(3H + 2q + 2kv) - 2Ib) (our fused MLP)
                                              or b(3H + 2q + 2kv) + 3Ib (another MLP)   (+Hb prefetch)
-    L  (the loss at the end of the forward)                     = b·2H + 8 (fused loss), + V(b + 8) unfused
-    peak = static + T · max( sum_i S_i + Hb + L,  max_j [ sum_{i<=j} S_i + R·[j checkpointed] + W ] )
+                                             tiled MLP: max(0, b(3H + 2q + 2kv) - 2Ib)
+    L  (the loss at the end of the forward)                     = 8 (fused loss), + V(b + 8) unfused
+    peak = static + T · max( sum_i S_i + Hb + L,  max_j [ sum_{i<=j} S_i + R_j·[j checkpointed] + W_j ] )
            + T · c (calibration) + the tiled MLP's one-chunk transient
 
 What a kept layer saves, with our kernels: the normed input and the attention block's residual output
@@ -64,8 +65,9 @@ product x A^T (r) and the two RMSNorms' fp32 rstd (8). The fused MLP's backward 
 buffer; the attention's backward runs after the MLP's saved gate and up are freed, hence the max in W.
 ``benchmarks/planner_model_check.py`` counts these on the CPU (every storage a patched layer creates,
 under the Triton interpreter), at two shapes: with the fused MLP, keep, recompute and W are exact and
-the predicted peaks of all-keep, all-recompute and mixed plans within 0.1%; with another MLP, keep is
-within 5% and the peaks 0-9% high. Against the H200's measured peaks (2026-12-01, one-GPU Llama-1B
+the predicted peaks of all-keep, all-recompute and mixed plans within 0.1% (with every MLP tiled: keep
+exact, all-keep and all-recompute peaks within 0.2%, the mixed plan 11% high); with another MLP, keep is
+within 5% and the peaks 3-9% high. Against the H200's measured peaks (2026-12-01, one-GPU Llama-1B
 shapes, with the MLP backward of the time: W = 3Ib, and the static part from the trained parameters'
 sizes): the 524,288-token step (keep 1, recompute 13, offload 2) 89.2 GiB predicted against 85.3
 measured (+4.6%; that static part counts AdamW states the single measured step had not created yet);
@@ -158,6 +160,7 @@ class LayerCosts:
     hidden: float  # one hidden state (Hb)
     tile_transient: float  # bytes (not per token): one chunk's MLP working set
     correction: float = 0.0  # c: calibration, per token
+    work_tiled: float | None = None  # W of a layer whose MLP runs tiled (None: ``work``)
 
     def saved(self, mode: str, tiled: bool) -> float:
         if mode == "keep":
@@ -166,6 +169,9 @@ class LayerCosts:
 
     def recompute_transient(self, tiled: bool) -> float:
         return (self.keep_tiled if tiled else self.keep) - self.recompute
+
+    def backward_work(self, tiled: bool) -> float:
+        return self.work_tiled if tiled and self.work_tiled is not None else self.work
 
 
 def analytic_costs(shapes: ModelShapes, chunk_tokens: int) -> LayerCosts:
@@ -176,8 +182,9 @@ def analytic_costs(shapes: ModelShapes, chunk_tokens: int) -> LayerCosts:
     attn = b * (2 * h + 2 * q + 2 * kv + shapes.lora_rank_attn) + 4 * shapes.heads + 8
     # gate and up; another MLP also saves act(gate) * up and PEFT's fp32 copy of it (module doc)
     mlp = b * (2 * h + (2 if shapes.fused_mlp else 4) * i + shapes.lora_rank_mlp)
-    # the final norm's output and the fused loss' gradient of it (its logits chunk is fixed-size), the loss
-    loss = 2 * h * b + 8 + (0 if shapes.fused_loss else shapes.vocab * (b + 8))
+    # beyond the final hidden state (``hidden``): counted on the CPU, the fused loss adds nothing per token
+    # but its losses (its logits chunk is fixed-size); the unfused one keeps the logits and fp32 copies
+    loss = 8 + (0 if shapes.fused_loss else shapes.vocab * (b + 8))
     # The MLP's backward buffers: ours forms act(gate) * up again and writes its gradient into it, and d gate,
     # d up over gate, up (I); otherwise act(gate) * up, d gate and d up each have their own (3I).
     mlp_work = b * (i if shapes.fused_mlp else 3 * i)
@@ -186,6 +193,9 @@ def analytic_costs(shapes: ModelShapes, chunk_tokens: int) -> LayerCosts:
         work = max(mlp_work, attention_work - 2 * b * i)
     else:
         work = attention_work + mlp_work
+    # a tiled MLP's backward works one chunk at a time (tile_transient, fixed): only the attention's is
+    # per token, counted on the CPU as none beyond the recompute's saved set at I = 4H
+    work_tiled = max(0.0, attention_work - 2 * b * i)
     return LayerCosts(
         keep=attn + mlp,
         keep_tiled=attn + 2 * h * b,
@@ -195,6 +205,7 @@ def analytic_costs(shapes: ModelShapes, chunk_tokens: int) -> LayerCosts:
         loss=loss,
         hidden=h * b,
         tile_transient=chunk_tokens * (mlp + mlp_work),  # one chunk: its saved set and backward buffers
+        work_tiled=work_tiled,
     )
 
 
@@ -202,14 +213,13 @@ def predict_peak(plan: LayerPlan, costs: LayerCosts, tokens: int, static: float)
     """Predicted peak allocated bytes of one training micro-batch under ``plan`` (module doc's formula)."""
     prefix = 0.0
     backward = 0.0
-    offloads = "offload" in plan.modes
+    prefetch = costs.hidden if "offload" in plan.modes else 0.0
     for mode, tiled in zip(plan.modes, plan.tiled, strict=True):
         prefix += costs.saved(mode, tiled)
         transient = costs.recompute_transient(tiled) if mode != "keep" else 0.0
-        backward = max(backward, prefix + transient)
-    work = costs.work + (costs.hidden if offloads else 0.0)
+        backward = max(backward, prefix + transient + costs.backward_work(tiled) + prefetch)
     forward_end = prefix + costs.hidden + costs.loss
-    per_token = max(forward_end, backward + work) + costs.correction
+    per_token = max(forward_end, backward) + costs.correction
     tile = costs.tile_transient if any(plan.tiled) else 0.0
     return static + tokens * per_token + tile
 

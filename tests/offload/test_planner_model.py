@@ -25,3 +25,17 @@ def test_analytic_memory_model_matches_the_counted_bytes() -> None:
         row = result[plan]
         error = abs(row["predicted_peak_per_token"] - row["peak_per_token"])
         assert error <= hidden_bytes, (plan, row)
+
+
+def test_analytic_memory_model_of_tiled_mlps_matches_the_counted_bytes() -> None:
+    """A tiled MLP keeps only its input and output per token; its backward works one chunk at a time."""
+    from benchmarks.planner_model_check import check
+
+    result = check(layers=2, fused_mlp=True, tokens=(96, 160), plans=("keep", "recompute"), tiled_chunk=32)
+    keep_tiled = result["analytic"]["keep"]  # the tiled layer's saved set when tiled_chunk > 0
+    assert result["keep"]["layer_saved_per_token"] == pytest.approx([keep_tiled] * 2, abs=1)
+    hidden_bytes = result["shapes"]["hidden_size"] * 2
+    for plan in ("keep", "recompute"):
+        row = result[plan]
+        error = abs(row["predicted_peak_per_token"] - row["peak_per_token"])
+        assert error <= hidden_bytes, (plan, row)
