@@ -123,6 +123,10 @@ STATIC_REPLAN_FRACTION = 0.02  # re-plan when static memory moved by this fracti
 TIME_KEEP, TIME_RECOMPUTE, TIME_OFFLOAD = 3.0, 4.0, 4.05
 TIME_TILED_KEPT, TIME_TILED_SKIPPED = 0.6, 0.05
 TILINGS = ("none", "checkpointed", "all")
+# The fused loss' logits-chunk budgets the planner may give it from memory the plan leaves free (larger
+# first). The chunk sweep recorded with fused_linear_cross_entropy.GPU_CHUNK_BYTES (2026-11-26, 8192 tokens x
+# 2048 x 128K vocab, forward + backward): 128 MiB (the default) 24.1 ms, 256 MiB 22.4 ms, 512 MiB 20.6 ms.
+LOSS_CHUNK_CHOICES = (512 * 2**20, 256 * 2**20)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -336,6 +340,35 @@ def longest_fitting_tokens(
     return max(longest, 0)
 
 
+def loss_chunk_extra(budget: int | None, tokens: int, shapes: ModelShapes) -> float:
+    """Bytes the fused loss' logits chunk under ``budget`` holds beyond its default chunk's."""
+    from cpt_plugin.kernels.fused_linear_cross_entropy import extra_memory_bytes
+
+    if budget is None:
+        return 0.0
+    dtype = {2: torch.bfloat16, 4: torch.float32}.get(shapes.act_bytes, torch.bfloat16)
+
+    def chunk(chunk_bytes: int | None) -> int:
+        parts = extra_memory_bytes(
+            tokens, shapes.hidden, shapes.vocab, dtype, device="cuda", chunk_bytes=chunk_bytes
+        )
+        return parts["logits_chunk"]
+
+    return float(chunk(budget) - chunk(None))
+
+
+def loss_chunk_for(spare: float, tokens: int, shapes: ModelShapes) -> tuple[int | None, float]:
+    """The largest of ``LOSS_CHUNK_CHOICES`` whose extra bytes over the default chunk fit ``spare``, and
+    those extra bytes; (None, 0): the default (no room, or the batch already fits one default chunk)."""
+    for choice in LOSS_CHUNK_CHOICES:
+        extra = loss_chunk_extra(choice, tokens, shapes)
+        if extra <= 0:
+            return None, 0.0  # a larger budget would not change the chunk
+        if extra <= spare:
+            return choice, extra
+    return None, 0.0
+
+
 def host_memory_available() -> float | None:
     """Bytes of host memory the kernel reports available (Linux ``MemAvailable``), or None elsewhere."""
     try:
@@ -443,6 +476,8 @@ class MemoryPlanner:
         self._log: dict[str, float] = {}
         self._grad_bytes = sum(p.numel() * p.element_size() for p in self.trainable)
         self.device: torch.device | None = None
+        self.loss_modules: list[torch.nn.Module] = []  # models whose fused loss takes the chunk budget
+        self.loss_chunk_bytes: int | None = None  # None: the loss' default chunk
 
     # --- observer of the layers --------------------------------------------------------------
     def layer_start(self, index: int, x: Any) -> None:
@@ -565,13 +600,30 @@ class MemoryPlanner:
             can_offload=self.can_offload,
             residual_mlp=self.shapes.residual_mlp,
         )
-        changed = plan != self.plan or tokens != self.tokens
+        chunk, extra = self._loss_chunk(tokens, predicted, fits)
+        changed = plan != self.plan or tokens != self.tokens or chunk != self.loss_chunk_bytes
+        predicted += extra
         self.tokens, self._static_planned, self.predicted, self.fits = tokens, static, predicted, fits
         if plan != self.plan or reason == "first batch":
             self._apply(plan)
+        self._set_loss_chunk(chunk)
         if changed or reason:
             self._report(reason)
         return changed
+
+    def _loss_chunk(self, tokens: int, predicted: float, fits: bool) -> tuple[int | None, float]:
+        """Memory the fastest plan leaves under the target goes to the fused loss' logits chunk (fewer,
+        larger chunks are faster). Only once calibrated (the first plan's headroom is for the model's
+        error) and on CUDA (the chunk sizes were measured there)."""
+        on_cuda = self.device is not None and self.device.type == "cuda"
+        if not (fits and self.calibrated and on_cuda and self.shapes.fused_loss and self.loss_modules):
+            return None, 0.0
+        return loss_chunk_for(self._target() - predicted, tokens, self.shapes)
+
+    def _set_loss_chunk(self, chunk: int | None) -> None:
+        self.loss_chunk_bytes = chunk
+        for module in self.loss_modules:
+            module.cpt_loss_chunk_bytes = chunk
 
     def _apply(self, plan: LayerPlan) -> None:
         self.plan = plan
@@ -595,6 +647,8 @@ class MemoryPlanner:
             "memory_plan_oom_retries": self.oom_retries,
             "memory_plan_longest_tokens": longest,
         }
+        if self.loss_chunk_bytes is not None:
+            self._log["memory_plan_loss_chunk_mib"] = self.loss_chunk_bytes // 2**20
         why = f" ({reason})" if reason else ""
         state = "calibrated" if self.calibrated else "uncalibrated"
         message = (
@@ -646,6 +700,8 @@ class MemoryPlanner:
 
     # --- probe and calibration (CUDA) ----------------------------------------------------------
     def _start_probe(self, tokens: int, static: float) -> None:
+        # the probe measures with the loss' default chunk: what the plan adds to it is counted exactly
+        self._set_loss_chunk(None)
         self._probes_at_length = self._probes_at_length + 1 if tokens == self._calibrated_tokens else 1
         torch.cuda.reset_peak_memory_stats(self.device)
         probe: dict[str, Any] = {
@@ -761,12 +817,13 @@ class MemoryPlanner:
         tokens = max(self.tokens, 1)
         static = self._static()
         failed_peak = predict_peak(self.plan, self.costs, tokens, static)
+        failed_peak += loss_chunk_extra(self.loss_chunk_bytes, tokens, self.shapes)
         if self.budget is None:  # never planned (CPU without a budget): the failed plan is the measure
             self.budget = failed_peak
         self._budget_cap = STEP_DOWN * failed_peak
-        previous = self.plan
+        previous, previous_chunk = self.plan, self.loss_chunk_bytes
         self._replan(tokens, static, "out of memory: stepped down")
-        return self.plan != previous
+        return self.plan != previous or self.loss_chunk_bytes != previous_chunk
 
     # --- logging -------------------------------------------------------------------------------
     def pop_log(self) -> dict[str, float]:
@@ -859,6 +916,11 @@ def install_planner(
     if tiled_mlp:
         planner.plan = LayerPlan.uniform(len(layers), "keep", tiled=True)
         set_tiled_layers(layers, planner.plan.tiled, chunk_tokens)
+    from transformers import PreTrainedModel
+
+    planner.loss_modules = [
+        m for m in model.modules() if isinstance(m, PreTrainedModel) and hasattr(m, "lm_head")
+    ]
     planner.holder = enable_layer_plan(model, planner.plan, planner, _simulate_offload=_simulate_offload)
     model.__dict__["_cpt_memory_planner"] = planner
     return planner

@@ -145,6 +145,7 @@ def _fused_forward(self: nn.Module, call: _Call, plan: HeadPlan, softcap_attr: s
         reduction="mean",
         num_items_in_batch=num_items,
         softcap=softcap,
+        chunk_bytes=getattr(self, "cpt_loss_chunk_bytes", None),  # the memory planner's, when it has room
     )
 
     fields = CausalLMOutputWithPast.__dataclass_fields__

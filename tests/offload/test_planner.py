@@ -456,3 +456,67 @@ def test_a_plan_with_modes_no_probe_measured_is_probed_again() -> None:
     planner._measured.clear()
     planner._probes_at_length = MAX_PROBES_PER_LENGTH  # the cap: no endless probing
     assert not planner._plan_has_unmeasured_modes()
+
+
+LLAMA_1B = ModelShapes(
+    layers=16, hidden=2048, intermediate=8192, heads=32, kv_heads=8, head_dim=64, vocab=128256,
+    act_bytes=2, lora_rank_attn=4 * 128, lora_rank_mlp=3 * 128, fused_mlp=True,
+)  # fmt: skip
+MIB = 2**20
+
+
+def test_loss_chunk_takes_the_room_the_plan_leaves() -> None:
+    from cpt_plugin.offload.planner import loss_chunk_extra, loss_chunk_for
+
+    # 128 MiB (the default) holds 512 rows of a 128K vocabulary in bf16, 512 MiB 2048 rows
+    extra_512 = loss_chunk_extra(512 * MIB, 8192, LLAMA_1B)
+    assert extra_512 == (2048 - 512) * 128256 * 2
+    assert loss_chunk_for(1e12, 8192, LLAMA_1B) == (512 * MIB, extra_512)
+    assert loss_chunk_for(extra_512 - 1, 8192, LLAMA_1B) == (256 * MIB, (1024 - 512) * 128256 * 2)
+    assert loss_chunk_for(1e6, 8192, LLAMA_1B) == (None, 0.0)
+    assert loss_chunk_for(1e12, 512, LLAMA_1B) == (None, 0.0)  # one default chunk holds the batch
+
+
+def test_the_planner_gives_spare_memory_to_the_loss_chunk_and_takes_it_back() -> None:
+    import dataclasses
+
+    model, planner = _planned_model(40.0)
+    planner.shapes = dataclasses.replace(planner.shapes, hidden=2048, vocab=128256, act_bytes=2)
+    planner.device, planner.budget, planner.calibrated = torch.device("cuda"), 40.0 * GIB, True
+    planner._replan(8192, 0.0)  # every layer kept, far under the budget: the largest chunk
+    assert planner.loss_chunk_bytes == 512 * MIB
+    assert [m.cpt_loss_chunk_bytes for m in planner.loss_modules] == [512 * MIB]
+    plan_peak = predict_peak(planner.plan, planner.costs, 8192, 0.0)
+    assert planner.predicted == plan_peak + (2048 - 512) * 128256 * 2
+    assert planner.pop_log()["memory_plan_loss_chunk_mib"] == 512
+    # no room beyond the plan: the default chunk again
+    planner.budget = plan_peak / (1 - 0.05) * 1.0001
+    planner._replan(8192, 0.0)
+    assert planner.loss_chunk_bytes is None and planner.loss_modules[0].cpt_loss_chunk_bytes is None
+    # after an out-of-memory error the chunk's bytes count in what failed; dropping it is a step down
+    planner.budget = 40.0 * GIB
+    planner._replan(8192, 0.0)
+    assert planner.loss_chunk_bytes == 512 * MIB
+    assert planner.step_down()
+    assert planner.predicted <= 0.85 * (plan_peak + (2048 - 512) * 128256 * 2)
+
+
+def test_the_fused_loss_takes_the_planners_chunk_budget(monkeypatch) -> None:
+    from cpt_plugin import setup_model
+    from cpt_plugin.kernels import fused_linear_cross_entropy as flce
+
+    model = setup_model(tiny_llama(layers=1), {"lora_r": 4, "kernels": ["fused_linear_cross_entropy"]},
+                        checkpointing="off")  # fmt: skip
+    seen = []
+    real = flce.fused_linear_cross_entropy
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("chunk_bytes"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(flce, "fused_linear_cross_entropy", spy)
+    ids = torch.randint(0, 257, (1, 16))
+    model(input_ids=ids, labels=ids)
+    model.get_base_model().cpt_loss_chunk_bytes = 3 * MIB
+    model(input_ids=ids, labels=ids)
+    assert seen == [None, 3 * MIB]
