@@ -293,8 +293,8 @@ def plan_table(data: dict[str, Any]) -> list[str]:
         return []
     lines = [
         "| workload | batch × seq | system | plan | budget (GiB) | predicted peak | measured peak | error "
-        "| longest predicted to fit (tokens) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| longest predicted to fit (tokens) | loss chunk (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         plan = r["memory_plan"]
@@ -303,7 +303,8 @@ def plan_table(data: dict[str, Any]) -> list[str]:
         lines.append(
             f"| {r['workload']} | {r['batch']} × {r['seq']} | {r['system']} | {plan['plan']} | "
             f"{_f(plan.get('budget_gib'))} | {_f(plan['predicted_peak_gib'])} | {_f(measured)} | "
-            f"{_f(error and 100 * error, '+.1f', '%')} | {plan.get('longest_tokens', '–')} |"
+            f"{_f(error and 100 * error, '+.1f', '%')} | {plan.get('longest_tokens', '–')} | "
+            f"{plan.get('loss_chunk_mib') or 'default'} |"
         )
     return lines
 

@@ -96,6 +96,8 @@ def memory_plan(model: Any) -> dict[str, Any] | None:
         "predicted_peak_gib": planner.predicted / 2**30,
         "budget_gib": planner.budget / 2**30 if planner.budget else None,
         "longest_tokens": planner.longest_tokens(),  # the longest micro-batch it predicts to fit
+        "loss_chunk_mib": (getattr(planner, "loss_chunk_bytes", None) or 0) // 2**20,  # 0: the default
+        "calibrated": planner.calibrated,
     }
 
 
