@@ -142,22 +142,36 @@ class Measured:
     peak: int
 
 
-def build_model(layers: int, fused_mlp: bool, seed: int = 0, shapes: dict[str, int] | None = None) -> Any:
-    """A bf16 Llama of ``shapes`` (default ``SHAPES``), patched by cpt-plugin with the CPT recipe (LoRA on
-    every projection, trained embedding copies)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text")
+
+
+def build_model(
+    layers: int, fused_mlp: bool, seed: int = 0, shapes: dict[str, int] | None = None, family: str = "llama"
+) -> Any:
+    """A bf16 model of ``family`` and ``shapes`` (default ``SHAPES``), patched by cpt-plugin with the CPT
+    recipe (LoRA on every projection, trained embedding copies). Sliding windows are off: with one, SDPA
+    gets a seq x seq mask, which the planner does not model (README limits)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from cpt_plugin import setup_model
     from cpt_plugin.patching.lora import disable_fused_lora
 
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    extra: dict[str, Any] = {}
+    if family.startswith("gemma"):
+        extra = dict(sliding_window=None, final_logit_softcapping=None, attn_logit_softcapping=None)
+        if family == "gemma3_text":  # every layer full attention (the window is then never used)
+            extra.update(layer_types=["full_attention"] * layers, sliding_window=4096)
+    elif family in ("mistral", "qwen2", "qwen3"):
+        extra = dict(sliding_window=None)
+    config = AutoConfig.for_model(
+        family,
         **(shapes or SHAPES),
+        **extra,
         num_hidden_layers=layers,
         max_position_embeddings=4096,
-        attn_implementation="sdpa",
     )
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to(torch.bfloat16)
     model.train()
     cfg = {"lora_r": LORA_RANK, "kernels": True, "guard": False, "memory_report": False}
     model = setup_model(model, cfg, checkpointing="off")
@@ -205,6 +219,7 @@ def check(
     shapes: dict[str, int] | None = None,
     plans: Sequence[str] = ("keep", "recompute", "mixed"),
     tiled_chunk: int = 0,
+    family: str = "llama",
 ) -> dict[str, Any]:
     """Measured against analytic bytes per token: what a kept and a recomputed layer hold, and the peak
     of an all-keep, an all-recompute and a mixed plan (every MLP tiled in chunks of ``tiled_chunk`` tokens
@@ -212,7 +227,7 @@ def check(
     from cpt_plugin.offload.checkpointing import LayerPlan, decoder_layers
     from cpt_plugin.offload.planner import analytic_costs, model_shapes, predict_peak
 
-    model = build_model(layers, fused_mlp, shapes=shapes)
+    model = build_model(layers, fused_mlp, shapes=shapes, family=family)
     dims = model_shapes(model, decoder_layers(model), fused_loss=True)
     costs = analytic_costs(dims, chunk_tokens=1 << 30)
     layouts = {
@@ -220,7 +235,12 @@ def check(
         "recompute": ("recompute",) * layers,
         "mixed": ("recompute",) * (layers - 1) + ("keep",),
     }
-    rows: dict[str, Any] = {"shapes": shapes or SHAPES, "tokens": list(tokens), "fused_mlp": dims.fused_mlp}
+    rows: dict[str, Any] = {
+        "family": family,
+        "shapes": shapes or SHAPES,
+        "tokens": list(tokens),
+        "fused_mlp": dims.fused_mlp,
+    }
     for name in plans:
         modes = layouts[name]
         low, high = (measure(model, modes, t, tiled_chunk=tiled_chunk) for t in tokens)
@@ -256,18 +276,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fused-mlp", choices=("yes", "no", "both"), default="both")
     parser.add_argument("--shape", default="", help="overrides of SHAPES: hidden_size=192,head_dim=32,...")
     parser.add_argument("--tiled-chunk", type=int, default=0, help="tile every MLP in chunks of N tokens")
+    parser.add_argument("--family", choices=FAMILIES, default="llama")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     shapes = {**SHAPES, **{k: int(v) for k, v in (kv.split("=") for kv in args.shape.split(",") if kv)}}
     low, high = (int(t) for t in args.tokens.split(","))
     fused = {"yes": (True,), "no": (False,), "both": (True, False)}[args.fused_mlp]
-    results = [check(args.layers, f, (low, high), shapes, tiled_chunk=args.tiled_chunk) for f in fused]
+    results = [
+        check(args.layers, f, (low, high), shapes, tiled_chunk=args.tiled_chunk, family=args.family)
+        for f in fused
+    ]
     if args.json:
         print(json.dumps(results, indent=1))
         return 0
     for result in results:
         analytic = result["analytic"]
-        print(f"fused MLP {result['fused_mlp']}: bytes per token (analytic keep {analytic['keep']:.0f}, "
+        print(f"{result['family']}, fused MLP {result['fused_mlp']}: bytes per token (analytic keep {analytic['keep']:.0f}, "
               f"recompute {analytic['recompute']:.0f}, work {analytic['work']:.0f})")  # fmt: skip
         for name in ("keep", "recompute", "mixed"):
             row = result[name]

@@ -61,7 +61,10 @@ What a kept layer saves, with our kernels: the normed input and the attention bl
 (2H), q, k and v (after RoPE) and SDPA's output (2q + 2kv) with its fp32 log-sum-exp (4 bytes a head),
 the MLP's normed input and the layer's output (2H), gate and up (2I; the fused MLP forms act(gate) * up
 again in backward, another MLP also saves it and PEFT's fp32 copy of it for lora_A: 4I), every LoRA
-product x A^T (r) and the two RMSNorms' fp32 rstd (8). The fused MLP's backward forms one tokens x I
+product x A^T (r) and the two RMSNorms' fp32 rstd (8). Per family, counted the same way: Qwen3's and
+Gemma 3's norms on q and k add b(q + kv) + 4(heads + kv heads); Gemma's four norms per layer add 3Hb + 8
+(Gemma 3 at two shapes; Gemma 2 has the same layout, not counted: its sliding-window layers give SDPA a
+seq x seq mask, which this model does not cover). The fused MLP's backward forms one tokens x I
 buffer; the attention's backward runs after the MLP's saved gate and up are freed, hence the max in W.
 ``benchmarks/planner_model_check.py`` counts these on the CPU (every storage a patched layer creates,
 under the Triton interpreter), at two shapes: with the fused MLP, keep, recompute and W are exact and
@@ -149,6 +152,8 @@ class ModelShapes:
     fused_loss: bool = True
     residual_mlp: bool = True  # the recompute of a tiled MLP can be skipped (FamilySpec.residual_mlp)
     fused_mlp: bool = False  # the MLP runs our fused LoRA function (its backward reuses its buffers)
+    qk_norm: bool = False  # an RMSNorm on q and on k per head (Qwen3, Gemma 3)
+    sandwich_norms: bool = False  # four norms per layer, around attention and MLP (Gemma 2 and 3)
 
 
 @dataclass(frozen=True)
@@ -184,6 +189,10 @@ def analytic_costs(shapes: ModelShapes, chunk_tokens: int) -> LayerCosts:
     h, i = shapes.hidden, shapes.intermediate
     q, kv = shapes.heads * shapes.head_dim, shapes.kv_heads * shapes.head_dim
     attn = b * (2 * h + 2 * q + 2 * kv + shapes.lora_rank_attn) + 4 * shapes.heads + 8
+    if shapes.qk_norm:  # each norm saves its input and an fp32 rstd per head
+        attn += b * (q + kv) + 4 * (shapes.heads + shapes.kv_heads)
+    if shapes.sandwich_norms:  # counted on the CPU for Gemma 3 at two shapes
+        attn += 3 * h * b + 8
     # gate and up; another MLP also saves act(gate) * up and PEFT's fp32 copy of it (module doc)
     mlp = b * (2 * h + (2 if shapes.fused_mlp else 4) * i + shapes.lora_rank_mlp)
     # beyond the final hidden state (``hidden``): counted on the CPU, the fused loss adds nothing per token
@@ -870,6 +879,11 @@ def model_shapes(model: torch.nn.Module, layers: Sequence[torch.nn.Module], fuse
         fused_loss=fused_loss,
         residual_mlp=mlp_feeds_residual_only(layer0),
         fused_mlp=_mlp_is_fused(layer0),
+        qk_norm=isinstance(getattr(getattr(layer0, "self_attn", None), "q_norm", None), torch.nn.Module),
+        sandwich_norms=all(
+            isinstance(getattr(layer0, name, None), torch.nn.Module)
+            for name in ("pre_feedforward_layernorm", "post_feedforward_layernorm")
+        ),
     )
 
 

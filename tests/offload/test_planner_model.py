@@ -39,3 +39,12 @@ def test_analytic_memory_model_of_tiled_mlps_matches_the_counted_bytes() -> None
         row = result[plan]
         error = abs(row["predicted_peak_per_token"] - row["peak_per_token"])
         assert error <= hidden_bytes, (plan, row)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma3_text"])
+def test_what_a_kept_layer_saves_per_family(family: str) -> None:
+    """Qwen3's q/k norms and Gemma 3's four norms per layer are in the model (keep, counted exactly)."""
+    from benchmarks.planner_model_check import check
+
+    result = check(layers=2, fused_mlp=True, tokens=(96, 160), plans=("keep",), family=family)
+    assert result["keep"]["layer_saved_per_token"] == pytest.approx([result["analytic"]["keep"]] * 2, abs=1)
