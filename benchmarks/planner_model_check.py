@@ -118,6 +118,7 @@ class _LayerStarts:
         self.counter = counter
         self.layers = layers
         self.starts: list[int] = []
+        self.recomputed: list[int] = []
         self.forward_done = False
 
     def layer_start(self, index: int, x: Any) -> None:
@@ -129,7 +130,7 @@ class _LayerStarts:
             self.starts.append(self.counter.current)  # after the last layer: its saved set is in too
 
     def layer_recomputed(self, index: int, nbytes: int) -> None:
-        pass
+        self.recomputed.append(nbytes)  # what the planner takes as an estimate of keeping the layer
 
 
 @dataclass
@@ -140,6 +141,7 @@ class Measured:
     boundaries: list[int]
     forward_end: int
     peak: int
+    recomputed: list[int]  # what each checkpointed layer's recompute left allocated (its backward's input)
 
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text")
@@ -184,6 +186,7 @@ def measure(model: Any, modes: Sequence[str], tokens: int, seed: int = 0, tiled_
     """Live bytes of one forward + backward of ``tokens`` tokens with each layer in its mode of ``modes``;
     ``tiled_chunk`` > 0: every MLP tiled in chunks of that many tokens."""
     from cpt_plugin.kernels import fused_linear_cross_entropy as flce
+    from cpt_plugin.offload import checkpointing
     from cpt_plugin.offload.checkpointing import LayerPlan, decoder_layers, enable_layer_plan
     from cpt_plugin.offload.tiled_mlp import set_tiled_layers
 
@@ -199,13 +202,23 @@ def measure(model: Any, modes: Sequence[str], tokens: int, seed: int = 0, tiled_
         param.grad = None
     # the loss' logits chunk: fixed-size as on the GPU (512 rows there), not the whole short batch
     chunk = mock.patch.object(flce, "CPU_CHUNK_BYTES", CHUNK_ROWS * model.config.vocab_size * 2)
-    with counter, chunk, interpreter_copies_uncounted(counter), torch.autocast("cpu", dtype=torch.bfloat16):
+    # the recompute's report to the planner reads this counter instead of the CUDA allocator
+    measurable = mock.patch.object(checkpointing, "_measurable", lambda x: True)
+    allocated = mock.patch.object(checkpointing, "_allocated", lambda device: counter.current)
+    with (
+        counter,
+        chunk,
+        measurable,
+        allocated,
+        interpreter_copies_uncounted(counter),
+        torch.autocast("cpu", dtype=torch.bfloat16),
+    ):
         loss = model(input_ids=ids, labels=ids).loss
         observer.forward_done = True
         forward_end = counter.current
         loss.backward()
     del loss
-    return Measured(tokens, observer.starts, forward_end, counter.peak)
+    return Measured(tokens, observer.starts, forward_end, counter.peak, observer.recomputed)
 
 
 def per_token(low: float, high: float, tokens: tuple[int, int]) -> float:
@@ -259,6 +272,9 @@ def check(
             "peak_per_token": per_token(low.peak - low.boundaries[0], high.peak - high.boundaries[0], tokens),
             "predicted_peak_per_token": predicted,
             "forward_end_per_token": per_token(low.forward_end, high.forward_end, tokens),
+            "recompute_holds_per_token": [
+                per_token(a, b, tokens) for a, b in zip(low.recomputed, high.recomputed, strict=True)
+            ],
         }
     rows["analytic"] = {
         "keep": costs.keep_tiled if tiled_chunk else costs.keep,

@@ -27,8 +27,10 @@ plan is safe):
    every layer, say), the next step is probed too (at most 3 probes per length), and costs measured by an
    earlier probe are kept for modes a later one did not run. A probe that kept no layer still estimates
    ``keep``: each checkpointed layer's recompute reports the memory it left allocated for its backward
-   (``layer_recomputed``), about what keeping the layer holds (a little more: the fused MLP keeps
-   ``act(gate) * up`` there), so a budget between all-offload and all-keep gets a mixed plan.
+   (``layer_recomputed``): what keeping the layer holds, plus ``act(gate) * up`` (Ib) that the fused
+   MLP's recompute keeps for its backward, which the estimate takes off (counted on the CPU:
+   ``benchmarks/planner_model_check.py``, 9,624 = 7,576 + 2,048 B/token), so a budget between
+   all-offload and all-keep gets a mixed plan.
 4. Later forwards re-plan when a batch has more tokens than the plan was made for (the plan is always for
    the longest length seen, and calibrated again at it), or when the static memory moved by more than 2%
    of the budget (optimizer states appear after the first optimizer step).
@@ -771,7 +773,10 @@ class MemoryPlanner:
         peak = probe["peak"] if probe["peak"] is not None else torch.cuda.max_memory_allocated(self.device)
         grads_at_peak = probe["grads"] if probe["grads"] is not None else self._grad_bytes
         recomputed = probe["recomputed"]
-        estimate = sum(recomputed) / len(recomputed) / tokens if recomputed else _MISSING
+        estimate = _MISSING
+        if recomputed:  # the fused MLP's recompute also leaves act(gate) * up for its backward (Ib)
+            kept_hidden = self.shapes.intermediate * self.shapes.act_bytes if self.shapes.fused_mlp else 0
+            estimate = sum(recomputed) / len(recomputed) / tokens - kept_hidden
         basis = list(measured)
         if basis[0] == _MISSING:
             basis[0] = self._estimated.get("keep", _MISSING) if estimate == _MISSING else estimate

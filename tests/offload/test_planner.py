@@ -409,6 +409,17 @@ def test_an_all_offload_probe_estimates_keep_from_the_recomputes() -> None:
     assert "keep" not in planner._measured  # estimated, not measured
     planner.plan = canonical_plan(4, keep=2, offload=2, tiling="none")
     assert planner._plan_has_unmeasured_modes()
+    # the fused MLP's recompute also keeps act(gate) * up for its backward: not part of keeping the layer
+    import dataclasses
+
+    planner.shapes = dataclasses.replace(planner.shapes, fused_mlp=True)
+    planner.plan = LayerPlan.uniform(4, "offload")
+    planner._probe = {"running": False, "live": [0, 0, 0, 0], "tokens": tokens, "plan": planner.plan,
+                      "base": 0, "static": 0.0, "peak": 10_000_000, "grads": 0, "hooks": [],
+                      "recomputed": [5_000 * tokens] * 4}  # fmt: skip
+    calibration = planner._finish_probe()
+    intermediate_bytes = planner.shapes.intermediate * planner.shapes.act_bytes
+    assert calibration is not None and calibration[4] == pytest.approx(5_000 - intermediate_bytes)
 
 
 def test_checkpointed_layers_report_what_their_recompute_holds(monkeypatch) -> None:

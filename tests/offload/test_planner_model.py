@@ -17,6 +17,10 @@ def test_analytic_memory_model_matches_the_counted_bytes() -> None:
     # what a kept and a recomputed layer leave for their backward, per token: exact
     assert result["keep"]["layer_saved_per_token"] == pytest.approx([analytic["keep"]] * 2, abs=1)
     assert result["recompute"]["layer_saved_per_token"] == pytest.approx([analytic["recompute"]] * 2, abs=1)
+    # a recompute leaves what keeping holds plus act(gate) * up (the planner's keep estimate takes it off)
+    intermediate_bytes = result["shapes"]["intermediate_size"] * 2
+    holds = result["recompute"]["recompute_holds_per_token"]
+    assert holds == pytest.approx([analytic["keep"] + intermediate_bytes] * 2, abs=1)
     # the fused MLP's backward working set beyond the saved activations (one tokens x intermediate buffer)
     assert result["keep"]["peak_beyond_saved_per_token"] == pytest.approx(analytic["work"], rel=0.02)
     # the whole peak within one hidden state per token (Hb: 5% of it with 2 layers here; exact with 3)
