@@ -7,7 +7,7 @@ calibrates it. At 524,288 tokens on an H200 (ninth session) it predicted 110.7 G
 measured. The GPU's allocator peak says *that* the model is off, not *which* term; this counts each term.
 
 How: a ``TorchDispatchMode`` sees every tensor an op creates during one training micro-batch of a patched
-Llama (our kernels, under the Triton interpreter so they allocate what they allocate on the GPU; bf16
+model (Llama unless ``--family`` says otherwise; our kernels, under the Triton interpreter so they allocate what they allocate on the GPU; bf16
 autocast as in training) and counts its storage until the last tensor on it dies. Read at each decoder
 layer's start in the forward, the count gives what each layer keeps for its backward; its maximum over
 forward and backward gives the peak. Each quantity is taken at two token counts and divided by their
@@ -300,8 +300,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--family", choices=FAMILIES, default="llama")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    shapes = {**SHAPES, **{k: int(v) for k, v in (kv.split("=") for kv in args.shape.split(",") if kv)}}
-    low, high = (int(t) for t in args.tokens.split(","))
+    try:
+        overrides = {k: int(v) for k, v in (kv.split("=") for kv in args.shape.split(",") if kv)}
+        low, high = (int(t) for t in args.tokens.split(","))
+    except ValueError:
+        parser.error("--shape takes NAME=INT,... (e.g. hidden_size=192) and --tokens two integers (96,160)")
+    if not 0 < low < high:
+        parser.error(f"--tokens needs two increasing positive counts, got {args.tokens}")
+    shapes = {**SHAPES, **overrides}
     fused = {"yes": (True,), "no": (False,), "both": (True, False)}[args.fused_mlp]
     results = [
         check(args.layers, f, (low, high), shapes, tiled_chunk=args.tiled_chunk, family=args.family)
