@@ -162,6 +162,11 @@ def run_train(args: dict[str, Any]) -> dict[str, Any]:
     plan = memory_plan(model)
     if plan is not None:
         out["memory_plan"] = plan
+    chosen = [
+        m.__dict__["cpt_loss_chunk_chosen"] for m in model.modules() if "cpt_loss_chunk_chosen" in m.__dict__
+    ]
+    if chosen:  # checkpointing off: the fused loss' chunk taken from free memory (0: the default)
+        out["loss_chunk_mib"] = (chosen[0] or 0) // 2**20
     out.update(
         status="ok",
         losses=[float(x) for x in losses],

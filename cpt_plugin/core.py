@@ -117,6 +117,8 @@ def setup_model(model: Any, config: CPTConfig | dict | None = None, checkpointin
             chunk_tokens=config.tiled_mlp_chunk_tokens,
             fused_loss="fused_linear_cross_entropy" in config.enabled_kernels(),
         )
+    elif mode == "off":
+        mark_loss_chunk_from_free_memory(peft_model)
     if config.tiled_mlp and mode != "auto":
         from cpt_plugin.offload.tiled_mlp import enable_tiled_mlp
 
@@ -127,6 +129,16 @@ def setup_model(model: Any, config: CPTConfig | dict | None = None, checkpointin
         offload_frozen_embeddings(peft_model)
     install_layer_graphs(peft_model, config, mode)
     return peft_model
+
+
+def mark_loss_chunk_from_free_memory(model: Any) -> None:
+    """Checkpointing off: the user spends memory for speed, so the fused loss may take a larger logits chunk
+    when the device has room at the end of the forward (patching/causal_lm.py: ``_loss_chunk_bytes``)."""
+    from transformers import PreTrainedModel
+
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel) and hasattr(module, "lm_head"):
+            module.cpt_loss_chunk_from_free_memory = True
 
 
 def install_layer_graphs(model: Any, config: CPTConfig, mode: str) -> None:

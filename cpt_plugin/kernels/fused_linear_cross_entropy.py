@@ -43,6 +43,9 @@ from cpt_plugin.kernels._utils import use_triton
 # addmm inefficient (K = chunk rows). CPU: small, the torch path makes a few fp32 temporaries per chunk.
 GPU_CHUNK_BYTES = 128 * 1024 * 1024
 CPU_CHUNK_BYTES = 16 * 1024 * 1024
+# Larger budgets (larger first) a caller with spare device memory may pass as ``chunk_bytes``: the memory
+# planner from what its plan leaves free, and a run without checkpointing from the device's free memory.
+LARGER_CHUNK_CHOICES = (512 * 1024 * 1024, 256 * 1024 * 1024)
 CE_BLOCK = 4096
 CE_WARPS = 8
 
@@ -212,6 +215,30 @@ def _chunk_rows(
     if rows >= 64:
         rows = rows // 64 * 64  # matmul-friendly
     return min(rows, n_rows)
+
+
+def larger_chunk_for(n_rows: int, n_cols: int, elem_size: int, spare: float) -> tuple[int | None, int]:
+    """The largest of ``LARGER_CHUNK_CHOICES`` whose logits chunk holds at most ``spare`` bytes more than the
+    default GPU chunk, and those extra bytes; (None, 0): keep the default (no room, or the rows already fit
+    one default chunk)."""
+    cuda = torch.device("cuda")
+
+    def chunk(budget: int | None) -> int:
+        return _chunk_rows(n_rows, n_cols, elem_size, cuda, budget) * n_cols * elem_size
+
+    default = chunk(None)
+    for choice in LARGER_CHUNK_CHOICES:
+        extra = chunk(choice) - default
+        if extra <= 0:
+            return None, 0
+        if extra <= spare:
+            return choice, extra
+    return None, 0
+
+
+def compute_element_size(hidden: torch.Tensor, weight: torch.Tensor) -> int:
+    """Bytes per logit in the chunk buffer (the compute dtype: autocast's, else the promoted input dtype)."""
+    return torch.empty((), dtype=_compute_dtype(hidden, weight)).element_size()
 
 
 def extra_memory_bytes(

@@ -128,10 +128,6 @@ STATIC_REPLAN_FRACTION = 0.02  # re-plan when static memory moved by this fracti
 TIME_KEEP, TIME_RECOMPUTE, TIME_OFFLOAD = 3.0, 4.0, 4.05
 TIME_TILED_KEPT, TIME_TILED_SKIPPED = 0.6, 0.05
 TILINGS = ("none", "checkpointed", "all")
-# The fused loss' logits-chunk budgets the planner may give it from memory the plan leaves free (larger
-# first). The chunk sweep recorded with fused_linear_cross_entropy.GPU_CHUNK_BYTES (2026-11-26, 8192 tokens x
-# 2048 x 128K vocab, forward + backward): 128 MiB (the default) 24.1 ms, 256 MiB 22.4 ms, 512 MiB 20.6 ms.
-LOSS_CHUNK_CHOICES = (512 * 2**20, 256 * 2**20)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -369,15 +365,12 @@ def loss_chunk_extra(budget: int | None, tokens: int, shapes: ModelShapes) -> fl
 
 
 def loss_chunk_for(spare: float, tokens: int, shapes: ModelShapes) -> tuple[int | None, float]:
-    """The largest of ``LOSS_CHUNK_CHOICES`` whose extra bytes over the default chunk fit ``spare``, and
-    those extra bytes; (None, 0): the default (no room, or the batch already fits one default chunk)."""
-    for choice in LOSS_CHUNK_CHOICES:
-        extra = loss_chunk_extra(choice, tokens, shapes)
-        if extra <= 0:
-            return None, 0.0  # a larger budget would not change the chunk
-        if extra <= spare:
-            return choice, extra
-    return None, 0.0
+    """The largest of the fused loss' ``LARGER_CHUNK_CHOICES`` whose extra bytes over the default chunk fit
+    ``spare``, and those extra bytes; (None, 0): the default (no room, or the batch fits one default chunk)."""
+    from cpt_plugin.kernels.fused_linear_cross_entropy import larger_chunk_for
+
+    chunk, extra = larger_chunk_for(tokens, shapes.vocab, shapes.act_bytes, spare)
+    return chunk, float(extra)
 
 
 def host_memory_available() -> float | None:

@@ -145,7 +145,7 @@ def _fused_forward(self: nn.Module, call: _Call, plan: HeadPlan, softcap_attr: s
         reduction="mean",
         num_items_in_batch=num_items,
         softcap=softcap,
-        chunk_bytes=getattr(self, "cpt_loss_chunk_bytes", None),  # the memory planner's, when it has room
+        chunk_bytes=_loss_chunk_bytes(self, head_hidden, weight),
     )
 
     fields = CausalLMOutputWithPast.__dataclass_fields__
@@ -166,6 +166,46 @@ def _fused_forward(self: nn.Module, call: _Call, plan: HeadPlan, softcap_attr: s
     if return_dict is None:
         return_dict = getattr(self.config, "return_dict", True)
     return result if return_dict else result.to_tuple()
+
+
+FREE_MEMORY_MARGIN_BYTES = 2**30  # a larger loss chunk only leaves this + 5% of the device free
+FREE_MEMORY_MARGIN_FRACTION = 0.05
+
+
+def _loss_chunk_bytes(model: nn.Module, hidden: torch.Tensor, weight: torch.Tensor) -> int | None:
+    """The fused loss' logits-chunk budget: the memory planner's (``cpt_loss_chunk_bytes``), or with
+    checkpointing off (``cpt_loss_chunk_from_free_memory``, CUDA) a larger chunk when the device has room
+    for it now, at the end of the forward, when every kept activation is alive (fewer, larger chunks are
+    faster: fused_linear_cross_entropy.GPU_CHUNK_BYTES). None: the default chunk."""
+    chunk = getattr(model, "cpt_loss_chunk_bytes", None)
+    if chunk is not None or not getattr(model, "cpt_loss_chunk_from_free_memory", False):
+        return chunk
+    if hidden.device.type != "cuda":
+        return None
+    chunk = chunk_for_spare_memory(hidden, weight, spare_device_bytes(hidden.device))
+    if chunk != model.__dict__.get("cpt_loss_chunk_chosen"):
+        model.__dict__["cpt_loss_chunk_chosen"] = chunk
+        logger.info(
+            "cpt-plugin: fused loss logits chunk %s (checkpointing off: chosen from the device's free memory)",
+            "default" if chunk is None else f"{chunk // 2**20} MiB",
+        )
+    return chunk
+
+
+def spare_device_bytes(device: torch.device) -> float:
+    """Device memory free now (the driver's free plus the allocator's cached blocks) beyond a margin of
+    1 GiB + 5% of the device (for fragmentation and the backward that follows)."""
+    free, total = torch.cuda.mem_get_info(device)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return free + cached - FREE_MEMORY_MARGIN_BYTES - FREE_MEMORY_MARGIN_FRACTION * total
+
+
+def chunk_for_spare_memory(hidden: torch.Tensor, weight: torch.Tensor, spare: float) -> int | None:
+    """The larger logits-chunk budget whose extra bytes fit ``spare``, or None (the default chunk)."""
+    from cpt_plugin.kernels.fused_linear_cross_entropy import compute_element_size, larger_chunk_for
+
+    chunk, _ = larger_chunk_for(hidden.shape[0], weight.shape[0], compute_element_size(hidden, weight), spare)
+    return chunk
 
 
 def _keep(

@@ -533,3 +533,55 @@ def test_the_fused_loss_takes_the_planners_chunk_budget(monkeypatch) -> None:
     model.get_base_model().cpt_loss_chunk_bytes = 3 * MIB
     model(input_ids=ids, labels=ids)
     assert seen == [None, 3 * MIB]
+
+
+def test_without_checkpointing_the_loss_chunk_comes_from_free_memory(monkeypatch) -> None:
+    """Checkpointing off marks the loss modules; on CUDA the chunk then follows the device's free memory
+    (on the CPU: the default chunk); the planner's own budget, when set, wins."""
+    from cpt_plugin import setup_model
+    from cpt_plugin.kernels import fused_linear_cross_entropy as flce
+    from cpt_plugin.patching import causal_lm
+
+    config = {"lora_r": 4, "kernels": ["fused_linear_cross_entropy"]}
+    off = setup_model(tiny_llama(layers=1), config, checkpointing="off")
+    assert off.get_base_model().cpt_loss_chunk_from_free_memory
+    offload = setup_model(tiny_llama(layers=1), config, checkpointing="offload")
+    assert not getattr(offload.get_base_model(), "cpt_loss_chunk_from_free_memory", False)
+
+    seen = []
+    real = flce.fused_linear_cross_entropy
+    monkeypatch.setattr(
+        flce, "fused_linear_cross_entropy", lambda *a, **k: seen.append(k["chunk_bytes"]) or real(*a, **k)
+    )
+    ids = torch.randint(0, 257, (1, 16))
+    off(input_ids=ids, labels=ids)
+    assert seen == [None]  # CPU: no device memory to read
+
+    hidden = torch.empty(8192, 2048, dtype=torch.bfloat16)
+    weight = torch.empty(128256, 2048, dtype=torch.bfloat16)
+    extra_512 = (2048 - 512) * 128256 * 2  # rows: 2048 at 512 MiB, 512 at the default 128 MiB
+    extra_256 = (1024 - 512) * 128256 * 2
+    assert causal_lm.chunk_for_spare_memory(hidden, weight, extra_512) == 512 * MIB
+    assert causal_lm.chunk_for_spare_memory(hidden, weight, extra_512 - 1) == 256 * MIB
+    assert causal_lm.chunk_for_spare_memory(hidden, weight, extra_256 - 1) is None
+    assert causal_lm.chunk_for_spare_memory(hidden[:512], weight, 1e12) is None  # one default chunk already
+
+    base = off.get_base_model()
+    base.cpt_loss_chunk_bytes = 3 * MIB  # the planner's budget is taken as it is
+    assert causal_lm._loss_chunk_bytes(base, hidden, weight) == 3 * MIB
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_without_checkpointing_a_roomy_card_gives_the_loss_the_large_chunk() -> None:
+    from cpt_plugin.patching import causal_lm
+
+    base = type("M", (), {})()
+    base.cpt_loss_chunk_from_free_memory = True
+    hidden = torch.empty(8192, 2048, dtype=torch.bfloat16, device="cuda")
+    weight = torch.empty(128256, 2048, dtype=torch.bfloat16, device="cuda")
+    spare = causal_lm.spare_device_bytes(hidden.device)
+    want = causal_lm.chunk_for_spare_memory(hidden, weight, spare)
+    assert causal_lm._loss_chunk_bytes(base, hidden, weight) == want
+    if spare > 2 * GIB:
+        assert want == 512 * MIB
