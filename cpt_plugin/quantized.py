@@ -48,8 +48,14 @@ def prepare_kbit_model(model: nn.Module, dtype: torch.dtype = torch.bfloat16) ->
     return model
 
 
-def dequantize_4bit(weight: Any) -> torch.Tensor:
-    """A bitsandbytes ``Params4bit`` weight as a dense tensor, the module left as it is.
+def dequantize_4bit(weight: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A bitsandbytes ``Params4bit`` weight as a dense tensor in ``dtype`` (default: its quant_state's dtype),
+    the module left as it is.
+
+    On CUDA (or the CPU under TRITON_INTERPRET=1) the standard layout goes through our Triton kernel
+    (:mod:`cpt_plugin.kernels.nf4`): one launch, nested absmax included, written in ``dtype`` directly
+    (bitsandbytes runs two kernels for a nested absmax, and a cast would be a third pass). Anything it does
+    not read takes bitsandbytes' path, then one cast if ``dtype`` differs.
 
     Why not bitsandbytes' ``dequantize_4bit`` alone (nor PEFT's ``dequantize_module_weight``, which calls
     it): on a CPU with AVX512-BF16, bitsandbytes (0.50) repacks a 4-bit weight for its CPU kernel at the
@@ -61,9 +67,16 @@ def dequantize_4bit(weight: Any) -> torch.Tensor:
     """
     import bitsandbytes.functional as bnb_functional
 
+    from cpt_plugin.kernels.nf4 import dequantize_4bit_triton
+
     state = weight.quant_state
+    out_dtype = dtype or state.dtype
     if not getattr(state, "packing_format_for_cpu", False):
-        return bnb_functional.dequantize_4bit(weight.data, state)
+        packed = weight.data
+        if _triton_reads(packed, state, out_dtype):
+            return dequantize_4bit_triton(packed, state, out_dtype)
+        full = bnb_functional.dequantize_4bit(packed, state)
+        return full if full.dtype == out_dtype else full.to(out_dtype)
     rows, cols = state.shape
     packed = weight.data.reshape(-1, 32)
     codes = torch.cat([packed & 0xF, packed >> 4], dim=-1)  # 32 low nibbles, then 32 high ones
@@ -72,4 +85,15 @@ def dequantize_4bit(weight: Any) -> torch.Tensor:
         rows, cols // state.blocksize, state.blocksize
     )
     absmax = state.absmax.to(torch.float32).T.reshape(rows, cols // state.blocksize, 1)
-    return (values * absmax).reshape(rows, cols).to(state.dtype)
+    full = (values * absmax).reshape(rows, cols).to(state.dtype)
+    return full if full.dtype == out_dtype else full.to(out_dtype)
+
+
+def _triton_reads(packed: torch.Tensor, state: Any, dtype: torch.dtype) -> bool:
+    """Whether the Triton kernel takes this weight. Not the (1, n) packed form: bitsandbytes transposes its
+    output for that one (a backward-compatibility shim), which the old path keeps."""
+    from cpt_plugin.kernels.nf4 import unsupported_reason
+
+    if packed.dim() == 2 and packed.shape[0] == 1 and packed.shape[1] > 1:
+        return False
+    return unsupported_reason(packed, state, dtype) is None

@@ -120,8 +120,7 @@ def _dequantizer(base: nn.Module) -> Any:
     weight = base.weight
 
     def dequantize(dtype: torch.dtype) -> torch.Tensor:
-        full = dequantize_4bit(weight)
-        return full if full.dtype == dtype else full.to(dtype)
+        return dequantize_4bit(weight, dtype)  # straight into dtype: no second pass to cast
 
     return dequantize
 
