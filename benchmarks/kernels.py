@@ -1,9 +1,17 @@
 """Kernel micro-benchmarks: forward + backward of each op, PyTorch eager vs Liger-Kernel vs cpt-plugin.
 
-  python -m benchmarks.kernels [--out DIR] [--device cpu] [--ops rms_norm,swiglu,rope,flce] [--impls ...]
+  python -m benchmarks.kernels [--out DIR] [--device cpu] [--ops rms_norm,swiglu,rope,flce,nf4] [--impls ...]
 
 Impls: eager, liger, cpt, and for flce ``cpt@MIB`` (cpt-plugin with a logits-chunk budget of MIB MiB, e.g.
 ``--ops flce --impls liger,cpt,cpt@64,cpt@256`` to weigh memory against speed in one call).
+
+``nf4`` is forward only: one Mistral-7B layer's seven 4-bit base weights (q/o 4096×4096, k/v 1024×4096,
+gate/up 14336×4096, down 4096×14336; NF4, blocksize 64, nested absmax, as QLoRA loads them) dequantized to
+bf16, what the fused LoRA path does once per layer per pass. Its impls are ``bnb``
+(bitsandbytes.functional.dequantize_4bit, two kernels for a nested absmax, then a cast if needed) and
+``cpt`` (cpt_plugin.kernels.nf4, one launch); other impls are skipped for it, and ``bnb`` for the other
+ops. Its row's ms is the layer's sum; ``per_shape`` has ms and GB/s per weight shape; its rel. err is
+against bnb's output (0: bit-exact). Bytes: packed codes + absmax (+ the nested scales) read, output written.
 
 Time: triton.testing.do_bench, median (GPU); every input is far larger than L2, so no rotation is needed.
 Bytes (for % of the device copy rate measured in the same run): per pass, each input read once and each
@@ -91,8 +99,16 @@ EAGER = {
     "rope": rope_eager,
     "flce": flce_eager,
 }
-IMPLS = ("eager", "liger", "cpt")
-OPS = ("rms_norm", "swiglu", "rope", "flce")
+IMPLS = ("eager", "bnb", "liger", "cpt")
+OPS = ("rms_norm", "swiglu", "rope", "flce", "nf4")
+NF4_IMPLS = ("bnb", "cpt")
+
+
+def applies(op: str, impl: str) -> bool:
+    """Whether main runs ``impl`` for ``op``: nf4 has bnb and cpt only, bnb is for nf4 only."""
+    if op == "nf4":
+        return impl in NF4_IMPLS
+    return impl != "bnb"
 
 
 def chunk_budget(impl: str) -> int | None:
@@ -243,10 +259,119 @@ def extra_peak_gib(run: Callable[[], Any], case: Case, device: str) -> float | N
     return extra / 2**30
 
 
+# -- nf4: 4-bit base weights dequantized (forward only) -------------------------------------------
+def nf4_layer(device: str) -> list[tuple[str, int, int]]:
+    """(name, rows, cols) of one Mistral-7B layer's projections on GPU; a small layer on the CPU (dry run)."""
+    h, kv, inter = (4096, 1024, 14336) if device.startswith("cuda") else (64, 16, 192)
+    return [
+        ("q", h, h),
+        ("k", kv, h),
+        ("v", kv, h),
+        ("o", h, h),
+        ("gate", inter, h),
+        ("up", inter, h),
+        ("down", h, inter),
+    ]
+
+
+def _nf4_impl(impl: str) -> Callable[[torch.Tensor, Any, torch.dtype], torch.Tensor]:
+    if impl == "bnb":
+        import bitsandbytes.functional as bnb_functional
+
+        def bnb_dequantize(packed: torch.Tensor, state: Any, dtype: torch.dtype) -> torch.Tensor:
+            out = bnb_functional.dequantize_4bit(packed, state)
+            return out if out.dtype == dtype else out.to(dtype)
+
+        return bnb_dequantize
+    if impl == "cpt":
+        from cpt_plugin.kernels.nf4 import dequantize_4bit_triton
+
+        return dequantize_4bit_triton
+    raise ValueError(f"nf4 impls are {', '.join(NF4_IMPLS)}, not {impl!r}")
+
+
+def _nf4_bytes(packed: torch.Tensor, state: Any, out: torch.Tensor) -> int:
+    read = packed.numel() * packed.element_size() + state.absmax.numel() * state.absmax.element_size()
+    if state.nested:
+        read += state.state2.absmax.numel() * state.state2.absmax.element_size()
+    return read + out.numel() * out.element_size()
+
+
+def bench_nf4(
+    impl: str, device: str, copy_rate: float | None, dtype: torch.dtype = torch.bfloat16
+) -> dict[str, Any]:
+    """One layer's 4-bit weights to ``dtype``: ms and GB/s per distinct shape, summed over the layer."""
+    import bitsandbytes.functional as bnb_functional
+
+    fn = _nf4_impl(impl)
+    reference = _nf4_impl("bnb")
+    layer = nf4_layer(device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    per_shape: dict[tuple[int, int], dict[str, Any]] = {}
+    worst = 0.0
+    extra = None
+    for _, rows, cols in layer:
+        if (rows, cols) in per_shape:
+            continue
+        weight = torch.randn(rows, cols, device=device, dtype=dtype, generator=gen) * 0.02
+        packed, state = bnb_functional.quantize_4bit(
+            weight, blocksize=64, quant_type="nf4", compress_statistics=True
+        )
+        del weight
+        got, want = fn(packed, state, dtype), reference(packed, state, dtype)
+        worst = max(worst, ((got.float() - want.float()).norm() / want.float().norm()).item())
+        exact = torch.equal(got, want)
+        nbytes = _nf4_bytes(packed, state, got)
+        del got, want
+        if device.startswith("cuda"):
+            gc.collect()
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            out = fn(packed, state, dtype)
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated() - base - out.numel() * out.element_size()
+            extra = max(extra or 0.0, peak / 2**30)
+            del out
+        ms = time_ms(lambda packed=packed, state=state: fn(packed, state, dtype), device)
+        per_shape[(rows, cols)] = {
+            "shape": f"{rows}×{cols}",
+            "ms": ms,
+            "bytes": nbytes,
+            "gbps": nbytes / (ms * 1e-3) / 1e9,
+            "bit_exact_vs_bnb": exact,
+        }
+    ms = sum(per_shape[(rows, cols)]["ms"] for _, rows, cols in layer)
+    nbytes = sum(per_shape[(rows, cols)]["bytes"] for _, rows, cols in layer)
+    names: dict[tuple[int, int], list[str]] = {}
+    for name, rows, cols in layer:
+        names.setdefault((rows, cols), []).append(name)
+    row: dict[str, Any] = {
+        "shape": "layer: "
+        + ", ".join(f"{'/'.join(names[key])} {value['shape']}" for key, value in per_shape.items())
+        + f"; nf4, blocksize 64, nested absmax, {str(dtype).removeprefix('torch.')} out",
+        "status": "ok",
+        "ms": ms,
+        "bytes": nbytes,
+        "gbps": nbytes / (ms * 1e-3) / 1e9,
+        "rel_err": worst,
+        "bit_exact_vs_bnb": all(value["bit_exact_vs_bnb"] for value in per_shape.values()),
+        "extra_peak_gib": extra,
+        "per_shape": [dict(value, names="/".join(names[key])) for key, value in per_shape.items()],
+    }
+    if copy_rate:
+        row["pct_copy"] = 100.0 * row["gbps"] / copy_rate
+        for value in row["per_shape"]:
+            value["pct_copy"] = 100.0 * value["gbps"] / copy_rate
+    return row
+
+
 def bench_one(
     op: str, impl: str, device: str, copy_rate: float | None, matmul_rate: float | None
 ) -> dict[str, Any]:
     row: dict[str, Any] = {"op": op, "impl": impl}
+    if op == "nf4":
+        return _bench_nf4_row(row, impl, device, copy_rate)
     case = None
     try:
         fn = get_impl(op, impl)
@@ -288,6 +413,23 @@ def bench_one(
     return row
 
 
+def _bench_nf4_row(row: dict[str, Any], impl: str, device: str, copy_rate: float | None) -> dict[str, Any]:
+    try:
+        row.update(bench_nf4(impl, device, copy_rate))
+    except Exception as exc:  # noqa: BLE001 - recorded per row
+        missing = isinstance(exc, (ImportError, AttributeError))
+        row.update(
+            status="unavailable" if missing else "error",
+            error=f"{type(exc).__name__}: {exc}"[:500],
+            traceback=traceback.format_exc()[-1500:],
+        )
+    finally:
+        gc.collect()
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    return row
+
+
 def _gib(value: float | None) -> str:
     return "– (CUDA only)" if value is None else f"+{value:.3f} GiB"
 
@@ -319,6 +461,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for op in [o.strip() for o in args.ops.split(",") if o.strip()]:
         for impl in [i.strip() for i in args.impls.split(",") if i.strip()]:
+            if not applies(op, impl.partition("@")[0]):
+                continue
             row = bench_one(op, impl, device, result["copy_gbps"], result["matmul_tflops"])
             rows.append(row)
             if row["status"] == "ok":
@@ -332,6 +476,13 @@ def main(argv: list[str] | None = None) -> int:
                     ),
                     flush=True,
                 )
+                for shape in row.get("per_shape", []):
+                    print(
+                        f"{'':>9} {'':<6} {shape['ms']:9.3f} ms  {shape.get('pct_copy', 0):5.1f}% copy  "
+                        f"{shape['gbps']:7.0f} GB/s  {shape['names']} {shape['shape']}"
+                        f"{'' if shape['bit_exact_vs_bnb'] else '  (not bit-exact vs bnb)'}",
+                        flush=True,
+                    )
             else:
                 print(f"{op:>9} {impl:<6} {row['status']}: {row['error'][:160]}", flush=True)
             result["rows"] = rows
