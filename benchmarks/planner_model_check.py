@@ -58,6 +58,7 @@ class LiveBytes(TorchDispatchMode):
         self.peak = 0
         self.paused = 0  # inside a Triton interpreter launch: its host copies of the arguments are not ours
         self._seen: set[int] = set()
+        self._live: dict[int, weakref.ref[torch.UntypedStorage]] = {}
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
@@ -76,14 +77,25 @@ class LiveBytes(TorchDispatchMode):
         if key in self._seen or storage.nbytes() == 0:
             return
         self._seen.add(key)
-        nbytes = storage.nbytes()
-        self.current += nbytes
+        self._live[key] = weakref.ref(storage)
+        self._resum()
         self.peak = max(self.peak, self.current)
-        weakref.finalize(storage, self._free, key, nbytes)
+        weakref.finalize(storage, self._free, key)
 
-    def _free(self, key: int, nbytes: int) -> None:
+    def _free(self, key: int) -> None:
         self._seen.discard(key)
-        self.current -= nbytes
+        self._live.pop(key, None)
+        self._resum()
+
+    def _resum(self) -> None:
+        """The live bytes now: a storage's size is read each time, so one freed by ``resize_(0)`` while its
+        tensor lives (checkpointing releases a recomputed layer output that way) counts as freed."""
+        total = 0
+        for ref in self._live.values():
+            storage = ref()
+            if storage is not None:
+                total += storage.nbytes()
+        self.current = total
 
 
 @contextlib.contextmanager
@@ -109,6 +121,28 @@ def interpreter_copies_uncounted(counter: LiveBytes) -> Iterator[None]:
         yield
     finally:
         GridExecutor.__call__ = launch
+
+
+@contextlib.contextmanager
+def host_buffers_uncounted(counter: LiveBytes) -> Iterator[None]:
+    """Offload is simulated on the CPU (checkpointing's ``_simulate_offload``: the parked inputs go to plain
+    host buffers); on a GPU those are pinned host memory, not device memory, so they are not counted."""
+    from cpt_plugin.offload import checkpointing
+
+    get = checkpointing.POOL.get
+
+    def uncounted(*args: Any, **kwargs: Any) -> Any:
+        counter.paused += 1
+        try:
+            return get(*args, **kwargs)
+        finally:
+            counter.paused -= 1
+
+    checkpointing.POOL.get = uncounted
+    try:
+        yield
+    finally:
+        checkpointing.POOL.get = get
 
 
 class _LayerStarts:
@@ -199,7 +233,7 @@ def measure(model: Any, modes: Sequence[str], tokens: int, seed: int = 0, tiled_
     observer = _LayerStarts(counter, len(modes))
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     tiled = (bool(tiled_chunk),) * len(modes)
-    enable_layer_plan(model, LayerPlan(tuple(modes), tiled), observer)
+    enable_layer_plan(model, LayerPlan(tuple(modes), tiled), observer, _simulate_offload=True)
     set_tiled_layers(decoder_layers(model), tiled, max(tiled_chunk, 1))
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, model.config.vocab_size, (1, tokens), generator=generator)
@@ -216,6 +250,7 @@ def measure(model: Any, modes: Sequence[str], tokens: int, seed: int = 0, tiled_
         measurable,
         allocated,
         interpreter_copies_uncounted(counter),
+        host_buffers_uncounted(counter),
         torch.autocast("cpu", dtype=torch.bfloat16),
     ):
         loss = model(input_ids=ids, labels=ids).loss
@@ -251,6 +286,7 @@ def check(
     layouts = {
         "keep": ("keep",) * layers,
         "recompute": ("recompute",) * layers,
+        "offload": ("offload",) * layers,
         "mixed": ("recompute",) * (layers - 1) + ("keep",),
     }
     rows: dict[str, Any] = {

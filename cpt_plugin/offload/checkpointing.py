@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import sys
 import threading
 import types
 import weakref
@@ -373,6 +374,40 @@ def _allocated(device: torch.device) -> int:
     return torch.cuda.memory_allocated(device)
 
 
+# ----------------------------------------------------------------------------------------------
+# One tokens x hidden buffer fewer at a checkpointed layer's backward peak
+# ----------------------------------------------------------------------------------------------
+_STORAGE_USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)
+
+
+def _python_refs(items: list, index: int) -> int:
+    return sys.getrefcount(items[index])
+
+
+def _storage_refs(tensor: torch.Tensor) -> int:
+    """Tensors on ``tensor``'s memory, plus one (the storage object made here)."""
+    return _STORAGE_USE_COUNT(tensor.untyped_storage()._cdata)
+
+
+# Python references a tensor held only by a list has, seen from _python_refs (interpreter-dependent).
+_LIST_ONLY_REFS = _python_refs([torch.empty(0)], 0)
+
+
+def _release_recomputed_outputs(roots: list) -> None:
+    """Frees the memory of recomputed layer outputs before their backward runs (one tokens x hidden
+    buffer at the layer's backward peak). Nothing reads them: the recompute's output is thrown away and
+    backward needs only its shape. Freed only when that is certain: the residual add made it (its
+    backward saves no tensor) and nothing else (a forward hook that kept it, a view) refers to it."""
+    if _STORAGE_USE_COUNT is None:
+        return
+    for index in range(len(roots)):
+        output = roots[index]
+        exclusive = _python_refs(roots, index) <= _LIST_ONLY_REFS + 1  # + the name ``output``
+        if exclusive and type(output.grad_fn).__name__ == "AddBackward0" and _storage_refs(output) <= 2:
+            output.untyped_storage().resize_(0)
+        del output
+
+
 class _LayerCheckpoint(torch.autograd.Function):
     """Checkpoints one decoder layer call: forward without an autograd graph, keeping (or parking in host
     memory) only the layer input; backward recomputes the layer with a graph and backpropagates through it.
@@ -436,13 +471,18 @@ class _LayerCheckpoint(torch.autograd.Function):
         if measure:  # what the layer holds for its backward: the planner's estimate of keeping it
             ctx.on_recompute(_allocated(x.device) - before)
         outs = out if isinstance(out, tuple) else (out,)
-        pairs = [
-            (o, g)
-            for o, g in zip(outs, grads, strict=False)
+        del out
+        chosen = [
+            i
+            for i, (o, g) in enumerate(zip(outs, grads, strict=False))
             if isinstance(o, torch.Tensor) and o.requires_grad and g is not None
         ]
-        if pairs:
-            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        roots, seeds = [outs[i] for i in chosen], [grads[i] for i in chosen]
+        del outs  # from here on ``roots`` holds this frame's only references to the outputs
+        _release_recomputed_outputs(roots)
+        if roots:
+            torch.autograd.backward(roots, seeds)
+        del roots, seeds
         ctx.function = ctx.rest = ctx.on_recompute = None
         grad_x = x.grad if ctx.x_requires_grad else None
         return (None, None, None, None, None, None, grad_x, *([None] * ctx.rest_count))

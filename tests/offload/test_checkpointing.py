@@ -349,3 +349,58 @@ def test_a_bound_tensor_that_needs_grad_goes_through_torch_checkpoint() -> None:
     layer(ref_x, ref_w).sum().backward()
     torch.testing.assert_close(weight.grad, ref_w.grad)
     torch.testing.assert_close(x.grad, ref_x.grad)
+
+
+def _released_outputs(monkeypatch) -> list[bool]:
+    """Records, for every recomputed layer output, whether its memory was released before backward."""
+    released: list[bool] = []
+    real = ckpt._release_recomputed_outputs
+
+    def spy(roots):
+        real(roots)
+        released.extend(root.untyped_storage().nbytes() == 0 for root in roots)
+
+    monkeypatch.setattr(ckpt, "_release_recomputed_outputs", spy)
+    return released
+
+
+def test_a_recomputed_layer_output_is_released_before_its_backward(monkeypatch) -> None:
+    """Nothing reads it (the residual add's backward saves nothing): its memory goes, the gradients stay."""
+    reference = tiny_llama(layers=3)
+    model = copy.deepcopy(reference)
+    enable_checkpointing(model, "recompute")
+    released = _released_outputs(monkeypatch)
+    ids = torch.randint(0, 257, (2, 21))
+    _, grads = _grads(model, [ids])
+    assert released == [True] * 3
+    _, ref_grads = _grads(reference, [ids])
+    _assert_same(grads, ref_grads)
+
+
+@pytest.mark.parametrize("hold", ["tensor", "view"])
+def test_a_recomputed_output_someone_holds_is_kept(monkeypatch, hold: str) -> None:
+    """A layer function that keeps its output (or a view of it) somewhere keeps its memory too."""
+    released = _released_outputs(monkeypatch)
+    held: list[torch.Tensor] = []
+    weight = torch.randn(5, 5)
+
+    def layer(h):
+        out = h + (h @ weight).relu()  # ends in the residual add, like a decoder layer
+        held.append(out if hold == "tensor" else out[..., :2])
+        return out
+
+    x = torch.randn(3, 5, requires_grad=True)
+    CheckpointFunction(offload=False)(layer, x).sum().backward()
+    assert released == [False]
+    assert len(held) == 2 and held[1].untyped_storage().nbytes() > 0  # the forward's, the recompute's
+    torch.testing.assert_close(held[1], held[0])
+
+
+def test_a_layer_ending_in_another_op_keeps_its_output(monkeypatch) -> None:
+    """Only an output made by an add (whose backward saves no tensor) is released."""
+    released = _released_outputs(monkeypatch)
+    x = torch.randn(3, 5, requires_grad=True)
+    out = CheckpointFunction(offload=False)(torch.tanh, x)  # tanh's backward reads its output
+    out.sum().backward()
+    assert released == [False]
+    torch.testing.assert_close(x.grad, 1 - torch.tanh(x.detach()) ** 2)
