@@ -397,12 +397,7 @@ def bench_one(
             if matmul_rate:
                 row["pct_matmul"] = 100.0 * row["tflops"] / matmul_rate
     except Exception as exc:  # noqa: BLE001 - recorded per row
-        missing = isinstance(exc, (ImportError, AttributeError))
-        row.update(
-            status="unavailable" if missing else "error",
-            error=f"{type(exc).__name__}: {exc}"[:500],
-            traceback=traceback.format_exc()[-1500:],
-        )
+        _record_failure(row, exc)
         if case is not None:
             row.setdefault("shape", case.shape)
     finally:
@@ -413,16 +408,21 @@ def bench_one(
     return row
 
 
+def _record_failure(row: dict[str, Any], exc: Exception) -> None:
+    """A row's failure: 'unavailable' (the implementation is not installed here) or 'error', with its cause."""
+    missing = isinstance(exc, (ImportError, AttributeError))
+    row.update(
+        status="unavailable" if missing else "error",
+        error=f"{type(exc).__name__}: {exc}"[:500],
+        traceback=traceback.format_exc()[-1500:],
+    )
+
+
 def _bench_nf4_row(row: dict[str, Any], impl: str, device: str, copy_rate: float | None) -> dict[str, Any]:
     try:
         row.update(bench_nf4(impl, device, copy_rate))
     except Exception as exc:  # noqa: BLE001 - recorded per row
-        missing = isinstance(exc, (ImportError, AttributeError))
-        row.update(
-            status="unavailable" if missing else "error",
-            error=f"{type(exc).__name__}: {exc}"[:500],
-            traceback=traceback.format_exc()[-1500:],
-        )
+        _record_failure(row, exc)
     finally:
         gc.collect()
         if device.startswith("cuda"):
