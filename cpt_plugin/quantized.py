@@ -11,6 +11,7 @@ one bf16/fp16 dtype and lets checkpointed layers see an input that requires grad
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import torch
@@ -67,14 +68,14 @@ def dequantize_4bit(weight: Any, dtype: torch.dtype | None = None) -> torch.Tens
     """
     import bitsandbytes.functional as bnb_functional
 
-    from cpt_plugin.kernels.nf4 import dequantize_4bit_triton
+    from cpt_plugin.kernels.nf4 import dequantize_4bit_checked
 
     state = weight.quant_state
     out_dtype = dtype or state.dtype
     if not getattr(state, "packing_format_for_cpu", False):
         packed = weight.data
         if _triton_reads(packed, state, out_dtype):
-            return dequantize_4bit_triton(packed, state, out_dtype)
+            return dequantize_4bit_checked(packed, state, out_dtype)
         full = bnb_functional.dequantize_4bit(packed, state)
         return full if full.dtype == out_dtype else full.to(out_dtype)
     rows, cols = state.shape
@@ -96,4 +97,12 @@ def _triton_reads(packed: torch.Tensor, state: Any, dtype: torch.dtype) -> bool:
 
     if packed.dim() == 2 and packed.shape[0] == 1 and packed.shape[1] > 1:
         return False
-    return unsupported_reason(packed, state, dtype) is None
+    # the answer for this weight's memory and dtype, kept on its quant state: the checks are the larger
+    # host cost of a dequantization, which a QLoRA step makes hundreds of times
+    key = (dtype, packed.data_ptr(), packed.device, packed.shape, os.environ.get("TRITON_INTERPRET"))
+    cached = state.__dict__.get("_cpt_triton_reads")
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    reads = unsupported_reason(packed, state, dtype) is None
+    state.__dict__["_cpt_triton_reads"] = (key, reads)
+    return reads

@@ -175,6 +175,12 @@ def dequantize_4bit_triton(packed: torch.Tensor, quant_state: Any, dtype: torch.
     reason = unsupported_reason(packed, quant_state, dtype)
     if reason is not None:
         raise ValueError(f"dequantize_4bit_triton cannot read this weight: {reason}")
+    return dequantize_4bit_checked(packed, quant_state, dtype)
+
+
+def dequantize_4bit_checked(packed: torch.Tensor, quant_state: Any, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`dequantize_4bit_triton` for a weight whose :func:`unsupported_reason` the caller has seen be
+    None (the checks cost more host time than the launch, and a QLoRA step makes hundreds of these calls)."""
     shape = tuple(quant_state.shape)
     n = prod(shape)
     out = torch.empty(shape, dtype=dtype, device=packed.device)

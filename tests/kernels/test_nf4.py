@@ -187,7 +187,7 @@ def _linear4bit(out_features=96, in_features=64, compute_dtype=torch.float32, qu
 def calls(monkeypatch):
     """Counts of the kernel and of bitsandbytes' dequantize_4bit as dequantize_4bit calls them."""
     seen = {"triton": [], "bnb": 0}
-    kernel, bnb_dequantize = nf4.dequantize_4bit_triton, F.dequantize_4bit
+    kernel, bnb_dequantize = nf4.dequantize_4bit_checked, F.dequantize_4bit
 
     def spy_kernel(packed, state, dtype):
         seen["triton"].append(dtype)
@@ -197,7 +197,7 @@ def calls(monkeypatch):
         seen["bnb"] += 1
         return bnb_dequantize(*args, **kwargs)
 
-    monkeypatch.setattr(nf4, "dequantize_4bit_triton", spy_kernel)
+    monkeypatch.setattr(nf4, "dequantize_4bit_checked", spy_kernel)
     monkeypatch.setattr(F, "dequantize_4bit", spy_bnb)
     return seen
 
@@ -217,6 +217,22 @@ def test_standard_layout_takes_the_kernel_in_the_requested_dtype(calls, quant_ty
     half = dequantize_4bit(weight, torch.bfloat16)
     assert half.dtype == torch.bfloat16 and calls["triton"][-1] == torch.bfloat16
     assert torch.equal(half, full.to(torch.bfloat16))  # one rounding from fp32 either way
+
+
+@interpreted
+def test_a_weight_is_checked_once_per_dtype(calls, monkeypatch):
+    """The layout checks cost more host time than the launch: their answer stays with the weight."""
+    from cpt_plugin import quantized
+
+    checks = []
+    real = nf4.unsupported_reason
+    monkeypatch.setattr(nf4, "unsupported_reason", lambda *a: checks.append(a[2]) or real(*a))
+    weight = _linear4bit().weight
+    for _ in range(3):
+        quantized.dequantize_4bit(weight, torch.bfloat16)
+    quantized.dequantize_4bit(weight, torch.float32)
+    assert checks == [torch.bfloat16, torch.float32]
+    assert calls["triton"] == [torch.bfloat16] * 3 + [torch.float32]
 
 
 def test_without_triton_the_bitsandbytes_path_then_one_cast(calls, monkeypatch):
