@@ -270,13 +270,14 @@ def check(
     fused_mlp: bool,
     tokens: tuple[int, int],
     shapes: dict[str, int] | None = None,
-    plans: Sequence[str] = ("keep", "recompute", "mixed"),
+    plans: Sequence[str] = ("keep", "recompute", "offload", "mixed"),
     tiled_chunk: int = 0,
     family: str = "llama",
 ) -> dict[str, Any]:
     """Measured against analytic bytes per token: what a kept and a recomputed layer hold, and the peak
-    of an all-keep, an all-recompute and a mixed plan (every MLP tiled in chunks of ``tiled_chunk`` tokens
-    when > 0: the chunk's own transient is fixed, so the per-token slope leaves it out)."""
+    of an all-keep, an all-recompute, an all-offload (simulated) and a mixed plan (every MLP tiled in
+    chunks of ``tiled_chunk`` tokens when > 0: the chunk's own transient is fixed, so the per-token slope
+    leaves it out)."""
     from cpt_plugin.offload.checkpointing import LayerPlan, decoder_layers
     from cpt_plugin.offload.planner import analytic_costs, model_shapes, predict_peak
 
@@ -356,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         analytic = result["analytic"]
         print(f"{result['family']}, fused MLP {result['fused_mlp']}: bytes per token (analytic keep {analytic['keep']:.0f}, "
               f"recompute {analytic['recompute']:.0f}, work {analytic['work']:.0f})")  # fmt: skip
-        for name in ("keep", "recompute", "mixed"):
+        for name in ("keep", "recompute", "offload", "mixed"):
             row = result[name]
             saved = ", ".join(f"{v:.0f}" for v in row["layer_saved_per_token"])
             error = row["predicted_peak_per_token"] / row["peak_per_token"] - 1
