@@ -394,7 +394,8 @@ class _LoraGatedMLP(torch.autograd.Function):
             hidden = glu_forward(gate, up, gelu)
             if skip_output:  # a recompute whose output nobody reads: only what backward needs
                 ha_down = torch.mm(hidden, ac_down.t())
-                out = x2.new_zeros(x2.shape[0], b_down.shape[0])  # lora_b: out x r
+                # zeros from one element (lora_b: out x r): no tokens x hidden buffer in the recompute
+                out = x2.new_zeros(()).expand(x2.shape[0], b_down.shape[0])
             else:
                 (out,), ha_down = _group_forward(
                     hidden,

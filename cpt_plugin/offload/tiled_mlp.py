@@ -53,7 +53,8 @@ class _TiledMLP(torch.autograd.Function):
         ctx.save_for_backward(x)
         if unused_output is not None:  # a recompute whose output nobody reads: (features, dtype)
             features, dtype = unused_output
-            return x.new_zeros(*x.shape[:-1], features, dtype=dtype)  # zeros: hooks never see garbage
+            # zeros (hooks never see garbage) from one element: no tokens x hidden buffer in the recompute
+            return x.new_zeros((), dtype=dtype).expand(*x.shape[:-1], features)
         flat = x.reshape(-1, x.shape[-1])
         out = None
         with torch.no_grad():

@@ -216,6 +216,7 @@ def test_gated_mlp_recompute_gives_the_same_gradients(dtype):
     full = lora_gated_mlp(x, gate, up, down)
     skipped = lora_gated_mlp(x, gate, up, down, skip_output=True)
     assert not skipped.any()
+    assert skipped.untyped_storage().nbytes() == skipped.element_size()  # one element, not tokens x hidden
     upstream = torch.randn(full.shape).to(dtype)
     for i, (g, w) in enumerate(
         zip(

@@ -9,7 +9,7 @@ import torch
 from offload_models import tiny_llama
 from transformers.models.llama.modeling_llama import LlamaMLP
 
-from cpt_plugin.offload.checkpointing import enable_checkpointing
+from cpt_plugin.offload.checkpointing import enable_checkpointing, in_recompute
 from cpt_plugin.offload.tiled_mlp import disable_tiled_mlp, enable_tiled_mlp, tiled_mlp
 from cpt_plugin.patching.registry import mlp_feeds_residual_only
 from tests.patching.models import FAMILIES, tiny_model
@@ -90,14 +90,24 @@ def test_recompute_skips_the_chunks_only_where_the_output_is_unused(family: str)
     assert enable_tiled_mlp(model, chunk_tokens=8) == 2
     enable_checkpointing(model, "offload", _simulate_offload=True)
     calls = [0]
+    recomputed_outputs: list[torch.Tensor] = []
     for layer in model.model.layers:
         layer.mlp.up_proj.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+        layer.mlp.register_forward_hook(
+            lambda _m, _i, out: recomputed_outputs.append(out) if in_recompute() else None
+        )
     ids = torch.randint(0, 257, (2, 11))
     _assert_same(_grads(model, ids), _grads(reference, ids), rtol=1e-4, atol=1e-5)
     skips = mlp_feeds_residual_only(model.model.layers[0])
     assert skips == (not family.startswith("gemma"))
     passes = 2 if skips else 3  # forward and tiled backward, plus the recompute where it is needed
     assert calls[0] == 2 * passes * 3  # 2 layers, 22 tokens in 3 chunks
+    if skips:  # the skipped output: zeros from one element, no tokens x hidden buffer
+        assert len(recomputed_outputs) == 2
+        assert all(
+            not out.any() and out.untyped_storage().nbytes() == out.element_size()
+            for out in recomputed_outputs
+        )
 
 
 def test_lora_dropout_masks_reproduced_in_backward() -> None:
