@@ -69,10 +69,14 @@ Gemma 3's norms on q and k add b(q + kv) + 4(heads + kv heads); Gemma's four nor
 seq x seq mask, which this model does not cover). The fused MLP's backward forms one tokens x I
 buffer; the attention's backward runs after the MLP's saved gate and up are freed, hence the max in W.
 ``benchmarks/planner_model_check.py`` counts these on the CPU (every storage a patched layer creates,
-under the Triton interpreter), at two shapes: with the fused MLP, keep, recompute and W are exact and
-the predicted peaks of all-keep, all-recompute and mixed plans within 0.1% (with every MLP tiled: keep
-exact, all-keep and all-recompute peaks within 0.2%, the mixed plan 11% high); with another MLP, keep is
-within 5% and the peaks 3-9% high. Against the H200's measured peaks (2026-12-01, one-GPU Llama-1B
+under the Triton interpreter; offload simulated, its host buffers not counted): with the fused MLP,
+keep, recompute and W are exact and the all-keep peak within 0.1%. Since a recompute no longer holds the
+layer output its MLP skips (zeros from one element) nor, before its backward, the recomputed layer
+output (``checkpointing._release_recomputed_outputs``), a checkpointed plan peaks one hidden state per
+token lower than this model says, and at three layers every checkpointed plan peaks the same (10,136 B
+per token untiled, 3,944 tiled, at the tool's shapes): all-recompute and mixed predicted 5% high untiled
+(13% and 26% tiled), all-offload 5% low untiled (13% tiled). Not corrected yet: where the peak sits is
+not the layer the model's max picks. With another MLP, keep is within 5% and the peaks 3-9% high. Against the H200's measured peaks (2026-12-01, one-GPU Llama-1B
 shapes, with the MLP backward of the time: W = 3Ib, and the static part from the trained parameters'
 sizes): the 524,288-token step (keep 1, recompute 13, offload 2) 89.2 GiB predicted against 85.3
 measured (+4.6%; that static part counts AdamW states the single measured step had not created yet);
