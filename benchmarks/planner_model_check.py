@@ -59,6 +59,8 @@ class LiveBytes(TorchDispatchMode):
         self.paused = 0  # inside a Triton interpreter launch: its host copies of the arguments are not ours
         self._seen: set[int] = set()
         self._live: dict[int, weakref.ref[torch.UntypedStorage]] = {}
+        self.phase = "forward"  # the peak per phase: see ``measure``
+        self.phase_peaks: dict[str, int] = {}
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
@@ -80,6 +82,7 @@ class LiveBytes(TorchDispatchMode):
         self._live[key] = weakref.ref(storage)
         self._resum()
         self.peak = max(self.peak, self.current)
+        self.phase_peaks[self.phase] = max(self.phase_peaks.get(self.phase, 0), self.current)
         weakref.finalize(storage, self._free, key)
 
     def _free(self, key: int) -> None:
@@ -176,6 +179,7 @@ class Measured:
     forward_end: int
     peak: int
     recomputed: list[int]  # what each checkpointed layer's recompute left allocated (its backward's input)
+    phase_peaks: dict[str, int]  # the peak of the forward and of each checkpointed layer's backward
 
 
 # Gemma 2 is left out: transformers runs it with eager attention only (no SDPA), which saves the whole
@@ -244,11 +248,22 @@ def measure(model: Any, modes: Sequence[str], tokens: int, seed: int = 0, tiled_
     # the recompute's report to the planner reads this counter instead of the CUDA allocator
     measurable = mock.patch.object(checkpointing, "_measurable", lambda x: True)
     allocated = mock.patch.object(checkpointing, "_allocated", lambda device: counter.current)
+    # each checkpointed layer's backward is a phase of its own (see peak_slope)
+    layer_backward = checkpointing._LayerCheckpoint.backward
+    calls = [0]
+
+    def phased_backward(ctx: Any, *grads: Any) -> Any:
+        counter.phase = f"backward {calls[0]}"
+        calls[0] += 1
+        return layer_backward(ctx, *grads)
+
+    phases = mock.patch.object(checkpointing._LayerCheckpoint, "backward", staticmethod(phased_backward))
     with (
         counter,
         chunk,
         measurable,
         allocated,
+        phases,
         interpreter_copies_uncounted(counter),
         host_buffers_uncounted(counter),
         torch.autocast("cpu", dtype=torch.bfloat16),
@@ -256,9 +271,28 @@ def measure(model: Any, modes: Sequence[str], tokens: int, seed: int = 0, tiled_
         loss = model(input_ids=ids, labels=ids).loss
         observer.forward_done = True
         forward_end = counter.current
+        counter.phase = "backward"
         loss.backward()
     del loss
-    return Measured(tokens, observer.starts, forward_end, counter.peak, observer.recomputed)
+    return Measured(
+        tokens, observer.starts, forward_end, counter.peak, observer.recomputed, counter.phase_peaks
+    )
+
+
+def peak_slope(low: Measured, high: Measured) -> float:
+    """Bytes per token of the peak, as the planner's model means it: static + tokens x (a per-token max).
+
+    Not the slope of the two peaks: at the few tokens the interpreter runs, the largest count can sit where
+    a fixed-size buffer appears (the embedding gradient, at the end) while at real lengths it sits where the
+    per-token terms are largest. So the slope is taken per phase (the forward, each checkpointed layer's
+    backward), from the first layer's start, and the largest is the one that decides at length."""
+    tokens = (low.tokens, high.tokens)
+    return max(
+        per_token(
+            low.phase_peaks[phase] - low.boundaries[0], high.phase_peaks[phase] - high.boundaries[0], tokens
+        )
+        for phase in low.phase_peaks.keys() & high.phase_peaks.keys()
+    )
 
 
 def per_token(low: float, high: float, tokens: tuple[int, int]) -> float:
@@ -307,11 +341,12 @@ def check(
         )
         rows[name] = {
             "layer_saved_per_token": layer_saved,
-            "peak_beyond_saved_per_token": per_token(
-                low.peak - low.boundaries[-1], high.peak - high.boundaries[-1], tokens
+            "peak_beyond_saved_per_token": peak_slope(low, high)
+            - per_token(
+                low.boundaries[-1] - low.boundaries[0], high.boundaries[-1] - high.boundaries[0], tokens
             ),
             # from the first layer's start, as the planner measures its static part at the forward start
-            "peak_per_token": per_token(low.peak - low.boundaries[0], high.peak - high.boundaries[0], tokens),
+            "peak_per_token": peak_slope(low, high),
             "predicted_peak_per_token": predicted,
             "forward_end_per_token": per_token(low.forward_end, high.forward_end, tokens),
             "recompute_holds_per_token": [

@@ -51,7 +51,8 @@ adapted projections)::
       keep      attn = b(2H + 2q + 2kv + r_attn) + 4·heads + 8
                 mlp  = b(2H + 2I + r_mlp) (our fused MLP), b(2H + 4I + r_mlp) (another)   (tiled: 2Hb)
       recompute Hb (its input)          offload 0 (its input waits in host memory)
-    R  (a checkpointed layer's recompute, during its backward) = keep - recompute
+    R  (a checkpointed layer's recompute, during its backward) = keep - saved(its mode) + Hb
+                                             (+ Hb: the gradient arriving from the layer above)
     W  (one layer's backward working set)  = max(Ib, b(3H + 2q + 2kv) - 2Ib) (our fused MLP)
                                              or b(3H + 2q + 2kv) + 3Ib (another MLP)   (+Hb prefetch)
                                              tiled MLP: max(0, b(3H + 2q + 2kv) - 2Ib)
@@ -69,19 +70,22 @@ Gemma 3's norms on q and k add b(q + kv) + 4(heads + kv heads); Gemma's four nor
 seq x seq mask, which this model does not cover). The fused MLP's backward forms one tokens x I
 buffer; the attention's backward runs after the MLP's saved gate and up are freed, hence the max in W.
 ``benchmarks/planner_model_check.py`` counts these on the CPU (every storage a patched layer creates,
-under the Triton interpreter; offload simulated, its host buffers not counted): with the fused MLP,
-keep, recompute and W are exact and the all-keep peak within 0.1%. Since a recompute no longer holds the
-layer output its MLP skips (zeros from one element) nor, before its backward, the recomputed layer
-output (``checkpointing._release_recomputed_outputs``), a checkpointed plan peaks one hidden state per
-token lower than this model says, and at three layers every checkpointed plan peaks the same (10,136 B
-per token untiled, 3,944 tiled, at the tool's shapes): all-recompute and mixed predicted 5% high untiled
-(13% and 26% tiled), all-offload 5% low untiled (13% tiled). Not corrected yet: where the peak sits is
-not the layer the model's max picks. With another MLP, keep is within 5% and the peaks 3-9% high. Against the H200's measured peaks (2026-12-01, one-GPU Llama-1B
+under the Triton interpreter; offload simulated, its host buffers not counted; the peak's slope taken per
+phase, the forward and each checkpointed layer's backward, since at the few tokens counted a fixed-size
+buffer can decide where the largest count sits): with the fused MLP every plan (all keep, all recompute,
+all offload, mixed; tiled or not) is within 0.3% at three layers, and keep, recompute and W are exact;
+with another MLP the peaks are 3-7% high. A checkpointed layer's backward holds its whole saved set (the
+recompute's: its own input is in the prefix, or fetched back), the gradient arriving from the layer above,
+and no recomputed output (freed before its backward) nor the MLP output its recompute skips (zeros from
+one element). Against the H200's measured peaks (2026-12-01, one-GPU Llama-1B
 shapes, with the MLP backward of the time: W = 3Ib, and the static part from the trained parameters'
 sizes): the 524,288-token step (keep 1, recompute 13, offload 2) 89.2 GiB predicted against 85.3
 measured (+4.6%; that static part counts AdamW states the single measured step had not created yet);
-131,072 tokens (keep 14, recompute 2) 117.4 against 117.8 (-0.3%). The model before this one said 110.7
-GiB for the first.
+131,072 tokens (keep 14, recompute 2) 117.4 against 117.8 (-0.3%); the eleventh session's correction of
+the checkpointed layers' backward leaves both as they are (their peaks sit at kept layers). The model
+before the tenth session's said 110.7 GiB for the first. Offloaded, tiled plans at long context are
+under-predicted on the GPU: at 131,072 tokens about 36 KB per token against 55 measured (calibrated:
++4.2%): something only the GPU runs (not traced yet).
 
 The backward runs from the top layer down, freeing as it goes, so the plan keeps the top layers,
 recomputes the middle and offloads the bottom: the largest prefix then meets no recompute.
@@ -178,11 +182,18 @@ class LayerCosts:
             return self.keep_tiled if tiled else self.keep
         return self.recompute if mode == "recompute" else self.offload
 
-    def recompute_transient(self, tiled: bool) -> float:
-        return (self.keep_tiled if tiled else self.keep) - self.recompute
+    def recompute_transient(self, tiled: bool, mode: str = "recompute") -> float:
+        """What a checkpointed layer holds in its backward beyond its saved part (module doc: R)."""
+        keep = self.keep_tiled if tiled else self.keep
+        return keep - self.saved(mode, tiled) + self.hidden  # + the gradient arriving from the layer above
 
-    def backward_work(self, tiled: bool) -> float:
-        return self.work_tiled if tiled and self.work_tiled is not None else self.work
+    def backward_work(self, tiled: bool, mode: str = "recompute") -> float:
+        if not tiled or self.work_tiled is None:
+            return self.work
+        # a kept tiled layer: the gradient arriving from above and the tiled MLP's dX buffer (counted); a
+        # checkpointed one has the first in its recompute term and room for the second once it frees its
+        # recomputed output
+        return self.work_tiled + (2 * self.hidden if mode == "keep" else 0.0)
 
 
 def analytic_costs(shapes: ModelShapes, chunk_tokens: int) -> LayerCosts:
@@ -231,8 +242,8 @@ def predict_peak(plan: LayerPlan, costs: LayerCosts, tokens: int, static: float)
     prefetch = costs.hidden if "offload" in plan.modes else 0.0
     for mode, tiled in zip(plan.modes, plan.tiled, strict=True):
         prefix += costs.saved(mode, tiled)
-        transient = costs.recompute_transient(tiled) if mode != "keep" else 0.0
-        backward = max(backward, prefix + transient + costs.backward_work(tiled) + prefetch)
+        transient = costs.recompute_transient(tiled, mode) if mode != "keep" else 0.0
+        backward = max(backward, prefix + transient + costs.backward_work(tiled, mode) + prefetch)
     forward_end = prefix + costs.hidden + costs.loss
     per_token = max(forward_end, backward) + costs.correction
     tile = costs.tile_transient if any(plan.tiled) else 0.0

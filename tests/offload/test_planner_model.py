@@ -57,7 +57,7 @@ def test_what_a_kept_layer_saves_per_family(family: str) -> None:
 def test_releasing_the_recomputed_output_lowers_a_tiled_layers_peak_by_one_hidden_state(monkeypatch) -> None:
     """Counted: with every MLP tiled, a checkpointed layer peaks where its backward starts, so freeing its
     recomputed output there (checkpointing._release_recomputed_outputs) saves one hidden state per token."""
-    from benchmarks.planner_model_check import build_model, measure, per_token
+    from benchmarks.planner_model_check import build_model, measure, peak_slope
     from cpt_plugin.offload import checkpointing
 
     model = build_model(layers=2, fused_mlp=True)
@@ -65,7 +65,7 @@ def test_releasing_the_recomputed_output_lowers_a_tiled_layers_peak_by_one_hidde
 
     def peak() -> float:
         low, high = (measure(model, ("recompute", "recompute"), t, tiled_chunk=32) for t in tokens)
-        return per_token(low.peak - low.boundaries[0], high.peak - high.boundaries[0], tokens)
+        return peak_slope(low, high)
 
     released = peak()
     monkeypatch.setattr(checkpointing, "_release_recomputed_outputs", lambda roots: None)
