@@ -134,11 +134,10 @@ def setup_model(model: Any, config: CPTConfig | dict | None = None, checkpointin
 def mark_loss_chunk_from_free_memory(model: Any) -> None:
     """Checkpointing off: the user spends memory for speed, so the fused loss may take a larger logits chunk
     when the device has room at the end of the forward (patching/causal_lm.py: ``_loss_chunk_bytes``)."""
-    from transformers import PreTrainedModel
+    from cpt_plugin.model_parts import causal_lm_heads
 
-    for module in model.modules():
-        if isinstance(module, PreTrainedModel) and hasattr(module, "lm_head"):
-            module.cpt_loss_chunk_from_free_memory = True
+    for module in causal_lm_heads(model):
+        module.cpt_loss_chunk_from_free_memory = True
 
 
 def install_layer_graphs(model: Any, config: CPTConfig, mode: str) -> None:

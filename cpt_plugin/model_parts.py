@@ -76,6 +76,14 @@ def embeddings_tied(model: nn.Module) -> bool:
     return model.get_input_embeddings().weight is head.weight
 
 
+def causal_lm_heads(model: nn.Module) -> list[nn.Module]:
+    """The causal-LM models inside ``model`` (a PeftModel wraps one): where the fused loss runs and reads
+    its per-model settings (``cpt_loss_chunk_bytes`` and the like)."""
+    from transformers import PreTrainedModel
+
+    return [m for m in model.modules() if isinstance(m, PreTrainedModel) and hasattr(m, "lm_head")]
+
+
 def module_name(model: nn.Module, target: nn.Module | None) -> str | None:
     """The qualified name of ``target`` inside ``model`` (None when absent)."""
     if target is None:

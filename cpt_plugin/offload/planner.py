@@ -943,11 +943,9 @@ def install_planner(
     if tiled_mlp:
         planner.plan = LayerPlan.uniform(len(layers), "keep", tiled=True)
         set_tiled_layers(layers, planner.plan.tiled, chunk_tokens)
-    from transformers import PreTrainedModel
+    from cpt_plugin.model_parts import causal_lm_heads
 
-    planner.loss_modules = [
-        m for m in model.modules() if isinstance(m, PreTrainedModel) and hasattr(m, "lm_head")
-    ]
+    planner.loss_modules = causal_lm_heads(model)
     planner.holder = enable_layer_plan(model, planner.plan, planner, _simulate_offload=_simulate_offload)
     model.__dict__["_cpt_memory_planner"] = planner
     return planner
