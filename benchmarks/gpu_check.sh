@@ -26,6 +26,8 @@
 #   tf524tests    `pytest -m gpu` again on the carried newest transformers
 #   hostbreakdown host ms per step of each function in one forward ($HOSTBREAKDOWN_SYSTEMS, default cpt_nogc)
 #   graphcheck    one CUDA-graph capture per piece of a patched decoder layer, each in its own process
+#   trace         the allocations alive at one step's peak, by source line (benchmarks/memory_trace.py):
+#                 TRACE_SYSTEM (cpt_offload) on TRACE_WORKLOAD (llama-1b), TRACE_LAYERS (4) layers, TRACE_SEQS
 #   hostcosts     host microseconds per call of GEMMs (each cuBLAS backend), casts, Triton launches ($OUT/hostcosts)
 LONGCTX_SYSTEMS=${LONGCTX_SYSTEMS:-hf,hf_offload,trl_offload,axolotl_offload,cpt,cpt_offload_only,cpt_offload}
 LONGCTX_SHAPES=${LONGCTX_SHAPES:-1x16384,1x32768}
@@ -38,6 +40,10 @@ QLORA_MAXCTX_GRANULARITY=${QLORA_MAXCTX_GRANULARITY:-16384}
 PROFILE_SYSTEMS=${PROFILE_SYSTEMS:-cpt_offload}
 PROFILE_WORKLOAD=${PROFILE_WORKLOAD:-llama-1b}
 PROFILE_SHAPE=${PROFILE_SHAPE:-4x2048}
+TRACE_SYSTEM=${TRACE_SYSTEM:-cpt_offload}
+TRACE_WORKLOAD=${TRACE_WORKLOAD:-llama-1b}
+TRACE_LAYERS=${TRACE_LAYERS:-4}
+TRACE_SEQS=${TRACE_SEQS:-65536,131072}
 set -uo pipefail
 T0=$(date +%s)
 OUT=${OUT:-outputs/gpu_check}
@@ -149,6 +155,14 @@ for stage in $STAGES; do
       esac
       note "$stage: exit ${PIPESTATUS[0]}"
       ;;
+    trace)
+      t=$(left)
+      if (( t < 60 )); then note "trace: skipped (time budget)"; continue; fi
+      echo "== memory trace of $TRACE_SYSTEM on $TRACE_WORKLOAD, $TRACE_LAYERS layers, $TRACE_SEQS (timeout ${t}s)"
+      timeout -k 10 "$t" python3 -m benchmarks.memory_trace --system "$TRACE_SYSTEM" --workload "$TRACE_WORKLOAD" \
+        --layers "$TRACE_LAYERS" --seqs "$TRACE_SEQS" --top 30 --out "$OUT/trace" 2>&1 | grep -v "^cpt-plugin" | tail -80
+      note "trace: exit ${PIPESTATUS[0]}"
+      ;;
     hostcosts)
       echo "== host cost per call"
       timeout -k 10 60 python3 -m benchmarks.host_costs --out "$OUT/hostcosts" | tail -40
@@ -178,7 +192,7 @@ for stage in $STAGES; do
       note "tf524tests: exit $rc ($(grep -E '[0-9]+ (passed|failed)' "$OUT/gpu_tests_tf524.log" | tail -1))"
       ;;
     *)
-      note "unknown stage '$stage' (use tests, kernels, quick, full, longctx, qlora, qlora_maxctx, profile, evaluator, export, hostcosts, hostbreakdown, graphcheck, tf524tests)"
+      note "unknown stage '$stage' (use tests, kernels, quick, full, longctx, qlora, qlora_maxctx, profile, trace, evaluator, export, hostcosts, hostbreakdown, graphcheck, tf524tests)"
       ;;
   esac
 done

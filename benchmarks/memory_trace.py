@@ -90,7 +90,11 @@ def _trace_one(built: Any, workload: Any, seq: int, device: str) -> dict[str, An
     index = torch.cuda.current_device()
     events = snapshot["device_traces"][index]
     peak, blocks = live_at_peak(events)
+    # The allocation that set the peak says in which phase it sits (which layer's backward, the loss, ...).
+    # (``live_at_peak`` keeps allocation order, and the peak is set by an allocation: the last block.)
+    newest = blocks[-1] if blocks else {}
     return {
+        "peak_allocation": frame_key(newest.get("frames", []), depth=6) if newest else "",
         "seq": seq,
         "base_gib": base / 2**30,
         "max_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
@@ -133,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             f"\n== {args.system} {workload.name} layers={args.layers} seq={seq}: base {result['base_gib']:.2f} GiB,"
             f" step peak {result['max_allocated_gib']:.2f} GiB, trace peak +{result['trace_peak_gib']:.2f} GiB"
         )
+        print(f"peak reached by: {result['peak_allocation']}")
         for group in result["groups"][: args.top]:
             kib = group["mib"] * 1024 / seq
             print(f"{group['mib']:9.1f} MiB {kib:7.1f} KiB/tok {group['blocks']:4d}  {group['source']}")
