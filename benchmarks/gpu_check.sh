@@ -44,6 +44,7 @@ TRACE_SYSTEM=${TRACE_SYSTEM:-cpt_offload}
 TRACE_WORKLOAD=${TRACE_WORKLOAD:-llama-1b}
 TRACE_LAYERS=${TRACE_LAYERS:-4}
 TRACE_SEQS=${TRACE_SEQS:-65536,131072}
+TRACE_ARGS=${TRACE_ARGS:-}
 set -uo pipefail
 T0=$(date +%s)
 OUT=${OUT:-outputs/gpu_check}
@@ -160,7 +161,7 @@ for stage in $STAGES; do
       if (( t < 60 )); then note "trace: skipped (time budget)"; continue; fi
       echo "== memory trace of $TRACE_SYSTEM on $TRACE_WORKLOAD, $TRACE_LAYERS layers, $TRACE_SEQS (timeout ${t}s)"
       timeout -k 10 "$t" python3 -m benchmarks.memory_trace --system "$TRACE_SYSTEM" --workload "$TRACE_WORKLOAD" \
-        --layers "$TRACE_LAYERS" --seqs "$TRACE_SEQS" --top 30 --out "$OUT/trace" 2>&1 | grep -v "^cpt-plugin" | tail -80
+        --layers "$TRACE_LAYERS" --seqs "$TRACE_SEQS" --top 30 $TRACE_ARGS --out "$OUT/trace" 2>&1 | grep -v "^cpt-plugin" | tail -80
       note "trace: exit ${PIPESTATUS[0]}"
       ;;
     hostcosts)

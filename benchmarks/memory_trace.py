@@ -40,6 +40,26 @@ def frame_key(frames: Sequence[dict[str, Any]], depth: int = 2) -> str:
     return " < ".join(picked) or "(no python frame)"
 
 
+_NATIVE_MARKS = ("at::native::", "autograd::generated::", "cudnn", "at::_ops::")
+_NATIVE_SKIP = ("empty", "Allocator", "allocator", "at::detail::")
+
+
+def native_key(frames: Sequence[dict[str, Any]], depth: int = 3) -> str:
+    """The innermost ATen/autograd C++ functions above the allocator (only with ``stacks="all"``):
+    names the op behind a block that Python saw only as ``backward()``."""
+    picked: list[str] = []
+    for frame in frames:
+        name = str(frame.get("name", ""))
+        if not any(m in name for m in _NATIVE_MARKS) or any(s in name for s in _NATIVE_SKIP):
+            continue
+        short = name.split("(")[0][-70:]
+        if short not in picked:
+            picked.append(short)
+        if len(picked) == depth:
+            break
+    return " < ".join(picked)
+
+
 def live_at_peak(events: Iterable[dict[str, Any]]) -> tuple[int, list[dict[str, Any]]]:
     """Replays alloc/free events; returns the peak of live bytes (relative to the start) and the blocks
     alive at that moment. Blocks allocated before the trace started are not seen (they are the base)."""
@@ -69,7 +89,22 @@ def group_blocks(blocks: Iterable[dict[str, Any]], depth: int = 2) -> list[tuple
     return [(key, size, counts[key]) for key, size in sizes.most_common()]
 
 
-def _trace_one(built: Any, workload: Any, seq: int, device: str) -> dict[str, Any]:
+def block_rows(blocks: Iterable[dict[str, Any]], min_bytes: int) -> list[dict[str, Any]]:
+    """Each block of at least ``min_bytes`` alive at the peak, largest first, in allocation order within
+    a size: its size, Python source and (with C++ stacks) the native op that asked for it."""
+    rows = [
+        {
+            "mib": int(b.get("size", 0)) / 2**20,
+            "source": frame_key(b.get("frames", []), 3),
+            "native": native_key(b.get("frames", [])),
+        }
+        for b in blocks
+        if int(b.get("size", 0)) >= min_bytes
+    ]
+    return sorted(rows, key=lambda r: -r["mib"])
+
+
+def _trace_one(built: Any, workload: Any, seq: int, device: str, stacks: str = "python") -> dict[str, Any]:
     import torch
 
     from benchmarks.worker import batch_for_step, train_step
@@ -79,7 +114,7 @@ def _trace_one(built: Any, workload: Any, seq: int, device: str) -> dict[str, An
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
+    torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks=stacks)
     # torch 2.11 loses the early-stop exception of checkpoint inside custom Functions while the history
     # is recorded (pytorch/pytorch#179536): recompute whole layers while tracing.
     with torch.utils.checkpoint.set_checkpoint_early_stop(False):
@@ -100,6 +135,7 @@ def _trace_one(built: Any, workload: Any, seq: int, device: str) -> dict[str, An
         "max_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
         "trace_peak_gib": peak / 2**30,
         "events": len(events),
+        "blocks": block_rows(blocks, min_bytes=seq * 256),  # from 1/16 of a 2048-wide bf16 hidden state
         "groups": [
             {"source": key, "mib": size / 2**20, "blocks": count} for key, size, count in group_blocks(blocks)
         ],
@@ -116,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seqs", default="8192,16384")
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--out", default=None)
+    parser.add_argument(
+        "--cpp", action="store_true", help="record C++ frames too (slower): names the op behind each block"
+    )
     args = parser.parse_args(argv)
 
     import torch
@@ -131,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     built = build_system(args.system, workload, "cuda")
     results = []
     for seq in (int(s) for s in args.seqs.split(",")):
-        result = _trace_one(built, workload, seq, "cuda")
+        result = _trace_one(built, workload, seq, "cuda", stacks="all" if args.cpp else "python")
         results.append(result)
         print(
             f"\n== {args.system} {workload.name} layers={args.layers} seq={seq}: base {result['base_gib']:.2f} GiB,"
@@ -141,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
         for group in result["groups"][: args.top]:
             kib = group["mib"] * 1024 / seq
             print(f"{group['mib']:9.1f} MiB {kib:7.1f} KiB/tok {group['blocks']:4d}  {group['source']}")
+        print("blocks:")
+        for block in result["blocks"][: args.top]:
+            print(f"{block['mib']:9.1f} MiB  {block['source']}  {block['native']}")
     if len(results) >= 2:
         a, b = results[0], results[1]
         slope = (b["max_allocated_gib"] - a["max_allocated_gib"]) * 2**20 / (b["seq"] - a["seq"])
