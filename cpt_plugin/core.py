@@ -102,6 +102,9 @@ def setup_model(model: Any, config: CPTConfig | dict | None = None, checkpointin
         from cpt_plugin.patching.lora import enable_fused_lora
 
         enable_fused_lora(peft_model)
+    from cpt_plugin.offload.head_groups import enable_head_groups
+
+    enable_head_groups(peft_model)  # long-context attention backward: one group of heads' workspace
     mode = checkpointing or config.gradient_checkpointing
     if mode in ("recompute", "offload"):
         from cpt_plugin.offload.checkpointing import enable_checkpointing

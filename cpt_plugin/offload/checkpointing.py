@@ -4,7 +4,9 @@ Why: with checkpointing, what stays on the GPU between forward and backward is o
 decoder layer (``layers x tokens x hidden``), which dominates at long context. In "offload" mode that
 input is copied to pinned CPU memory on a side CUDA stream while the layer computes, the GPU copy is
 freed as soon as the transfer is done, and in backward the input of layer ``i - 1`` is copied back while
-layer ``i`` is recomputed, so the copies hide behind compute.
+layer ``i`` is recomputed, so the copies hide behind compute. An input of ``LATE_FETCH_BYTES`` or more
+(long context) is copied back only once layer ``i``'s backward is done: its copy is then a small part of
+a layer's time, and layer ``i``'s backward peak does not hold it (one hidden state per token less).
 
 How it plugs in: transformers routes every way of enabling checkpointing (``gradient_checkpointing_enable``,
 ``activation_checkpointing_enable``, the Trainer, PEFT) through ``PreTrainedModel._set_gradient_checkpointing``
@@ -56,6 +58,7 @@ from cpt_plugin.model_parts import input_embeddings
 logger = logging.getLogger(__name__)
 
 MODES = ("off", "recompute", "offload")
+LATE_FETCH_BYTES = 256 * 2**20  # 32,768 tokens of a 4096-wide bf16 hidden state, 65,536 of a 2048-wide
 LAYER_MODES = ("keep", "recompute", "offload")  # per decoder layer, in the planner's order of cost
 _WARNED_NO_CUDA = False
 
@@ -170,6 +173,7 @@ class _OffloadedInput:
         "fetches",
         "_taken",
         "_requires_grad",
+        "_late",
         "__weakref__",
     )
 
@@ -182,6 +186,7 @@ class _OffloadedInput:
         self._ready: torch.cuda.Event | None = None
         self.fetches = 0
         self._taken = False
+        self._late: _OffloadedInput | None = None
         nbytes = x.numel() * x.element_size()
         self._key = ("host", None) if simulate else ("cuda", x.device.index)
         self._buf = POOL.get(nbytes, self._key, pin=not simulate)
@@ -231,11 +236,20 @@ class _OffloadedInput:
             self._ready = side.record_event()
         self._gpu = gpu
 
+    def backward_done(self) -> None:
+        """The layer's backward has finished: a large input of the layer below may travel now."""
+        late, self._late = self._late, None
+        if late is not None and not late._taken:
+            late.start_fetch()
+
     def _take(self) -> torch.Tensor:
         self.start_fetch()
         prev = self._prev() if self._prev is not None else None
         if prev is not None and not prev._taken and prev._x is None:
-            prev.start_fetch()  # layer i - 1's input travels while layer i recomputes
+            if prev._host.numel() * prev._host.element_size() < LATE_FETCH_BYTES:
+                prev.start_fetch()  # layer i - 1's input travels while layer i recomputes
+            else:
+                self._late = prev  # travels once layer i's backward is done (``backward_done``)
         if self._ready is not None:
             torch.cuda.current_stream(self.device).wait_event(self._ready)
         gpu, self._gpu, self._ready = self._gpu, None, None
@@ -449,9 +463,9 @@ class _LayerCheckpoint(torch.autograd.Function):
                 "cpt-plugin's checkpointing supports loss.backward(), not torch.autograd.grad() or "
                 "backward(inputs=...); use gradient_checkpointing: off for that."
             )
-        if ctx.parked is not None:
-            x = ctx.parked.get()
-            ctx.parked = None
+        parked, ctx.parked = ctx.parked, None
+        if parked is not None:
+            x = parked.get()
         else:
             (x,) = ctx.saved_tensors
         x = x.detach().requires_grad_(ctx.x_requires_grad)
@@ -483,6 +497,8 @@ class _LayerCheckpoint(torch.autograd.Function):
         if roots:
             torch.autograd.backward(roots, seeds)
         del roots, seeds
+        if parked is not None:
+            parked.backward_done()
         ctx.function = ctx.rest = ctx.on_recompute = None
         grad_x = x.grad if ctx.x_requires_grad else None
         return (None, None, None, None, None, None, grad_x, *([None] * ctx.rest_count))

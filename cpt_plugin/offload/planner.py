@@ -54,7 +54,8 @@ adapted projections)::
     R  (a checkpointed layer's recompute, during its backward) = keep - saved(its mode) + Hb
                                              (+ Hb: the gradient arriving from the layer above)
     W  (one layer's backward working set)  = max(Ib, b(3H + 2q + 2kv) - 2Ib) (our fused MLP)
-                                             or b(3H + 2q + 2kv) + 3Ib (another MLP)   (+Hb prefetch)
+                                             or b(3H + 2q + 2kv) + 3Ib (another MLP)
+                                             (+Hb prefetch when offloading, below LATE_FETCH_BYTES)
                                              tiled MLP: max(0, b(3H + 2q + 2kv) - 2Ib)
     L  (the loss at the end of the forward)                     = 8 (fused loss), + V(b + 8) unfused
     peak = static + T · max( sum_i S_i + Hb + L,  max_j [ sum_{i<=j} S_i + R_j·[j checkpointed] + W_j ] )
@@ -115,6 +116,7 @@ from typing import Any
 import torch
 
 from cpt_plugin.offload.checkpointing import (
+    LATE_FETCH_BYTES,
     LayerPlan,
     decoder_layers,
     enable_layer_plan,
@@ -239,7 +241,10 @@ def predict_peak(plan: LayerPlan, costs: LayerCosts, tokens: int, static: float)
     """Predicted peak allocated bytes of one training micro-batch under ``plan`` (module doc's formula)."""
     prefix = 0.0
     backward = 0.0
-    prefetch = costs.hidden if "offload" in plan.modes else 0.0
+    # the input of the layer below travels during an offloaded layer's backward, unless it is large
+    # (checkpointing.LATE_FETCH_BYTES: then it travels after that backward)
+    early = tokens * costs.hidden < LATE_FETCH_BYTES
+    prefetch = costs.hidden if "offload" in plan.modes and early else 0.0
     for mode, tiled in zip(plan.modes, plan.tiled, strict=True):
         prefix += costs.saved(mode, tiled)
         transient = costs.recompute_transient(tiled, mode) if mode != "keep" else 0.0

@@ -81,6 +81,38 @@ def test_offload_path_prefetches_previous_layer(monkeypatch) -> None:
     assert all(h._taken and h._gpu is None for h in handles)
 
 
+def test_a_large_input_travels_after_the_layer_above_is_done(monkeypatch) -> None:
+    """At long context the input of layer i - 1 is fetched once layer i's backward has finished, so
+    that backward's peak does not hold it; the gradients stay the same."""
+    reference = tiny_llama(layers=3)
+    model = copy.deepcopy(reference)
+    enable_checkpointing(model, "offload", _simulate_offload=True)
+    monkeypatch.setattr(ckpt, "LATE_FETCH_BYTES", 0)  # every input counts as large
+    handles, events = [], []
+    original_init, original_fetch = ckpt._OffloadedInput.__init__, ckpt._OffloadedInput.start_fetch
+
+    def spy(self, x, simulate):
+        original_init(self, x, simulate)
+        handles.append(self)
+
+    def fetch(self):
+        if self._gpu is None:
+            events.append(("fetch", handles.index(self)))
+        original_fetch(self)
+
+    monkeypatch.setattr(ckpt._OffloadedInput, "__init__", spy)
+    monkeypatch.setattr(ckpt._OffloadedInput, "start_fetch", fetch)
+    for index, layer in enumerate(model.model.layers):
+        layer.input_layernorm.register_full_backward_hook(lambda *_, i=index: events.append(("done", i)))
+    ids = torch.randint(0, 257, (2, 13))
+    ref = _grads(reference, [ids])
+    got = _grads(model, [ids])
+    # layer i's last backward step (its input norm) comes before layer i - 1's input is fetched
+    assert events == [("fetch", 2), ("done", 2), ("fetch", 1), ("done", 1), ("fetch", 0), ("done", 0)]
+    assert [h.fetches for h in handles] == [1, 1, 1]
+    _assert_same(got[1], ref[1])
+
+
 def test_rng_preserved_with_dropout() -> None:
     reference = tiny_llama(layers=2, attention_dropout=0.3)
     model = copy.deepcopy(reference)

@@ -1,0 +1,239 @@
+"""Attention over groups of heads at long context, so that its backward holds one group's workspace.
+
+Why: at 1 x 131,072 tokens on Llama-1B shapes the largest block alive at a training step's peak was
+cuDNN's attention-backward workspace, 2,064 MiB (four hidden states per token), allocated on top of dq,
+dk and dv (H200, 2026-12-02, ``benchmarks/memory_trace.py --cpp``). Attention heads are independent, so
+SDPA run on G groups of heads (each group with its own key/value heads) gives every head the same
+result while one backward holds 1/G of that workspace.
+
+How, without a second copy of the output: each group's output is copied into the one (batch, seq,
+heads, head_dim) buffer that transformers' SDPA path returns (and the output projection keeps), and the
+group's own output storage is freed. SDPA's backward saved that output; it is written back from the
+buffer just before the group's backward and freed again after it. The write goes through a separate
+tensor on the same storage, so the saved tensor's version counter does not move.
+
+When: in training (a forward that builds a graph), causal attention without a mask or dropout, and a
+query of at least ``MIN_QUERY_BYTES`` (at shorter lengths the workspace is small and the extra launches
+cost more than it saves). Everything else runs transformers' own SDPA function unchanged. Installed per
+model by ``core.setup_model`` (``enable_head_groups``); the models' attention modules carry the flag.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+logger = logging.getLogger(__name__)
+
+MIN_QUERY_BYTES = 256 * 2**20  # below: one SDPA call (Llama-1B: under 65,536 tokens)
+GROUP_QUERY_BYTES = 64 * 2**20  # the query bytes of one group, at most (when the key/value heads allow)
+_FLAG = "_cpt_head_groups"
+_STORAGE_USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)
+
+
+def head_groups(query: torch.Tensor, key: torch.Tensor) -> int:
+    """How many groups of heads to run: 1 below ``MIN_QUERY_BYTES``, else the fewest groups whose query
+    part is at most ``GROUP_QUERY_BYTES`` among the divisors of the key/value head count."""
+    heads, kv_heads = query.shape[1], key.shape[1]
+    if kv_heads < 1 or heads % kv_heads:
+        return 1
+    query_bytes = query.numel() * query.element_size()
+    if query_bytes < MIN_QUERY_BYTES:
+        return 1
+    wanted = math.ceil(query_bytes / GROUP_QUERY_BYTES)
+    divisors = [d for d in range(1, kv_heads + 1) if kv_heads % d == 0]
+    return next((d for d in divisors if d >= wanted), kv_heads)
+
+
+def _exclusive_storage(tensor: torch.Tensor) -> bool:
+    """The tensor covers its whole storage, and only it and autograd's saved copy of it refer to it."""
+    if _STORAGE_USE_COUNT is None:
+        return False
+    storage = tensor.untyped_storage()
+    if storage.nbytes() != tensor.numel() * tensor.element_size():
+        return False
+    # this tensor, autograd's saved shallow copy, and the storage object made just above
+    return _STORAGE_USE_COUNT(storage._cdata) <= 3
+
+
+def _park(tensor: torch.Tensor) -> None:
+    tensor.untyped_storage().resize_(0)
+
+
+def _unpark(tensor: torch.Tensor, values: torch.Tensor, nbytes: int) -> None:
+    """Gives the freed storage back its values, through another tensor on it (the saved tensor's version
+    counter must not move, or autograd would refuse it)."""
+    storage = tensor.untyped_storage()
+    storage.resize_(nbytes)
+    alias = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+    alias.set_(storage, tensor.storage_offset(), tensor.size(), tensor.stride())
+    alias.copy_(values)
+
+
+class _HeadGroupedAttention(torch.autograd.Function):
+    """Causal SDPA over ``groups`` groups of heads; returns (batch, seq, heads, head_dim) as transformers'
+    SDPA function does. Each group's graph is built in forward and run in backward, one group at a time."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, groups: int, scale: float | None):  # type: ignore[override]
+        batch, heads, seq, _ = query.shape
+        per_q, per_kv = heads // groups, key.shape[1] // groups
+        out = query.new_empty(batch, seq, heads, value.shape[-1])
+        parts = []
+        for g in range(groups):
+            leaves = [
+                t[:, g * n : (g + 1) * n].detach().requires_grad_(t.requires_grad)
+                for t, n in ((query, per_q), (key, per_kv), (value, per_kv))
+            ]
+            with torch.enable_grad():
+                part = F.scaled_dot_product_attention(
+                    *leaves, is_causal=True, scale=scale, enable_gqa=per_q != per_kv
+                )
+            out[:, :, g * per_q : (g + 1) * per_q].copy_(part.detach().transpose(1, 2))
+            nbytes = part.untyped_storage().nbytes()
+            parked = _exclusive_storage(part)
+            if parked:
+                _park(part)
+            parts.append((leaves, part, parked, nbytes))
+        ctx.parts, ctx.per_q, ctx.per_kv = parts, per_q, per_kv
+        ctx.needs = (query.requires_grad, key.requires_grad, value.requires_grad)
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):  # type: ignore[override]
+        (out,) = ctx.saved_tensors
+        parts, per_q, per_kv = ctx.parts, ctx.per_q, ctx.per_kv
+        ctx.parts = None
+        first = parts[0][0]
+        widths = (per_q, per_kv, per_kv)
+        grads = [
+            _grad_buffer(leaf, len(parts) * width) if need else None
+            for leaf, width, need in zip(first, widths, ctx.needs, strict=True)
+        ]
+        for g in range(len(parts)):
+            leaves, part, parked, nbytes = parts[g]
+            parts[g] = None  # the group's graph goes with its backward
+            heads = slice(g * per_q, (g + 1) * per_q)
+            if parked:
+                _unpark(part, out[:, :, heads].transpose(1, 2), nbytes)
+            torch.autograd.backward(part, grad_out[:, :, heads].transpose(1, 2))
+            del part
+            for grad, leaf, width in zip(grads, leaves, widths, strict=True):
+                if grad is not None and leaf.grad is not None:
+                    grad[:, g * width : (g + 1) * width].copy_(leaf.grad)
+                leaf.grad = None
+            del leaves
+        return grads[0], grads[1], grads[2], None, None
+
+
+def _grad_buffer(leaf: torch.Tensor, heads: int) -> torch.Tensor:
+    """A (batch, heads, seq, dim) gradient laid out as (batch, seq, heads, dim), like the projections'
+    outputs it flows back to, so the transposes and views after it cost nothing."""
+    batch, _, seq, dim = leaf.shape
+    return leaf.new_empty(batch, seq, heads, dim).transpose(1, 2)
+
+
+def head_grouped_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, groups: int, scale: float | None = None
+) -> torch.Tensor:
+    """Causal attention of (batch, heads, seq, dim) inputs over ``groups`` groups of heads, returned as
+    (batch, seq, heads, dim); the same values and gradients as one SDPA call."""
+    return _HeadGroupedAttention.apply(query, key, value, groups, scale)
+
+
+def _groups_for_call(module: nn.Module, query, key, value, attention_mask, dropout, is_causal, kwargs) -> int:
+    if not module.__dict__.get(_FLAG) or not torch.is_grad_enabled():
+        return 1
+    if attention_mask is not None or kwargs.get("position_bias") is not None or kwargs.get("softcap"):
+        return 1
+    if dropout or not (query.requires_grad or key.requires_grad or value.requires_grad):
+        return 1
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if not causal or query.shape[2] != key.shape[2] or query.shape[2] < 2:
+        return 1
+    if key.shape[-1] != value.shape[-1] or query.shape[0] != key.shape[0]:
+        return 1
+    return head_groups(query, key)
+
+
+def _wrap_sdpa(original: Callable) -> Callable:
+    def sdpa_attention_forward(
+        module: nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        dropout: float = 0.0,
+        scaling: float | None = None,
+        is_causal: bool | None = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, None]:
+        """transformers' SDPA attention; over groups of heads in long-context training (cpt-plugin)."""
+        groups = _groups_for_call(module, query, key, value, attention_mask, dropout, is_causal, kwargs)
+        if groups <= 1:
+            return original(
+                module,
+                query,
+                key,
+                value,
+                attention_mask,
+                dropout=dropout,
+                scaling=scaling,
+                is_causal=is_causal,
+                **kwargs,
+            )
+        return head_grouped_attention(query, key, value, groups, scaling), None
+
+    sdpa_attention_forward.__cpt_patched__ = True  # type: ignore[attr-defined]
+    sdpa_attention_forward.__cpt_original__ = original  # type: ignore[attr-defined]
+    return sdpa_attention_forward
+
+
+def _attention_registry() -> dict | None:
+    try:
+        from transformers.modeling_utils import AttentionInterface
+    except ImportError:
+        return None
+    mapping = getattr(AttentionInterface, "_global_mapping", None)
+    return mapping if isinstance(mapping, dict) and "sdpa" in mapping else None
+
+
+def _install_wrapper() -> bool:
+    mapping = _attention_registry()
+    if mapping is None:
+        return False
+    if not getattr(mapping["sdpa"], "__cpt_patched__", False):
+        mapping["sdpa"] = _wrap_sdpa(mapping["sdpa"])
+    return True
+
+
+def _attention_modules(model: nn.Module) -> list[nn.Module]:
+    """Modules that call the attention interface with themselves first (transformers' attention classes)."""
+    return [m for m in model.modules() if hasattr(m, "num_key_value_groups") and hasattr(m, "is_causal")]
+
+
+def enable_head_groups(model: nn.Module) -> int:
+    """Marks ``model``'s attention modules for head-grouped SDPA at long context; returns how many.
+
+    Only models running transformers' "sdpa" attention are marked; others keep their attention."""
+    config = getattr(model, "config", None)
+    if getattr(config, "_attn_implementation", None) != "sdpa" or not _install_wrapper():
+        return 0
+    modules = _attention_modules(model)
+    for module in modules:
+        module.__dict__[_FLAG] = True
+    return len(modules)
+
+
+def disable_head_groups(model: nn.Module) -> None:
+    for module in _attention_modules(model):
+        module.__dict__.pop(_FLAG, None)
