@@ -221,3 +221,29 @@ def test_set_up_with_every_kernel_the_groups_change_no_number(monkeypatch, check
     assert grads.keys() == want_grads.keys() and grads
     for name in grads:
         torch.testing.assert_close(grads[name], want_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.gpu
+def test_on_the_gpu_a_whole_offloaded_model_gives_the_same_gradients(monkeypatch) -> None:
+    """bf16 Llama with offloaded checkpointing on the GPU: grouped against one SDPA call per layer."""
+    torch.manual_seed(0)
+    reference = tiny_llama(
+        layers=2,
+        hidden_size=256,
+        intermediate_size=512,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=4096,
+    ).to("cuda", torch.bfloat16)
+    model = copy.deepcopy(reference)
+    enable_checkpointing(model, "offload")
+    enable_checkpointing(reference, "offload")
+    assert enable_head_groups(model) == 2
+    ids = torch.randint(0, 257, (1, 2048), device="cuda")
+    ref_loss, ref = _grads(reference, ids)
+    _force_groups(monkeypatch)
+    loss, grads = _grads(model, ids)
+    torch.testing.assert_close(loss.float(), ref_loss.float(), rtol=1e-3, atol=1e-3)
+    for name in ref:
+        error = (grads[name].float() - ref[name].float()).norm() / ref[name].float().norm().clamp_min(1e-12)
+        assert error < 1e-2, (name, error.item())
