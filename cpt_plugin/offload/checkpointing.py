@@ -5,8 +5,9 @@ decoder layer (``layers x tokens x hidden``), which dominates at long context. I
 input is copied to pinned CPU memory on a side CUDA stream while the layer computes, the GPU copy is
 freed as soon as the transfer is done, and in backward the input of layer ``i - 1`` is copied back while
 layer ``i`` is recomputed, so the copies hide behind compute. An input of ``LATE_FETCH_BYTES`` or more
-(long context) is copied back only once layer ``i``'s backward is done: its copy is then a small part of
-a layer's time, and layer ``i``'s backward peak does not hold it (one hidden state per token less).
+(long context) is copied back only once layer ``i``'s backward peak has passed (``peak_passed``, or the
+end of that backward): its copy is then a small part of a layer's time, and that peak does not hold it
+(one hidden state per token less).
 
 How it plugs in: transformers routes every way of enabling checkpointing (``gradient_checkpointing_enable``,
 ``activation_checkpointing_enable``, the Trainer, PEFT) through ``PreTrainedModel._set_gradient_checkpointing``
@@ -136,6 +137,15 @@ class _Engine:
         self._streams: dict[int, torch.cuda.Stream] = {}
         self._anchors: dict[torch.device, torch.Tensor] = {}
         self.last: weakref.ref[_OffloadedInput] | None = None
+        # a large input of the layer below, to fetch once the running layer's backward peak has passed
+        # (weak: an input whose graph is gone, after an error in backward, is never fetched)
+        self.waiting: weakref.ref[_OffloadedInput] | None = None
+
+    def fetch_waiting(self) -> None:
+        ref, self.waiting = self.waiting, None
+        waiting = ref() if ref is not None else None
+        if waiting is not None and not waiting._taken:
+            waiting.start_fetch()
 
     def stream(self, device: torch.device) -> torch.cuda.Stream:
         index = device.index if device.index is not None else torch.cuda.current_device()
@@ -173,7 +183,6 @@ class _OffloadedInput:
         "fetches",
         "_taken",
         "_requires_grad",
-        "_late",
         "__weakref__",
     )
 
@@ -186,7 +195,6 @@ class _OffloadedInput:
         self._ready: torch.cuda.Event | None = None
         self.fetches = 0
         self._taken = False
-        self._late: _OffloadedInput | None = None
         nbytes = x.numel() * x.element_size()
         self._key = ("host", None) if simulate else ("cuda", x.device.index)
         self._buf = POOL.get(nbytes, self._key, pin=not simulate)
@@ -236,12 +244,6 @@ class _OffloadedInput:
             self._ready = side.record_event()
         self._gpu = gpu
 
-    def backward_done(self) -> None:
-        """The layer's backward has finished: a large input of the layer below may travel now."""
-        late, self._late = self._late, None
-        if late is not None and not late._taken:
-            late.start_fetch()
-
     def _take(self) -> torch.Tensor:
         self.start_fetch()
         prev = self._prev() if self._prev is not None else None
@@ -249,7 +251,7 @@ class _OffloadedInput:
             if prev._host.numel() * prev._host.element_size() < LATE_FETCH_BYTES:
                 prev.start_fetch()  # layer i - 1's input travels while layer i recomputes
             else:
-                self._late = prev  # travels once layer i's backward is done (``backward_done``)
+                _ENGINE.waiting = weakref.ref(prev)  # travels once layer i's backward peak has passed
         if self._ready is not None:
             torch.cuda.current_stream(self.device).wait_event(self._ready)
         gpu, self._gpu, self._ready = self._gpu, None, None
@@ -261,6 +263,14 @@ class _OffloadedInput:
 # Knowing whether a layer runs for the first time or is being recomputed
 # ----------------------------------------------------------------------------------------------
 _STATE = threading.local()
+
+
+def peak_passed() -> None:
+    """Called by a part of a decoder layer whose backward holds the layer's largest working set (the
+    grouped attention, ``head_groups.py``) when that backward is done: a large input of the layer below,
+    which waits so as not to add to that peak, starts travelling now and hides behind the rest of the
+    layer's backward. Without such a call it travels when the layer's backward ends."""
+    _ENGINE.fetch_waiting()
 
 
 def in_recompute() -> bool:
@@ -497,8 +507,7 @@ class _LayerCheckpoint(torch.autograd.Function):
         if roots:
             torch.autograd.backward(roots, seeds)
         del roots, seeds
-        if parked is not None:
-            parked.backward_done()
+        _ENGINE.fetch_waiting()  # if nothing in the layer said so earlier
         ctx.function = ctx.rest = ctx.on_recompute = None
         grad_x = x.grad if ctx.x_requires_grad else None
         return (None, None, None, None, None, None, grad_x, *([None] * ctx.rest_count))

@@ -76,8 +76,8 @@ def test_group_count_follows_the_query_size_and_the_key_value_heads(monkeypatch)
         )
 
     assert count(32768) == 1  # 128 MiB of query: one call
-    assert count(65536) == 4  # 256 MiB: four groups of 64 MiB
-    assert count(131072) == 8  # Llama-1B at 131K: one key/value head per group
+    assert count(65536) == 2  # 256 MiB: two groups of 128 MiB
+    assert count(131072) == 4  # Llama-1B at 131K
     assert count(524288) == 8  # no more groups than key/value heads
     assert count(262144, heads=12, kv=3) == 3
     assert count(262144, heads=12, kv=5) == 1  # heads not a multiple of the key/value heads
@@ -122,6 +122,39 @@ def test_a_whole_model_gives_the_same_loss_and_gradients(monkeypatch, family, ch
     # Gemma 3's sliding-window layers (both tiny layers here) pass a mask: they keep transformers' call
     assert bool(calls) == (family != "gemma3_text"), calls
     assert all(g == model.config.num_key_value_heads for g in calls)
+
+
+def test_the_layer_below_input_travels_once_the_attention_backward_is_done(monkeypatch) -> None:
+    """Offloaded at long context: the attention's backward holds the layer's largest working set; the
+    input of the layer below is fetched right after it, before the rest of the layer's backward."""
+    from cpt_plugin.offload import checkpointing as ckpt
+
+    _force_groups(monkeypatch)
+    monkeypatch.setattr(ckpt, "LATE_FETCH_BYTES", 0)
+    model = tiny_llama(layers=2)
+    enable_head_groups(model)
+    enable_checkpointing(model, "offload", _simulate_offload=True)
+    events = []
+    original_fetch = ckpt._OffloadedInput.start_fetch
+    original_backward = hg._HeadGroupedAttention.backward
+
+    def fetch(self):
+        if self._gpu is None:
+            events.append("fetch")
+        original_fetch(self)
+
+    def backward(ctx, grad):
+        events.append("attention")
+        return original_backward(ctx, grad)
+
+    monkeypatch.setattr(ckpt._OffloadedInput, "start_fetch", fetch)
+    monkeypatch.setattr(hg._HeadGroupedAttention, "backward", staticmethod(backward))
+    for layer in model.model.layers:
+        layer.input_layernorm.register_full_backward_hook(lambda *_: events.append("norm"))
+    ids = torch.randint(0, 257, (2, 13))
+    model(input_ids=ids, labels=ids).loss.backward()
+    # layer 1: its own input, its attention, then layer 0's input, then its input norm; layer 0 likewise
+    assert events == ["fetch", "attention", "fetch", "norm", "attention", "norm"]
 
 
 def test_short_inputs_masks_inference_and_unmarked_models_keep_the_plain_call(monkeypatch) -> None:
