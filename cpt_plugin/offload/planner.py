@@ -84,9 +84,11 @@ sizes): the 524,288-token step (keep 1, recompute 13, offload 2) 89.2 GiB predic
 measured (+4.6%; that static part counts AdamW states the single measured step had not created yet);
 131,072 tokens (keep 14, recompute 2) 117.4 against 117.8 (-0.3%); the eleventh session's correction of
 the checkpointed layers' backward leaves both as they are (their peaks sit at kept layers). The model
-before the tenth session's said 110.7 GiB for the first. Offloaded, tiled plans at long context are
-under-predicted on the GPU: at 131,072 tokens about 36 KB per token against 55 measured (calibrated:
-+4.2%): something only the GPU runs (not traced yet).
+before the tenth session's said 110.7 GiB for the first. Offloaded, tiled plans at long context were
+under-predicted on the GPU: at 131,072 tokens about 36 KB per token against 55 measured. The trace
+(``benchmarks/memory_trace.py --cpp``) found cuDNN's attention-backward workspace, four hidden states per
+token, which the model does not count; since attention runs over groups of heads there
+(``head_groups.py``) it is a quarter of that, and the calibrated prediction of that plan was +5.0%.
 
 The backward runs from the top layer down, freeing as it goes, so the plan keeps the top layers,
 recomputes the middle and offloads the bottom: the largest prefix then meets no recompute.
