@@ -12,9 +12,10 @@ group's own output storage is freed. SDPA's backward saved that output; it is wr
 buffer just before the group's backward and freed again after it. The write goes through a separate
 tensor on the same storage, so the saved tensor's version counter does not move.
 
-When: in training (a forward that builds a graph), causal attention without a mask or dropout, and a
-query of at least ``MIN_QUERY_BYTES`` (at shorter lengths the workspace is small and the extra launches
-cost more than it saves). Everything else runs transformers' own SDPA function unchanged. Installed per
+When: in the recompute of a checkpointed layer (recompute or offload: where memory was chosen over
+speed; a kept layer runs one call), causal attention without a mask or dropout, and a query of at least
+``MIN_QUERY_BYTES`` (at shorter lengths the workspace is small and the extra launches cost more than it
+saves). The groups cost speed: 1.5% of a 131K-token Llama-1B step on an H200, with the later fetch below. Everything else runs transformers' own SDPA function unchanged. Installed per
 model by ``core.setup_model`` (``enable_head_groups``); the models' attention modules carry the flag.
 """
 
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from cpt_plugin.offload.checkpointing import peak_passed
+from cpt_plugin.offload.checkpointing import in_recompute, peak_passed
 
 logger = logging.getLogger(__name__)
 
@@ -156,7 +157,9 @@ def head_grouped_attention(
 
 
 def _groups_for_call(module: nn.Module, query, key, value, attention_mask, dropout, is_causal, kwargs) -> int:
-    if not module.__dict__.get(_FLAG) or not torch.is_grad_enabled():
+    # Only in a checkpointed layer's recompute: a layer that is kept (no checkpointing, or the planner
+    # keeps it because memory allows) is where speed was chosen over memory.
+    if not module.__dict__.get(_FLAG) or not torch.is_grad_enabled() or not in_recompute():
         return 1
     if attention_mask is not None or kwargs.get("position_bias") is not None or kwargs.get("softcap"):
         return 1
