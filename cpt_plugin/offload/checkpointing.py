@@ -47,7 +47,7 @@ import sys
 import threading
 import types
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -282,6 +282,22 @@ def in_recompute() -> bool:
     return getattr(_STATE, "recomputing", False)
 
 
+def in_lean_recompute() -> bool:
+    """True while :class:`_LayerCheckpoint` recomputes a layer (not torch's checkpoint, whose recompute
+    must save the same tensors as the forward did: a part that changes what it saves checks this)."""
+    return getattr(_STATE, "lean", False) and in_recompute()
+
+
+@contextlib.contextmanager
+def _lean_recompute() -> Iterator[None]:
+    previous = getattr(_STATE, "lean", False)
+    _STATE.lean = True
+    try:
+        yield
+    finally:
+        _STATE.lean = previous
+
+
 class _Region:
     """One checkpointed call: its first run is the forward, every later run a recompute."""
 
@@ -490,7 +506,7 @@ class _LayerCheckpoint(torch.autograd.Function):
                     torch.cuda.set_rng_state(state, device)
             for kind, dtype, cache in ctx.autocast:
                 stack.enter_context(torch.autocast(kind, dtype=dtype, cache_enabled=cache))
-            with torch.enable_grad():
+            with torch.enable_grad(), _lean_recompute():
                 out = _run_region(ctx.region, ctx.function, x, *ctx.rest)
         if measure:  # what the layer holds for its backward: the planner's estimate of keeping it
             ctx.on_recompute(_allocated(x.device) - before)

@@ -125,6 +125,30 @@ def test_a_whole_model_gives_the_same_loss_and_gradients(monkeypatch, family, ch
     assert all(g == model.config.num_key_value_heads for g in calls)
 
 
+@pytest.mark.parametrize("mode", ["recompute", "offload"])
+def test_under_torch_checkpoint_the_recompute_keeps_one_call(monkeypatch, mode) -> None:
+    """Under torch.distributed the layers go through torch's checkpoint, whose recompute must save what
+    the forward saved: no groups there (the run would fail or mismatch), the same gradients."""
+    from cpt_plugin.offload import checkpointing as ckpt
+
+    _force_groups(monkeypatch)
+    monkeypatch.setattr(ckpt, "_distributed", lambda: True)
+    reference = tiny_llama(layers=2)
+    model = copy.deepcopy(reference)
+    enable_head_groups(model)
+    enable_checkpointing(model, mode, _simulate_offload=True)
+    calls = []
+    original = hg._HeadGroupedAttention.apply
+    monkeypatch.setattr(hg._HeadGroupedAttention, "apply", lambda *a: calls.append(1) or original(*a))
+    ids = torch.randint(0, 257, (2, 13))
+    ref_loss, ref = _grads(reference, ids)
+    loss, grads = _grads(model, ids)
+    assert not calls
+    torch.testing.assert_close(loss, ref_loss)
+    for name in ref:
+        torch.testing.assert_close(grads[name], ref[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_the_layer_below_input_travels_once_the_attention_backward_is_done(monkeypatch) -> None:
     """Offloaded at long context: the attention's backward holds the layer's largest working set; the
     input of the layer below is fetched right after it, before the rest of the layer's backward."""
