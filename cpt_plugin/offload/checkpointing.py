@@ -183,10 +183,11 @@ class _OffloadedInput:
         "fetches",
         "_taken",
         "_requires_grad",
+        "extras",
         "__weakref__",
     )
 
-    def __init__(self, x: torch.Tensor, simulate: bool) -> None:
+    def __init__(self, x: torch.Tensor, simulate: bool, link: bool = True) -> None:
         self._x: torch.Tensor | None = x
         self._simulate = simulate
         self.shape, self.dtype, self.device = x.shape, x.dtype, x.device
@@ -195,6 +196,7 @@ class _OffloadedInput:
         self._ready: torch.cuda.Event | None = None
         self.fetches = 0
         self._taken = False
+        self.extras: list[_OffloadedInput] = []  # parked with this input, fetched with it (LayerStash)
         nbytes = x.numel() * x.element_size()
         self._key = ("host", None) if simulate else ("cuda", x.device.index)
         self._buf = POOL.get(nbytes, self._key, pin=not simulate)
@@ -209,9 +211,11 @@ class _OffloadedInput:
             with torch.cuda.stream(side):
                 self._host.copy_(source, non_blocking=True)
             x.record_stream(side)  # its memory is reused only after the copy, not before
-        last = _ENGINE.last() if _ENGINE.last is not None else None
-        self._prev = weakref.ref(last) if last is not None else None
-        _ENGINE.last = weakref.ref(self)
+        self._prev = None
+        if link:  # a layer input: the chain along which inputs are prefetched in backward
+            last = _ENGINE.last() if _ENGINE.last is not None else None
+            self._prev = weakref.ref(last) if last is not None else None
+            _ENGINE.last = weakref.ref(self)
 
     def __del__(self) -> None:
         buf = getattr(self, "_buf", None)
@@ -228,7 +232,9 @@ class _OffloadedInput:
         return self._take()
 
     def start_fetch(self) -> None:
-        """Starts copying the input back to the device (no-op when already fetched)."""
+        """Starts copying the input back to the device (no-op when already fetched), and its extras."""
+        for extra in self.extras:
+            extra.start_fetch()
         if self._gpu is not None or self._buf is None:
             return
         self.fetches += 1
@@ -280,6 +286,58 @@ def in_recompute() -> bool:
     Thread-local: the recompute runs on the autograd engine's thread, inside this module's call.
     """
     return getattr(_STATE, "recomputing", False)
+
+
+class LayerStash:
+    """What parts of an offloaded layer keep from its forward for its recompute (``attention_replay``):
+    ``items`` in call order, and tensors parked in host memory beside the layer input, which travel back
+    with it. ``replaying`` is False in the forward (items are added), True in the recompute (taken)."""
+
+    def __init__(self, layer_input: _OffloadedInput) -> None:
+        self.items: list[Any] = []
+        self.replaying = False
+        self._input = layer_input
+        self._next = 0
+        self._when_forward_done: list[Callable[[], Any]] = []
+
+    def on_forward_done(self, callback: Callable[[], Any]) -> None:
+        """``callback()`` once the layer's forward has returned (to free what only the forward used)."""
+        self._when_forward_done.append(callback)
+
+    def forward_done(self) -> None:
+        callbacks, self._when_forward_done = self._when_forward_done, []
+        for callback in callbacks:
+            callback()
+
+    def park(self, tensor: torch.Tensor) -> _OffloadedInput:
+        """``tensor`` copied to host memory now; back on the device when the layer input is fetched."""
+        handle = _OffloadedInput(tensor, simulate=self._input._simulate, link=False)
+        handle.forward_done()
+        self._input.extras.append(handle)
+        return handle
+
+    def take(self) -> Any:
+        """The next item kept by the forward, or None when the recompute has asked for more."""
+        if self._next >= len(self.items):
+            return None
+        item, self.items[self._next] = self.items[self._next], None
+        self._next += 1
+        return item
+
+
+def current_stash() -> LayerStash | None:
+    """The stash of the offloaded layer call that is running (its forward or its lean recompute)."""
+    return getattr(_STATE, "stash", None)
+
+
+@contextlib.contextmanager
+def _stash_active(stash: LayerStash | None) -> Iterator[None]:
+    previous = getattr(_STATE, "stash", None)
+    _STATE.stash = stash
+    try:
+        yield
+    finally:
+        _STATE.stash = previous
 
 
 def in_lean_recompute() -> bool:
@@ -470,16 +528,19 @@ class _LayerCheckpoint(torch.autograd.Function):
         if preserve_rng:
             devices = [x.device] if x.is_cuda else []
             ctx.rng = (torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices], devices)
-        ctx.parked = None
+        ctx.parked = ctx.stash = None
         if offload:
             ctx.parked = _OffloadedInput(x, simulate=simulate)
+            ctx.stash = LayerStash(ctx.parked)
         else:
             ctx.save_for_backward(x)
         try:
-            return _run_region(ctx.region, function, x, *rest)
+            with _stash_active(ctx.stash):
+                return _run_region(ctx.region, function, x, *rest)
         finally:
             if ctx.parked is not None:
                 ctx.parked.forward_done()
+                ctx.stash.forward_done()
 
     @staticmethod
     def backward(ctx, *grads):
@@ -506,8 +567,12 @@ class _LayerCheckpoint(torch.autograd.Function):
                     torch.cuda.set_rng_state(state, device)
             for kind, dtype, cache in ctx.autocast:
                 stack.enter_context(torch.autocast(kind, dtype=dtype, cache_enabled=cache))
-            with torch.enable_grad(), _lean_recompute():
+            stash, ctx.stash = ctx.stash, None
+            if stash is not None:
+                stash.replaying = True
+            with torch.enable_grad(), _lean_recompute(), _stash_active(stash):
                 out = _run_region(ctx.region, ctx.function, x, *ctx.rest)
+            del stash  # what the recompute did not take goes now
         if measure:  # what the layer holds for its backward: the planner's estimate of keeping it
             ctx.on_recompute(_allocated(x.device) - before)
         outs = out if isinstance(out, tuple) else (out,)

@@ -12,11 +12,15 @@ group's own output storage is freed. SDPA's backward saved that output; it is wr
 buffer just before the group's backward and freed again after it. The write goes through a separate
 tensor on the same storage, so the saved tensor's version counter does not move.
 
-When: in the recompute of a checkpointed layer (recompute or offload: where memory was chosen over
-speed; a kept layer runs one call), causal attention without a mask or dropout, and a query of at least
-``MIN_QUERY_BYTES`` (at shorter lengths the workspace is small and the extra launches cost more than it
-saves). The groups cost speed: 1.5% of a 131K-token Llama-1B step on an H200, with the later fetch below. Everything else runs transformers' own SDPA function unchanged. Installed per
-model by ``core.setup_model`` (``enable_head_groups``); the models' attention modules carry the flag.
+When: causal attention without a mask or dropout over a query of at least ``MIN_QUERY_BYTES`` (at
+shorter lengths the workspace is small and the extra launches cost more than they save), in our own
+checkpoint: an offloaded layer records its attention in the forward and its recompute replays it
+(``attention_replay.py``, groups included); a recomputed layer's recompute runs it over groups here. A
+kept layer (no checkpointing, or kept by the planner because memory allows) chose speed: one call. The
+groups cost speed: 1.5% of a 131K-token Llama-1B step on an H200 (with the later fetch of the layer
+below's input, measured before the replay existed). Everything else runs transformers' own SDPA
+function unchanged. Installed per model by ``core.setup_model`` (``enable_head_groups``); the models'
+attention modules carry the flag.
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from cpt_plugin.offload.checkpointing import in_recompute, peak_passed
+from cpt_plugin.offload.attention_replay import replay_or_record
+from cpt_plugin.offload.checkpointing import in_lean_recompute, peak_passed
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +50,8 @@ _STORAGE_USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)
 
 def head_groups(query: torch.Tensor, key: torch.Tensor) -> int:
     """How many groups of heads to run: 1 below ``MIN_QUERY_BYTES``, else the fewest groups whose query
-    part is at most ``GROUP_QUERY_BYTES`` among the divisors of the key/value head count."""
+    part is at most ``GROUP_QUERY_BYTES`` among the divisors of the key/value head count (at most that
+    count: each group has its own key/value heads)."""
     heads, kv_heads = query.shape[1], key.shape[1]
     if kv_heads < 1 or heads % kv_heads:
         return 1
@@ -156,21 +162,30 @@ def head_grouped_attention(
     return _HeadGroupedAttention.apply(query, key, value, groups, scale)
 
 
-def _groups_for_call(module: nn.Module, query, key, value, attention_mask, dropout, is_causal, kwargs) -> int:
-    # Only in a checkpointed layer's recompute: a layer that is kept (no checkpointing, or the planner
-    # keeps it because memory allows) is where speed was chosen over memory.
-    if not module.__dict__.get(_FLAG) or not torch.is_grad_enabled() or not in_recompute():
-        return 1
-    if attention_mask is not None or kwargs.get("position_bias") is not None or kwargs.get("softcap"):
-        return 1
-    if dropout or not (query.requires_grad or key.requires_grad or value.requires_grad):
-        return 1
+def _long_causal_call(
+    module: nn.Module, query, key, value, attention_mask, dropout, is_causal, kwargs
+) -> bool:
+    """A marked module's causal attention without a mask or dropout over at least ``MIN_QUERY_BYTES``."""
+    if not module.__dict__.get(_FLAG) or attention_mask is not None or dropout:
+        return False
+    if kwargs.get("position_bias") is not None or kwargs.get("softcap"):
+        return False
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     if not causal or query.shape[2] != key.shape[2] or query.shape[2] < 2:
-        return 1
-    if key.shape[-1] != value.shape[-1] or query.shape[0] != key.shape[0]:
-        return 1
-    return head_groups(query, key)
+        return False
+    if key.shape[-1] != value.shape[-1] or query.shape[0] != key.shape[0] or key.shape[1] < 1:
+        return False
+    if query.shape[1] % key.shape[1]:
+        return False
+    return query.numel() * query.element_size() >= MIN_QUERY_BYTES
+
+
+def _grouped_here(query, key, value) -> bool:
+    """Groups only in a checkpointed layer's recompute: a kept layer (no checkpointing, or kept by the
+    planner because memory allows) chose speed over memory. Only in our own checkpoint's recompute:
+    torch's (under torch.distributed) matches what its recompute saves against the forward."""
+    needs_grad = query.requires_grad or key.requires_grad or value.requires_grad
+    return torch.is_grad_enabled() and needs_grad and in_lean_recompute()
 
 
 def _wrap_sdpa(original: Callable) -> Callable:
@@ -185,21 +200,26 @@ def _wrap_sdpa(original: Callable) -> Callable:
         is_causal: bool | None = None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, None]:
-        """transformers' SDPA attention; over groups of heads in long-context training (cpt-plugin)."""
-        groups = _groups_for_call(module, query, key, value, attention_mask, dropout, is_causal, kwargs)
-        if groups <= 1:
-            return original(
-                module,
-                query,
-                key,
-                value,
-                attention_mask,
-                dropout=dropout,
-                scaling=scaling,
-                is_causal=is_causal,
-                **kwargs,
-            )
-        return head_grouped_attention(query, key, value, groups, scaling), None
+        """transformers' SDPA attention; at long context in our checkpointing, over groups of heads and
+        (offloaded layers) not recomputed (cpt-plugin: offload/head_groups.py, attention_replay.py)."""
+        if _long_causal_call(module, query, key, value, attention_mask, dropout, is_causal, kwargs):
+            groups = head_groups(query, key)
+            replayed = replay_or_record(query, key, value, groups, scaling)
+            if replayed is not None:
+                return replayed, None
+            if groups > 1 and _grouped_here(query, key, value):
+                return head_grouped_attention(query, key, value, groups, scaling), None
+        return original(
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=dropout,
+            scaling=scaling,
+            is_causal=is_causal,
+            **kwargs,
+        )
 
     sdpa_attention_forward.__cpt_patched__ = True  # type: ignore[attr-defined]
     sdpa_attention_forward.__cpt_original__ = original  # type: ignore[attr-defined]

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from offload_models import tiny_llama
 
+import cpt_plugin.offload.attention_replay as replay_module
 import cpt_plugin.offload.head_groups as hg
 from cpt_plugin.offload.checkpointing import enable_checkpointing
 from cpt_plugin.offload.head_groups import (
@@ -105,9 +106,11 @@ def test_a_whole_model_gives_the_same_loss_and_gradients(monkeypatch, family, ch
         return
     reference.set_attn_implementation("sdpa")
     model = copy.deepcopy(reference)
-    calls = []
+    calls, replays = [], []
     original = hg._HeadGroupedAttention.apply
     monkeypatch.setattr(hg._HeadGroupedAttention, "apply", lambda *a: calls.append(a[3]) or original(*a))
+    replay = replay_module._Replay.apply
+    monkeypatch.setattr(replay_module._Replay, "apply", lambda *a: replays.append(1) or replay(*a))
     marked = enable_head_groups(model)
     assert marked == 2
     if checkpointing != "off":
@@ -119,9 +122,12 @@ def test_a_whole_model_gives_the_same_loss_and_gradients(monkeypatch, family, ch
     assert grads.keys() == ref.keys() and grads
     for name in ref:
         torch.testing.assert_close(grads[name], ref[name], rtol=1e-4, atol=1e-5, msg=name)
-    # Only recomputes are grouped (a kept layer chose speed); Gemma 3's sliding-window layers (both tiny
-    # layers here) pass a mask: they keep transformers' call
-    assert bool(calls) == (family != "gemma3_text" and checkpointing != "off"), calls
+    # Only recomputes are grouped (a kept layer chose speed), and an offloaded layer's recompute does not
+    # run attention at all (attention_replay); Gemma 3's sliding-window layers (both tiny layers here)
+    # pass a mask: they keep transformers' call
+    long_calls = family != "gemma3_text"
+    assert bool(calls) == (long_calls and checkpointing == "recompute"), calls
+    assert bool(replays) == (long_calls and checkpointing == "offload"), replays
     assert all(g == model.config.num_key_value_heads for g in calls)
 
 
@@ -161,10 +167,10 @@ def test_the_layer_below_input_travels_once_the_attention_backward_is_done(monke
     enable_checkpointing(model, "offload", _simulate_offload=True)
     events = []
     original_fetch = ckpt._OffloadedInput.start_fetch
-    original_backward = hg._HeadGroupedAttention.backward
+    original_backward = replay_module._Replay.backward  # an offloaded layer's attention backward
 
     def fetch(self):
-        if self._gpu is None:
+        if self._gpu is None and self.extras:  # a layer input (the attention's output travels with it)
             events.append("fetch")
         original_fetch(self)
 
@@ -173,7 +179,7 @@ def test_the_layer_below_input_travels_once_the_attention_backward_is_done(monke
         return original_backward(ctx, grad)
 
     monkeypatch.setattr(ckpt._OffloadedInput, "start_fetch", fetch)
-    monkeypatch.setattr(hg._HeadGroupedAttention, "backward", staticmethod(backward))
+    monkeypatch.setattr(replay_module._Replay, "backward", staticmethod(backward))
     for layer in model.model.layers:
         layer.input_layernorm.register_full_backward_hook(lambda *_: events.append("norm"))
     ids = torch.randint(0, 257, (2, 13))
@@ -271,10 +277,14 @@ def test_set_up_with_every_kernel_the_groups_change_no_number(monkeypatch, check
         calls = []
         original = hg._HeadGroupedAttention.apply
         monkeypatch.setattr(hg._HeadGroupedAttention, "apply", lambda *a: calls.append(1) or original(*a))
+        replay = replay_module._Replay.apply
+        monkeypatch.setattr(replay_module._Replay, "apply", lambda *a: calls.append(2) or replay(*a))
         loss, grads, _ = train_step(build(), inputs)
     finally:
         unpatch()
-    assert calls
+    # groups in the recompute (on the CPU "offload" keeps the input instead: there is no pinned memory;
+    # the offloaded replay is tested with simulated offloading above)
+    assert set(calls) == {1}
     torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
     assert grads.keys() == want_grads.keys() and grads
     for name in grads:

@@ -1,0 +1,191 @@
+"""The recompute of an offloaded layer skips its attention: the forward keeps the attention's graph, and
+what that graph saved goes to host memory with the layer input.
+
+Why: at long context attention is most of a step (quadratic in the length), and a checkpointed layer
+computes it twice, in the forward and again in the recompute. Its backward needs only the query, key and
+value (which the recompute computes anyway, cheaply: projections and RoPE), the attention output and the
+log-sum-exp. So in the graph-free forward of an offloaded layer the attention is run building its
+autograd graph on leaves detached from q, k and v, one SDPA call per group of heads (``head_groups``),
+and every tensor the graph saves is handed over through saved-tensor hooks:
+
+* q, k, v, or views of them: not kept. The forward's copies are freed when the layer's forward is done;
+  in backward the graph reads the recompute's q, k, v instead, the same numbers.
+* each group's output: its values are copied into the (batch, seq, heads, dim) output, whose storage is
+  parked in host memory beside the layer input (``LayerStash``) and freed on the device; the recompute
+  gets that output back instead of computing it, and the graph reads its groups' views of it.
+* anything else of ``PARK_BYTES`` or more (the log-sum-exp): parked the same way; smaller tensors (RNG
+  seeds) stay where they are.
+
+In the recompute, the attention call returns the fetched output through ``_Replay``, whose backward
+runs the forward's graphs with the recompute's q, k, v, one group at a time (so the backward holds one
+group's workspace), and then lets the layer below's input travel (``peak_passed``). Only inside our own
+checkpoint, only for offloaded layers (a recomputed one would have to keep the output on the device),
+and never when the recompute's call does not match the forward's (then it computes attention as before).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from cpt_plugin.offload.checkpointing import LayerStash, current_stash, in_lean_recompute, peak_passed
+
+PARK_BYTES = 2**20  # saved tensors this large go to host memory with the layer input; smaller stay
+
+
+def _storage_ptr(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def _layout(t: torch.Tensor) -> tuple:
+    return (t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+
+
+def _key(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, groups: int, scale) -> tuple:
+    return (*((_layout(t), t.dtype, t.device) for t in (query, key, value)), groups, scale)
+
+
+class _Recorded:
+    """One attention call of an offloaded layer's forward: its graphs (one per group of heads) and how
+    each tensor they saved comes back in backward."""
+
+    def __init__(self, key: tuple) -> None:
+        self.key = (
+            key  # shapes, strides and dtypes of q, k, v, the groups and scale: the recompute's must match
+        )
+        self.groups: list[tuple[tuple[torch.Tensor, ...], torch.Tensor]] = []  # (leaves, output) per group
+        self.slots: list[Any] = []  # per saved tensor: how to get it back
+        self._settled = 0
+        self.output_layout: tuple = ()
+        self.output_handle: Any = None
+        self.bound: tuple[torch.Tensor, ...] = ()  # the recompute's q, k, v and the output, in backward
+
+    def pack(self, tensor: torch.Tensor) -> int:
+        self.slots.append(tensor)  # classified by settle() once every group has run
+        return len(self.slots) - 1
+
+    def unpack(self, index: int) -> torch.Tensor:
+        kind, *rest = self.slots[index]
+        if kind in ("input", "output"):
+            which, (offset, shape, stride) = rest
+            return self.bound[which].as_strided(shape, stride, offset)
+        if kind == "parked":
+            return rest[0].get()
+        return rest[0]
+
+    def settle(self, stash: LayerStash, inputs: tuple, part: torch.Tensor, heads_view: torch.Tensor) -> None:
+        """Classifies what one group's graph saved (the slots not classified yet): views of the inputs,
+        its output ``part`` (whose values are in ``heads_view``, a view of the whole output), the rest."""
+        pointers = [_storage_ptr(t) for t in inputs]
+        for index in range(self._settled, len(self.slots)):
+            tensor = self.slots[index]
+            pointer = _storage_ptr(tensor)
+            if pointer in pointers:
+                self.slots[index] = ("input", pointers.index(pointer), _layout(tensor))
+            elif pointer == _storage_ptr(part) and tensor.shape == part.shape:
+                self.slots[index] = ("output", 3, _layout(heads_view))
+            elif tensor.numel() * tensor.element_size() >= PARK_BYTES:
+                self.slots[index] = ("parked", stash.park(tensor.detach()))
+            else:
+                self.slots[index] = ("kept", tensor)
+        self._settled = len(self.slots)
+
+
+def record(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    groups: int,
+    scale: float | None,
+    stash: LayerStash,
+) -> torch.Tensor:
+    """Causal attention of (batch, heads, seq, dim) inputs, returned as (batch, seq, heads, dim) without
+    a graph; its graphs and saved tensors are kept for the recompute as the module doc says."""
+    batch, heads, seq, _ = query.shape
+    per_q, per_kv = heads // groups, key.shape[1] // groups
+    output = query.new_empty(batch, seq, heads, value.shape[-1])
+    recorded = _Recorded(_key(query, key, value, groups, scale))
+    inputs = (query, key, value)
+    for g in range(groups):
+        leaves = tuple(
+            t[:, g * n : (g + 1) * n].detach().requires_grad_()
+            for t, n in ((query, per_q), (key, per_kv), (value, per_kv))
+        )
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(recorded.pack, recorded.unpack):
+            part = F.scaled_dot_product_attention(
+                *leaves, is_causal=True, scale=scale, enable_gqa=per_q != per_kv
+            )
+        heads_view = output[:, :, g * per_q : (g + 1) * per_q].transpose(1, 2)
+        heads_view.copy_(part.detach())
+        recorded.settle(stash, inputs, part, heads_view)
+        part.untyped_storage().resize_(0)  # shape and graph stay; its numbers come back in backward
+        recorded.groups.append((leaves, part))
+    recorded.output_layout = _layout(output)
+    recorded.output_handle = stash.park(output)
+    stash.items.append(recorded)
+    stash.on_forward_done(lambda: [t.untyped_storage().resize_(0) for t in inputs])
+    return output
+
+
+class _Replay(torch.autograd.Function):
+    """The forward's attention output, fetched; backward runs the forward's graphs on these q, k, v."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, recorded: _Recorded):  # type: ignore[override]
+        offset, shape, stride = recorded.output_layout
+        fetched = recorded.output_handle.get()
+        ctx.recorded = recorded
+        ctx.save_for_backward(query, key, value, fetched)
+        return fetched.as_strided(shape, stride, offset)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):  # type: ignore[override]
+        recorded, ctx.recorded = ctx.recorded, None
+        query, key, value, fetched = ctx.saved_tensors
+        recorded.bound = (query, key, value, fetched)
+        grads = [_grad_buffer(t) for t in (query, key, value)]
+        groups, recorded.groups = recorded.groups, []
+        per_q = query.shape[1] // len(groups)
+        try:
+            for g in range(len(groups)):
+                leaves, part = groups[g]
+                groups[g] = None  # type: ignore[call-overload]  # the group's graph goes with its backward
+                heads = slice(g * per_q, (g + 1) * per_q)
+                parts = torch.autograd.grad(part, leaves, grad_output[:, :, heads].transpose(1, 2))
+                del part
+                for grad, part_grad, leaf in zip(grads, parts, leaves, strict=True):
+                    width = leaf.shape[1]
+                    grad[:, g * width : (g + 1) * width].copy_(part_grad)
+                del parts, leaves
+        finally:
+            recorded.bound, recorded.slots = (), []
+        peak_passed()
+        return grads[0], grads[1], grads[2], None
+
+
+def _grad_buffer(like: torch.Tensor) -> torch.Tensor:
+    """A (batch, heads, seq, dim) gradient laid out as (batch, seq, heads, dim), as the projections are."""
+    batch, heads, seq, dim = like.shape
+    return like.new_empty(batch, seq, heads, dim).transpose(1, 2)
+
+
+def replay_or_record(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, groups: int, scale: float | None
+) -> torch.Tensor | None:
+    """Inside an offloaded layer of our checkpoint: records the call in its graph-free forward, replays it
+    in its recompute (the output, (batch, seq, heads, dim)); None where neither applies."""
+    stash = current_stash()
+    if stash is None:
+        return None
+    if not stash.replaying:
+        return None if torch.is_grad_enabled() else record(query, key, value, groups, scale, stash)
+    if not (in_lean_recompute() and torch.is_grad_enabled()):
+        return None
+    recorded = stash.take()
+    if recorded is None or recorded.key != _key(query, key, value, groups, scale):
+        return None
+    return _Replay.apply(query, key, value, recorded)

@@ -1,0 +1,159 @@
+"""An offloaded layer's recompute without attention: the forward's graph replayed with the recompute's
+q, k, v gives the same loss and gradients, runs no attention forward in backward, keeps nothing of the
+forward's q, k, v on the device, and falls back to computing when the calls do not match."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from offload_models import tiny_llama
+
+import cpt_plugin.offload.attention_replay as replay
+import cpt_plugin.offload.head_groups as hg
+from cpt_plugin.offload.checkpointing import enable_checkpointing
+from cpt_plugin.offload.head_groups import enable_head_groups
+from tests.patching.models import FAMILIES, tiny_model
+
+
+def _long(monkeypatch, one_group: bool = False) -> None:
+    monkeypatch.setattr(hg, "MIN_QUERY_BYTES", 0)
+    monkeypatch.setattr(hg, "GROUP_QUERY_BYTES", 2**40 if one_group else 1)
+
+
+def _grads(model, batches):
+    model.zero_grad(set_to_none=True)
+    losses = []
+    for ids in batches:
+        loss = model(input_ids=ids, labels=ids).loss / len(batches)
+        loss.backward()
+        losses.append(loss.detach())
+    return losses, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _same(got, want, rtol=1e-4, atol=1e-5) -> None:
+    (losses, grads), (ref_losses, ref) = got, want
+    for a, b in zip(losses, ref_losses, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == ref.keys() and grads
+    for name in ref:
+        torch.testing.assert_close(grads[name], ref[name], rtol=rtol, atol=atol, msg=name)
+
+
+def _counting(monkeypatch, target, name: str) -> list:
+    calls: list = []
+    original = getattr(target, name)
+    monkeypatch.setattr(target, name, lambda *a, **k: calls.append(1) or original(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("one_group", [False, True])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_same_loss_and_gradients_and_no_attention_in_the_recompute(monkeypatch, family, one_group) -> None:
+    reference = tiny_model(family, num_hidden_layers=3)
+    if not reference._supports_sdpa:  # Gemma 2: eager attention, left alone
+        return
+    reference.set_attn_implementation("sdpa")
+    model = copy.deepcopy(reference)
+    enable_head_groups(model)
+    enable_checkpointing(model, "offload", _simulate_offload=True)
+    _long(monkeypatch, one_group)
+    batches = [torch.randint(0, model.config.vocab_size, (2, 19)) for _ in range(2)]  # accumulation
+    want = _grads(reference, batches)
+    sdpa = _counting(monkeypatch, torch.nn.functional, "scaled_dot_product_attention")  # every caller
+    replays = _counting(monkeypatch, replay._Replay, "apply")
+    got = _grads(model, batches)
+    _same(got, want)
+    if family == "gemma3_text":  # both tiny layers are sliding-window ones: a mask, transformers' call
+        assert not replays
+        return
+    groups = 1 if one_group else model.config.num_key_value_heads
+    # every SDPA call ran in the forward (one per group, per layer, per micro-batch); none in backward
+    assert len(sdpa) == 3 * 2 * groups and len(replays) == 3 * 2
+
+
+def test_the_forward_keeps_none_of_its_q_k_v_and_parks_the_output(monkeypatch) -> None:
+    model = tiny_llama(layers=2)
+    enable_head_groups(model)
+    enable_checkpointing(model, "offload", _simulate_offload=True)
+    _long(monkeypatch)
+    recorded = []
+    original = replay.record
+
+    def spy(*args):
+        out = original(*args)
+        recorded.append(args[-1].items[-1])
+        return out
+
+    monkeypatch.setattr(replay, "record", spy)
+    ids = torch.randint(0, 257, (2, 13))
+    loss = model(input_ids=ids, labels=ids).loss
+    assert len(recorded) == 2
+    for item in recorded:
+        for leaves, part in item.groups:
+            assert all(t.untyped_storage().nbytes() == 0 for t in (*leaves, part))  # freed on the device
+        kinds = [slot[0] for slot in item.slots]
+        assert kinds.count("input") == 3 * len(item.groups) and "output" in kinds
+        assert item.output_handle._host.numel() == 2 * 13 * 64  # the whole output, in host memory
+    loss.backward()
+    assert all(not item.groups and not item.slots for item in recorded)  # dropped after their backward
+
+
+def test_a_recompute_call_that_does_not_match_computes_attention(monkeypatch) -> None:
+    reference = tiny_llama(layers=2)
+    model = copy.deepcopy(reference)
+    enable_head_groups(model)
+    enable_checkpointing(model, "offload", _simulate_offload=True)
+    _long(monkeypatch)
+    ids = torch.randint(0, 257, (2, 13))
+    want = _grads(reference, [ids])
+    original_key = replay._key
+    monkeypatch.setattr(
+        replay, "_key", lambda *a: original_key(*a) + (torch.is_grad_enabled(),)
+    )  # the recompute's key differs from the forward's
+    replays = _counting(monkeypatch, replay._Replay, "apply")
+    groups = _counting(monkeypatch, hg._HeadGroupedAttention, "apply")
+    _same(_grads(model, [ids]), want)
+    assert not replays and len(groups) == 2  # computed again, over groups of heads
+
+
+def test_recompute_mode_and_kept_layers_do_not_record(monkeypatch) -> None:
+    model = tiny_llama(layers=2)
+    enable_head_groups(model)
+    enable_checkpointing(model, "recompute")
+    _long(monkeypatch)
+    records = _counting(monkeypatch, replay, "record")
+    ids = torch.randint(0, 257, (2, 13))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert not records
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("one_group", [False, True])
+def test_on_the_gpu_the_replayed_backward_gives_the_same_gradients(monkeypatch, one_group) -> None:
+    """cuDNN/flash attention saves other tensors than the CPU kernel (RNG seeds, its own log-sum-exp
+    layout): bf16 Llama layers, offloaded, replayed against computed again."""
+    torch.manual_seed(0)
+    reference = tiny_llama(
+        layers=2,
+        hidden_size=512,
+        intermediate_size=1024,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=8192,
+    ).to("cuda", torch.bfloat16)
+    model = copy.deepcopy(reference)
+    enable_checkpointing(reference, "offload")
+    enable_checkpointing(model, "offload")
+    enable_head_groups(model)
+    _long(monkeypatch, one_group)
+    ids = torch.randint(0, 257, (1, 4096), device="cuda")
+    ref_losses, ref = _grads(reference, [ids])
+    replays = _counting(monkeypatch, replay._Replay, "apply")
+    losses, grads = _grads(model, [ids])
+    assert len(replays) == 2
+    torch.testing.assert_close(losses[0].float(), ref_losses[0].float(), rtol=1e-3, atol=1e-3)
+    for name in ref:
+        error = (grads[name].float() - ref[name].float()).norm() / ref[name].float().norm().clamp_min(1e-12)
+        assert error < 1e-2, (name, error.item())
