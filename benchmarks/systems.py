@@ -54,6 +54,8 @@ EXTRA_SYSTEMS = (
     "cpt_auto_11g",
     "cpt_nogc_graphs",
     "cpt_auto_graphs",
+    "cpt_offload_replay",
+    "cpt_auto_11g_replay",
     *OFFLOAD_COMPETITORS,
 )
 
@@ -75,6 +77,17 @@ CPT_VARIANTS: dict[str, dict[str, Any]] = {
     # 11 GiB: under half of Unsloth's peak at 1 x 131,072 tokens (22.67 GiB, H200, 2026-12-01)
     "cpt_auto_11g": dict(
         gradient_checkpointing="auto", tiled_mlp=False, offload_embeddings=None, memory_budget_gib=11.0
+    ),
+    # offloaded layers' recompute without attention at long context (attention_replay is opt-in)
+    "cpt_offload_replay": dict(
+        gradient_checkpointing="offload", tiled_mlp=True, offload_embeddings=True, attention_replay=True
+    ),
+    "cpt_auto_11g_replay": dict(
+        gradient_checkpointing="auto",
+        tiled_mlp=False,
+        offload_embeddings=None,
+        memory_budget_gib=11.0,
+        attention_replay=True,
     ),
     # the kept layers replayed as CUDA graphs (cuda_graphs is off by default)
     "cpt_nogc_graphs": dict(

@@ -104,7 +104,8 @@ def setup_model(model: Any, config: CPTConfig | dict | None = None, checkpointin
         enable_fused_lora(peft_model)
     from cpt_plugin.offload.head_groups import enable_head_groups
 
-    enable_head_groups(peft_model)  # long-context attention backward: one group of heads' workspace
+    # long-context attention in our checkpoint: one group of heads' backward workspace at a time
+    enable_head_groups(peft_model, replay=config.attention_replay)
     mode = checkpointing or config.gradient_checkpointing
     if mode in ("recompute", "offload"):
         from cpt_plugin.offload.checkpointing import enable_checkpointing

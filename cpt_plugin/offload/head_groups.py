@@ -14,8 +14,9 @@ tensor on the same storage, so the saved tensor's version counter does not move.
 
 When: causal attention without a mask or dropout over a query of at least ``MIN_QUERY_BYTES`` (at
 shorter lengths the workspace is small and the extra launches cost more than they save), in our own
-checkpoint: an offloaded layer records its attention in the forward and its recompute replays it
-(``attention_replay.py``, groups included); a recomputed layer's recompute runs it over groups here. A
+checkpoint: the recompute of a checkpointed layer runs it over groups here; with ``replay``
+(``attention_replay: true``) an offloaded layer records its attention in the forward and its recompute
+replays it instead (``attention_replay.py``, groups included). A
 kept layer (no checkpointing, or kept by the planner because memory allows) chose speed: one call. The
 groups cost speed: 1.5% of a 131K-token Llama-1B step on an H200 (with the later fetch of the layer
 below's input, measured before the replay existed). Everything else runs transformers' own SDPA
@@ -45,6 +46,7 @@ MIN_QUERY_BYTES = 256 * 2**20  # below: one SDPA call (Llama-1B: under 65,536 to
 # Smaller groups cost speed: each SDPA call ends in a partly idle wave of the GPU.
 GROUP_QUERY_BYTES = 128 * 2**20
 _FLAG = "_cpt_head_groups"
+_REPLAY_FLAG = "_cpt_attention_replay"
 _STORAGE_USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)
 
 
@@ -204,9 +206,10 @@ def _wrap_sdpa(original: Callable) -> Callable:
         (offloaded layers) not recomputed (cpt-plugin: offload/head_groups.py, attention_replay.py)."""
         if _long_causal_call(module, query, key, value, attention_mask, dropout, is_causal, kwargs):
             groups = head_groups(query, key)
-            replayed = replay_or_record(query, key, value, groups, scaling)
-            if replayed is not None:
-                return replayed, None
+            if module.__dict__.get(_REPLAY_FLAG):
+                replayed = replay_or_record(query, key, value, groups, scaling)
+                if replayed is not None:
+                    return replayed, None
             if groups > 1 and _grouped_here(query, key, value):
                 return head_grouped_attention(query, key, value, groups, scaling), None
         return original(
@@ -249,8 +252,9 @@ def _attention_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if hasattr(m, "num_key_value_groups") and hasattr(m, "is_causal")]
 
 
-def enable_head_groups(model: nn.Module) -> int:
-    """Marks ``model``'s attention modules for head-grouped SDPA at long context; returns how many.
+def enable_head_groups(model: nn.Module, replay: bool = False) -> int:
+    """Marks ``model``'s attention modules for head-grouped SDPA at long context (and, with ``replay``,
+    for offloaded layers' recompute without attention: ``attention_replay.py``); returns how many.
 
     Only models running transformers' "sdpa" attention are marked; others keep their attention."""
     config = getattr(model, "config", None)
@@ -259,9 +263,11 @@ def enable_head_groups(model: nn.Module) -> int:
     modules = _attention_modules(model)
     for module in modules:
         module.__dict__[_FLAG] = True
+        module.__dict__[_REPLAY_FLAG] = replay
     return len(modules)
 
 
 def disable_head_groups(model: nn.Module) -> None:
     for module in _attention_modules(model):
         module.__dict__.pop(_FLAG, None)
+        module.__dict__.pop(_REPLAY_FLAG, None)

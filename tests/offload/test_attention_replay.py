@@ -56,7 +56,7 @@ def test_same_loss_and_gradients_and_no_attention_in_the_recompute(monkeypatch, 
         return
     reference.set_attn_implementation("sdpa")
     model = copy.deepcopy(reference)
-    enable_head_groups(model)
+    enable_head_groups(model, replay=True)
     enable_checkpointing(model, "offload", _simulate_offload=True)
     _long(monkeypatch, one_group)
     batches = [torch.randint(0, model.config.vocab_size, (2, 19)) for _ in range(2)]  # accumulation
@@ -75,7 +75,7 @@ def test_same_loss_and_gradients_and_no_attention_in_the_recompute(monkeypatch, 
 
 def test_the_forward_keeps_none_of_its_q_k_v_and_parks_the_output(monkeypatch) -> None:
     model = tiny_llama(layers=2)
-    enable_head_groups(model)
+    enable_head_groups(model, replay=True)
     enable_checkpointing(model, "offload", _simulate_offload=True)
     _long(monkeypatch)
     recorded = []
@@ -103,7 +103,7 @@ def test_the_forward_keeps_none_of_its_q_k_v_and_parks_the_output(monkeypatch) -
 def test_a_recompute_call_that_does_not_match_computes_attention(monkeypatch) -> None:
     reference = tiny_llama(layers=2)
     model = copy.deepcopy(reference)
-    enable_head_groups(model)
+    enable_head_groups(model, replay=True)
     enable_checkpointing(model, "offload", _simulate_offload=True)
     _long(monkeypatch)
     ids = torch.randint(0, 257, (2, 13))
@@ -120,7 +120,7 @@ def test_a_recompute_call_that_does_not_match_computes_attention(monkeypatch) ->
 
 def test_recompute_mode_and_kept_layers_do_not_record(monkeypatch) -> None:
     model = tiny_llama(layers=2)
-    enable_head_groups(model)
+    enable_head_groups(model, replay=True)
     enable_checkpointing(model, "recompute")
     _long(monkeypatch)
     records = _counting(monkeypatch, replay, "record")
@@ -146,7 +146,7 @@ def test_on_the_gpu_the_replayed_backward_gives_the_same_gradients(monkeypatch, 
     model = copy.deepcopy(reference)
     enable_checkpointing(reference, "offload")
     enable_checkpointing(model, "offload")
-    enable_head_groups(model)
+    enable_head_groups(model, replay=True)
     _long(monkeypatch, one_group)
     ids = torch.randint(0, 257, (1, 4096), device="cuda")
     ref_losses, ref = _grads(reference, [ids])
