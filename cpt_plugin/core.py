@@ -102,11 +102,8 @@ def setup_model(model: Any, config: CPTConfig | dict | None = None, checkpointin
         from cpt_plugin.patching.lora import enable_fused_lora
 
         enable_fused_lora(peft_model)
-    from cpt_plugin.offload.head_groups import enable_head_groups
-
-    # long-context attention in our checkpoint: one group of heads' backward workspace at a time
-    enable_head_groups(peft_model, replay=config.attention_replay)
     mode = checkpointing or config.gradient_checkpointing
+    install_long_context_attention(peft_model, config, mode)
     if mode in ("recompute", "offload"):
         from cpt_plugin.offload.checkpointing import enable_checkpointing
 
@@ -133,6 +130,25 @@ def setup_model(model: Any, config: CPTConfig | dict | None = None, checkpointin
         offload_frozen_embeddings(peft_model)
     install_layer_graphs(peft_model, config, mode)
     return peft_model
+
+
+def install_long_context_attention(model: Any, config: CPTConfig, mode: str) -> None:
+    """Attention inside our checkpointing at long context: over groups of heads (one group's backward
+    workspace at a time), and with ``attention_replay`` not run again in offloaded layers' recompute."""
+    from cpt_plugin.offload.head_groups import enable_head_groups
+
+    marked = enable_head_groups(model, replay=config.attention_replay)
+    if config.attention_replay and (mode not in ("offload", "auto") or not marked):
+        why = (
+            f"gradient_checkpointing is {mode}"
+            if mode not in ("offload", "auto")
+            else "the model does not run transformers' sdpa attention"
+        )
+        logger.warning(
+            "cpt-plugin: attention_replay: true applies to offloaded layers of a model with sdpa attention "
+            "(gradient_checkpointing: offload, or auto when it offloads); here %s, so it does nothing.",
+            why,
+        )
 
 
 def mark_loss_chunk_from_free_memory(model: Any) -> None:

@@ -157,3 +157,29 @@ def test_on_the_gpu_the_replayed_backward_gives_the_same_gradients(monkeypatch, 
     for name in ref:
         error = (grads[name].float() - ref[name].float()).norm() / ref[name].float().norm().clamp_min(1e-12)
         assert error < 1e-2, (name, error.item())
+
+
+@pytest.mark.parametrize("mode", ["off", "recompute", "offload"])
+def test_set_up_says_once_when_the_option_does_nothing(caplog, mode) -> None:
+    from cpt_plugin import CPTConfig, setup_model
+
+    model = tiny_llama(layers=1)
+    with caplog.at_level("WARNING"):
+        setup_model(model, CPTConfig(lora_r=2, gradient_checkpointing=mode, attention_replay=True))
+    said = [r.getMessage() for r in caplog.records if "attention_replay" in r.getMessage()]
+    assert len(said) == (mode != "offload")
+    if said:
+        assert f"gradient_checkpointing is {mode}" in said[0]
+    layers_marked = [m for m in model.modules() if m.__dict__.get("_cpt_attention_replay")]
+    assert len(layers_marked) == 1
+
+
+def test_set_up_says_so_for_a_model_without_sdpa_attention(caplog) -> None:
+    from cpt_plugin import CPTConfig, setup_model
+
+    with caplog.at_level("WARNING"):
+        setup_model(
+            tiny_llama(layers=1, attn_implementation="eager"),
+            CPTConfig(lora_r=2, gradient_checkpointing="offload", attention_replay=True),
+        )
+    assert "does not run transformers' sdpa attention" in caplog.text
