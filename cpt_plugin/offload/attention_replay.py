@@ -53,9 +53,8 @@ class _Recorded:
     each tensor they saved comes back in backward."""
 
     def __init__(self, key: tuple) -> None:
-        self.key = (
-            key  # shapes, strides and dtypes of q, k, v, the groups and scale: the recompute's must match
-        )
+        # layouts and dtypes of q, k, v, the groups and the scale: the recompute's call must match
+        self.key = key
         self.groups: list[tuple[tuple[torch.Tensor, ...], torch.Tensor]] = []  # (leaves, output) per group
         self.slots: list[Any] = []  # per saved tensor: how to get it back
         self._settled = 0
