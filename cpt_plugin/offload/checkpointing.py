@@ -331,29 +331,20 @@ def current_stash() -> LayerStash | None:
 
 
 @contextlib.contextmanager
-def _stash_active(stash: LayerStash | None) -> Iterator[None]:
-    previous = getattr(_STATE, "stash", None)
-    _STATE.stash = stash
+def _thread_state(name: str, value: Any) -> Iterator[None]:
+    """Sets this thread's ``_STATE.<name>`` for the block (the layer call running on this thread)."""
+    previous = getattr(_STATE, name, None)
+    setattr(_STATE, name, value)
     try:
         yield
     finally:
-        _STATE.stash = previous
+        setattr(_STATE, name, previous)
 
 
 def in_lean_recompute() -> bool:
     """True while :class:`_LayerCheckpoint` recomputes a layer (not torch's checkpoint, whose recompute
     must save the same tensors as the forward did: a part that changes what it saves checks this)."""
-    return getattr(_STATE, "lean", False) and in_recompute()
-
-
-@contextlib.contextmanager
-def _lean_recompute() -> Iterator[None]:
-    previous = getattr(_STATE, "lean", False)
-    _STATE.lean = True
-    try:
-        yield
-    finally:
-        _STATE.lean = previous
+    return bool(getattr(_STATE, "lean", False)) and in_recompute()
 
 
 class _Region:
@@ -535,7 +526,7 @@ class _LayerCheckpoint(torch.autograd.Function):
         else:
             ctx.save_for_backward(x)
         try:
-            with _stash_active(ctx.stash):
+            with _thread_state("stash", ctx.stash):
                 return _run_region(ctx.region, function, x, *rest)
         finally:
             if ctx.parked is not None:
@@ -570,7 +561,7 @@ class _LayerCheckpoint(torch.autograd.Function):
             stash, ctx.stash = ctx.stash, None
             if stash is not None:
                 stash.replaying = True
-            with torch.enable_grad(), _lean_recompute(), _stash_active(stash):
+            with torch.enable_grad(), _thread_state("lean", True), _thread_state("stash", stash):
                 out = _run_region(ctx.region, ctx.function, x, *ctx.rest)
             del stash  # what the recompute did not take goes now
         if measure:  # what the layer holds for its backward: the planner's estimate of keeping it
