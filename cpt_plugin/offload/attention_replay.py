@@ -109,10 +109,7 @@ def record(
     recorded = _Recorded(_key(query, key, value, groups, scale))
     inputs = (query, key, value)
     for g in range(groups):
-        leaves = tuple(
-            t[:, g * n : (g + 1) * n].detach().requires_grad_()
-            for t, n in ((query, per_q), (key, per_kv), (value, per_kv))
-        )
+        leaves = group_leaves(query, key, value, g, groups, every=True)
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(recorded.pack, recorded.unpack):
             part = F.scaled_dot_product_attention(
                 *leaves, is_causal=True, scale=scale, enable_gqa=per_q != per_kv
@@ -146,7 +143,7 @@ class _Replay(torch.autograd.Function):
         recorded, ctx.recorded = ctx.recorded, None
         query, key, value, fetched = ctx.saved_tensors
         recorded.bound = (query, key, value, fetched)
-        grads = [_grad_buffer(t) for t in (query, key, value)]
+        grads = [head_major_buffer(t) for t in (query, key, value)]
         groups, recorded.groups = recorded.groups, []
         per_q = query.shape[1] // len(groups)
         try:
@@ -166,10 +163,23 @@ class _Replay(torch.autograd.Function):
         return grads[0], grads[1], grads[2], None
 
 
-def _grad_buffer(like: torch.Tensor) -> torch.Tensor:
-    """A (batch, heads, seq, dim) gradient laid out as (batch, seq, heads, dim), as the projections are."""
-    batch, heads, seq, dim = like.shape
-    return like.new_empty(batch, seq, heads, dim).transpose(1, 2)
+def head_major_buffer(like: torch.Tensor, heads: int | None = None) -> torch.Tensor:
+    """An empty (batch, heads, seq, dim) tensor laid out as (batch, seq, heads, dim), as the projections'
+    outputs are, so the transposes and views after it cost nothing (``heads``: ``like``'s by default)."""
+    batch, own, seq, dim = like.shape
+    return like.new_empty(batch, seq, heads or own, dim).transpose(1, 2)
+
+
+def group_leaves(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, g: int, groups: int, every: bool = False
+) -> tuple[torch.Tensor, ...]:
+    """Group ``g``'s query heads and its own key/value heads, as leaves detached from the inputs (same
+    storage) that require grad where the inputs do (``every``: all three, for a graph-free forward)."""
+    per_q, per_kv = query.shape[1] // groups, key.shape[1] // groups
+    return tuple(
+        t[:, g * n : (g + 1) * n].detach().requires_grad_(every or t.requires_grad)
+        for t, n in ((query, per_q), (key, per_kv), (value, per_kv))
+    )
 
 
 def replay_or_record(

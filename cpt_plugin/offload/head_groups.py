@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from cpt_plugin.offload.attention_replay import replay_or_record
+from cpt_plugin.offload.attention_replay import group_leaves, head_major_buffer, replay_or_record
 from cpt_plugin.offload.checkpointing import in_lean_recompute, peak_passed
 
 logger = logging.getLogger(__name__)
@@ -101,10 +101,7 @@ class _HeadGroupedAttention(torch.autograd.Function):
         out = query.new_empty(batch, seq, heads, value.shape[-1])
         parts = []
         for g in range(groups):
-            leaves = [
-                t[:, g * n : (g + 1) * n].detach().requires_grad_(t.requires_grad)
-                for t, n in ((query, per_q), (key, per_kv), (value, per_kv))
-            ]
+            leaves = group_leaves(query, key, value, g, groups)
             with torch.enable_grad():
                 part = F.scaled_dot_product_attention(
                     *leaves, is_causal=True, scale=scale, enable_gqa=per_q != per_kv
@@ -129,7 +126,7 @@ class _HeadGroupedAttention(torch.autograd.Function):
         first = parts[0][0]
         widths = (per_q, per_kv, per_kv)
         grads = [
-            _grad_buffer(leaf, len(parts) * width) if need else None
+            head_major_buffer(leaf, len(parts) * width) if need else None
             for leaf, width, need in zip(first, widths, ctx.needs, strict=True)
         ]
         for g in range(len(parts)):
@@ -147,13 +144,6 @@ class _HeadGroupedAttention(torch.autograd.Function):
             del leaves
         peak_passed()  # the layer's largest working set is behind: the next layer input may travel
         return grads[0], grads[1], grads[2], None, None
-
-
-def _grad_buffer(leaf: torch.Tensor, heads: int) -> torch.Tensor:
-    """A (batch, heads, seq, dim) gradient laid out as (batch, seq, heads, dim), like the projections'
-    outputs it flows back to, so the transposes and views after it cost nothing."""
-    batch, _, seq, dim = leaf.shape
-    return leaf.new_empty(batch, seq, heads, dim).transpose(1, 2)
 
 
 def head_grouped_attention(
