@@ -34,6 +34,9 @@ from torch.autograd.function import once_differentiable
 from cpt_plugin.offload.checkpointing import LayerStash, current_stash, in_lean_recompute, peak_passed
 
 PARK_BYTES = 2**20  # saved tensors this large go to host memory with the layer input; smaller stay
+# Sequences at least this long replay their attention (shorter: the output's extra trip to host memory
+# costs about what the attention's recompute saves).
+REPLAY_MIN_SEQ = 2048
 
 
 def _storage_ptr(t: torch.Tensor) -> int:

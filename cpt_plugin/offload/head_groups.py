@@ -36,7 +36,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from cpt_plugin.offload.attention_replay import group_leaves, head_major_buffer, replay_or_record
+from cpt_plugin.offload.attention_replay import (
+    REPLAY_MIN_SEQ,
+    group_leaves,
+    head_major_buffer,
+    replay_or_record,
+)
 from cpt_plugin.offload.checkpointing import in_lean_recompute, peak_passed
 
 logger = logging.getLogger(__name__)
@@ -154,10 +159,10 @@ def head_grouped_attention(
     return _HeadGroupedAttention.apply(query, key, value, groups, scale)
 
 
-def _long_causal_call(
+def _plain_causal_call(
     module: nn.Module, query, key, value, attention_mask, dropout, is_causal, kwargs
 ) -> bool:
-    """A marked module's causal attention without a mask or dropout over at least ``MIN_QUERY_BYTES``."""
+    """A marked module's causal self-attention without a mask, dropout, bias or softcap."""
     if not module.__dict__.get(_FLAG) or attention_mask is not None or dropout:
         return False
     if kwargs.get("position_bias") is not None or kwargs.get("softcap"):
@@ -167,9 +172,7 @@ def _long_causal_call(
         return False
     if key.shape[-1] != value.shape[-1] or query.shape[0] != key.shape[0] or key.shape[1] < 1:
         return False
-    if query.shape[1] % key.shape[1]:
-        return False
-    return query.numel() * query.element_size() >= MIN_QUERY_BYTES
+    return query.shape[1] % key.shape[1] == 0
 
 
 def _grouped_here(query, key, value) -> bool:
@@ -194,9 +197,9 @@ def _wrap_sdpa(original: Callable) -> Callable:
     ) -> tuple[torch.Tensor, None]:
         """transformers' SDPA attention; at long context in our checkpointing, over groups of heads and
         (offloaded layers) not recomputed (cpt-plugin: offload/head_groups.py, attention_replay.py)."""
-        if _long_causal_call(module, query, key, value, attention_mask, dropout, is_causal, kwargs):
+        if _plain_causal_call(module, query, key, value, attention_mask, dropout, is_causal, kwargs):
             groups = head_groups(query, key)
-            if module.__dict__.get(_REPLAY_FLAG):
+            if module.__dict__.get(_REPLAY_FLAG) and query.shape[2] >= REPLAY_MIN_SEQ:
                 replayed = replay_or_record(query, key, value, groups, scaling)
                 if replayed is not None:
                     return replayed, None
@@ -255,6 +258,11 @@ def enable_head_groups(model: nn.Module, replay: bool = False) -> int:
         module.__dict__[_FLAG] = True
         module.__dict__[_REPLAY_FLAG] = replay
     return len(modules)
+
+
+def replays_attention(module: nn.Module) -> bool:
+    """Whether ``module`` is an attention module marked for the replay in offloaded layers."""
+    return bool(module.__dict__.get(_REPLAY_FLAG))
 
 
 def disable_head_groups(model: nn.Module) -> None:

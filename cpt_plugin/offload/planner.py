@@ -94,7 +94,9 @@ The backward runs from the top layer down, freeing as it goes, so the plan keeps
 recomputes the middle and offloads the bottom: the largest prefix then meets no recompute.
 
 **Speed model** (one layer's forward = 1, its backward = 2): keep 3, recompute 4, offload 4.05 (copies
-hidden behind compute), a tiled MLP in a kept layer +0.6 (its chunks are run again in backward), in a
+hidden behind compute; where offloaded layers replay their attention, ``attention_replay.py``, less the
+attention's share of a forward's FLOPs, ``attention_share``: then every layer not kept is offloaded,
+since an offload is both faster and smaller than a recompute), a tiled MLP in a kept layer +0.6 (its chunks are run again in backward), in a
 checkpointed layer of the families with ``FamilySpec.residual_mlp`` +0.05 (the recompute skips the MLP). The
 search enumerates (tiling: none / checkpointed layers / all) x (layers kept) x (layers offloaded) and takes
 the cheapest plan whose predicted peak fits ``budget x (1 - headroom)``.
@@ -164,6 +166,7 @@ class ModelShapes:
     fused_mlp: bool = False  # the MLP runs our fused LoRA function (its backward reuses its buffers)
     qk_norm: bool = False  # an RMSNorm on q and on k per head (Qwen3, Gemma 3)
     sandwich_norms: bool = False  # four norms per layer, around attention and MLP (Gemma 2 and 3)
+    attention_replay: bool = False  # offloaded layers' recompute skips attention (attention_replay.py)
 
 
 @dataclass(frozen=True)
@@ -257,11 +260,30 @@ def predict_peak(plan: LayerPlan, costs: LayerCosts, tokens: int, static: float)
     return static + tokens * per_token + tile
 
 
-def plan_time(plan: LayerPlan, residual_mlp: bool = True) -> float:
-    """Relative step time of ``plan`` (module doc's speed model)."""
+def attention_share(shapes: ModelShapes, seq: int) -> float:
+    """The attention's share of a layer's forward FLOPs at sequence length ``seq`` (causal: 2 s^2 d per
+    sequence against 2 s P for the layer's P projection weights)."""
+    q_width, kv_width = shapes.heads * shapes.head_dim, shapes.kv_heads * shapes.head_dim
+    weights = shapes.hidden * (2 * q_width + 2 * kv_width) + 3 * shapes.hidden * shapes.intermediate
+    attention = seq * q_width
+    return attention / (attention + weights)
+
+
+def offload_time(shapes: ModelShapes, seq: int, lean: bool = True) -> float:
+    """An offloaded layer's relative time: ``TIME_OFFLOAD``, less the attention's share of its recompute
+    where the recompute replays the forward's attention (our own checkpoint: ``lean``, one process)."""
+    from cpt_plugin.offload.attention_replay import REPLAY_MIN_SEQ
+
+    if not (shapes.attention_replay and lean and seq >= REPLAY_MIN_SEQ):
+        return TIME_OFFLOAD
+    return TIME_OFFLOAD - attention_share(shapes, seq)
+
+
+def plan_time(plan: LayerPlan, residual_mlp: bool = True, offload: float = TIME_OFFLOAD) -> float:
+    """Relative step time of ``plan`` (module doc's speed model; ``offload``: an offloaded layer's)."""
     total = 0.0
     for mode, tiled in zip(plan.modes, plan.tiled, strict=True):
-        total += {"keep": TIME_KEEP, "recompute": TIME_RECOMPUTE, "offload": TIME_OFFLOAD}[mode]
+        total += {"keep": TIME_KEEP, "recompute": TIME_RECOMPUTE, "offload": offload}[mode]
         if tiled:
             total += TIME_TILED_KEPT if mode == "keep" or not residual_mlp else TIME_TILED_SKIPPED
     return total
@@ -286,11 +308,14 @@ def choose_plan(
     tiled_mlp: bool = False,
     can_offload: bool = True,
     residual_mlp: bool = True,
+    offload: float = TIME_OFFLOAD,
 ) -> tuple[LayerPlan, float, bool]:
     """The fastest canonical plan whose predicted peak is <= ``budget``: (plan, predicted peak, fits).
 
     ``tiled_mlp`` (the user's switch) tiles every layer; otherwise tiling is considered only when the batch
-    is longer than a chunk. When nothing fits, the smallest plan is returned with ``fits`` False.
+    is longer than a chunk. ``offload`` is an offloaded layer's time (``offload_time``): when it is below
+    a recompute's (attention replayed), every layer not kept is offloaded. When nothing fits, the
+    smallest plan is returned with ``fits`` False.
     """
     if tiled_mlp:
         tilings: Sequence[str] = ("all",)
@@ -299,16 +324,18 @@ def choose_plan(
     else:
         tilings = ("none",)
     max_off = layers if can_offload else 0
+    offload_first = max_off > 0 and offload < TIME_RECOMPUTE
     best: tuple[float, float, LayerPlan] | None = None
     smallest: tuple[float, LayerPlan] | None = None
     for tiling in tilings:
         for keep in range(layers, -1, -1):
-            lower_bound = plan_time(canonical_plan(layers, keep, 0, tiling), residual_mlp)
-            if best is not None and lower_bound > best[0]:
+            fastest = canonical_plan(layers, keep, layers - keep if offload_first else 0, tiling)
+            if best is not None and plan_time(fastest, residual_mlp, offload) > best[0]:
                 break  # fewer kept layers only get slower
             # the peak falls as more layers are offloaded: the fewest offloads that fit, by bisection
-            lo, hi = 0, layers - keep if max_off else 0
-            hi = min(hi, max_off)
+            # (all of them when an offload is faster than a recompute)
+            hi = min(layers - keep, max_off)
+            lo = hi if offload_first else 0
 
             def peak_of(off: int, keep: int = keep, tiling: str = tiling) -> float:
                 return predict_peak(canonical_plan(layers, keep, off, tiling), costs, tokens, static)
@@ -325,7 +352,7 @@ def choose_plan(
                 else:
                     lo = mid + 1
             plan = canonical_plan(layers, keep, lo, tiling)
-            candidate = (plan_time(plan, residual_mlp), peak_of(lo), plan)
+            candidate = (plan_time(plan, residual_mlp, offload), peak_of(lo), plan)
             if best is None or candidate[:2] < best[:2]:
                 best = candidate
     if best is not None:
@@ -483,6 +510,7 @@ class MemoryPlanner:
         self.holder: Any = None  # the PlanHolder, set by install_planner
         self.plan = LayerPlan.uniform(len(self.layers), "keep")
         self.tokens = 0
+        self.seq = 0  # the longest sequence planned for (the speed of a replayed attention depends on it)
         self.budget: float | None = None
         self.predicted = 0.0
         self.fits = True
@@ -532,6 +560,7 @@ class MemoryPlanner:
     def _forward_start(self, x: torch.Tensor) -> None:
         self.device = x.device
         tokens = x.numel() // x.shape[-1]
+        seq = x.shape[-2] if x.dim() >= 3 else tokens
         measuring = x.is_cuda
         if self.budget is None and self.budget_gib is None and not measuring:
             self.tokens = max(self.tokens, tokens)  # CPU without a budget: nothing to plan for
@@ -539,11 +568,16 @@ class MemoryPlanner:
         calibration = self._finish_probe() if measuring else None
         static = self._static()
         budget = self._budget(x)
-        values = [float(tokens), budget, static, *(calibration or [_MISSING] * 5)]
-        tokens_f, budget, static, *cal = agree(values, [False, True, False] + [False] * 5)
+        values = [float(tokens), budget, static, float(seq), *(calibration or [_MISSING] * 5)]
+        tokens_f, budget, static, seq_f, *cal = agree(values, [False, True, False, False] + [False] * 5)
         tokens = int(tokens_f)
+        if int(seq_f) > self.seq:
+            self.seq = int(seq_f)
+            replan = self.holder is not None and self.tokens > 0
+        else:
+            replan = False
         self.budget = budget
-        replan = self.holder is not None and self.tokens == 0
+        replan = replan or (self.holder is not None and self.tokens == 0)
         if cal[3] != _MISSING:  # the correction is there whenever a probe finished
             self._calibrate(cal)
             replan = True
@@ -625,6 +659,7 @@ class MemoryPlanner:
             tiled_mlp=self.tiled_mlp,
             can_offload=self.can_offload,
             residual_mlp=self.shapes.residual_mlp,
+            offload=offload_time(self.shapes, self.seq, lean=distributed_world() <= 1),
         )
         chunk, extra = self._loss_chunk(tokens, predicted, fits)
         changed = plan != self.plan or tokens != self.tokens or chunk != self.loss_chunk_bytes
@@ -863,6 +898,7 @@ class MemoryPlanner:
 
 def model_shapes(model: torch.nn.Module, layers: Sequence[torch.nn.Module], fused_loss: bool) -> ModelShapes:
     """The shapes of ``model`` (a transformers model or a PeftModel around one) for the memory model."""
+    from cpt_plugin.offload.head_groups import replays_attention
     from cpt_plugin.patching.registry import mlp_feeds_residual_only
 
     config = getattr(model, "config", None)
@@ -904,6 +940,7 @@ def model_shapes(model: torch.nn.Module, layers: Sequence[torch.nn.Module], fuse
             isinstance(getattr(layer0, name, None), torch.nn.Module)
             for name in ("pre_feedforward_layernorm", "post_feedforward_layernorm")
         ),
+        attention_replay=any(replays_attention(m) for m in layer0.modules()),
     )
 
 

@@ -19,6 +19,7 @@ from tests.patching.models import FAMILIES, tiny_model
 
 def _long(monkeypatch, one_group: bool = False) -> None:
     monkeypatch.setattr(hg, "MIN_QUERY_BYTES", 0)
+    monkeypatch.setattr(hg, "REPLAY_MIN_SEQ", 0)
     monkeypatch.setattr(hg, "GROUP_QUERY_BYTES", 2**40 if one_group else 1)
 
 
@@ -116,6 +117,25 @@ def test_a_recompute_call_that_does_not_match_computes_attention(monkeypatch) ->
     groups = _counting(monkeypatch, hg._HeadGroupedAttention, "apply")
     _same(_grads(model, [ids]), want)
     assert not replays and len(groups) == 2  # computed again, over groups of heads
+
+
+@pytest.mark.parametrize("seq", [12, 13])
+def test_replay_starts_at_its_own_length_with_or_without_head_groups(monkeypatch, seq) -> None:
+    """Sequences from ``REPLAY_MIN_SEQ`` replay their attention even where no head groups apply (one
+    group); shorter ones are recomputed."""
+    reference = tiny_llama(layers=2)
+    model = copy.deepcopy(reference)
+    enable_head_groups(model, replay=True)
+    enable_checkpointing(model, "offload", _simulate_offload=True)
+    monkeypatch.setattr(hg, "REPLAY_MIN_SEQ", 13)  # MIN_QUERY_BYTES stays: one group
+    ids = torch.randint(0, 257, (2, seq))
+    want = _grads(reference, [ids])
+    records = _counting(monkeypatch, replay, "record")
+    replays = _counting(monkeypatch, replay._Replay, "apply")
+    groups = _counting(monkeypatch, hg._HeadGroupedAttention, "apply")
+    _same(_grads(model, [ids]), want)
+    assert len(records) == len(replays) == (2 if seq == 13 else 0)
+    assert not groups
 
 
 def test_recompute_mode_and_kept_layers_do_not_record(monkeypatch) -> None:

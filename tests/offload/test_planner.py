@@ -5,25 +5,32 @@ from __future__ import annotations
 import copy
 import gc
 import logging
+from dataclasses import replace
 
 import pytest
 import torch
 from offload_models import tiny_llama
 
+from cpt_plugin.offload.attention_replay import REPLAY_MIN_SEQ
 from cpt_plugin.offload.checkpointing import LayerPlan, checkpointing_mode
 from cpt_plugin.offload.planner import (
     _MISSING,
     GIB,
     MAX_PROBES_PER_LENGTH,
+    TIME_KEEP,
+    TIME_OFFLOAD,
+    TIME_RECOMPUTE,
     LayerCosts,
     ModelShapes,
     agree,
     analytic_costs,
+    attention_share,
     canonical_plan,
     choose_plan,
     find_planner,
     install_planner,
     longest_fitting_tokens,
+    offload_time,
     plan_time,
     predict_peak,
     smallest_plan,
@@ -97,6 +104,31 @@ def test_offload_only_when_recompute_does_not_fit() -> None:
     assert fits and plan.counts()["offload"] > 0
     plan, _, _ = choose_plan(8, TOY, 10, 0.0, all_recompute - 5, chunk_tokens=4096, can_offload=False)
     assert plan.counts()["offload"] == 0  # no CUDA: nothing is offloaded
+
+
+def test_a_replayed_attention_makes_offload_faster_than_recompute() -> None:
+    """Offloaded layers that replay their attention skip the recompute's largest part at long context:
+    the planner then offloads every layer it does not keep, and only where the replay runs."""
+    replaying = replace(LLAMA_1B, attention_replay=True)
+    assert attention_share(LLAMA_1B, 2048) == pytest.approx(0.065, abs=0.002)  # Llama-1B: 6.5% at 2K
+    assert attention_share(LLAMA_1B, 131072) == pytest.approx(0.815, abs=0.002)  # 81.5% at 131K
+    assert offload_time(LLAMA_1B, 131072) == TIME_OFFLOAD  # not marked for the replay
+    assert offload_time(replaying, REPLAY_MIN_SEQ - 1) == TIME_OFFLOAD
+    assert offload_time(replaying, 131072, lean=False) == TIME_OFFLOAD  # torch's checkpoint: no replay
+    fast = offload_time(replaying, 131072)
+    assert TIME_KEEP < fast < TIME_RECOMPUTE
+    all_recompute = predict_peak(LayerPlan.uniform(8, "recompute"), TOY, 10, 0.0)
+    plan, _, fits = choose_plan(8, TOY, 10, 0.0, all_recompute, chunk_tokens=4096, offload=fast)
+    assert fits and plan.counts()["recompute"] == 0 and plan.counts()["keep"] >= 1
+    slow, _, _ = choose_plan(8, TOY, 10, 0.0, all_recompute, chunk_tokens=4096)
+    assert slow.counts()["recompute"] > 0  # without the replay: the fewest offloads that fit
+    assert plan_time(plan, offload=fast) < plan_time(slow, offload=fast)
+    roomy, _, _ = choose_plan(8, TOY, 10, 0.0, 1e9, chunk_tokens=4096, offload=fast)
+    assert roomy.counts()["keep"] == 8  # keeping is faster still
+    gpu_less, _, _ = choose_plan(
+        8, TOY, 10, 0.0, all_recompute, chunk_tokens=4096, can_offload=False, offload=fast
+    )
+    assert gpu_less.counts()["offload"] == 0
 
 
 def test_tiling_considered_only_beyond_a_chunk_and_forced_by_the_switch() -> None:
