@@ -134,11 +134,12 @@ def setup_model(model: Any, config: CPTConfig | dict | None = None, checkpointin
 
 def install_long_context_attention(model: Any, config: CPTConfig, mode: str) -> None:
     """Attention inside our checkpointing at long context: over groups of heads (one group's backward
-    workspace at a time), and with ``attention_replay`` not run again in offloaded layers' recompute."""
+    workspace at a time), and (``attention_replay``: None or true) not run again in offloaded layers'
+    recompute where it is a large share of a layer's work."""
     from cpt_plugin.offload.head_groups import enable_head_groups
 
-    marked = enable_head_groups(model, replay=config.attention_replay)
-    if config.attention_replay and (mode not in ("offload", "auto") or not marked):
+    marked = enable_head_groups(model, replay=config.attention_replay is not False)
+    if config.attention_replay and (mode not in ("offload", "auto") or not marked):  # asked for: say so
         why = (
             f"gradient_checkpointing is {mode}"
             if mode not in ("offload", "auto")

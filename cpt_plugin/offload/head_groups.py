@@ -37,10 +37,10 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from cpt_plugin.offload.attention_replay import (
-    REPLAY_MIN_SEQ,
     group_leaves,
     head_major_buffer,
     replay_or_record,
+    replays_at,
 )
 from cpt_plugin.offload.checkpointing import in_lean_recompute, peak_passed
 
@@ -175,6 +175,15 @@ def _plain_causal_call(
     return query.shape[1] % key.shape[1] == 0
 
 
+def _long_enough_to_replay(module: nn.Module, query: torch.Tensor, key: torch.Tensor) -> bool:
+    """Attention is a large enough share of this layer's work for the replay (``REPLAY_MIN_SHARE``)."""
+    config = getattr(module, "config", None)
+    q_width, kv_width = query.shape[1] * query.shape[3], key.shape[1] * key.shape[3]
+    hidden = int(getattr(config, "hidden_size", None) or q_width)
+    intermediate = int(getattr(config, "intermediate_size", None) or 4 * hidden)
+    return replays_at(query.shape[2], hidden, intermediate, q_width, kv_width)
+
+
 def _grouped_here(query, key, value) -> bool:
     """Groups only in a checkpointed layer's recompute: a kept layer (no checkpointing, or kept by the
     planner because memory allows) chose speed over memory. Only in our own checkpoint's recompute:
@@ -199,7 +208,7 @@ def _wrap_sdpa(original: Callable) -> Callable:
         (offloaded layers) not recomputed (cpt-plugin: offload/head_groups.py, attention_replay.py)."""
         if _plain_causal_call(module, query, key, value, attention_mask, dropout, is_causal, kwargs):
             groups = head_groups(query, key)
-            if module.__dict__.get(_REPLAY_FLAG) and query.shape[2] >= REPLAY_MIN_SEQ:
+            if module.__dict__.get(_REPLAY_FLAG) and _long_enough_to_replay(module, query, key):
                 replayed = replay_or_record(query, key, value, groups, scaling)
                 if replayed is not None:
                     return replayed, None

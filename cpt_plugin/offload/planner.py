@@ -95,7 +95,7 @@ recomputes the middle and offloads the bottom: the largest prefix then meets no 
 
 **Speed model** (one layer's forward = 1, its backward = 2): keep 3, recompute 4, offload 4.05 (copies
 hidden behind compute; where offloaded layers replay their attention, ``attention_replay.py``, less the
-attention's share of a forward's FLOPs, ``attention_share``: then every layer not kept is offloaded,
+attention's share of a forward's FLOPs, ``attention_replay.attention_share``: then every layer not kept is offloaded,
 since an offload is both faster and smaller than a recompute), a tiled MLP in a kept layer +0.6 (its chunks are run again in backward), in a
 checkpointed layer of the families with ``FamilySpec.residual_mlp`` +0.05 (the recompute skips the MLP). The
 search enumerates (tiling: none / checkpointed layers / all) x (layers kept) x (layers offloaded) and takes
@@ -260,23 +260,16 @@ def predict_peak(plan: LayerPlan, costs: LayerCosts, tokens: int, static: float)
     return static + tokens * per_token + tile
 
 
-def attention_share(shapes: ModelShapes, seq: int) -> float:
-    """The attention's share of a layer's forward FLOPs at sequence length ``seq`` (causal: 2 s^2 d per
-    sequence against 2 s P for the layer's P projection weights)."""
-    q_width, kv_width = shapes.heads * shapes.head_dim, shapes.kv_heads * shapes.head_dim
-    weights = shapes.hidden * (2 * q_width + 2 * kv_width) + 3 * shapes.hidden * shapes.intermediate
-    attention = seq * q_width
-    return attention / (attention + weights)
-
-
 def offload_time(shapes: ModelShapes, seq: int, lean: bool = True) -> float:
     """An offloaded layer's relative time: ``TIME_OFFLOAD``, less the attention's share of its recompute
     where the recompute replays the forward's attention (our own checkpoint: ``lean``, one process)."""
-    from cpt_plugin.offload.attention_replay import REPLAY_MIN_SEQ
+    from cpt_plugin.offload.attention_replay import attention_share, replays_at
 
-    if not (shapes.attention_replay and lean and seq >= REPLAY_MIN_SEQ):
+    widths = (shapes.hidden, shapes.intermediate, shapes.heads * shapes.head_dim)
+    widths += (shapes.kv_heads * shapes.head_dim,)
+    if not (shapes.attention_replay and lean and replays_at(seq, *widths)):
         return TIME_OFFLOAD
-    return TIME_OFFLOAD - attention_share(shapes, seq)
+    return TIME_OFFLOAD - attention_share(seq, *widths)
 
 
 def plan_time(plan: LayerPlan, residual_mlp: bool = True, offload: float = TIME_OFFLOAD) -> float:

@@ -19,7 +19,7 @@ from tests.patching.models import FAMILIES, tiny_model
 
 def _long(monkeypatch, one_group: bool = False) -> None:
     monkeypatch.setattr(hg, "MIN_QUERY_BYTES", 0)
-    monkeypatch.setattr(hg, "REPLAY_MIN_SEQ", 0)
+    monkeypatch.setattr(replay, "REPLAY_MIN_SHARE", 0.0)
     monkeypatch.setattr(hg, "GROUP_QUERY_BYTES", 2**40 if one_group else 1)
 
 
@@ -120,14 +120,18 @@ def test_a_recompute_call_that_does_not_match_computes_attention(monkeypatch) ->
 
 
 @pytest.mark.parametrize("seq", [12, 13])
-def test_replay_starts_at_its_own_length_with_or_without_head_groups(monkeypatch, seq) -> None:
-    """Sequences from ``REPLAY_MIN_SEQ`` replay their attention even where no head groups apply (one
-    group); shorter ones are recomputed."""
+def test_replay_starts_where_attention_is_a_large_enough_share(monkeypatch, seq) -> None:
+    """From the length where attention is ``REPLAY_MIN_SHARE`` of a layer's FLOPs, offloaded layers replay
+    their attention even where no head groups apply (one group); shorter sequences are recomputed."""
     reference = tiny_llama(layers=2)
     model = copy.deepcopy(reference)
     enable_head_groups(model, replay=True)
     enable_checkpointing(model, "offload", _simulate_offload=True)
-    monkeypatch.setattr(hg, "REPLAY_MIN_SEQ", 13)  # MIN_QUERY_BYTES stays: one group
+    config = reference.config
+    shape = (config.hidden_size, config.intermediate_size, config.hidden_size)
+    shape += (config.num_key_value_heads * config.hidden_size // config.num_attention_heads,)
+    share = (replay.attention_share(12, *shape) + replay.attention_share(13, *shape)) / 2
+    monkeypatch.setattr(replay, "REPLAY_MIN_SHARE", share)  # MIN_QUERY_BYTES stays: one group
     ids = torch.randint(0, 257, (2, seq))
     want = _grads(reference, [ids])
     records = _counting(monkeypatch, replay, "record")
@@ -136,6 +140,15 @@ def test_replay_starts_at_its_own_length_with_or_without_head_groups(monkeypatch
     _same(_grads(model, [ids]), want)
     assert len(records) == len(replays) == (2 if seq == 13 else 0)
     assert not groups
+
+
+def test_the_measured_lengths_of_llama_1b() -> None:
+    """Llama-3.2-1B's shapes: the replay starts between 8,192 tokens (measured slower on an H200) and
+    16,384 (faster)."""
+    shape = (2048, 8192, 2048, 512)
+    assert replay.attention_share(2048, *shape) == pytest.approx(0.065, abs=0.002)
+    assert replay.attention_share(131072, *shape) == pytest.approx(0.815, abs=0.002)
+    assert not replay.replays_at(8192, *shape) and replay.replays_at(16384, *shape)
 
 
 def test_recompute_mode_and_kept_layers_do_not_record(monkeypatch) -> None:
@@ -193,3 +206,16 @@ def test_set_up_says_so_for_a_model_without_sdpa_attention(caplog) -> None:
             CPTConfig(lora_r=2, gradient_checkpointing="offload", attention_replay=True),
         )
     assert "does not run transformers' sdpa attention" in caplog.text
+
+
+@pytest.mark.parametrize("value,marked", [(None, True), (False, False)])
+def test_the_default_replays_where_it_applies_and_says_nothing(caplog, value, marked) -> None:
+    """``attention_replay`` unset (None) is on for offloaded layers at long enough lengths and, unlike an
+    explicit true, never warns where it cannot apply; false marks nothing."""
+    from cpt_plugin import CPTConfig, setup_model
+
+    model = tiny_llama(layers=1)
+    with caplog.at_level("WARNING"):
+        setup_model(model, CPTConfig(lora_r=2, gradient_checkpointing="off", attention_replay=value))
+    assert "attention_replay" not in caplog.text
+    assert any(m.__dict__.get("_cpt_attention_replay") for m in model.modules()) == marked
