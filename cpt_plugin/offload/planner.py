@@ -740,8 +740,16 @@ class MemoryPlanner:
             self._target(),
             can_offload=self.can_offload,
             host_bytes=self._host_bytes_for_offload() if self.can_offload else None,
-            hidden_bytes=self.costs.hidden,
+            hidden_bytes=self._host_bytes_per_token(),
         )
+
+    def _host_bytes_per_token(self) -> float:
+        """Host memory one offloaded layer holds per token: its input, and where the attention is replayed
+        (at the long lengths this bound is about) the attention's output and log-sum-exp (fp32 per head)."""
+        shapes = self.shapes
+        if not (shapes.attention_replay and distributed_world() <= 1):
+            return self.costs.hidden
+        return self.costs.hidden + shapes.heads * (shapes.head_dim * shapes.act_bytes + 4)
 
     @staticmethod
     def _host_bytes_for_offload() -> float | None:

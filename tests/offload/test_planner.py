@@ -213,6 +213,26 @@ def _planned_model(budget_gib: float, layers: int = 4):
     return model, planner
 
 
+def test_a_replaying_model_is_planned_as_one() -> None:
+    """The planner sees the attention modules' replay mark: its speed model, the sequence length it
+    plans for, and the host memory an offloaded layer then holds per token (input + attention output)."""
+    from cpt_plugin.offload.head_groups import enable_head_groups
+
+    model = tiny_llama(layers=2)
+    enable_head_groups(model, replay=True)
+    planner = install_planner(model, budget_gib=1.0, _simulate_offload=True, _static_bytes=lambda: 0.0)
+    assert planner.shapes.attention_replay
+    ids = torch.randint(0, 257, (2, 24))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert planner.seq == 24 and planner.tokens == 48
+    shapes = planner.shapes
+    per_head = shapes.head_dim * shapes.act_bytes + 4  # bf16/fp32 output and the fp32 log-sum-exp
+    assert planner._host_bytes_per_token() == planner.costs.hidden + shapes.heads * per_head
+    plain_model = tiny_llama(layers=2)
+    plain = install_planner(plain_model, budget_gib=1.0, _simulate_offload=True, _static_bytes=lambda: 0.0)
+    assert not plain.shapes.attention_replay and plain._host_bytes_per_token() == plain.costs.hidden
+
+
 def test_replans_for_a_longer_sequence_and_logs_it(caplog) -> None:
     _, probe = _planned_model(1.0)
     per_token_keep = predict_peak(LayerPlan.uniform(4, "keep"), probe.costs, 1, 0.0)
