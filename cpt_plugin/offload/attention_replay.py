@@ -20,7 +20,10 @@ In the recompute, the attention call returns the fetched output through ``_Repla
 runs the forward's graphs with the recompute's q, k, v, one group at a time (so the backward holds one
 group's workspace), and then lets the layer below's input travel (``peak_passed``). Only inside our own
 checkpoint, only for offloaded layers (a recomputed one would have to keep the output on the device),
-and never when the recompute's call does not match the forward's (then it computes attention as before).
+only where attention is at least ``REPLAY_MIN_SHARE`` of the layer's forward FLOPs (below, the output's
+trip to host memory and the recorded graph cost about what they save: measured, see the constant), and
+never when the recompute's call does not match the forward's (then it computes attention as before).
+On by default (``attention_replay`` unset); the planner's speed model uses the same share.
 """
 
 from __future__ import annotations

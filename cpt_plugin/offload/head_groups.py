@@ -15,8 +15,9 @@ tensor on the same storage, so the saved tensor's version counter does not move.
 When: causal attention without a mask or dropout over a query of at least ``MIN_QUERY_BYTES`` (at
 shorter lengths the workspace is small and the extra launches cost more than they save), in our own
 checkpoint: the recompute of a checkpointed layer runs it over groups here; with ``replay``
-(``attention_replay: true``) an offloaded layer records its attention in the forward and its recompute
-replays it instead (``attention_replay.py``, groups included). A
+(``attention_replay``, on by default) an offloaded layer records its attention in the forward and its
+recompute replays it instead where attention is a large enough share of the layer's work
+(``attention_replay.py``; groups included, and from shorter lengths than the groups'). A
 kept layer (no checkpointing, or kept by the planner because memory allows) chose speed: one call. The
 groups cost speed: 1.5% of a 131K-token Llama-1B step on an H200 (with the later fetch of the layer
 below's input, measured before the replay existed). Everything else runs transformers' own SDPA
