@@ -28,13 +28,22 @@ On by default (``attention_replay`` unset); the planner's speed model uses the s
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from cpt_plugin.offload.checkpointing import LayerStash, current_stash, in_lean_recompute, peak_passed
+from cpt_plugin.offload.checkpointing import (
+    HOST_RESERVE_BYTES,
+    LayerStash,
+    current_stash,
+    in_lean_recompute,
+    peak_passed,
+)
+
+logger = logging.getLogger(__name__)
 
 PARK_BYTES = 2**20  # saved tensors this large go to host memory with the layer input; smaller stay
 # The replay runs where attention is at least this share of a layer's forward FLOPs. Measured on an H200
@@ -202,6 +211,28 @@ def group_leaves(
     )
 
 
+_said_host_full = False
+
+
+def _host_has_room_for(query: torch.Tensor, value: torch.Tensor, stash: LayerStash) -> bool:
+    """Room in host memory for this call's output and log-sum-exp; says once when there is none (the
+    layer then recomputes its attention, as without the replay)."""
+    global _said_host_full
+    batch, heads, seq, _ = query.shape
+    nbytes = batch * seq * heads * (value.shape[-1] * value.element_size() + 4)
+    if stash.has_room(nbytes):
+        return True
+    if not _said_host_full:
+        _said_host_full = True
+        logger.warning(
+            "cpt-plugin: host memory is short (less than %.1f GiB would be left free), so offloaded layers "
+            "recompute their attention instead of keeping its output in host memory (attention_replay): "
+            "slower at long context, same results. Free host memory to get the replay back.",
+            HOST_RESERVE_BYTES / 2**30,
+        )
+    return False
+
+
 def replay_or_record(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, groups: int, scale: float | None
 ) -> torch.Tensor | None:
@@ -211,7 +242,9 @@ def replay_or_record(
     if stash is None:
         return None
     if not stash.replaying:
-        return None if torch.is_grad_enabled() else record(query, key, value, groups, scale, stash)
+        if torch.is_grad_enabled() or not _host_has_room_for(query, value, stash):
+            return None
+        return record(query, key, value, groups, scale, stash)
     if not (in_lean_recompute() and torch.is_grad_enabled()):
         return None
     recorded = stash.take()

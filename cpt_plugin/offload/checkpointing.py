@@ -118,8 +118,27 @@ class HostBufferPool:
         with self._lock:
             return {"count": self.count, "bytes": self.bytes, "allocations": self.allocations}
 
+    def has_free(self, nbytes: int, key: Any) -> bool:
+        """A free buffer of at least ``nbytes`` is there for ``key`` (a request would not allocate)."""
+        with self._lock:
+            return any(buf.numel() >= nbytes for buf in self._free.get(key, ()))
+
 
 POOL = HostBufferPool()
+# Host memory that optional parking (attention_replay) leaves free for the OS, data loading and checkpoints.
+HOST_RESERVE_BYTES = 4 * 2**30
+
+
+def host_memory_available() -> float | None:
+    """Bytes of host memory the kernel reports available (Linux ``MemAvailable``), or None elsewhere."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 def offload_pool_stats() -> dict[str, int]:
@@ -308,6 +327,15 @@ class LayerStash:
         callbacks, self._when_forward_done = self._when_forward_done, []
         for callback in callbacks:
             callback()
+
+    def has_room(self, nbytes: int) -> bool:
+        """Whether ``nbytes`` more can be parked without crowding the host: a free pooled buffer fits
+        them, or the host has that much available beyond ``HOST_RESERVE_BYTES``. Parking is optional
+        (what is not parked is recomputed), so a full host never ends the run."""
+        if POOL.has_free(nbytes, self._input._key):
+            return True
+        available = host_memory_available()
+        return available is None or available >= nbytes + HOST_RESERVE_BYTES
 
     def park(self, tensor: torch.Tensor) -> _OffloadedInput:
         """``tensor`` copied to host memory now; back on the device when the layer input is fetched."""

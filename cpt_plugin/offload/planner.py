@@ -124,6 +124,7 @@ from cpt_plugin.offload.checkpointing import (
     LayerPlan,
     decoder_layers,
     enable_layer_plan,
+    host_memory_available,
     layer_plan_holder,
     offload_pool_stats,
 )
@@ -413,18 +414,6 @@ def loss_chunk_for(spare: float, tokens: int, shapes: ModelShapes) -> tuple[int 
 
     chunk, extra = larger_chunk_for(tokens, shapes.vocab, shapes.act_bytes, spare)
     return chunk, float(extra)
-
-
-def host_memory_available() -> float | None:
-    """Bytes of host memory the kernel reports available (Linux ``MemAvailable``), or None elsewhere."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return float(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
 
 
 # ----------------------------------------------------------------------------------------------

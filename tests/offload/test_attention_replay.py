@@ -219,3 +219,31 @@ def test_the_default_replays_where_it_applies_and_says_nothing(caplog, value, ma
         setup_model(model, CPTConfig(lora_r=2, gradient_checkpointing="off", attention_replay=value))
     assert "attention_replay" not in caplog.text
     assert any(m.__dict__.get("_cpt_attention_replay") for m in model.modules()) == marked
+
+
+def test_a_full_host_recomputes_the_attention_and_says_so_once(monkeypatch, caplog) -> None:
+    """Parking is optional: with no room in host memory (and no free pooled buffer) the layers compute
+    their attention in the recompute, the numbers are the same, and one warning says why."""
+    import cpt_plugin.offload.checkpointing as checkpointing
+
+    reference = tiny_llama(layers=2)
+    model = copy.deepcopy(reference)
+    enable_head_groups(model, replay=True)
+    enable_checkpointing(model, "offload", _simulate_offload=True)
+    _long(monkeypatch)
+    monkeypatch.setattr(replay, "_said_host_full", False)
+    monkeypatch.setattr(checkpointing.POOL, "has_free", lambda *a: False)
+    monkeypatch.setattr(
+        checkpointing, "host_memory_available", lambda: checkpointing.HOST_RESERVE_BYTES + 1.0
+    )
+    ids = torch.randint(0, 257, (2, 13))
+    want = _grads(reference, [ids])
+    records = _counting(monkeypatch, replay, "record")
+    with caplog.at_level("WARNING"):
+        _same(_grads(model, [ids]), want)
+        _same(_grads(model, [ids]), want)
+    assert not records
+    assert caplog.text.count("host memory is short") == 1
+    monkeypatch.setattr(checkpointing, "host_memory_available", lambda: None)  # not Linux: no bound
+    _same(_grads(model, [ids]), want)
+    assert len(records) == 2

@@ -143,6 +143,16 @@ def test_no_grad_eval_saves_and_offloads_nothing(monkeypatch) -> None:
     assert ckpt.POOL.stats()["allocations"] == before
 
 
+def test_host_pool_says_whether_a_request_would_allocate() -> None:
+    pool = ckpt.HostBufferPool()
+    assert not pool.has_free(10, "k")
+    buf = pool.get(64, "k", pin=False)
+    assert not pool.has_free(10, "k")  # lent out
+    pool.put(buf, "k")
+    assert pool.has_free(64, "k") and not pool.has_free(65, "k") and not pool.has_free(1, "other")
+    assert pool.get(10, "k", pin=False) is buf and pool.stats()["allocations"] == 1
+
+
 def test_host_pool_stays_flat_over_steps() -> None:
     model = tiny_llama(layers=2)
     enable_checkpointing(model, "offload", _simulate_offload=True)
