@@ -10,6 +10,8 @@
 #   TESTS_K="planner or lora"      only the GPU tests pytest's -k selects
 #   RUN_ARGS="..."                 extra arguments for benchmarks.run (e.g. "--systems hf,cpt_offload")
 #   QUICK_SYSTEMS=hf,unsloth,...   the quick/full suite's systems only (RUN_ARGS reach the long-context stages too)
+#   A/B of two commits in one run: carry a second checkout (git archive OLD | tar -x -C .gpusnap_old), then
+#   RUN_ARGS="--tree old=../.gpusnap_old" QUICK_SYSTEMS=cpt_offload_emb,cpt_offload_emb@old,...
 #   KERNEL_ARGS="..."              extra arguments for benchmarks.kernels (e.g. "--ops flce")
 #   DEVICE=cpu                     dry run of this script on a CPU machine (tiny models, no timing claims)
 # Long-context stages (each writes its own subfolder of $OUT: results.json, report.md, PNGs):

@@ -44,12 +44,35 @@ def parse_shapes(text: str) -> tuple[tuple[int, int], ...]:
     return tuple(shapes)
 
 
-def _names(text: str, valid: tuple[str, ...] | list[str], what: str) -> list[str]:
+def _names(
+    text: str, valid: tuple[str, ...] | list[str], what: str, trees: dict[str, str] | None = None
+) -> list[str]:
+    """Comma-separated names, each one of ``valid``; with ``trees``, also ``NAME@TREE`` (that system run
+    from another checkout, see ``--tree``)."""
     names = [n.strip() for n in text.split(",") if n.strip()]
     for name in names:
-        if name not in valid:
-            raise argparse.ArgumentTypeError(f"unknown {what} {name!r}; choose from {', '.join(valid)}")
+        base, _, tree = name.partition("@")
+        if base not in valid:
+            raise argparse.ArgumentTypeError(f"unknown {what} {base!r}; choose from {', '.join(valid)}")
+        if tree and tree not in (trees or {}):
+            raise argparse.ArgumentTypeError(
+                f"{name!r}: no tree {tree!r}; name it with --tree {tree}=PATH (a checkout of this repository)"
+            )
     return names
+
+
+def _trees(specs: list[str]) -> dict[str, str]:
+    """``--tree NAME=PATH`` options as {name: absolute path}; each path must hold a benchmarks/worker.py."""
+    trees = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        root = Path(path).resolve()
+        if not (sep and name and (root / "benchmarks" / "worker.py").is_file()):
+            raise argparse.ArgumentTypeError(
+                f"--tree {spec!r}: expected NAME=PATH with PATH a checkout holding benchmarks/worker.py"
+            )
+        trees[name] = str(root)
+    return trees
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,6 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--suite", choices=sorted(SUITES), default="quick")
     p.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated, in run order")
+    p.add_argument(
+        "--tree",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="another checkout (an earlier commit, say): SYSTEM@NAME in --systems runs SYSTEM from it, in "
+        "the same run as the others (A/B of two commits on one card)",
+    )
     p.add_argument("--workloads", default=None, help="comma-separated (default: the suite's)")
     p.add_argument("--shapes", type=parse_shapes, default=None, help="BATCHxSEQ list (default: the suite's)")
     p.add_argument(
@@ -98,7 +129,8 @@ def resolve_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     suite = SUITES[args.suite]
     try:
-        args.systems = _names(args.systems, SYSTEMS + EXTRA_SYSTEMS, "system")
+        args.trees = _trees(args.tree)
+        args.systems = _names(args.systems, SYSTEMS + EXTRA_SYSTEMS, "system", args.trees)
         args.workloads = (
             _names(args.workloads, [w for w in WORKLOADS], "workload")
             if args.workloads
@@ -107,7 +139,7 @@ def resolve_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.maxctx_systems = (
             _names(args.maxctx_systems, SYSTEMS + EXTRA_SYSTEMS, "system")
             if args.maxctx_systems
-            else list(args.systems)
+            else [s for s in args.systems if "@" not in s]  # the max-context search: this checkout only
         )
     except argparse.ArgumentTypeError as exc:
         parser.error(str(exc))
@@ -126,13 +158,13 @@ def resolve_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def child_env(device: str) -> dict[str, str]:
+def child_env(device: str, root: str | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTORCH_ALLOC_CONF"] = "expandable_segments:True"
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root or str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     if device == "cuda":
         env.pop("TRITON_INTERPRET", None)  # real kernels on the GPU, whatever the caller's shell says
     else:
@@ -140,8 +172,9 @@ def child_env(device: str) -> dict[str, str]:
     return env
 
 
-def run_worker(job: dict[str, Any], timeout: float) -> dict[str, Any]:
-    """Runs one worker subprocess; a crash, a timeout or a missing result line becomes a recorded failure."""
+def run_worker(job: dict[str, Any], timeout: float, root: str | None = None) -> dict[str, Any]:
+    """Runs one worker subprocess (from the checkout ``root``, by default this one); a crash, a timeout or
+    a missing result line becomes a recorded failure."""
     cmd = [sys.executable, "-m", "benchmarks.worker", "--json-args", json.dumps(job)]
     started = time.perf_counter()
     try:
@@ -150,8 +183,8 @@ def run_worker(job: dict[str, Any], timeout: float) -> dict[str, Any]:
             capture_output=True,
             text=True,
             timeout=max(0.01, timeout),  # callers budget their own floor (Harness: >= 1 s)
-            env=child_env(job.get("device", "cuda")),
-            cwd=str(REPO_ROOT),
+            env=child_env(job.get("device", "cuda"), root),
+            cwd=root or str(REPO_ROOT),
         )
     except subprocess.TimeoutExpired as exc:
         tail = (exc.stderr or b"")[-2000:]
@@ -198,6 +231,7 @@ class Harness:
                 "command": command,
                 "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "systems": args.systems,
+                "trees": getattr(args, "trees", {}),
                 "workloads": args.workloads,
                 "shapes": [list(s) for s in args.shapes],
                 "warmup": args.warmup,
@@ -263,16 +297,19 @@ class Harness:
                     elif self.remaining() < 20:
                         record.update(status="skipped", error="time budget spent")
                     else:
+                        base, _, tree = system.partition("@")
                         job = self.job(
                             mode="train",
-                            system=system,
+                            system=base,
                             workload=wname,
                             batch=batch,
                             seq=seq,
                             warmup=self.args.warmup,
                             steps=self.args.steps,
                         )
-                        record.update(run_worker(job, min(self.args.timeout, self.remaining())))
+                        root = self.args.trees.get(tree) if tree else None
+                        record.update(run_worker(job, min(self.args.timeout, self.remaining()), root))
+                        record["system"] = system  # the worker reports the base name
                     if record["status"] == "unavailable":
                         unavailable.add(system)
                     if record["status"] == "ok":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 
@@ -129,7 +130,7 @@ def test_memory_slope():
 # -- the harness with a fake worker ----------------------------------------------------------------
 
 
-def _fake_worker(job: dict, timeout: float) -> dict:
+def _fake_worker(job: dict, timeout: float, root: str | None = None) -> dict:
     if job["mode"] == "matmul":
         return {
             "status": "ok",
@@ -171,6 +172,35 @@ def test_harness_flow_with_fake_worker(tmp_path, monkeypatch):
     assert ctx["cpt"]["status"] == "unavailable" and ctx["cpt"]["probes"] == []
     md = (tmp_path / "report.md").read_text()
     assert "1.20x" in md and "0.42x" in md and "NVIDIA H100" in md and "unavailable" in md
+
+
+def test_a_system_from_another_checkout_runs_there_in_the_same_run(tmp_path, monkeypatch):
+    """``--tree old=PATH`` and ``hf@old``: that row's worker runs from PATH (cwd and PYTHONPATH), keeps
+    its name in the results, and stays out of the max-context search; bad names say how to fix them."""
+    old = tmp_path / "old"
+    (old / "benchmarks").mkdir(parents=True)
+    (old / "benchmarks" / "worker.py").write_text("")
+    roots = []
+
+    def worker(job, timeout, root=None):
+        roots.append((job["mode"], job.get("system"), root))
+        return _fake_worker(job, timeout)
+
+    monkeypatch.setattr(run, "run_worker", worker)
+    out = tmp_path / "out"
+    argv = ["--suite", "quick", "--systems", "hf,hf@old", "--tree", f"old={old}", "--out", str(out)]
+    assert run.main(argv) == 0
+    data = json.loads((out / "results.json").read_text())
+    assert [r["system"] for r in data["train"]] == ["hf", "hf@old"]
+    assert data["meta"]["trees"] == {"old": str(old.resolve())}
+    assert ("train", "hf", None) in roots and ("train", "hf", str(old.resolve())) in roots
+    assert {r["system"] for r in data["maxctx"]} == {"hf"}
+    env = run.child_env("cpu", str(old))
+    assert env["PYTHONPATH"].split(os.pathsep)[0] == str(old)
+    with pytest.raises(SystemExit):
+        run.resolve_args(["--systems", "hf@new", "--tree", f"old={old}"])
+    with pytest.raises(SystemExit):
+        run.resolve_args(["--systems", "hf", "--tree", f"old={tmp_path}"])  # no benchmarks/worker.py
 
 
 # -- report ----------------------------------------------------------------------------------------
