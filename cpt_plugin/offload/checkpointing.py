@@ -292,9 +292,10 @@ _STATE = threading.local()
 
 def peak_passed() -> None:
     """Called by a part of a decoder layer whose backward holds the layer's largest working set (the
-    grouped or replayed attention: ``head_groups.py``, ``attention_replay.py``) when that backward is done: a large input of the layer below,
-    which waits so as not to add to that peak, starts travelling now and hides behind the rest of the
-    layer's backward. Without such a call it travels when the layer's backward ends."""
+    grouped or replayed attention: ``head_groups.py``, ``attention_replay.py``) when that backward is
+    done: a large input of the layer below, which waits so as not to add to that peak, starts travelling
+    now and hides behind the rest of the layer's backward. Without such a call it travels when the
+    layer's backward ends."""
     _ENGINE.fetch_waiting()
 
 
