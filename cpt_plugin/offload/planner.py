@@ -643,7 +643,7 @@ class MemoryPlanner:
             tiled_mlp=self.tiled_mlp,
             can_offload=self.can_offload,
             residual_mlp=self.shapes.residual_mlp,
-            offload=offload_time(self.shapes, self.seq, lean=distributed_world() <= 1),
+            offload=self._offload_time(),
         )
         chunk, extra = self._loss_chunk(tokens, predicted, fits)
         changed = plan != self.plan or tokens != self.tokens or chunk != self.loss_chunk_bytes
@@ -655,6 +655,10 @@ class MemoryPlanner:
         if changed or reason:
             self._report(reason)
         return changed
+
+    def _offload_time(self) -> float:
+        """An offloaded layer's relative time at the longest sequence planned for (``offload_time``)."""
+        return offload_time(self.shapes, self.seq, lean=distributed_world() <= 1)
 
     def _loss_chunk(self, tokens: int, predicted: float, fits: bool) -> tuple[int | None, float]:
         """Memory the fastest plan leaves under the target goes to the fused loss' logits chunk (fewer,
@@ -696,14 +700,17 @@ class MemoryPlanner:
             self._log["memory_plan_loss_chunk_mib"] = self.loss_chunk_bytes // 2**20
         why = f" ({reason})" if reason else ""
         state = "calibrated" if self.calibrated else "uncalibrated"
+        replayed = counts["offload"] and self._offload_time() < TIME_OFFLOAD
+        self._log["memory_plan_attention_replayed"] = int(bool(replayed))
         message = (
-            "cpt-plugin memory plan for %d tokens%s: %s; predicted peak %.3g GiB (%s) of a %.3g GiB budget; "
+            "cpt-plugin memory plan for %d tokens%s: %s%s; predicted peak %.3g GiB (%s) of a %.3g GiB budget; "
             "the longest micro-batch it predicts to fit: %d tokens (every layer %s, MLP tiled)."
         )
         args = (
             self.tokens,
             why,
             self.plan.describe(),
+            " (offloaded layers replay their attention)" if replayed else "",
             self.predicted / GIB,
             state,
             self.budget / GIB,

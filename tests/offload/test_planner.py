@@ -228,9 +228,27 @@ def test_a_replaying_model_is_planned_as_one() -> None:
     shapes = planner.shapes
     per_head = shapes.head_dim * shapes.act_bytes + 4  # bf16/fp32 output and the fp32 log-sum-exp
     assert planner._host_bytes_per_token() == planner.costs.hidden + shapes.heads * per_head
+    assert planner.pop_log()["memory_plan_attention_replayed"] == 0  # every layer kept: nothing replayed
     plain_model = tiny_llama(layers=2)
     plain = install_planner(plain_model, budget_gib=1.0, _simulate_offload=True, _static_bytes=lambda: 0.0)
     assert not plain.shapes.attention_replay and plain._host_bytes_per_token() == plain.costs.hidden
+
+
+def test_the_plan_says_when_offloaded_layers_replay_their_attention(monkeypatch, caplog) -> None:
+    import cpt_plugin.offload.attention_replay as replay
+    from cpt_plugin.offload.head_groups import enable_head_groups
+
+    monkeypatch.setattr(replay, "REPLAY_MIN_SHARE", 0.0)  # the toy's sequences count as long
+    model = tiny_llama(layers=3)
+    enable_head_groups(model, replay=True)
+    planner = install_planner(model, budget_gib=1e-6, _simulate_offload=True, _static_bytes=lambda: 0.0)
+    ids = torch.randint(0, 257, (1, 24))
+    with caplog.at_level(logging.INFO, logger="cpt_plugin.offload.planner"):
+        model(input_ids=ids, labels=ids).loss.backward()
+    counts = planner.plan.counts()
+    assert counts["offload"] > 0 and counts["recompute"] == 0  # a replayed offload beats a recompute
+    assert planner.pop_log()["memory_plan_attention_replayed"] == 1
+    assert "(offloaded layers replay their attention)" in caplog.text
 
 
 def test_replans_for_a_longer_sequence_and_logs_it(caplog) -> None:
