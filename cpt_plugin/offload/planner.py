@@ -122,6 +122,7 @@ from typing import Any
 import torch
 
 from cpt_plugin.offload.checkpointing import (
+    HOST_RESERVE_BYTES,
     LATE_FETCH_BYTES,
     LayerPlan,
     decoder_layers,
@@ -643,7 +644,7 @@ class MemoryPlanner:
             tiled_mlp=self.tiled_mlp,
             can_offload=self.can_offload,
             residual_mlp=self.shapes.residual_mlp,
-            offload=self._offload_time(),
+            offload=self._offload_time(tokens),
         )
         chunk, extra = self._loss_chunk(tokens, predicted, fits)
         changed = plan != self.plan or tokens != self.tokens or chunk != self.loss_chunk_bytes
@@ -656,9 +657,16 @@ class MemoryPlanner:
             self._report(reason)
         return changed
 
-    def _offload_time(self) -> float:
-        """An offloaded layer's relative time at the longest sequence planned for (``offload_time``)."""
-        return offload_time(self.shapes, self.seq, lean=distributed_world() <= 1)
+    def _offload_time(self, tokens: int) -> float:
+        """An offloaded layer's relative time at the longest sequence planned for (``offload_time``). A
+        replayed offload counts only when the host can hold every layer's parked bytes: the plan then
+        offloads every layer it does not keep, and a host that cannot hold them gets the fewest offloads."""
+        fast = offload_time(self.shapes, self.seq, lean=distributed_world() <= 1)
+        if fast >= TIME_OFFLOAD or not self.can_offload:
+            return fast
+        host = self._host_bytes_for_offload()
+        needed = len(self.layers) * tokens * self._host_bytes_per_token()
+        return fast if host is None or needed + HOST_RESERVE_BYTES <= host else TIME_OFFLOAD
 
     def _loss_chunk(self, tokens: int, predicted: float, fits: bool) -> tuple[int | None, float]:
         """Memory the fastest plan leaves under the target goes to the fused loss' logits chunk (fewer,
@@ -700,7 +708,7 @@ class MemoryPlanner:
             self._log["memory_plan_loss_chunk_mib"] = self.loss_chunk_bytes // 2**20
         why = f" ({reason})" if reason else ""
         state = "calibrated" if self.calibrated else "uncalibrated"
-        replayed = counts["offload"] and self._offload_time() < TIME_OFFLOAD
+        replayed = counts["offload"] and self._offload_time(self.tokens) < TIME_OFFLOAD
         self._log["memory_plan_attention_replayed"] = int(bool(replayed))
         message = (
             "cpt-plugin memory plan for %d tokens%s: %s%s; predicted peak %.3g GiB (%s) of a %.3g GiB budget; "

@@ -249,6 +249,13 @@ def test_the_plan_says_when_offloaded_layers_replay_their_attention(monkeypatch,
     assert counts["offload"] > 0 and counts["recompute"] == 0  # a replayed offload beats a recompute
     assert planner.pop_log()["memory_plan_attention_replayed"] == 1
     assert "(offloaded layers replay their attention)" in caplog.text
+    # a host that cannot hold every layer's parked bytes: the fewest offloads again, as without the replay
+    import cpt_plugin.offload.planner as planner_module
+
+    monkeypatch.setattr(planner_module, "host_memory_available", lambda: 1.0)
+    assert planner._offload_time(planner.tokens) == planner_module.TIME_OFFLOAD
+    monkeypatch.setattr(planner_module, "host_memory_available", lambda: None)  # not Linux: no bound
+    assert planner._offload_time(planner.tokens) < planner_module.TIME_OFFLOAD
 
 
 def test_replans_for_a_longer_sequence_and_logs_it(caplog) -> None:
