@@ -163,9 +163,7 @@ class CPTConfig:
         None  # frozen embedding originals off the GPU; None: on when checkpointing on one GPU
     )
     cuda_graphs: bool = False  # kept decoder layers replayed as CUDA graphs (one GPU, one process)
-    attention_replay: bool | None = (
-        None  # offloaded layers' recompute skips attention; None: on where attention is >= 30% of a layer
-    )
+    attention_replay: bool | None = None  # offloaded layers skip recomputing attention; None: where it pays
     tiled_mlp: bool = False  # run the MLP over the sequence in chunks (long-context memory)
     tiled_mlp_chunk_tokens: int = 4096
     rope_scaling: dict[str, Any] | None = None  # e.g. {"rope_type": "yarn", "factor": 4.0}
