@@ -172,8 +172,9 @@ class _Replay(torch.autograd.Function):
         recorded, ctx.recorded = ctx.recorded, None
         query, key, value, fetched = ctx.saved_tensors
         recorded.bound = (query, key, value, fetched)
-        grads = [head_major_buffer(t) for t in (query, key, value)]
         groups, recorded.groups = recorded.groups, []
+        # one group: its gradients are the whole ones (no second copy of dq, dk, dv at the peak)
+        grads = None if len(groups) == 1 else [head_major_buffer(t) for t in (query, key, value)]
         per_q = query.shape[1] // len(groups)
         try:
             for g in range(len(groups)):
@@ -182,13 +183,17 @@ class _Replay(torch.autograd.Function):
                 heads = slice(g * per_q, (g + 1) * per_q)
                 parts = torch.autograd.grad(part, leaves, grad_output[:, :, heads].transpose(1, 2))
                 del part
-                for grad, part_grad, leaf in zip(grads, parts, leaves, strict=True):
-                    width = leaf.shape[1]
-                    grad[:, g * width : (g + 1) * width].copy_(part_grad)
+                if grads is None:
+                    grads = list(parts)
+                else:
+                    for grad, part_grad, leaf in zip(grads, parts, leaves, strict=True):
+                        width = leaf.shape[1]
+                        grad[:, g * width : (g + 1) * width].copy_(part_grad)
                 del parts, leaves
         finally:
             recorded.bound, recorded.slots = (), []
         peak_passed()
+        assert grads is not None  # a recorded call has at least one group
         return grads[0], grads[1], grads[2], None
 
 

@@ -247,3 +247,20 @@ def test_a_full_host_recomputes_the_attention_and_says_so_once(monkeypatch, capl
     monkeypatch.setattr(checkpointing, "host_memory_available", lambda: None)  # not Linux: no bound
     _same(_grads(model, [ids]), want)
     assert len(records) == 2
+
+
+@pytest.mark.parametrize("one_group", [False, True])
+def test_one_group_hands_back_its_own_gradients(monkeypatch, one_group) -> None:
+    """With one group the replayed backward returns the group's dq, dk, dv as they are: no buffers for a
+    second copy (1.5 hidden states per token at the layer's backward peak); several groups fill them."""
+    reference = tiny_llama(layers=2)
+    model = copy.deepcopy(reference)
+    enable_head_groups(model, replay=True)
+    enable_checkpointing(model, "offload", _simulate_offload=True)
+    _long(monkeypatch, one_group)
+    buffers = _counting(monkeypatch, replay, "head_major_buffer")
+    ids = torch.randint(0, 257, (2, 13))
+    want = _grads(reference, [ids])
+    buffers.clear()
+    _same(_grads(model, [ids]), want)
+    assert len(buffers) == (0 if one_group else 2 * 3)  # two layers, q/k/v each
