@@ -54,6 +54,7 @@ EXTRA_SYSTEMS = (
     "cpt_auto_11g",
     "cpt_nogc_graphs",
     "cpt_auto_graphs",
+    "cpt_offload_emb_graphs",
     "cpt_offload_replay",
     "cpt_auto_11g_replay",
     *OFFLOAD_COMPETITORS,
@@ -94,6 +95,10 @@ CPT_VARIANTS: dict[str, dict[str, Any]] = {
         gradient_checkpointing="off", tiled_mlp=False, offload_embeddings=False, cuda_graphs=True
     ),
     "cpt_auto_graphs": dict(gradient_checkpointing="auto", tiled_mlp=False, cuda_graphs=True),
+    # the offloaded layers' backward (recompute + backprop) replayed as CUDA graphs
+    "cpt_offload_emb_graphs": dict(
+        gradient_checkpointing="offload", tiled_mlp=False, offload_embeddings=True, cuda_graphs=True
+    ),
 }
 
 LIGER_PATCHERS = {

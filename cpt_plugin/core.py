@@ -162,28 +162,32 @@ def mark_loss_chunk_from_free_memory(model: Any) -> None:
 
 
 def install_layer_graphs(model: Any, config: CPTConfig, mode: str) -> None:
-    """``cuda_graphs: true``: kept decoder layers replayed as CUDA graphs (offload/layer_graphs.py).
+    """``cuda_graphs: true``: decoder layers replayed as CUDA graphs. Kept layers (checkpointing off, or
+    kept by the planner) replay their forward and backward (offload/layer_graphs.py); checkpointed layers
+    (recompute, offload) their backward: the recompute and the backprop through it
+    (offload/recompute_graphs.py).
 
-    Off by default: on the H200 at Llama-1B shapes they made a step 1.5% faster for 2.4 GiB more memory
-    (docs/BENCHMARKS.md), which the planner does not model. Where they cannot run (several processes, no
-    GPU, 4-bit layers, every layer checkpointed) this says why, once, and trains without them."""
+    Off by default: kept-layer graphs made a step 1.5% faster for 2.4 GiB more memory on the H200 at
+    Llama-1B shapes (docs/BENCHMARKS.md), which the planner does not model. Where graphs cannot run
+    (several processes, no GPU, 4-bit layers) this says why, once, and trains without them."""
     if not config.cuda_graphs:
         return
-    if mode not in ("off", "auto"):
-        logger.warning(
-            "cpt-plugin: cuda_graphs: true needs kept layers (gradient_checkpointing: off or auto); "
-            "with %s every layer is checkpointed, so nothing is graphed.",
-            mode,
-        )
-        return
-    from cpt_plugin.offload.checkpointing import enable_layer_plan, layer_plan_holder
+    from cpt_plugin.offload.checkpointing import checkpoint_function, enable_layer_plan, layer_plan_holder
     from cpt_plugin.offload.layer_graphs import LayerGraphs, graphs_available
+    from cpt_plugin.offload.recompute_graphs import RecomputeGraphs
 
     reason = graphs_available(model)
     if reason is not None:
         logger.warning("cpt-plugin: cuda_graphs: true, but CUDA graphs cannot run here: %s.", reason)
         return
+    if mode in ("recompute", "offload"):
+        function = checkpoint_function(model)
+        if function is not None:
+            function.graphs = RecomputeGraphs()
+        return
     holder = layer_plan_holder(model)
     if holder is None:  # checkpointing off: every layer kept, through the per-layer function
         holder = enable_layer_plan(model)
     holder.graphs = LayerGraphs()
+    if mode == "auto":
+        holder.recompute_graphs = RecomputeGraphs()

@@ -539,7 +539,7 @@ class _LayerCheckpoint(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, function, offload, simulate, preserve_rng, on_recompute, anchor, x, *rest):
+    def forward(ctx, function, offload, simulate, preserve_rng, on_recompute, graphs, anchor, x, *rest):
         ctx.function, ctx.rest, ctx.region, ctx.rest_count = function, rest, _Region(), len(rest)
         ctx.on_recompute = on_recompute
         ctx.x_requires_grad = x.requires_grad
@@ -556,11 +556,18 @@ class _LayerCheckpoint(torch.autograd.Function):
             ctx.save_for_backward(x)
         try:
             with _thread_state("stash", ctx.stash):
-                return _run_region(ctx.region, function, x, *rest)
+                out = _run_region(ctx.region, function, x, *rest)
         finally:
             if ctx.parked is not None:
                 ctx.parked.forward_done()
                 ctx.stash.forward_done()
+        ctx.graphed = None
+        if graphs is not None:  # recompute_graphs.py: how this call's backward runs
+            parked = len(ctx.stash.items) if ctx.stash is not None else 0
+            ctx.graphed = graphs.prepare(
+                _layer_of(function), function, x, rest, out, ctx.autocast, parked, ctx.rng is not None
+            )
+        return out
 
     @staticmethod
     def backward(ctx, *grads):
@@ -575,6 +582,13 @@ class _LayerCheckpoint(torch.autograd.Function):
             x = parked.get()
         else:
             (x,) = ctx.saved_tensors
+        graphed, ctx.graphed = ctx.graphed, None
+        if graphed is not None and graphed.replays and len(grads) == 1 and grads[0] is not None:
+            grad_x = graphed.run(x, grads[0])
+            del x, graphed
+            _ENGINE.fetch_waiting()
+            ctx.function = ctx.rest = ctx.on_recompute = ctx.stash = None
+            return (None, None, None, None, None, None, None, grad_x if ctx.x_requires_grad else None)
         x = x.detach().requires_grad_(ctx.x_requires_grad)
         measure = ctx.on_recompute is not None and _measurable(x)
         before = _allocated(x.device) if measure else 0
@@ -610,8 +624,10 @@ class _LayerCheckpoint(torch.autograd.Function):
         del roots, seeds
         _ENGINE.fetch_waiting()  # if nothing in the layer said so earlier
         ctx.function = ctx.rest = ctx.on_recompute = None
+        if graphed is not None and not graphed.replays:
+            graphed.eager_done()  # one more eager backward of this signature before the capture
         grad_x = x.grad if ctx.x_requires_grad else None
-        return (None, None, None, None, None, None, grad_x, *([None] * ctx.rest_count))
+        return (None, None, None, None, None, None, None, grad_x, *([None] * ctx.rest_count))
 
 
 def _distributed() -> bool:
@@ -627,6 +643,7 @@ def _checkpointed(
     offload: bool,
     simulate_offload: bool,
     on_recompute: Callable[[int], Any] | None = None,
+    graphs: Any = None,
 ) -> Any:
     """``function(*args)`` checkpointed, the first argument offloaded if asked.
 
@@ -648,7 +665,7 @@ def _checkpointed(
             anchor = _grad_anchor(x.device)
             rng = preserve and _uses_rng(layer)
             return _LayerCheckpoint.apply(
-                function, offload, not x.is_cuda, rng, on_recompute, anchor, x, *args[1:]
+                function, offload, not x.is_cuda, rng, on_recompute, graphs, anchor, x, *args[1:]
             )
     kwargs["preserve_rng_state"] = preserve
     if not offload:
@@ -679,9 +696,13 @@ class CheckpointFunction:
     def __init__(self, offload: bool, simulate_offload: bool = False) -> None:
         self.offload = offload
         self.simulate_offload = simulate_offload  # tests: "offload" into plain host memory on CPU
+        self.graphs: Any = None  # recompute_graphs.RecomputeGraphs: the layers' backward as CUDA graphs
 
     def __call__(self, function: Callable, *args: Any, **kwargs: Any) -> Any:
-        return _checkpointed(function, args, kwargs, self.offload, self.simulate_offload)
+        return _checkpointed(function, args, kwargs, self.offload, self.simulate_offload, graphs=self.graphs)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "graphs": None}  # a copy captures its own graphs (or none)
 
     def __repr__(self) -> str:
         return f"CheckpointFunction(offload={self.offload})"
@@ -740,6 +761,7 @@ class PlanHolder:
         self.observer = observer
         self.simulate_offload = simulate_offload  # tests: "offload" into plain host memory on CPU
         self.graphs: Any = None  # layer_graphs.LayerGraphs: kept layers replayed as CUDA graphs
+        self.recompute_graphs: Any = None  # recompute_graphs.RecomputeGraphs: checkpointed layers' backward
 
 
 class PlannedLayerFunction:
@@ -772,7 +794,13 @@ class PlannedLayerFunction:
             if on_recompute is not None:
                 on_recompute = functools.partial(on_recompute, self.index)
             out = _checkpointed(
-                function, args, kwargs, mode == "offload", holder.simulate_offload, on_recompute
+                function,
+                args,
+                kwargs,
+                mode == "offload",
+                holder.simulate_offload,
+                on_recompute,
+                holder.recompute_graphs,
             )
         if observer is not None:
             observer.layer_end(self.index)
@@ -933,6 +961,15 @@ def layer_plan_holder(model: torch.nn.Module) -> PlanHolder | None:
         ours = m.__dict__.get("_cpt_checkpoint_func")
         if isinstance(ours, _LayerPlanInstaller):
             return ours.holder
+    return None
+
+
+def checkpoint_function(model: torch.nn.Module) -> CheckpointFunction | None:
+    """The CheckpointFunction installed by :func:`enable_checkpointing` on ``model``, or None."""
+    for m in _pretrained_models(model):
+        ours = m.__dict__.get("_cpt_checkpoint_func")
+        if isinstance(ours, CheckpointFunction):
+            return ours
     return None
 
 

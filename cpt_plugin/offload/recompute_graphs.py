@@ -1,0 +1,300 @@
+"""A checkpointed decoder layer's backward (its recompute and the backprop through it) replayed as one
+CUDA graph: the same kernels, without the host's time per launch.
+
+Why: on the H200 at Llama-1B shapes (4 x 2048) an offloaded step is bound by the host, not the GPU
+(``benchmarks/profile_step.py``, docs/BENCHMARKS.md, 2026-12-02): 166 ms of host time per step against
+125 ms of GPU work, and the backward, which recomputes every layer and then backpropagates through it,
+spends 96 ms of host time for 97 ms of wall. Each layer's recompute and backward is some 80 launches at
+20-65 µs of Python and dispatch each. A graph replays them in one launch.
+
+How: ``_LayerCheckpoint`` (checkpointing.py) asks :meth:`RecomputeGraphs.prepare` in its forward, after
+the graph-free forward has run. A layer is run eagerly until ``WARMUP_BACKWARDS`` of its backwards have
+run with one input signature (shapes, dtypes, the keywords transformers binds, autocast), so lazy set-up
+(cuBLAS handles, Triton compilation and autotuning, one-time GEMM probes) happens outside any capture.
+At the next forward, the layer's recompute (in recompute mode: the same skips as the eager one) and
+``torch.autograd.grad`` of its output with respect to its input and trainable parameters are captured
+together as one graph, after one eager pass on the capture stream. In backward the offloaded input and
+the output gradient are copied into the graph's static tensors, the graph replays, and the parameters'
+gradients are added to ``.grad`` (or become it, as fresh tensors) as ``AccumulateGrad`` would.
+
+Memory: every activation of the recompute is made and freed inside the graph, so the graphs of all
+layers share one pool whose size is one layer's recompute and backward (what an eager backward holds at
+its peak), not sixteen; the static tensors (input, output gradient, input gradient, the parameters'
+gradients) are shared by the layers of one signature. The pool stays reserved between steps: the
+forward and the loss cannot use it (``peak_reserved`` shows it; ``memory_allocated`` does not).
+
+Never a silent wrong answer: a layer with dropout, a forward that parked its attention for a replay
+(``attention_replay``), another signature than the captured one, parameters with gradient hooks, and
+parameters replaced, moved, unfrozen or adapters switched after the capture run eagerly (the last drop
+the layer's graph); a failed capture turns graphs off for the model with one notice naming the error.
+Only one process on one GPU, without bitsandbytes 4-bit layers (``layer_graphs.graphs_available``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from cpt_plugin.offload.layer_graphs import (
+    _capture,
+    _copy_into,
+    _LayerState,
+    _parameters_swapped,
+    _signature,
+    _static_copy,
+)
+
+logger = logging.getLogger(__name__)
+
+WARMUP_BACKWARDS = 2  # eager backwards per layer and signature before its capture
+
+
+class _Statics:
+    """The static tensors the graphs of one signature read and write (shared by the layers: their
+    replays run one after another on one stream)."""
+
+    def __init__(self, x: torch.Tensor, keywords: dict[str, Any], out: torch.Tensor, params: tuple) -> None:
+        self.x = x.detach().clone()
+        self.keywords = _static_copy(keywords)
+        self.grad_out = torch.zeros_like(out)
+        self.grad_x = torch.empty_like(x) if x.requires_grad else None
+        self.param_grads = [torch.empty_like(p) for p in params]
+
+
+class _Entry:
+    """One layer's state: its eager backwards so far, its graph, and what the graph was captured on."""
+
+    __slots__ = ("signature", "backwards", "graph", "statics", "used", "state", "eager_only")
+
+    def __init__(self, signature: Any, state: _LayerState) -> None:
+        self.signature = signature
+        self.backwards = 0
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.statics: _Statics | None = None
+        self.used: tuple[bool, ...] = ()  # which trainable parameters the layer's backward reaches
+        self.state = state
+        self.eager_only = False  # a forward of this signature parked a replayed attention
+
+
+class GraphedBackward:
+    """What ``_LayerCheckpoint`` holds from a forward whose backward replays the layer's graph."""
+
+    __slots__ = ("entry", "keywords", "params")
+    replays = True
+
+    def __init__(self, entry: _Entry, keywords: dict[str, Any], params: tuple[torch.Tensor, ...]) -> None:
+        self.entry = entry
+        self.keywords = keywords
+        self.params = params
+
+    def run(self, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor | None:
+        """Replays the layer's recompute and backward on ``x`` and ``grad_out``: accumulates the
+        parameters' gradients, returns the input's gradient (a fresh tensor) or None."""
+        entry = self.entry
+        statics, graph = entry.statics, entry.graph
+        assert statics is not None and graph is not None
+        _copy_into(statics.x, x)
+        _copy_into(statics.keywords, self.keywords)
+        statics.grad_out.copy_(grad_out)
+        graph.replay()
+        _accumulate(
+            [p for p, used in zip(self.params, entry.used, strict=True) if used],
+            [g for g, used in zip(statics.param_grads, entry.used, strict=True) if used],
+        )
+        return statics.grad_x.clone() if statics.grad_x is not None else None
+
+
+class EagerBackward:
+    """What ``_LayerCheckpoint`` holds from a forward whose backward runs eagerly: counts the warm-up."""
+
+    __slots__ = ("entry",)
+    replays = False
+
+    def __init__(self, entry: _Entry) -> None:
+        self.entry = entry
+
+    def eager_done(self) -> None:
+        self.entry.backwards += 1
+
+
+def _accumulate(params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+    """``param.grad += grad`` as AccumulateGrad does it: a fresh tensor where ``.grad`` is None (never the
+    graph's static buffer, which the next replay overwrites)."""
+    existing = [(p.grad, g) for p, g in zip(params, grads, strict=True) if p.grad is not None]
+    if existing:
+        torch._foreach_add_([e for e, _ in existing], [g for _, g in existing])
+    missing = [(p, g) for p, g in zip(params, grads, strict=True) if p.grad is None]
+    if missing:
+        fresh = torch._foreach_mul([g for _, g in missing], 1.0)
+        for (p, _), grad in zip(missing, fresh, strict=True):
+            p.grad = grad
+
+
+def _has_grad_hooks(params: tuple[torch.Tensor, ...]) -> bool:
+    return any(
+        getattr(p, "_backward_hooks", None) or getattr(p, "_post_accumulate_grad_hooks", None) for p in params
+    )
+
+
+@contextlib.contextmanager
+def _as_recompute() -> Any:
+    """This thread in the lean recompute, with no stash: the capture computes what an eager recompute
+    computes (the same skips), and attention is computed, not replayed."""
+    from cpt_plugin.offload.checkpointing import _thread_state
+
+    with _thread_state("recomputing", True), _thread_state("lean", True), _thread_state("stash", None):
+        yield
+
+
+class RecomputeGraphs:
+    """The CUDA graphs of one model's checkpointed layers (see the module doc)."""
+
+    def __init__(self) -> None:
+        self.pool: Any = None
+        self.stream: torch.cuda.Stream | None = None
+        self.entries: dict[int, _Entry] = {}  # by id() of the decoder layer
+        self.statics: dict[Any, _Statics] = {}
+        self.off_reason: str | None = None
+        self.captured = 0
+
+    def reset(self) -> None:
+        """Frees every graph and static tensor (captured again after the warm-up)."""
+        self.entries, self.statics = {}, {}
+        self.pool = None
+
+    def prepare(
+        self,
+        layer: torch.nn.Module | None,
+        function: Callable,
+        x: torch.Tensor,
+        rest: tuple,
+        out: Any,
+        autocast: list[tuple[str, torch.dtype, bool]],
+        parked_items: int,
+        uses_rng: bool,
+    ) -> GraphedBackward | EagerBackward | None:
+        """Called by the checkpoint's forward: how its backward runs (None: eagerly, nothing counted)."""
+        keywords = getattr(function, "keywords", None)
+        if (
+            self.off_reason is not None
+            or layer is None
+            or rest
+            or keywords is None
+            or uses_rng
+            or not x.is_cuda
+            or not isinstance(out, torch.Tensor)
+        ):
+            return None
+        key = id(layer)
+        entry = self.entries.get(key)
+        if entry is not None and not entry.state.unchanged(layer):
+            entry = None  # parameters replaced or moved, adapters switched: the graph is stale
+        signature = (
+            _signature(x),
+            _signature(keywords),
+            tuple(autocast),
+            layer.training,
+            _signature(out),
+        )
+        if entry is None or (entry.signature != signature and entry.graph is None):
+            entry = self.entries[key] = _Entry(signature, _LayerState(layer))
+        if entry.signature != signature:
+            return None  # another signature than the captured one: eager
+        if parked_items:
+            entry.eager_only = True  # attention replayed from host memory: its own recompute path
+        if entry.eager_only:
+            return None
+        params = entry.state.trainable
+        if _has_grad_hooks(params):
+            return None
+        if entry.graph is None:
+            if entry.backwards < WARMUP_BACKWARDS:
+                return EagerBackward(entry)
+            try:
+                self._capture(entry, function, x, keywords, out, params, autocast)
+            except Exception as error:  # noqa: BLE001 - any failure: this model trains without graphs
+                self.turn_off(f"{type(error).__name__}: {error}")
+                return None
+            self.captured += 1
+            if self.captured == 1:
+                logger.info(
+                    "cpt-plugin: checkpointed decoder layers' backward runs as CUDA graphs from here on"
+                )
+        return GraphedBackward(entry, keywords, params)
+
+    def _capture(
+        self,
+        entry: _Entry,
+        function: Callable,
+        x: torch.Tensor,
+        keywords: dict[str, Any],
+        out: torch.Tensor,
+        params: tuple[torch.Tensor, ...],
+        autocast: list[tuple[str, torch.dtype, bool]],
+    ) -> None:
+        shapes = tuple((tuple(p.shape), p.dtype) for p in params)
+        statics = self.statics.get((entry.signature, shapes))
+        if statics is None:
+            statics = self.statics[(entry.signature, shapes)] = _Statics(x, keywords, out, params)
+        _copy_into(statics.x, x)
+        _copy_into(statics.keywords, keywords)
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        if self.stream is None:
+            self.stream = torch.cuda.Stream(x.device)
+        stream = self.stream
+        call = functools.partial(function.func, *function.args, **statics.keywords)
+        # Fresh leaves on the parameters' storage while the layer is captured: the backward capture ends
+        # at their own gradient accumulators, made on the capture stream (see layer_graphs.capture).
+        aliases = [p.detach().requires_grad_(True) for p in params]
+        layer_input = statics.x.detach().requires_grad_(x.requires_grad)
+        used: list[bool] = []
+
+        def recompute_and_backward() -> None:
+            result = call(layer_input)
+            if not isinstance(result, torch.Tensor) or not result.requires_grad:
+                raise TypeError(
+                    f"the layer returned {type(result).__name__}, not one tensor that requires grad"
+                )
+            inputs = ([layer_input] if layer_input.requires_grad else []) + aliases
+            grads = list(torch.autograd.grad(result, inputs, statics.grad_out, allow_unused=True))
+            del result
+            if layer_input.requires_grad:
+                assert statics.grad_x is not None
+                statics.grad_x.copy_(grads.pop(0))
+            used[:] = [g is not None for g in grads]
+            present = [(buf, g) for buf, g in zip(statics.param_grads, grads, strict=True) if g is not None]
+            if present:
+                torch._foreach_copy_([b for b, _ in present], [g for _, g in present])
+
+        with contextlib.ExitStack() as scope:
+            scope.enter_context(
+                _parameters_swapped(entry.state.slots, dict(zip(map(id, params), aliases, strict=True)))
+            )
+            for kind, dtype, _cache in autocast:
+                scope.enter_context(torch.autocast(kind, dtype=dtype, cache_enabled=False))
+            scope.enter_context(torch.enable_grad())
+            scope.enter_context(_as_recompute())
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):  # one eager pass on the capture stream (workspaces, streams)
+                recompute_and_backward()
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with _capture(graph, self.pool, stream):
+                recompute_and_backward()
+            torch.cuda.current_stream().wait_stream(stream)
+        entry.graph, entry.statics, entry.used = graph, statics, tuple(used)
+
+    def turn_off(self, reason: str) -> None:
+        self.off_reason = reason
+        self.reset()
+        logger.warning(
+            "cpt-plugin: CUDA graphs for the checkpointed decoder layers are off for this run (%s); the "
+            "layers' backward runs eagerly, with the same results. Set cuda_graphs: false to skip the attempt.",
+            reason[:300],
+        )
