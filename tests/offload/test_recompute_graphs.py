@@ -127,17 +127,21 @@ def test_graphed_backward_gradients_equal_eager_ones():
 
 @pytest.mark.gpu
 @cuda
-def test_adapters_disabled_after_capture_run_eagerly():
+def test_adapters_switched_after_capture_drop_the_graph():
+    """A replay computes the captured adapter set-up: a forward with the adapters off must not get it."""
     model, optimizer = _gpu_model(True, "offload")
     _run(model, optimizer, steps=4)
     graphs = _graphs_of(model)
     assert graphs.captured == 3
     layer = model.get_base_model().model.layers[0]
+    assert graphs.entries[id(layer)].graph is not None
     ids = torch.randint(0, 1000, (2, 77), generator=torch.Generator().manual_seed(7)).cuda()
-    with model.disable_adapter():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            model(input_ids=ids, labels=ids).loss.backward()
+    with model.disable_adapter(), torch.autocast("cuda", dtype=torch.bfloat16):
+        model(input_ids=ids, labels=ids)  # grad-enabled; nothing it computes needs a gradient
     assert graphs.entries[id(layer)].graph is None  # stale: dropped, not replayed
+    losses, _ = _run(model, optimizer, steps=4)  # warmed up and captured again, still finite
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert graphs.entries[id(layer)].graph is not None
 
 
 @pytest.mark.gpu
