@@ -404,10 +404,14 @@ def _run_with_handle(
 # ----------------------------------------------------------------------------------------------
 # The layer checkpoint: forward without a graph, backward recomputes and backpropagates through it
 # ----------------------------------------------------------------------------------------------
-def _layer_of(function: Callable) -> torch.nn.Module | None:
-    """The decoder layer behind transformers' ``partial(super().__call__, **kwargs)``, if it is one."""
+def layer_of(function: Callable) -> torch.nn.Module | None:
+    """The decoder layer behind the partial transformers checkpoints: ``partial(super().__call__,
+    **kwargs)`` (transformers 5.17) or ``partial(forward, self, **kwargs)`` (5.24), if it is one."""
     owner = getattr(getattr(function, "func", function), "__self__", None)
-    return owner if isinstance(owner, torch.nn.Module) else None
+    if isinstance(owner, torch.nn.Module):
+        return owner
+    args = getattr(function, "args", ())
+    return args[0] if args and isinstance(args[0], torch.nn.Module) else None
 
 
 def _needs_grad(value: Any) -> bool:
@@ -565,7 +569,7 @@ class _LayerCheckpoint(torch.autograd.Function):
         if graphs is not None:  # recompute_graphs.py: how this call's backward runs
             parked = len(ctx.stash.items) if ctx.stash is not None else 0
             ctx.graphed = graphs.prepare(
-                _layer_of(function), function, x, rest, out, ctx.autocast, parked, ctx.rng is not None
+                layer_of(function), function, x, rest, out, ctx.autocast, parked, ctx.rng is not None
             )
         return out
 
@@ -660,7 +664,7 @@ def _checkpointed(
     )
     lean = isinstance(x, torch.Tensor) and not kwargs and not _distributed()
     if lean and not _closure_needs_grad(function, args[1:]):
-        layer = _layer_of(function)
+        layer = layer_of(function)
         if x.requires_grad or _has_trainable(layer):
             anchor = _grad_anchor(x.device)
             rng = preserve and _uses_rng(layer)

@@ -53,7 +53,7 @@ from typing import Any
 
 import torch
 
-from cpt_plugin.offload.checkpointing import _needs_grad, _uses_rng
+from cpt_plugin.offload.checkpointing import _needs_grad, _uses_rng, layer_of
 
 logger = logging.getLogger(__name__)
 
@@ -276,15 +276,6 @@ class _GraphedLayer(torch.autograd.Function):
         return (None, None, grad_x, *grads)
 
 
-def _layer_from(function: Callable) -> torch.nn.Module | None:
-    """The decoder layer behind transformers' partial (``super().__call__`` bound, or ``forward, self``)."""
-    owner = getattr(getattr(function, "func", None), "__self__", None)
-    if isinstance(owner, torch.nn.Module):
-        return owner
-    args = getattr(function, "args", ())
-    return args[0] if args and isinstance(args[0], torch.nn.Module) else None
-
-
 def _parameter_slots(layer: torch.nn.Module) -> tuple[tuple[dict, str, torch.nn.Parameter], ...]:
     return tuple(
         (module._parameters, name, param)
@@ -353,7 +344,7 @@ class LayerGraphs:
             return None
         x = args[0]
         keywords = getattr(function, "keywords", None)
-        layer = _layer_from(function)
+        layer = layer_of(function)
         if not x.is_cuda or keywords is None or layer is None or _needs_grad(keywords):
             return None
 

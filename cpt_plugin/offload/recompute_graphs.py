@@ -74,7 +74,7 @@ class _Entry:
     def __init__(self, signature: Any, state: _LayerState) -> None:
         self.signature = signature
         self.backwards = 0
-        self.graph: torch.cuda.CUDAGraph | None = None
+        self.graph: Any = None  # a torch.cuda.CUDAGraph (or what _record returns)
         self.statics: _Statics | None = None
         self.used: tuple[bool, ...] = ()  # which trainable parameters the layer's backward reaches
         self.state = state
@@ -186,7 +186,7 @@ class RecomputeGraphs:
             or rest
             or keywords is None
             or uses_rng
-            or not x.is_cuda
+            or not self._can_capture_on(x)
             or not isinstance(out, torch.Tensor)
         ):
             return None
@@ -227,6 +227,9 @@ class RecomputeGraphs:
                 )
         return GraphedBackward(entry, keywords, params)
 
+    def _can_capture_on(self, x: torch.Tensor) -> bool:
+        return x.is_cuda
+
     def _capture(
         self,
         entry: _Entry,
@@ -243,11 +246,6 @@ class RecomputeGraphs:
             statics = self.statics[(entry.signature, shapes)] = _Statics(x, keywords, out, params)
         _copy_into(statics.x, x)
         _copy_into(statics.keywords, keywords)
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
-        if self.stream is None:
-            self.stream = torch.cuda.Stream(x.device)
-        stream = self.stream
         call = functools.partial(function.func, *function.args, **statics.keywords)
         # Fresh leaves on the parameters' storage while the layer is captured: the backward capture ends
         # at their own gradient accumulators, made on the capture stream (see layer_graphs.capture).
@@ -272,23 +270,39 @@ class RecomputeGraphs:
             if present:
                 torch._foreach_copy_([b for b, _ in present], [g for _, g in present])
 
-        with contextlib.ExitStack() as scope:
-            scope.enter_context(
-                _parameters_swapped(entry.state.slots, dict(zip(map(id, params), aliases, strict=True)))
-            )
-            for kind, dtype, _cache in autocast:
-                scope.enter_context(torch.autocast(kind, dtype=dtype, cache_enabled=False))
-            scope.enter_context(torch.enable_grad())
-            scope.enter_context(_as_recompute())
+        swapped = dict(zip(map(id, params), aliases, strict=True))
+
+        @contextlib.contextmanager
+        def scope() -> Any:
+            with contextlib.ExitStack() as stack:
+                stack.enter_context(_parameters_swapped(entry.state.slots, swapped))
+                for kind, dtype, _cache in autocast:
+                    stack.enter_context(torch.autocast(kind, dtype=dtype, cache_enabled=False))
+                stack.enter_context(torch.enable_grad())
+                stack.enter_context(_as_recompute())
+                yield
+
+        graph = self._record(recompute_and_backward, scope, x.device)
+        entry.graph, entry.statics, entry.used = graph, statics, tuple(used)
+
+    def _record(self, body: Callable[[], None], scope: Callable[[], Any], device: torch.device) -> Any:
+        """``body`` run once eagerly on the capture stream (cuBLAS workspaces, autograd's streams), then
+        captured as a CUDA graph; both inside ``scope()``. Returns what :class:`GraphedBackward` replays."""
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        if self.stream is None:
+            self.stream = torch.cuda.Stream(device)
+        stream = self.stream
+        with scope():
             stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):  # one eager pass on the capture stream (workspaces, streams)
-                recompute_and_backward()
+            with torch.cuda.stream(stream):
+                body()
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with _capture(graph, self.pool, stream):
-                recompute_and_backward()
+                body()
             torch.cuda.current_stream().wait_stream(stream)
-        entry.graph, entry.statics, entry.used = graph, statics, tuple(used)
+        return graph
 
     def turn_off(self, reason: str) -> None:
         self.off_reason = reason

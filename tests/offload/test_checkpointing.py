@@ -446,3 +446,26 @@ def test_a_layer_ending_in_another_op_keeps_its_output(monkeypatch) -> None:
     out.sum().backward()
     assert released == [False]
     torch.testing.assert_close(x.grad, 1 - torch.tanh(x.detach()) ** 2)
+
+
+def test_the_layer_behind_either_partial_transformers_checkpoints():
+    """transformers 5.17 checkpoints ``partial(super().__call__, **kw)``, 5.24 ``partial(forward, self,
+    **kw)``: both must name the layer (else every layer counts as drawing random numbers, and its
+    recompute saves and restores the RNG state)."""
+    import functools
+
+    layer = torch.nn.Linear(2, 2)
+    assert ckpt.layer_of(functools.partial(layer.__call__, flag=True)) is layer
+    assert ckpt.layer_of(functools.partial(type(layer).forward, layer, flag=True)) is layer
+    assert ckpt.layer_of(functools.partial(lambda x: x)) is None
+    model = tiny_llama(layers=1)
+    enable_checkpointing(model, "recompute")
+    seen = []
+    original = ckpt._uses_rng
+    ckpt._uses_rng = lambda module: seen.append(module) or original(module)
+    try:
+        ids = torch.randint(0, 257, (1, 5))
+        model(input_ids=ids, labels=ids).loss.backward()
+    finally:
+        ckpt._uses_rng = original
+    assert seen and all(m is model.model.layers[0] for m in seen)

@@ -71,6 +71,125 @@ def test_parameters_with_gradient_hooks_are_not_graphed():
 
 
 # ------------------------------------------------------------------------------------------------
+# On the CPU: the same plumbing with a "graph" that replays its body eagerly
+# ------------------------------------------------------------------------------------------------
+class _EagerReplay:
+    def __init__(self, body, scope) -> None:
+        self.body, self.scope = body, scope
+        self.replays = 0
+
+    def replay(self) -> None:
+        self.replays += 1
+        with self.scope():
+            self.body()
+
+
+class _EagerGraphs(RecomputeGraphs):
+    """RecomputeGraphs whose capture keeps the captured body and replays it eagerly (CPU tensors)."""
+
+    def _can_capture_on(self, x):
+        return True
+
+    def _record(self, body, scope, device):
+        with scope():
+            body()  # as the real one: an eager pass first (it also learns which gradients are used)
+        return _EagerReplay(body, scope)
+
+
+def _cpu_model(graphs: bool):
+    torch.manual_seed(0)
+    model = setup_model(tiny_model("llama"), {"lora_r": 4}, checkpointing="recompute")
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(3)
+        for name, param in sorted(model.named_parameters()):
+            if "lora_B" in name:
+                param.copy_(0.05 * torch.randn(param.shape, generator=generator))
+    if graphs:
+        checkpoint_function(model).graphs = _EagerGraphs()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    return model, optimizer
+
+
+def _cpu_steps(model, optimizer, steps: int, accumulate: int = 2, double_at: int = -1):
+    losses = []
+    for step in range(steps):
+        for micro in range(accumulate):
+            ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(10 * step + micro))
+            loss = model(input_ids=ids, labels=ids).loss
+            if step == double_at:  # two forwards before one backward
+                loss = loss + model(input_ids=ids.flip(1), labels=ids.flip(1)).loss
+            (loss / accumulate).backward()
+            losses.append(float(loss))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return losses, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_replayed_backward_gives_the_eager_numbers_on_the_cpu():
+    """Warm-up, capture, replays through shared static tensors, gradients accumulated over micro-batches
+    and a second forward before one backward: the same losses and parameters as the eager backward."""
+    eager = _cpu_steps(*_cpu_model(False), steps=5, double_at=3)
+    model, optimizer = _cpu_model(True)
+    replayed = _cpu_steps(model, optimizer, steps=5, double_at=3)
+    graphs = checkpoint_function(model).graphs
+    layers = model.get_base_model().model.layers
+    assert graphs.captured == len(layers) and len(graphs.statics) == 1
+    assert all(graphs.entries[id(layer)].graph.replays > 0 for layer in layers)
+    torch.testing.assert_close(replayed[0], eager[0], rtol=1e-5, atol=1e-6)
+    for name, value in eager[1].items():
+        torch.testing.assert_close(replayed[1][name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_warm_up_then_capture_and_a_new_length_runs_eagerly():
+    model, optimizer = _cpu_model(True)
+    graphs = checkpoint_function(model).graphs
+    layer = model.get_base_model().model.layers[0]
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(1))
+    for expected_backwards in (0, 1):
+        model(input_ids=ids, labels=ids).loss.backward()
+        assert graphs.entries[id(layer)].backwards == expected_backwards + 1
+        assert graphs.entries[id(layer)].graph is None
+    model(input_ids=ids, labels=ids).loss.backward()  # the third forward captures
+    captured = graphs.entries[id(layer)].graph
+    assert captured is not None and captured.replays == 1
+    other = torch.randint(0, 100, (2, 13), generator=torch.Generator().manual_seed(2))
+    model(input_ids=other, labels=other).loss.backward()  # another length: eager, graph kept
+    assert graphs.entries[id(layer)].graph is captured and captured.replays == 1
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert captured.replays == 2
+
+
+def test_a_changed_layer_drops_its_graph():
+    model, optimizer = _cpu_model(True)
+    _cpu_steps(model, optimizer, steps=2)
+    graphs = checkpoint_function(model).graphs
+    layer = model.get_base_model().model.layers[0]
+    assert graphs.entries[id(layer)].graph is not None
+    lora_a = layer.self_attn.q_proj.lora_A["default"]
+    lora_a.weight = torch.nn.Parameter(lora_a.weight.detach().clone())  # a parameter replaced
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(1))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert graphs.entries[id(layer)].graph is None and lora_a.weight.grad is not None
+
+
+def test_adapters_disabled_in_between_run_plainly():
+    """``disable_adapter`` freezes the LoRA factors: the layers run without our checkpoint (nothing to
+    replay), and training afterwards replays with the eager numbers."""
+    results = {}
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(1))
+    for graphs in (False, True):
+        model, optimizer = _cpu_model(graphs)
+        _cpu_steps(model, optimizer, steps=2)
+        with model.disable_adapter():
+            without = float(model(input_ids=ids, labels=ids).loss)
+        results[graphs] = (without, *_cpu_steps(model, optimizer, steps=2))
+    assert results[True][0] == pytest.approx(results[False][0], rel=1e-6)
+    torch.testing.assert_close(results[True][1], results[False][1], rtol=1e-5, atol=1e-6)
+    for name, value in results[False][2].items():
+        torch.testing.assert_close(results[True][2][name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+# ------------------------------------------------------------------------------------------------
 # On the GPU: graphs give the eager numbers, with gradient accumulation and a second forward
 # ------------------------------------------------------------------------------------------------
 def _graphs_of(model) -> RecomputeGraphs:
@@ -127,21 +246,26 @@ def test_graphed_backward_gradients_equal_eager_ones():
 
 @pytest.mark.gpu
 @cuda
-def test_adapters_switched_after_capture_drop_the_graph():
-    """A replay computes the captured adapter set-up: a forward with the adapters off must not get it."""
-    model, optimizer = _gpu_model(True, "offload")
-    _run(model, optimizer, steps=4)
-    graphs = _graphs_of(model)
-    assert graphs.captured == 3
-    layer = model.get_base_model().model.layers[0]
-    assert graphs.entries[id(layer)].graph is not None
+def test_adapters_disabled_in_between_keep_the_eager_numbers():
+    """PEFT's ``disable_adapter`` freezes the LoRA factors, so the layers run plainly (no checkpoint, no
+    replay) and their loss is the base model's; training afterwards replays with the eager numbers."""
+    results = {}
     ids = torch.randint(0, 1000, (2, 77), generator=torch.Generator().manual_seed(7)).cuda()
-    with model.disable_adapter(), torch.autocast("cuda", dtype=torch.bfloat16):
-        model(input_ids=ids, labels=ids)  # grad-enabled; nothing it computes needs a gradient
-    assert graphs.entries[id(layer)].graph is None  # stale: dropped, not replayed
-    losses, _ = _run(model, optimizer, steps=4)  # warmed up and captured again, still finite
-    assert all(torch.isfinite(torch.tensor(losses)))
-    assert graphs.entries[id(layer)].graph is not None
+    for graphs in (False, True):
+        model, optimizer = _gpu_model(graphs, "offload")
+        _run(model, optimizer, steps=4)
+        with model.disable_adapter(), torch.autocast("cuda", dtype=torch.bfloat16):
+            without = float(model(input_ids=ids, labels=ids).loss)
+        results[graphs] = (without, *_run(model, optimizer, steps=2))
+        if graphs:
+            assert _graphs_of(model).captured == 3 and _graphs_of(model).off_reason is None
+        del model, optimizer
+    (eager_without, eager_losses, eager_params) = results[False]
+    (without, losses, params) = results[True]
+    assert abs(without - eager_without) < 1e-3 * abs(eager_without)
+    torch.testing.assert_close(losses, eager_losses, rtol=1e-3, atol=0)
+    for name, value in eager_params.items():
+        torch.testing.assert_close(params[name], value, rtol=1e-3, atol=1e-5, msg=name)
 
 
 @pytest.mark.gpu
