@@ -162,7 +162,7 @@ class CPTConfig:
     offload_embeddings: bool | None = (
         None  # frozen embedding originals off the GPU; None: on when checkpointing on one GPU
     )
-    cuda_graphs: bool = False  # kept decoder layers replayed as CUDA graphs (one GPU, one process)
+    cuda_graphs: bool = False  # decoder layers as CUDA graphs: kept ones whole, checkpointed ones' backward
     attention_replay: bool | None = None  # offloaded layers skip recomputing attention; None: where it pays
     tiled_mlp: bool = False  # run the MLP over the sequence in chunks (long-context memory)
     tiled_mlp_chunk_tokens: int = 4096
