@@ -140,6 +140,15 @@ def _run(model, optimizer, steps: int, accumulate: int = 1, double_forward_at: i
     return losses, params
 
 
+def assert_same_run(got, want) -> None:
+    """Losses and final parameters of two ``_run`` results: equal up to cuBLAS choosing another
+    algorithm inside a capture."""
+    (losses, params), (want_losses, want_params) = got, want
+    torch.testing.assert_close(losses, want_losses, rtol=1e-3, atol=0)
+    for name, value in want_params.items():
+        torch.testing.assert_close(params[name], value, rtol=1e-3, atol=1e-5, msg=name)
+
+
 @pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize(
@@ -157,11 +166,7 @@ def test_graphed_layers_give_the_eager_losses_and_parameters(checkpointing, accu
             assert all(g.backward_graph is not None for g in holder.graphs.graphs.values())
         del model, optimizer
         torch.cuda.empty_cache()
-    (eager_losses, eager_params), (graph_losses, graph_params) = results[False], results[True]
-    # the same kernels replayed: equal up to cuBLAS choosing another algorithm inside a capture
-    torch.testing.assert_close(graph_losses, eager_losses, rtol=1e-3, atol=0)
-    for name, value in eager_params.items():
-        torch.testing.assert_close(graph_params[name], value, rtol=1e-3, atol=1e-5, msg=name)
+    assert_same_run(results[True], results[False])
 
 
 @pytest.mark.gpu
@@ -207,9 +212,7 @@ def test_a_failed_capture_leaves_the_process_usable(caplog):
     holder = layer_plan_holder(model)
     assert holder.graphs.off_reason is not None
     assert any("CUDA graphs for the kept decoder layers are off" in r.getMessage() for r in caplog.records)
-    torch.testing.assert_close(losses, eager_losses, rtol=1e-3, atol=0)
-    for name, value in eager_params.items():
-        torch.testing.assert_close(params[name], value, rtol=1e-3, atol=1e-5, msg=name)
+    assert_same_run((losses, params), (eager_losses, eager_params))
     sample = torch.randn(1024, 1024, device="cuda")  # the generator is out of capture mode
     assert torch.isfinite(sample).all()
     graph = torch.cuda.CUDAGraph()  # and a new capture works (the allocator is not still recording)

@@ -13,7 +13,7 @@ import torch
 from cpt_plugin import setup_model
 from cpt_plugin.offload.checkpointing import CheckpointFunction, checkpoint_function, layer_plan_holder
 from cpt_plugin.offload.recompute_graphs import RecomputeGraphs, _accumulate, _has_grad_hooks
-from tests.offload.test_layer_graphs import _gpu_model, _run
+from tests.offload.test_layer_graphs import _gpu_model, _run, assert_same_run
 from tests.patching.models import tiny_model
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -217,10 +217,7 @@ def test_graphed_backward_gives_the_eager_losses_and_parameters(checkpointing, a
             assert len(recompute_graphs.statics) == 1  # the layers share their static tensors
         del model, optimizer
         torch.cuda.empty_cache()
-    (eager_losses, eager_params), (graph_losses, graph_params) = results[False], results[True]
-    torch.testing.assert_close(graph_losses, eager_losses, rtol=1e-3, atol=0)
-    for name, value in eager_params.items():
-        torch.testing.assert_close(graph_params[name], value, rtol=1e-3, atol=1e-5, msg=name)
+    assert_same_run(results[True], results[False])
 
 
 @pytest.mark.gpu
@@ -263,9 +260,7 @@ def test_adapters_disabled_in_between_keep_the_eager_numbers():
     (eager_without, eager_losses, eager_params) = results[False]
     (without, losses, params) = results[True]
     assert abs(without - eager_without) < 1e-3 * abs(eager_without)
-    torch.testing.assert_close(losses, eager_losses, rtol=1e-3, atol=0)
-    for name, value in eager_params.items():
-        torch.testing.assert_close(params[name], value, rtol=1e-3, atol=1e-5, msg=name)
+    assert_same_run((losses, params), (eager_losses, eager_params))
 
 
 @pytest.mark.gpu
@@ -288,6 +283,4 @@ def test_a_failed_capture_leaves_the_run_eager_and_correct(caplog):
         losses, params = _run(model, optimizer, steps=5)
     assert _graphs_of(model).off_reason is not None
     assert any("checkpointed decoder layers are off" in r.getMessage() for r in caplog.records)
-    torch.testing.assert_close(losses, eager_losses, rtol=1e-3, atol=0)
-    for name, value in eager_params.items():
-        torch.testing.assert_close(params[name], value, rtol=1e-3, atol=1e-5, msg=name)
+    assert_same_run((losses, params), (eager_losses, eager_params))
