@@ -173,7 +173,8 @@ def install_layer_graphs(model: Any, config: CPTConfig, mode: str) -> None:
     if not config.cuda_graphs:
         return
     from cpt_plugin.offload.checkpointing import checkpoint_function, enable_layer_plan, layer_plan_holder
-    from cpt_plugin.offload.layer_graphs import LayerGraphs, graphs_available
+    from cpt_plugin.offload.graph_capture import graphs_available
+    from cpt_plugin.offload.layer_graphs import LayerGraphs
     from cpt_plugin.offload.recompute_graphs import RecomputeGraphs
 
     reason = graphs_available(model)

@@ -376,6 +376,15 @@ def in_lean_recompute() -> bool:
     return bool(getattr(_STATE, "lean", False)) and in_recompute()
 
 
+@contextlib.contextmanager
+def as_lean_recompute() -> Iterator[None]:
+    """This thread inside a lean recompute with no stash, for a capture of one (recompute_graphs.py): the
+    layer computes what an eager recompute computes (the same skips), and attention is computed, not
+    replayed."""
+    with _thread_state("recomputing", True), _thread_state("lean", True), _thread_state("stash", None):
+        yield
+
+
 class _Region:
     """One checkpointed call: its first run is the forward, every later run a recompute."""
 

@@ -43,10 +43,8 @@ nothing changes.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
-import os
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -54,72 +52,18 @@ from typing import Any
 import torch
 
 from cpt_plugin.offload.checkpointing import _needs_grad, _uses_rng, layer_of
+from cpt_plugin.offload.graph_capture import (
+    LayerState,
+    call_signature,
+    capture_graph,
+    copy_into,
+    parameters_swapped,
+    static_copy,
+)
 
 logger = logging.getLogger(__name__)
 
 WARMUP_CALLS = 2  # eager grad-enabled calls per layer and signature before its capture
-
-
-def graphs_available(model: torch.nn.Module) -> str | None:
-    """Why CUDA graphs cannot be used for ``model`` here, or None when they can."""
-    from cpt_plugin.offload.planner import distributed_world
-
-    if not torch.cuda.is_available():
-        return "no CUDA device"
-    if distributed_world() > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return "more than one process (DDP/FSDP/DeepSpeed own the gradients' timing)"
-    if any(
-        os.environ.get(f"ACCELERATE_USE_{name}", "").lower() in ("1", "true")
-        for name in ("FSDP", "DEEPSPEED")
-    ):
-        return "FSDP or DeepSpeed is on"
-    if any(type(p).__name__ == "Params4bit" for p in model.parameters()):
-        return "the model has bitsandbytes 4-bit layers"
-    return None
-
-
-def _signature(value: Any) -> Any:
-    """What must be equal between calls for a captured graph to compute the same thing."""
-    if isinstance(value, torch.Tensor):
-        return (
-            "tensor",
-            tuple(value.shape),
-            tuple(value.stride()),
-            value.dtype,
-            value.device,
-            value.requires_grad,
-        )
-    if isinstance(value, (tuple, list)):
-        return (type(value).__name__, tuple(_signature(v) for v in value))
-    if isinstance(value, dict):
-        return ("dict", tuple((k, _signature(v)) for k, v in sorted(value.items())))
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return ("value", value)
-    return ("object", id(value))  # a cache object or the like: graphs only while it is the same one
-
-
-def _static_copy(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.detach().clone()
-    if isinstance(value, (tuple, list)):
-        return type(value)(_static_copy(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _static_copy(v) for k, v in value.items()}
-    return value
-
-
-def _copy_into(static: Any, value: Any) -> None:
-    """New inputs into a graph's static tensors. Through ``.data``: the capture-time autograd graph saved
-    these tensors, and an in-place copy on them would bump their version and fail its backward capture."""
-    if isinstance(static, torch.Tensor):
-        if static.data_ptr() != value.data_ptr():
-            static.data.copy_(value)
-    elif isinstance(static, (tuple, list)):
-        for s, v in zip(static, value, strict=True):
-            _copy_into(s, v)
-    elif isinstance(static, dict):
-        for key, s in static.items():
-            _copy_into(s, value[key])
 
 
 def _autocast_now(device_type: str) -> tuple[bool, torch.dtype]:
@@ -158,7 +102,7 @@ class _LayerGraph:
         self.params = params
         self.static_x = x.detach().clone().requires_grad_(x.requires_grad)
         keywords = dict(getattr(function, "keywords", None) or {})
-        self.static_kwargs = _static_copy(keywords)
+        self.static_kwargs = static_copy(keywords)
         call = functools.partial(function.func, *function.args, **self.static_kwargs)
         # Each trained parameter is swapped for a fresh leaf on the same storage while the layer is run
         # and captured: a replay then reads the live parameter, and the backward capture ends at the
@@ -169,7 +113,7 @@ class _LayerGraph:
         inputs = ([self.static_x] if self.static_x.requires_grad else []) + aliases
         enabled, dtype = _autocast_now("cuda")
         with (
-            _parameters_swapped(slots, dict(zip(map(id, params), aliases, strict=True))),
+            parameters_swapped(slots, dict(zip(map(id, params), aliases, strict=True))),
             torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False),
         ):
             # one eager pass on the capture stream first (cuBLAS workspaces, autograd streams)
@@ -184,12 +128,12 @@ class _LayerGraph:
                 del out
             torch.cuda.current_stream().wait_stream(stream)
             forward_graph = torch.cuda.CUDAGraph()
-            with _capture(forward_graph, pool, stream):
+            with capture_graph(forward_graph, pool, stream):
                 out = call(self.static_x)
         self.static_grad_out = torch.zeros_like(out)
         self._aliases = aliases
         backward_graph = torch.cuda.CUDAGraph()
-        with _capture(backward_graph, pool, stream):
+        with capture_graph(backward_graph, pool, stream):
             grads = list(
                 torch.autograd.grad(out, inputs, self.static_grad_out, allow_unused=True, retain_graph=True)
             )
@@ -201,55 +145,10 @@ class _LayerGraph:
 
     def replay_forward(self, x: torch.Tensor, keywords: dict[str, Any]) -> torch.Tensor:
         assert self.static_x is not None and self.static_out is not None and self.forward_graph is not None
-        _copy_into(self.static_x, x)
-        _copy_into(self.static_kwargs, keywords)
+        copy_into(self.static_x, x)
+        copy_into(self.static_kwargs, keywords)
         self.forward_graph.replay()
         return self.static_out.detach()  # a fresh alias: autograd sets the returned tensor's grad_fn
-
-
-@contextlib.contextmanager
-def _parameters_swapped(
-    slots: tuple[tuple[dict, str, torch.nn.Parameter], ...], replacements: dict[int, torch.Tensor]
-) -> Any:
-    """The layer's parameters with ``id`` in ``replacements`` replaced in their modules, restored after."""
-    swapped = [(params, name, param) for params, name, param in slots if id(param) in replacements]
-    for params, name, param in swapped:
-        params[name] = replacements[id(param)]
-    try:
-        yield
-    finally:
-        for params, name, param in swapped:
-            params[name] = param
-
-
-@contextlib.contextmanager
-def _capture(graph: torch.cuda.CUDAGraph, pool: Any, stream: torch.cuda.Stream) -> Any:
-    """``torch.cuda.graph`` in thread-local error mode, which cleans up after a failed capture: torch
-    then leaves the allocator routing this thread's allocations into the dead graph's pool and the CUDA
-    generator in capture mode (``cudaStreamEndCapture`` raises before either is undone), and every later
-    allocation or random op of the run would be wrong."""
-    try:
-        with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
-            yield
-    except BaseException:
-        _recover_from_failed_capture(pool)
-        raise
-
-
-def _recover_from_failed_capture(pool: Any) -> None:
-    end = getattr(torch._C, "_cuda_endAllocateToPool", None)
-    if end is not None and pool is not None:
-        try:
-            end(torch.cuda.current_device(), pool)
-        except Exception:  # noqa: BLE001 - already ended: nothing to undo
-            pass
-    try:  # a trivial capture that ends normally takes the generator through its capture epilogue
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            torch.empty(1, device="cuda").uniform_()
-        del graph
-    except Exception:  # noqa: BLE001 - best effort; the caller turns graphs off either way
-        pass
 
 
 class _GraphedLayer(torch.autograd.Function):
@@ -265,7 +164,7 @@ class _GraphedLayer(torch.autograd.Function):
         graph: _LayerGraph = ctx.graph
         graph.pending = None
         assert graph.static_grad_out is not None and graph.backward_graph is not None
-        _copy_into(graph.static_grad_out, grad_out)
+        copy_into(graph.static_grad_out, grad_out)
         graph.backward_graph.replay()
         grad_x, *param_grads = graph.static_grads
         present = [g for g in param_grads if g is not None]
@@ -276,49 +175,6 @@ class _GraphedLayer(torch.autograd.Function):
         return (None, None, grad_x, *grads)
 
 
-def _parameter_slots(layer: torch.nn.Module) -> tuple[tuple[dict, str, torch.nn.Parameter], ...]:
-    return tuple(
-        (module._parameters, name, param)
-        for module in layer.modules()
-        for name, param in module._parameters.items()
-        if param is not None
-    )
-
-
-def _adapter_state(layer: torch.nn.Module) -> tuple[Any, ...]:
-    """What PEFT's forward reads besides tensors (adapters disabled or merged, the active adapter)."""
-    state = []
-    for module in layer.modules():
-        d = module.__dict__
-        if "lora_A" in d.get("_modules", {}):
-            state.append(
-                (
-                    d.get("_disable_adapters"),
-                    tuple(d.get("merged_adapters", ())),
-                    str(d.get("_active_adapter")),
-                )
-            )
-    return tuple(state)
-
-
-class _LayerState:
-    """A decoder layer's parameters as captured: a replay reads their storage, so it is valid only while
-    the same parameter objects, with the same storage and ``requires_grad``, are in the same places."""
-
-    def __init__(self, layer: torch.nn.Module) -> None:
-        self.slots = _parameter_slots(layer)
-        self.flags = tuple(p.requires_grad for _, _, p in self.slots)
-        self.pointers = tuple(p.data_ptr() for _, _, p in self.slots)
-        self.trainable = tuple(p for _, _, p in self.slots if p.requires_grad)
-        self.adapters = _adapter_state(layer)
-
-    def unchanged(self, layer: torch.nn.Module) -> bool:
-        for (params, name, param), flag, pointer in zip(self.slots, self.flags, self.pointers, strict=True):
-            if params.get(name) is not param or param.requires_grad != flag or param.data_ptr() != pointer:
-                return False
-        return _adapter_state(layer) == self.adapters
-
-
 class LayerGraphs:
     """The CUDA graphs of one model's kept layers (see the module doc); held by the layers' PlanHolder."""
 
@@ -326,7 +182,7 @@ class LayerGraphs:
         self.pool: Any = None
         self.stream: torch.cuda.Stream | None = None
         self.graphs: dict[int, _LayerGraph] = {}
-        self.states: dict[int, _LayerState] = {}
+        self.states: dict[int, LayerState] = {}
         self.plan_seen: Any = None
         self.off_reason: str | None = None
         self.captured = 0
@@ -356,8 +212,8 @@ class LayerGraphs:
             self.graphs.pop(index, None)
             state = None
         if state is None:
-            state = self.states[index] = _LayerState(layer)
-        signature = (_signature(x), _signature(keywords), _autocast_now("cuda"), layer.training)
+            state = self.states[index] = LayerState(layer)
+        signature = (call_signature(x), call_signature(keywords), _autocast_now("cuda"), layer.training)
         graph = self.graphs.get(index)
         if graph is None or graph.signature != signature:
             if graph is not None and graph.forward_graph is not None:

@@ -27,7 +27,7 @@ Never a silent wrong answer: a layer with dropout, a forward that parked its att
 (``attention_replay``), another signature than the captured one, parameters with gradient hooks, and
 parameters replaced, moved, unfrozen or adapters switched after the capture run eagerly (the last drop
 the layer's graph); a failed capture turns graphs off for the model with one notice naming the error.
-Only one process on one GPU, without bitsandbytes 4-bit layers (``layer_graphs.graphs_available``).
+Only one process on one GPU, without bitsandbytes 4-bit layers (``graph_capture.graphs_available``).
 """
 
 from __future__ import annotations
@@ -40,13 +40,14 @@ from typing import Any
 
 import torch
 
-from cpt_plugin.offload.layer_graphs import (
-    _capture,
-    _copy_into,
-    _LayerState,
-    _parameters_swapped,
-    _signature,
-    _static_copy,
+from cpt_plugin.offload.checkpointing import as_lean_recompute
+from cpt_plugin.offload.graph_capture import (
+    LayerState,
+    call_signature,
+    capture_graph,
+    copy_into,
+    parameters_swapped,
+    static_copy,
 )
 
 logger = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ class _Statics:
 
     def __init__(self, x: torch.Tensor, keywords: dict[str, Any], out: torch.Tensor, params: tuple) -> None:
         self.x = x.detach().clone()
-        self.keywords = _static_copy(keywords)
+        self.keywords = static_copy(keywords)
         self.grad_out = torch.zeros_like(out)
         self.grad_x = torch.empty_like(x) if x.requires_grad else None
         self.param_grads = [torch.empty_like(p) for p in params]
@@ -71,7 +72,7 @@ class _Entry:
 
     __slots__ = ("signature", "backwards", "graph", "statics", "used", "state", "eager_only")
 
-    def __init__(self, signature: Any, state: _LayerState) -> None:
+    def __init__(self, signature: Any, state: LayerState) -> None:
         self.signature = signature
         self.backwards = 0
         self.graph: Any = None  # a torch.cuda.CUDAGraph (or what _record returns)
@@ -98,8 +99,8 @@ class GraphedBackward:
         entry = self.entry
         statics, graph = entry.statics, entry.graph
         assert statics is not None and graph is not None
-        _copy_into(statics.x, x)
-        _copy_into(statics.keywords, self.keywords)
+        copy_into(statics.x, x)
+        copy_into(statics.keywords, self.keywords)
         statics.grad_out.copy_(grad_out)
         graph.replay()
         _accumulate(
@@ -139,16 +140,6 @@ def _has_grad_hooks(params: tuple[torch.Tensor, ...]) -> bool:
     return any(
         getattr(p, "_backward_hooks", None) or getattr(p, "_post_accumulate_grad_hooks", None) for p in params
     )
-
-
-@contextlib.contextmanager
-def _as_recompute() -> Any:
-    """This thread in the lean recompute, with no stash: the capture computes what an eager recompute
-    computes (the same skips), and attention is computed, not replayed."""
-    from cpt_plugin.offload.checkpointing import _thread_state
-
-    with _thread_state("recomputing", True), _thread_state("lean", True), _thread_state("stash", None):
-        yield
 
 
 class RecomputeGraphs:
@@ -195,14 +186,14 @@ class RecomputeGraphs:
         if entry is not None and not entry.state.unchanged(layer):
             entry = None  # parameters replaced or moved, adapters switched: the graph is stale
         signature = (
-            _signature(x),
-            _signature(keywords),
+            call_signature(x),
+            call_signature(keywords),
             tuple(autocast),
             layer.training,
-            _signature(out),
+            call_signature(out),
         )
         if entry is None or (entry.signature != signature and entry.graph is None):
-            entry = self.entries[key] = _Entry(signature, _LayerState(layer))
+            entry = self.entries[key] = _Entry(signature, LayerState(layer))
         if entry.signature != signature:
             return None  # another signature than the captured one: eager
         if parked_items:
@@ -216,7 +207,7 @@ class RecomputeGraphs:
             if entry.backwards < WARMUP_BACKWARDS:
                 return EagerBackward(entry)
             try:
-                self._capture(entry, function, x, keywords, out, params, autocast)
+                self._capture_layer(entry, function, x, keywords, out, params, autocast)
             except Exception as error:  # noqa: BLE001 - any failure: this model trains without graphs
                 self.turn_off(f"{type(error).__name__}: {error}")
                 return None
@@ -230,7 +221,7 @@ class RecomputeGraphs:
     def _can_capture_on(self, x: torch.Tensor) -> bool:
         return x.is_cuda
 
-    def _capture(
+    def _capture_layer(
         self,
         entry: _Entry,
         function: Callable,
@@ -244,8 +235,8 @@ class RecomputeGraphs:
         statics = self.statics.get((entry.signature, shapes))
         if statics is None:
             statics = self.statics[(entry.signature, shapes)] = _Statics(x, keywords, out, params)
-        _copy_into(statics.x, x)
-        _copy_into(statics.keywords, keywords)
+        copy_into(statics.x, x)
+        copy_into(statics.keywords, keywords)
         call = functools.partial(function.func, *function.args, **statics.keywords)
         # Fresh leaves on the parameters' storage while the layer is captured: the backward capture ends
         # at their own gradient accumulators, made on the capture stream (see layer_graphs.capture).
@@ -275,11 +266,11 @@ class RecomputeGraphs:
         @contextlib.contextmanager
         def scope() -> Any:
             with contextlib.ExitStack() as stack:
-                stack.enter_context(_parameters_swapped(entry.state.slots, swapped))
+                stack.enter_context(parameters_swapped(entry.state.slots, swapped))
                 for kind, dtype, _cache in autocast:
                     stack.enter_context(torch.autocast(kind, dtype=dtype, cache_enabled=False))
                 stack.enter_context(torch.enable_grad())
-                stack.enter_context(_as_recompute())
+                stack.enter_context(as_lean_recompute())
                 yield
 
         graph = self._record(recompute_and_backward, scope, x.device)
@@ -299,7 +290,7 @@ class RecomputeGraphs:
                 body()
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with _capture(graph, self.pool, stream):
+            with capture_graph(graph, self.pool, stream):
                 body()
             torch.cuda.current_stream().wait_stream(stream)
         return graph

@@ -10,13 +10,13 @@ import torch
 
 from cpt_plugin import CPTConfig, CPTConfigError, setup_model
 from cpt_plugin.offload.checkpointing import layer_plan_holder
-from cpt_plugin.offload.layer_graphs import (
-    LayerGraphs,
-    _LayerState,
-    _parameters_swapped,
-    _signature,
+from cpt_plugin.offload.graph_capture import (
+    LayerState,
+    call_signature,
     graphs_available,
+    parameters_swapped,
 )
+from cpt_plugin.offload.layer_graphs import LayerGraphs
 from tests.patching.models import tiny_model
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -39,10 +39,10 @@ def test_nothing_is_installed_without_cuda(caplog):
 
 def test_signature_tells_shapes_strides_and_values_apart():
     a = torch.zeros(2, 3)
-    assert _signature(a) == _signature(torch.ones(2, 3))
-    assert _signature(a) != _signature(torch.zeros(3, 2))
-    assert _signature(a) != _signature(torch.zeros(3, 2).t())
-    assert _signature({"x": (a, None), "flag": True}) != _signature({"x": (a, None), "flag": False})
+    assert call_signature(a) == call_signature(torch.ones(2, 3))
+    assert call_signature(a) != call_signature(torch.zeros(3, 2))
+    assert call_signature(a) != call_signature(torch.zeros(3, 2).t())
+    assert call_signature({"x": (a, None), "flag": True}) != call_signature({"x": (a, None), "flag": False})
 
 
 def test_layer_graphs_stay_eager_for_calls_they_cannot_replay():
@@ -59,7 +59,7 @@ def test_layer_state_notices_what_a_replay_would_get_wrong():
     must drop the layer's graphs."""
     model = setup_model(tiny_model("llama"), {"lora_r": 4}, checkpointing="off")
     layer = model.get_base_model().model.layers[0]
-    state = _LayerState(layer)
+    state = LayerState(layer)
     assert state.unchanged(layer)
     assert state.trainable and all(p.requires_grad for p in state.trainable)
     with model.disable_adapter():  # PEFT's adapters switched off
@@ -73,7 +73,7 @@ def test_layer_state_notices_what_a_replay_would_get_wrong():
     assert state.unchanged(layer)
     original.data = original.data.clone()  # the same parameter, new storage
     assert not state.unchanged(layer)
-    state = _LayerState(layer)
+    state = LayerState(layer)
     original.requires_grad_(False)
     assert not state.unchanged(layer)
     original.requires_grad_(True)
@@ -82,10 +82,10 @@ def test_layer_state_notices_what_a_replay_would_get_wrong():
 
 def test_parameters_are_swapped_for_the_capture_and_restored_even_on_error():
     layer = torch.nn.Linear(3, 2)
-    state = _LayerState(layer)
+    state = LayerState(layer)
     alias = layer.weight.detach().requires_grad_(True)
     with pytest.raises(RuntimeError, match="capture failed"):
-        with _parameters_swapped(state.slots, {id(layer.weight): alias}):
+        with parameters_swapped(state.slots, {id(layer.weight): alias}):
             assert layer.weight is alias and layer.bias is state.slots[1][2]
             raise RuntimeError("capture failed")
     assert layer.weight is state.slots[0][2] and state.unchanged(layer)
