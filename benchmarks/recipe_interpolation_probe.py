@@ -7,7 +7,7 @@ forgetting (docs/RECIPE.md). Near the end of training the new-domain loss may be
 so a small step back along it could cost little on the new domain and buy back forgetting. Each run here
 trains one configuration as the study does (``--config shift-ortho``: ``row-aware-shift`` with the output-row
 updates projected off 4 old-domain directions, recomputed every 25 steps, as ``recipe_ortho_probe``;
-``emb-lr-1.0``: the study's run as it is), keeps every trainable tensor at the start (before the first
+``row-aware-shift`` and ``emb-lr-1.0``: the study's runs as they are), keeps every trainable tensor at the start (before the first
 step) and at the end, and for each ``--alphas`` value sets every trained tensor to start + alpha * (end -
 start), except LoRA's A matrices, which keep their trained value (lora_B starts at zero, so the LoRA delta
 B @ A scales by alpha). The embedding copies that train (embed_tokens / lm_head rows) move back toward their
@@ -33,7 +33,8 @@ import torch
 from transformers import TrainerCallback
 
 REFERENCES = ("baseline", "emb-lr-1.0", "row-aware-shift")
-CONFIGS = {"shift-ortho": "row-aware-shift", "emb-lr-1.0": "emb-lr-1.0"}  # probe config -> study spec
+# probe config -> study spec ("row-aware-shift": the study's run as it is, no projection)
+CONFIGS = {"shift-ortho": "row-aware-shift", "row-aware-shift": "row-aware-shift", "emb-lr-1.0": "emb-lr-1.0"}
 
 
 class KeepStart(TrainerCallback):
@@ -94,7 +95,7 @@ def summarize(folder: Path, config: str, seeds: list[int] | None = None) -> str:
             ]
         )
         lines.append(
-            f"| {alpha:.2f} | {new['mean']:.4f} ± {new['sd']:.4f} | {forgetting['mean']:+.4f} ± "
+            f"| {alpha:g} | {new['mean']:.4f} ± {new['sd']:.4f} | {forgetting['mean']:+.4f} ± "
             f"{forgetting['sd']:.4f} | {dnew['mean']:+.4f} ± {dnew['sd']:.4f}, {dnew['se']:.4f}, "
             f"{dnew['t']:+.1f} | {dforget['mean']:+.4f} ± {dforget['sd']:.4f}, {dforget['se']:.4f}, "
             f"{dforget['t']:+.1f} | {new['n']} |"
@@ -171,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         record |= {"run": result, "trainable": held["trainable"], "moved": held["moved"]}
         record["reference"] = reference
         (folder / f"{args.config}-seed{seed}.json").write_text(json.dumps(record, indent=1))
-        line = ", ".join(f"a={a['alpha']:.2f} {a['new']:.4f} {a['forgetting']:+.4f}" for a in held["alphas"])
+        line = ", ".join(f"a={a['alpha']:g} {a['new']:.4f} {a['forgetting']:+.4f}" for a in held["alphas"])
         refs = " | ".join(
             f"{name} {reference[name]['new']:.4f} {reference[name]['forgetting']:+.4f}" for name in reference
         )
