@@ -140,6 +140,18 @@ def _run(model, optimizer, steps: int, accumulate: int = 1, double_forward_at: i
     return losses, params
 
 
+def synchronize_when_captured(module: torch.nn.Module) -> None:
+    """``module`` reads a value on the host while a CUDA graph is being captured: its capture fails."""
+    original = type(module).forward
+
+    def synchronizing_forward(self, x):
+        if torch.cuda.is_current_stream_capturing():
+            float(x.sum())  # a host sync: not capturable
+        return original(self, x)
+
+    module.forward = synchronizing_forward.__get__(module)
+
+
 def assert_same_run(got, want) -> None:
     """Losses and final parameters of two ``_run`` results: equal up to cuBLAS choosing another
     algorithm inside a capture."""
@@ -198,15 +210,7 @@ def test_a_failed_capture_leaves_the_process_usable(caplog):
     eager_losses, eager_params = _run(eager_model, eager_optimizer, steps=5)
     del eager_model, eager_optimizer
     model, optimizer = _gpu_model(True)
-    mlp = model.get_base_model().model.layers[1].mlp
-    original = type(mlp).forward
-
-    def synchronizing_forward(self, x):
-        if torch.cuda.is_current_stream_capturing():
-            float(x.sum())  # a host sync: not capturable
-        return original(self, x)
-
-    mlp.forward = synchronizing_forward.__get__(mlp)
+    synchronize_when_captured(model.get_base_model().model.layers[1].mlp)
     with caplog.at_level(logging.WARNING, logger="cpt_plugin.offload.layer_graphs"):
         losses, params = _run(model, optimizer, steps=5)
     holder = layer_plan_holder(model)

@@ -13,7 +13,7 @@ import torch
 from cpt_plugin import setup_model
 from cpt_plugin.offload.checkpointing import CheckpointFunction, checkpoint_function, layer_plan_holder
 from cpt_plugin.offload.recompute_graphs import RecomputeGraphs, _accumulate, _has_grad_hooks
-from tests.offload.test_layer_graphs import _gpu_model, _run, assert_same_run
+from tests.offload.test_layer_graphs import _gpu_model, _run, assert_same_run, synchronize_when_captured
 from tests.patching.models import tiny_model
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -270,15 +270,7 @@ def test_a_failed_capture_leaves_the_run_eager_and_correct(caplog):
     eager_losses, eager_params = _run(eager_model, eager_optimizer, steps=5)
     del eager_model, eager_optimizer
     model, optimizer = _gpu_model(True, "offload")
-    mlp = model.get_base_model().model.layers[1].mlp
-    original = type(mlp).forward
-
-    def synchronizing_forward(self, x):
-        if torch.cuda.is_current_stream_capturing():
-            float(x.sum())  # a host sync: not capturable
-        return original(self, x)
-
-    mlp.forward = synchronizing_forward.__get__(mlp)
+    synchronize_when_captured(model.get_base_model().model.layers[1].mlp)
     with caplog.at_level(logging.WARNING, logger="cpt_plugin.offload.recompute_graphs"):
         losses, params = _run(model, optimizer, steps=5)
     assert _graphs_of(model).off_reason is not None
