@@ -385,6 +385,14 @@ def as_lean_recompute() -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def as_checkpointed_forward() -> Iterator[None]:
+    """This thread inside a checkpointed layer's first forward with no stash, for a capture of one
+    (recompute_graphs.py): the layer computes what its eager forward computes and parks nothing."""
+    with _thread_state("recomputing", False), _thread_state("lean", False), _thread_state("stash", None):
+        yield
+
+
 class _Region:
     """One checkpointed call: its first run is the forward, every later run a recompute."""
 
@@ -567,19 +575,30 @@ class _LayerCheckpoint(torch.autograd.Function):
             ctx.stash = LayerStash(ctx.parked)
         else:
             ctx.save_for_backward(x)
+        # recompute_graphs.py: the forward replayed from the layer's graph, with how its backward runs
+        replayed = (
+            graphs.replay_forward(layer_of(function), function, x, rest, ctx.autocast, ctx.rng is not None)
+            if graphs is not None
+            else None
+        )
         try:
-            with _thread_state("stash", ctx.stash):
-                out = _run_region(ctx.region, function, x, *rest)
+            if replayed is not None:
+                ctx.region.runs += 1  # the forward ran: the next run is the recompute
+                out, ctx.graphed = replayed
+            else:
+                with _thread_state("stash", ctx.stash):
+                    out = _run_region(ctx.region, function, x, *rest)
         finally:
             if ctx.parked is not None:
                 ctx.parked.forward_done()
                 ctx.stash.forward_done()
-        ctx.graphed = None
-        if graphs is not None:  # recompute_graphs.py: how this call's backward runs
-            parked = len(ctx.stash.items) if ctx.stash is not None else 0
-            ctx.graphed = graphs.prepare(
-                layer_of(function), function, x, rest, out, ctx.autocast, parked, ctx.rng is not None
-            )
+        if replayed is None:
+            ctx.graphed = None
+            if graphs is not None:  # how this call's backward runs; its graphs captured when due
+                parked = len(ctx.stash.items) if ctx.stash is not None else 0
+                ctx.graphed = graphs.prepare(
+                    layer_of(function), function, x, rest, out, ctx.autocast, parked, ctx.rng is not None
+                )
         return out
 
     @staticmethod

@@ -144,6 +144,17 @@ def adapter_state(layer: torch.nn.Module) -> tuple[Any, ...]:
     return tuple(state)
 
 
+def module_hooks(layer: torch.nn.Module) -> int:
+    """How many forward and backward hooks the layer's modules have: a replay would skip their Python."""
+    return sum(
+        len(m._forward_hooks)
+        + len(m._forward_pre_hooks)
+        + len(m._backward_hooks)
+        + len(m._backward_pre_hooks)
+        for m in layer.modules()
+    )
+
+
 class LayerState:
     """A decoder layer's parameters as captured: a replay reads their storage, so it is valid only while
     the same parameter objects, with the same storage and ``requires_grad``, are in the same places."""
@@ -154,9 +165,10 @@ class LayerState:
         self.pointers = tuple(p.data_ptr() for _, _, p in self.slots)
         self.trainable = tuple(p for _, _, p in self.slots if p.requires_grad)
         self.adapters = adapter_state(layer)
+        self.hooks = module_hooks(layer)
 
     def unchanged(self, layer: torch.nn.Module) -> bool:
         for (params, name, param), flag, pointer in zip(self.slots, self.flags, self.pointers, strict=True):
             if params.get(name) is not param or param.requires_grad != flag or param.data_ptr() != pointer:
                 return False
-        return adapter_state(layer) == self.adapters
+        return adapter_state(layer) == self.adapters and module_hooks(layer) == self.hooks

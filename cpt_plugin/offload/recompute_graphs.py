@@ -1,5 +1,6 @@
-"""A checkpointed decoder layer's backward (its recompute and the backprop through it) replayed as one
-CUDA graph: the same kernels, without the host's time per launch.
+"""A checkpointed decoder layer's backward (its recompute and the backprop through it) and its forward
+(without an autograd graph, as the checkpoint runs it) replayed as CUDA graphs: the same kernels,
+without the host's time per launch.
 
 Why: on the H200 at Llama-1B shapes (4 x 2048) an offloaded step is bound by the host, not the GPU
 (``benchmarks/profile_step.py``, docs/BENCHMARKS.md, 2026-12-02): 166 ms of host time per step against
@@ -15,7 +16,12 @@ At the next forward, the layer's recompute (in recompute mode: the same skips as
 ``torch.autograd.grad`` of its output with respect to its input and trainable parameters are captured
 together as one graph, after one eager pass on the capture stream. In backward the offloaded input and
 the output gradient are copied into the graph's static tensors, the graph replays, and the parameters'
-gradients are added to ``.grad`` (or become it, as fresh tensors) as ``AccumulateGrad`` would.
+gradients are added to ``.grad`` (or become it, as fresh tensors) as ``AccumulateGrad`` would. Right
+after, the layer's forward is captured too (no autograd graph, nothing parked, its output copied into a
+static tensor); from the next forward on, the checkpoint's forward copies the input in, replays it and
+hands out a copy of the output (:meth:`RecomputeGraphs.replay_forward`). Why the forward too: with only
+the backward graphed, the forward still spends about 2.5 ms of host time per layer (Python, PEFT's module
+calls, about 40 launches), more than its GPU time at Llama-1B shapes, and the device waits for it.
 
 Memory: every activation of the recompute is made and freed inside the graph, so the graphs of all
 layers share one pool whose size is one layer's recompute and backward (what an eager backward holds at
@@ -24,9 +30,10 @@ gradients) are shared by the layers of one signature. The pool stays reserved be
 forward and the loss cannot use it (``peak_reserved`` shows it; ``memory_allocated`` does not).
 
 Never a silent wrong answer: a layer with dropout, a forward that parked its attention for a replay
-(``attention_replay``), another signature than the captured one, parameters with gradient hooks, and
-parameters replaced, moved, unfrozen or adapters switched after the capture run eagerly (the last drop
-the layer's graph); a failed capture turns graphs off for the model with one notice naming the error.
+(``attention_replay``), another signature than the captured one, parameters with gradient hooks,
+forward or backward hooks on the layer's modules (a replay would skip their Python), and parameters
+replaced, moved, unfrozen or adapters switched after the capture run eagerly (the last two drop the
+layer's graphs); a failed capture turns graphs off for the model with one notice naming the error.
 Only one process on one GPU, without bitsandbytes 4-bit layers (``graph_capture.graphs_available``).
 """
 
@@ -40,7 +47,7 @@ from typing import Any
 
 import torch
 
-from cpt_plugin.offload.checkpointing import as_lean_recompute
+from cpt_plugin.offload.checkpointing import as_checkpointed_forward, as_lean_recompute
 from cpt_plugin.offload.graph_capture import (
     LayerState,
     call_signature,
@@ -62,6 +69,7 @@ class _Statics:
     def __init__(self, x: torch.Tensor, keywords: dict[str, Any], out: torch.Tensor, params: tuple) -> None:
         self.x = x.detach().clone()
         self.keywords = static_copy(keywords)
+        self.out = torch.empty_like(out)  # the forward graph's output, cloned out at each replay
         self.grad_out = torch.zeros_like(out)
         self.grad_x = torch.empty_like(x) if x.requires_grad else None
         self.param_grads = [torch.empty_like(p) for p in params]
@@ -70,12 +78,13 @@ class _Statics:
 class _Entry:
     """One layer's state: its eager backwards so far, its graph, and what the graph was captured on."""
 
-    __slots__ = ("signature", "backwards", "graph", "statics", "used", "state", "eager_only")
+    __slots__ = ("signature", "backwards", "graph", "forward_graph", "statics", "used", "state", "eager_only")
 
     def __init__(self, signature: Any, state: LayerState) -> None:
         self.signature = signature
         self.backwards = 0
-        self.graph: Any = None  # a torch.cuda.CUDAGraph (or what _record returns)
+        self.graph: Any = None  # recompute and backward: a torch.cuda.CUDAGraph (or what _record returns)
+        self.forward_graph: Any = None  # the forward without an autograd graph, as the checkpoint runs it
         self.statics: _Statics | None = None
         self.used: tuple[bool, ...] = ()  # which trainable parameters the layer's backward reaches
         self.state = state
@@ -201,8 +210,8 @@ class RecomputeGraphs:
         if entry.eager_only:
             return None
         params = entry.state.trainable
-        if _has_grad_hooks(params):
-            return None
+        if _has_grad_hooks(params) or entry.state.hooks:
+            return None  # a replay would skip the hooks' Python
         if entry.graph is None:
             if entry.backwards < WARMUP_BACKWARDS:
                 return EagerBackward(entry)
@@ -217,6 +226,44 @@ class RecomputeGraphs:
                     "cpt-plugin: checkpointed decoder layers' backward runs as CUDA graphs from here on"
                 )
         return GraphedBackward(entry, keywords, params)
+
+    def replay_forward(
+        self,
+        layer: torch.nn.Module | None,
+        function: Callable,
+        x: torch.Tensor,
+        rest: tuple,
+        autocast: list[tuple[str, torch.dtype, bool]],
+        uses_rng: bool,
+    ) -> tuple[torch.Tensor, GraphedBackward | None] | None:
+        """Called by the checkpoint's forward before it runs the layer: the layer's output replayed from
+        its forward graph (a fresh tensor) and how its backward runs, or None: the forward runs eagerly.
+
+        Only a layer whose graphs were captured by :meth:`prepare`, called with what it was captured on
+        (the signature's output part is the graph's own)."""
+        if self.off_reason is not None or layer is None or rest or uses_rng:
+            return None
+        entry = self.entries.get(id(layer))
+        keywords = getattr(function, "keywords", None)
+        if (
+            entry is None
+            or entry.forward_graph is None
+            or entry.eager_only
+            or keywords is None
+            or entry.state.hooks
+        ):
+            return None
+        called = (call_signature(x), call_signature(keywords), tuple(autocast), layer.training)
+        if entry.signature[:4] != called or not entry.state.unchanged(layer):
+            return None  # prepare() sees the same after the eager forward and drops a stale graph
+        statics = entry.statics
+        assert statics is not None
+        copy_into(statics.x, x)
+        copy_into(statics.keywords, keywords)
+        entry.forward_graph.replay()
+        out = statics.out.clone()
+        params = entry.state.trainable
+        return out, (None if _has_grad_hooks(params) else GraphedBackward(entry, keywords, params))
 
     def _can_capture_on(self, x: torch.Tensor) -> bool:
         return x.is_cuda
@@ -274,7 +321,27 @@ class RecomputeGraphs:
                 yield
 
         graph = self._record(recompute_and_backward, scope, x.device)
-        entry.graph, entry.statics, entry.used = graph, statics, tuple(used)
+        forward = functools.partial(function.func, *function.args, **statics.keywords)
+
+        def checkpointed_forward() -> None:
+            statics.out.copy_(forward(statics.x))
+
+        @contextlib.contextmanager
+        def forward_scope() -> Any:
+            with contextlib.ExitStack() as stack:
+                for kind, dtype, _cache in autocast:
+                    stack.enter_context(torch.autocast(kind, dtype=dtype, cache_enabled=False))
+                stack.enter_context(torch.no_grad())
+                stack.enter_context(as_checkpointed_forward())
+                yield
+
+        forward_graph = self._record(checkpointed_forward, forward_scope, x.device)
+        entry.graph, entry.forward_graph, entry.statics, entry.used = (
+            graph,
+            forward_graph,
+            statics,
+            tuple(used),
+        )
 
     def _record(self, body: Callable[[], None], scope: Callable[[], Any], device: torch.device) -> Any:
         """``body`` run once eagerly on the capture stream (cuBLAS workspaces, autograd's streams), then

@@ -135,6 +135,7 @@ def test_replayed_backward_gives_the_eager_numbers_on_the_cpu():
     layers = model.get_base_model().model.layers
     assert graphs.captured == len(layers) and len(graphs.statics) == 1
     assert all(graphs.entries[id(layer)].graph.replays > 0 for layer in layers)
+    assert all(graphs.entries[id(layer)].forward_graph.replays > 0 for layer in layers)
     torch.testing.assert_close(replayed[0], eager[0], rtol=1e-5, atol=1e-6)
     for name, value in eager[1].items():
         torch.testing.assert_close(replayed[1][name], value, rtol=1e-5, atol=1e-6, msg=name)
@@ -149,14 +150,15 @@ def test_warm_up_then_capture_and_a_new_length_runs_eagerly():
         model(input_ids=ids, labels=ids).loss.backward()
         assert graphs.entries[id(layer)].backwards == expected_backwards + 1
         assert graphs.entries[id(layer)].graph is None
-    model(input_ids=ids, labels=ids).loss.backward()  # the third forward captures
-    captured = graphs.entries[id(layer)].graph
+    model(input_ids=ids, labels=ids).loss.backward()  # the third forward captures (after running eagerly)
+    captured, forward = graphs.entries[id(layer)].graph, graphs.entries[id(layer)].forward_graph
     assert captured is not None and captured.replays == 1
+    assert forward is not None and forward.replays == 0
     other = torch.randint(0, 100, (2, 13), generator=torch.Generator().manual_seed(2))
     model(input_ids=other, labels=other).loss.backward()  # another length: eager, graph kept
-    assert graphs.entries[id(layer)].graph is captured and captured.replays == 1
+    assert graphs.entries[id(layer)].graph is captured and captured.replays == 1 and forward.replays == 0
     model(input_ids=ids, labels=ids).loss.backward()
-    assert captured.replays == 2
+    assert captured.replays == 2 and forward.replays == 1
 
 
 def test_a_changed_layer_drops_its_graph():
@@ -169,7 +171,29 @@ def test_a_changed_layer_drops_its_graph():
     lora_a.weight = torch.nn.Parameter(lora_a.weight.detach().clone())  # a parameter replaced
     ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(1))
     model(input_ids=ids, labels=ids).loss.backward()
-    assert graphs.entries[id(layer)].graph is None and lora_a.weight.grad is not None
+    entry = graphs.entries[id(layer)]
+    assert entry.graph is None and entry.forward_graph is None and lora_a.weight.grad is not None
+
+
+def test_a_layer_with_module_hooks_runs_eagerly_with_its_hooks():
+    """A replay would skip a hook's Python: a hook added after the capture drops the layer's graphs and
+    is called in every forward, and the numbers stay the eager ones."""
+    eager_model, eager_optimizer = _cpu_model(False)
+    eager = (
+        _cpu_steps(eager_model, eager_optimizer, steps=3)[0]
+        + _cpu_steps(eager_model, eager_optimizer, steps=2)[0]
+    )
+    model, optimizer = _cpu_model(True)
+    first = _cpu_steps(model, optimizer, steps=3)
+    graphs = checkpoint_function(model).graphs
+    layer = model.get_base_model().model.layers[0]
+    assert graphs.entries[id(layer)].forward_graph is not None
+    calls = []
+    layer.mlp.register_forward_hook(lambda module, args, out: calls.append(out.shape))
+    second = _cpu_steps(model, optimizer, steps=2)
+    assert len(calls) >= 4  # two steps of two micro-batches, each forward (and recompute) seen
+    assert graphs.entries[id(layer)].graph is None and graphs.entries[id(layer)].forward_graph is None
+    torch.testing.assert_close(first[0] + second[0], eager, rtol=1e-5, atol=1e-6)
 
 
 def test_adapters_disabled_in_between_run_plainly():
@@ -214,6 +238,7 @@ def test_graphed_backward_gives_the_eager_losses_and_parameters(checkpointing, a
             recompute_graphs = _graphs_of(model)
             assert recompute_graphs.off_reason is None and recompute_graphs.captured == 3
             assert all(e.graph is not None for e in recompute_graphs.entries.values())
+            assert all(e.forward_graph is not None for e in recompute_graphs.entries.values())
             assert len(recompute_graphs.statics) == 1  # the layers share their static tensors
         del model, optimizer
         torch.cuda.empty_cache()
