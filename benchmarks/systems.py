@@ -55,6 +55,7 @@ EXTRA_SYSTEMS = (
     "cpt_nogc_graphs",
     "cpt_auto_graphs",
     "cpt_offload_emb_graphs",
+    "cpt_offload_emb_eager",
     "cpt_offload_replay",
     "cpt_auto_11g_replay",
     *OFFLOAD_COMPETITORS,
@@ -90,14 +91,18 @@ CPT_VARIANTS: dict[str, dict[str, Any]] = {
         memory_budget_gib=11.0,
         attention_replay=True,
     ),
-    # the kept layers replayed as CUDA graphs (cuda_graphs is off by default)
+    # every layer replayed as CUDA graphs (cuda_graphs unset: only checkpointed layers of batches up to
+    # 16,384 tokens, so cpt, cpt_offload and cpt_offload_emb replay theirs there)
     "cpt_nogc_graphs": dict(
         gradient_checkpointing="off", tiled_mlp=False, offload_embeddings=False, cuda_graphs=True
     ),
     "cpt_auto_graphs": dict(gradient_checkpointing="auto", tiled_mlp=False, cuda_graphs=True),
-    # the offloaded layers' backward (recompute + backprop) replayed as CUDA graphs
     "cpt_offload_emb_graphs": dict(
         gradient_checkpointing="offload", tiled_mlp=False, offload_embeddings=True, cuda_graphs=True
+    ),
+    # cpt_offload_emb without graphs: the offloaded layers run eagerly (as before the fifteenth session)
+    "cpt_offload_emb_eager": dict(
+        gradient_checkpointing="offload", tiled_mlp=False, offload_embeddings=True, cuda_graphs=False
     ),
 }
 

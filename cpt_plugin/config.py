@@ -162,7 +162,9 @@ class CPTConfig:
     offload_embeddings: bool | None = (
         None  # frozen embedding originals off the GPU; None: on when checkpointing on one GPU
     )
-    cuda_graphs: bool = False  # decoder layers as CUDA graphs: kept ones whole, checkpointed ones' backward
+    # decoder layers as CUDA graphs; None: checkpointed layers (offload, recompute) of batches up to
+    # 16,384 tokens, where the host is the bound; true: kept layers too, and any length
+    cuda_graphs: bool | None = None
     attention_replay: bool | None = None  # offloaded layers skip recomputing attention; None: where it pays
     tiled_mlp: bool = False  # run the MLP over the sequence in chunks (long-context memory)
     tiled_mlp_chunk_tokens: int = 4096

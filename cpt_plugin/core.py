@@ -162,29 +162,39 @@ def mark_loss_chunk_from_free_memory(model: Any) -> None:
 
 
 def install_layer_graphs(model: Any, config: CPTConfig, mode: str) -> None:
-    """``cuda_graphs: true``: decoder layers replayed as CUDA graphs. Kept layers (checkpointing off, or
-    kept by the planner) replay their forward and backward (offload/layer_graphs.py); checkpointed layers
-    (recompute, offload) their backward: the recompute and the backprop through it
-    (offload/recompute_graphs.py).
+    """Decoder layers replayed as CUDA graphs. Checkpointed layers (recompute, offload) replay their
+    forward and their backward: the recompute and the backprop through it (offload/recompute_graphs.py).
+    Kept layers (checkpointing off, or kept by the planner) replay their forward and backward
+    (offload/layer_graphs.py).
 
-    Off by default: kept-layer graphs made a step 1.5% faster for 2.4 GiB more memory on the H200 at
-    Llama-1B shapes (docs/BENCHMARKS.md), which the planner does not model. Where graphs cannot run
-    (several processes, no GPU, 4-bit layers) this says why, once, and trains without them."""
-    if not config.cuda_graphs:
+    ``cuda_graphs`` unset (None, the default): checkpointed layers with ``recompute`` or ``offload``, for
+    micro-batches of up to ``recompute_graphs.DEFAULT_MAX_TOKENS`` tokens. There the host is the bound: on
+    the H200 at Llama-1B 4 x 2048 an offloaded step went from 1.11x to 1.25x Unsloth's speed for 0.14 GiB
+    more allocated (docs/BENCHMARKS.md). Not kept layers (1.5% faster for 2.4 GiB more), not the planner's
+    layers (its memory model does not count the graphs' pool), not longer batches (the pool grows with the
+    length, the host's share shrinks). ``true``: all of them, any length. Where graphs cannot run (several
+    processes, no GPU, 4-bit layers) ``true`` says why, once; the default trains without them quietly."""
+    if config.cuda_graphs is False:
+        return
+    asked = config.cuda_graphs is True
+    if not asked and mode not in ("recompute", "offload"):
         return
     from cpt_plugin.offload.checkpointing import checkpoint_function, enable_layer_plan, layer_plan_holder
     from cpt_plugin.offload.graph_capture import graphs_available
     from cpt_plugin.offload.layer_graphs import LayerGraphs
-    from cpt_plugin.offload.recompute_graphs import RecomputeGraphs
+    from cpt_plugin.offload.recompute_graphs import DEFAULT_MAX_TOKENS, RecomputeGraphs
 
     reason = graphs_available(model)
     if reason is not None:
-        logger.warning("cpt-plugin: cuda_graphs: true, but CUDA graphs cannot run here: %s.", reason)
+        if asked:
+            logger.warning("cpt-plugin: cuda_graphs: true, but CUDA graphs cannot run here: %s.", reason)
+        else:
+            logger.debug("cpt-plugin: checkpointed layers run without CUDA graphs: %s.", reason)
         return
     if mode in ("recompute", "offload"):
         function = checkpoint_function(model)
         if function is not None:
-            function.graphs = RecomputeGraphs()
+            function.graphs = RecomputeGraphs(max_tokens=None if asked else DEFAULT_MAX_TOKENS)
         return
     holder = layer_plan_holder(model)
     if holder is None:  # checkpointing off: every layer kept, through the per-layer function

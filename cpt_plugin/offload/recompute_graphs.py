@@ -60,6 +60,9 @@ from cpt_plugin.offload.graph_capture import (
 logger = logging.getLogger(__name__)
 
 WARMUP_BACKWARDS = 2  # eager backwards per layer and signature before its capture
+# ``cuda_graphs`` unset: graphs only for micro-batches up to this many tokens (measured to pay at 8,192 on
+# the H200; the pool holds one layer's recompute and backward, which grows with the length)
+DEFAULT_MAX_TOKENS = 16384
 
 
 class _Statics:
@@ -154,7 +157,8 @@ def _has_grad_hooks(params: tuple[torch.Tensor, ...]) -> bool:
 class RecomputeGraphs:
     """The CUDA graphs of one model's checkpointed layers (see the module doc)."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_tokens: int | None = None) -> None:
+        self.max_tokens = max_tokens  # longer micro-batches (tokens of the layer input) run eagerly
         self.pool: Any = None
         self.stream: torch.cuda.Stream | None = None
         self.entries: dict[int, _Entry] = {}  # by id() of the decoder layer
@@ -188,6 +192,7 @@ class RecomputeGraphs:
             or uses_rng
             or not self._can_capture_on(x)
             or not isinstance(out, torch.Tensor)
+            or self._too_long(x)
         ):
             return None
         key = id(layer)
@@ -267,6 +272,11 @@ class RecomputeGraphs:
 
     def _can_capture_on(self, x: torch.Tensor) -> bool:
         return x.is_cuda
+
+    def _too_long(self, x: torch.Tensor) -> bool:
+        return (
+            self.max_tokens is not None and x.dim() > 0 and x.numel() // max(x.shape[-1], 1) > self.max_tokens
+        )
 
     def _capture_layer(
         self,

@@ -12,7 +12,12 @@ import torch
 
 from cpt_plugin import setup_model
 from cpt_plugin.offload.checkpointing import CheckpointFunction, checkpoint_function, layer_plan_holder
-from cpt_plugin.offload.recompute_graphs import RecomputeGraphs, _accumulate, _has_grad_hooks
+from cpt_plugin.offload.recompute_graphs import (
+    DEFAULT_MAX_TOKENS,
+    RecomputeGraphs,
+    _accumulate,
+    _has_grad_hooks,
+)
 from tests.offload.test_layer_graphs import _gpu_model, _run, assert_same_run, synchronize_when_captured
 from tests.patching.models import tiny_model
 
@@ -27,6 +32,55 @@ def test_nothing_is_installed_without_cuda(mode, caplog):
     function = checkpoint_function(model)
     assert function is not None and function.graphs is None
     assert any("cannot run here: no CUDA device" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
+def test_the_default_installs_nothing_and_says_nothing_without_cuda(caplog):
+    with caplog.at_level(logging.DEBUG, logger="cpt_plugin.core"):
+        model = setup_model(tiny_model("llama"), {"lora_r": 4}, checkpointing="offload")
+    assert checkpoint_function(model).graphs is None
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "CUDA graphs" in r.getMessage()]
+
+
+@pytest.mark.parametrize(
+    ("cuda_graphs", "checkpointing", "checkpointed", "kept", "max_tokens"),
+    [
+        (None, "offload", True, False, DEFAULT_MAX_TOKENS),
+        (None, "recompute", True, False, DEFAULT_MAX_TOKENS),
+        (None, "off", False, False, None),
+        (True, "offload", True, False, None),
+        (True, "off", False, True, None),
+        (False, "offload", False, False, None),
+    ],
+)
+def test_which_layers_get_graphs(monkeypatch, cuda_graphs, checkpointing, checkpointed, kept, max_tokens):
+    """Unset, only checkpointed layers of short batches (measured to pay there); true, every layer and
+    length; false, none."""
+    monkeypatch.setattr("cpt_plugin.offload.graph_capture.graphs_available", lambda model: None)
+    config = {"lora_r": 4} if cuda_graphs is None else {"lora_r": 4, "cuda_graphs": cuda_graphs}
+    model = setup_model(tiny_model("llama"), config, checkpointing=checkpointing)
+    function = checkpoint_function(model)
+    graphs = function.graphs if function is not None else None
+    assert (graphs is not None) == checkpointed
+    if graphs is not None:
+        assert graphs.max_tokens == max_tokens
+    holder = layer_plan_holder(model)
+    assert (holder is not None and holder.graphs is not None) == kept
+
+
+def test_longer_batches_than_the_limit_run_eagerly():
+    model, optimizer = _cpu_model(True)
+    graphs = checkpoint_function(model).graphs
+    graphs.max_tokens = 20
+    layer = model.get_base_model().model.layers[0]
+    long_ids = torch.randint(0, 100, (3, 7), generator=torch.Generator().manual_seed(1))  # 21 tokens
+    for _ in range(4):
+        model(input_ids=long_ids, labels=long_ids).loss.backward()
+    assert id(layer) not in graphs.entries and graphs.captured == 0
+    short_ids = long_ids[:2]  # 14 tokens
+    for _ in range(4):
+        model(input_ids=short_ids, labels=short_ids).loss.backward()
+    assert graphs.entries[id(layer)].forward_graph.replays == 1
 
 
 def test_a_copied_checkpoint_function_captures_its_own_graphs():
