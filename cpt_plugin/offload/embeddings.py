@@ -108,6 +108,17 @@ def _unload_restoring(self: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:
     return type(self).unload_and_optionally_merge_module(self, *args, **kwargs)
 
 
+def _original_last(wrapper: nn.Module) -> None:
+    """Registers the original after the trained copies. ``PreTrainedModel.device`` is the first
+    parameter's device, and transformers moves generation inputs there (as do scripts with
+    ``.to(model.device)``): with the input embeddings' original first and in host memory, that was the CPU,
+    and ``generate()`` failed on a GPU model. The trained parameters' order is unchanged (the original is
+    frozen), so optimizer states and checkpoints line up as before."""
+    modules = wrapper._modules
+    if "original_module" in modules and len(modules) > 1:
+        modules["original_module"] = modules.pop("original_module")
+
+
 def _install_hooks(wrapper: nn.Module) -> None:
     if wrapper.__dict__.get(_HOOKED):
         return
@@ -129,6 +140,7 @@ def offload_frozen_embeddings(peft_model: nn.Module, storage_device: str | torch
     wrappers = [w for w in _wrappers(peft_model) if w.original_module is not None]
     for wrapper in wrappers:
         _install_hooks(wrapper)
+        _original_last(wrapper)
         wrapper.__dict__[_SIBLINGS] = wrappers
         wrapper.__dict__[_WANTED] = storage
         if _adapters_active(wrapper):

@@ -112,6 +112,21 @@ def test_merge_and_unload_and_save(tmp_path) -> None:
         torch.testing.assert_close(merged(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_the_model_device_is_where_the_trained_copies_are(tied: bool) -> None:
+    """transformers' ``generate()`` moves inputs to ``model.device``, the first parameter's device: on a GPU
+    that must not be an original in host memory. Training still sees the trained parameters in the same
+    order (optimizer states and checkpoints line up)."""
+    model, _ = _peft(tied)
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert "original_module" in next(iter(model.named_parameters()))[0]  # PEFT registers it first
+    offload_frozen_embeddings(model)
+    first_name, first = next(iter(model.named_parameters()))
+    assert "original_module" not in first_name and first.requires_grad
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == trained
+    assert offloaded_bytes(model) > 0
+
+
 def test_no_wrappers_is_a_no_op() -> None:
     model = get_peft_model(tiny_llama(layers=1), LoraConfig(r=2, target_modules=["q_proj"]))
     assert offload_frozen_embeddings(model) == 0
