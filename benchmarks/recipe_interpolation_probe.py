@@ -34,7 +34,14 @@ from transformers import TrainerCallback
 
 REFERENCES = ("baseline", "emb-lr-1.0", "row-aware-shift")
 # probe config -> study spec ("row-aware-shift": the study's run as it is, no projection)
-CONFIGS = {"shift-ortho": "row-aware-shift", "row-aware-shift": "row-aware-shift", "emb-lr-1.0": "emb-lr-1.0"}
+# ("default": cpt-plugin's replay defaults, whose output-row projection is the library's own, without its
+# final step back, which the probe does at every alpha)
+CONFIGS = {
+    "shift-ortho": "row-aware-shift",
+    "row-aware-shift": "row-aware-shift",
+    "emb-lr-1.0": "emb-lr-1.0",
+    "default": "default-no-step-back",
+}
 
 
 class KeepStart(TrainerCallback):
@@ -123,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     alphas = [float(a) for a in args.alphas.split(",")]
     torch.set_num_threads(args.threads)
     study = study_module.prepare_study(args.out, study_module.FULL)
-    spec = next(s for s in study_module.GRID if s.name == CONFIGS[args.config])
+    spec = study_module.select([CONFIGS[args.config]])[0]
     extra: list[Any] = []
     if args.config == "shift-ortho":
         from benchmarks.recipe_ortho_probe import ProjectOutputRows

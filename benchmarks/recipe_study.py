@@ -133,6 +133,18 @@ BASELINE: dict[str, Any] = {
     "row_aware_embedding_lr": False,
     "replay_ratio": 0.25,
     "schedule": "cosine",
+    # cpt-plugin's replay defaults (replay_defaults.py) off, so each axis changes one thing
+    "domain_shift_ratio": 0.0,
+    "output_row_projection": 0,
+    "final_step_back": 1.0,
+}
+# cpt-plugin's own defaults with replay: domain-shifted rows at 2x the LoRA LR, lm_head updates off 4 old-domain
+# directions, the final step back to 0.975 (None: replay_defaults.py resolves them against the dataset)
+REPLAY_DEFAULTS_OF_THE_LIBRARY: dict[str, Any] = {
+    "row_aware_embedding_lr": True,
+    "domain_shift_ratio": None,
+    "output_row_projection": None,
+    "final_step_back": None,
 }
 AXES: dict[str, str] = {
     "embedding_lr": "embedding learning rate",
@@ -174,6 +186,13 @@ GRID: tuple[RunSpec, ...] = (
         domain_shift_ratio=4.0,
         fresh_row_learning_rate=2 * StudySettings.learning_rate,
     ),
+    _spec(
+        "default",
+        "cpt-plugin's defaults with replay: row-aware + shifted rows, lm_head off 4 old directions, step back 0.975",
+        ("embedding_lr",),
+        needs="row_aware",
+        **REPLAY_DEFAULTS_OF_THE_LIBRARY,
+    ),
     _spec("plain-lora-r128", "plain LoRA r128", ("lora",), use_rslora=False),
     _spec("rslora-r256", "rsLoRA r256", ("lora",), lora_r=256),
     _spec("plain-lora-r256", "plain LoRA r256", ("lora",), lora_r=256, use_rslora=False),
@@ -185,7 +204,7 @@ GRID: tuple[RunSpec, ...] = (
 # Probes around the domain-shifted rows (docs/RECIPE.md, "Probes that did not close the gap"): run with
 # --only, never part of the default grid, its table or its plots.
 PROBES: tuple[RunSpec, ...] = tuple(
-    _spec(name, label, ("embedding_lr",), needs="row_aware", row_aware_embedding_lr=True, **changes)
+    _spec(name, label, ("embedding_lr",), needs="row_aware", **{"row_aware_embedding_lr": True, **changes})
     for name, label, changes in (
         ("shift-known-0.03", "domain-shifted rows at 2x, other known rows x0.03",
          dict(domain_shift_ratio=4.0, embedding_lr_ratio=0.03, fresh_row_learning_rate=2 * StudySettings.learning_rate)),
@@ -195,11 +214,21 @@ PROBES: tuple[RunSpec, ...] = tuple(
          dict(domain_shift_ratio=2.0, fresh_row_learning_rate=2 * StudySettings.learning_rate)),
         ("fresh-rows-only", "only the never-seen rows train (embedding_rows: fresh), the known rows frozen",
          dict(embedding_rows="fresh")),
+        ("default-no-step-back", "cpt-plugin's defaults with replay, without the final step back (for the "
+         "interpolation probe)", {**REPLAY_DEFAULTS_OF_THE_LIBRARY, "final_step_back": 1.0}),
     )
 )  # fmt: skip
 # How each axis reads, left to right (the baseline sits where its value falls).
 AXIS_ORDER: dict[str, tuple[str, ...]] = {
-    "embedding_lr": ("baseline", "emb-lr-0.3", "emb-lr-1.0", "row-aware", "row-aware-0.3", "row-aware-shift"),
+    "embedding_lr": (
+        "baseline",
+        "emb-lr-0.3",
+        "emb-lr-1.0",
+        "row-aware",
+        "row-aware-0.3",
+        "row-aware-shift",
+        "default",
+    ),
     "lora": ("baseline", "plain-lora-r128", "rslora-r256", "plain-lora-r256"),
     "replay": ("replay-0", "replay-5", "baseline"),
     "schedule": ("baseline", "infinite-cosine", "infinite-inv-sqrt"),
@@ -211,6 +240,7 @@ SHORT_LABELS: dict[str, str] = {
     "row-aware": "row-aware",
     "row-aware-0.3": "row-aware 0.3",
     "row-aware-shift": "row-aware + shifted",
+    "default": "default (replay)",
     "plain-lora-r128": "plain r128",
     "rslora-r256": "rs r256",
     "plain-lora-r256": "plain r256",

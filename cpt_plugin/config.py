@@ -29,6 +29,9 @@ CHECKPOINTING_MODES = ("off", "recompute", "offload", "auto")
 TRAINED_EMBEDDINGS_DTYPES = ("float32", "bfloat16_sr", "model")
 EMBEDDING_OPTIMIZERS = ("adamw", "adamw_8bit")
 EMBEDDING_ROWS = ("all", "fresh")
+# with replay data, the defaults of the options that are None (docs/RECIPE.md: measured together)
+REPLAY_DEFAULTS = {"domain_shift_ratio": 4.0, "output_row_projection": 4, "final_step_back": 0.975}
+SHIFTED_FRESH_LR_FACTOR = 2.0  # fresh-row LR / LoRA LR with domain-shifted rows, unless set
 KERNEL_NAMES = ("rms_norm", "rope", "swiglu", "fused_linear_cross_entropy", "fused_lora")
 
 CPT_KEYS_EXAMPLE = "cpt-plugin keys (e.g. 'lora_r: 64')"  # what a cpt-plugin YAML file holds
@@ -129,11 +132,20 @@ class CPTConfig:
     embedding_learning_rate: float | None = None  # None: learning_rate * embedding_lr_ratio
     embedding_lr_ratio: float = 0.1
     # rows of tokens the base never trained (added or healed: cpt_plugin/vocabulary) at their own LR
-    fresh_row_learning_rate: float | None = None  # None: the LoRA LR (known rows keep the embedding LR)
+    # None: the LoRA LR, or twice it when domain-shifted rows are on (known rows keep the embedding LR)
+    fresh_row_learning_rate: float | None = None
     row_aware_embedding_lr: bool = True  # False: every embedding row at the embedding LR
+    # --- with replay data (a CPTDataset with a replay source): less forgetting, docs/RECIPE.md ------
+    # None: on (at the value in brackets) when the train_dataset is a CPTDataset with replay, else off.
     # rows of tokens >= this many times more frequent in the training data than in the replay data learn at the
-    # fresh-row LR too (docs/RECIPE.md; needs a CPTDataset with replay); 0: off
-    domain_shift_ratio: float = 0.0
+    # fresh-row LR too; 0: off [4]
+    domain_shift_ratio: float | None = None
+    # lm_head rows' updates kept off this many leading directions of the old domain's final hidden states
+    # (the base model's, on replay text, computed once at train begin); 0: off [4]
+    output_row_projection: int | None = None
+    # at the end of training the trained weights step back toward the start of CPT: LoRA's B times this,
+    # trained embedding copies start + this x (end - start); 1: off [0.975]
+    final_step_back: float | None = None
     weight_decay: float | None = None  # None: TrainingArguments.weight_decay
     optimizer: str | None = None  # None: follow TrainingArguments.optim (AdamW kinds), else fused AdamW
     embedding_optimizer: str = "adamw"  # "adamw_8bit": bitsandbytes 8-bit states for the embedding group
@@ -246,10 +258,25 @@ class CPTConfig:
             return ()
         return tuple(self.kernels)
 
+    def resolved_fresh_lr(self, learning_rate: float) -> float:
+        """The fresh-row LR: as set, else the LoRA LR, twice it with domain-shifted rows (measured so)."""
+        if self.fresh_row_learning_rate:
+            return self.fresh_row_learning_rate
+        return learning_rate * (SHIFTED_FRESH_LR_FACTOR if self.domain_shift_ratio else 1.0)
+
     def resolved_embedding_lr(self, learning_rate: float) -> float:
         if self.embedding_learning_rate is not None:
             return self.embedding_learning_rate
         return learning_rate * self.embedding_lr_ratio
+
+    def _validate_replay_options(self, fail: Any, check_number: Any) -> None:
+        check_number("domain_shift_ratio", self.domain_shift_ratio, allow_zero=True)
+        if self.domain_shift_ratio and not (self.train_embeddings and self.row_aware_embedding_lr):
+            fail("domain_shift_ratio", "it gives embedding rows their own LR, but train_embeddings or "
+                 "row_aware_embedding_lr is off", "Set both to true, or domain_shift_ratio: 0.")  # fmt: skip
+        if 0 < self.domain_shift_ratio <= 1:
+            fail("domain_shift_ratio", f"got {self.domain_shift_ratio!r}",
+                 "Use 0 (off) or a ratio above 1, e.g. 4 (tokens 4x more frequent in the new domain).")  # fmt: skip
 
     # ------------------------------------------------------------------------------------------
     def validate(self) -> None:
@@ -292,17 +319,22 @@ class CPTConfig:
         if self.embedding_rows == "fresh" and not self.train_embeddings:
             fail("embedding_rows", "is 'fresh', which trains some embedding rows, but train_embeddings is off",
                  "Set train_embeddings: true, or embedding_rows: all.")  # fmt: skip
-        if self.embedding_rows == "fresh" and self.domain_shift_ratio:
+        if self.embedding_rows == "fresh" and self.domain_shift_ratio:  # None (auto) stays off there
             fail("embedding_rows", "is 'fresh' (the rows marked before PEFT wraps the model), but "
                  "domain_shift_ratio marks rows after that", "Set domain_shift_ratio: 0, or embedding_rows: all.")  # fmt: skip
         check_number("embedding_lr_ratio", self.embedding_lr_ratio, allow_zero=True)
-        check_number("domain_shift_ratio", self.domain_shift_ratio, allow_zero=True)
-        if self.domain_shift_ratio and not (self.train_embeddings and self.row_aware_embedding_lr):
-            fail("domain_shift_ratio", "it gives embedding rows their own LR, but train_embeddings or "
-                 "row_aware_embedding_lr is off", "Set both to true, or domain_shift_ratio: 0.")  # fmt: skip
-        if 0 < self.domain_shift_ratio <= 1:
-            fail("domain_shift_ratio", f"got {self.domain_shift_ratio!r}",
-                 "Use 0 (off) or a ratio above 1, e.g. 4 (tokens 4x more frequent in the new domain).")  # fmt: skip
+        if self.domain_shift_ratio is not None:
+            self._validate_replay_options(fail, check_number)
+        if self.output_row_projection is not None:
+            check_number("output_row_projection", self.output_row_projection, allow_zero=True, integer=True)
+            if self.output_row_projection and not self.train_embeddings:
+                fail("output_row_projection", "it shapes lm_head updates, but train_embeddings is off",
+                     "Set train_embeddings: true, or output_row_projection: 0.")  # fmt: skip
+        if self.final_step_back is not None:
+            check_number("final_step_back", self.final_step_back, allow_zero=False)
+            if self.final_step_back > 1:
+                fail("final_step_back", f"got {self.final_step_back!r}",
+                     "Use a value in (0, 1]: 1 keeps the trained weights, 0.975 steps 2.5% back.")  # fmt: skip
         if self.optimizer is not None and self.optimizer not in OPTIMIZERS:
             fix = did_you_mean(self.optimizer, OPTIMIZERS, f"Choose one of {', '.join(OPTIMIZERS)}.")
             fail("optimizer", f"unsupported optimizer {self.optimizer!r}", fix)

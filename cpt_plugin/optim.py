@@ -10,7 +10,7 @@ is still ONE torch AdamW to the Trainer (scheduler per group, state_dict, zero_g
 
 Row-aware embedding LR: rows of tokens the base never trained (``vocabulary.fresh_rows``: added by
 vocabulary extension or found by healing) start from an initialisation, not from knowledge to protect, so
-they learn at ``fresh_row_learning_rate`` (default: the LoRA LR) while known rows keep the embedding LR.
+they learn at ``fresh_row_learning_rate`` (default: the LoRA LR, twice it with domain-shifted rows) while known rows keep the embedding LR.
 The embedding group then runs at the fresh LR and carries ``cpt_row_scale``, one factor per row (1 for
 fresh rows, known LR / fresh LR for the others) that CPTAdamW applies to the update (and the weight
 decay) of each row. The scheduler scales the group LR, so the ratio stays fixed; the vector is in the
@@ -73,7 +73,7 @@ def row_scale(model: nn.Module, config: CPTConfig, learning_rate: float) -> tupl
             "(marked before a resize that shrank the vocabulary?). Mark rows after resizing "
             "(cpt_plugin.vocabulary.fresh_rows), or set row_aware_embedding_lr: false."
         )
-    fresh_lr = config.fresh_row_learning_rate or learning_rate
+    fresh_lr = config.resolved_fresh_lr(learning_rate)
     scale = torch.full((vocab,), config.resolved_embedding_lr(learning_rate) / fresh_lr, dtype=torch.float32)
     scale[rows] = 1.0
     return scale.to(weight.device), fresh_lr
@@ -89,7 +89,7 @@ def build_param_groups(
     embedding_ids = embedding_parameter_ids(model)
     rows = row_scale(model, config, learning_rate) if embedding_ids else None
     if config.embedding_rows == "fresh":  # only fresh rows train (PEFT trainable tokens): all at the fresh LR
-        embedding_lr = config.fresh_row_learning_rate or learning_rate
+        embedding_lr = config.resolved_fresh_lr(learning_rate)
         rows = None
     buckets: dict[tuple[str, bool], list[nn.Parameter]] = {}
     seen: set[int] = set()

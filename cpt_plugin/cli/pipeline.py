@@ -578,9 +578,11 @@ def run(run_config: RunConfig, output_dir: str | None = None) -> dict[str, Any]:
         samples[name] = next((m for m in callback.monitors if isinstance(m, SampleCallback)), None)
         if callback.domain_shifted_rows is not None and name not in shifted:
             shifted[name] = callback.domain_shifted_rows
+        resolved[name] = callback.config  # the replay defaults as this run resolved them
         return trainer
 
     shifted: dict[str, int] = {}
+    resolved: dict[str, Any] = {}
 
     evaluations: dict[str, Any] = {}
     samples: dict[str, Any] = {}
@@ -634,13 +636,19 @@ def run(run_config: RunConfig, output_dir: str | None = None) -> dict[str, Any]:
     }
     if vocabulary:
         summary["vocabulary"] = vocabulary
+    run_cfg = resolved.get(replay_name, cfg)
     if shifted.get(replay_name) is not None:
         rows = model.get_input_embeddings().weight.shape[0]
         summary["domain_shifted_rows"] = {
             "rows": shifted[replay_name],
             "of": int(rows),
-            "ratio": cfg.domain_shift_ratio,
-            "learning_rate": cfg.fresh_row_learning_rate or cpt_args.learning_rate,
+            "ratio": run_cfg.domain_shift_ratio,
+            "learning_rate": run_cfg.resolved_fresh_lr(cpt_args.learning_rate),
+        }
+    if run_cfg.output_row_projection or (run_cfg.final_step_back or 1.0) != 1.0:
+        summary["replay_recipe"] = {
+            "output_row_projection": run_cfg.output_row_projection or 0,
+            "final_step_back": run_cfg.final_step_back or 1.0,
         }
     (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     print(format_summary(summary))
@@ -739,9 +747,22 @@ def _shifted_rows_line(shifted: dict[str, Any] | None) -> list[str]:
         return []
     return [
         f"embeddings:  {shifted['rows']} of {shifted['of']} rows are the new domain's own tokens (at least "
-        f"{shifted['ratio']:g}x more frequent there than in the replay data): they learned at the LoRA LR "
+        f"{shifted['ratio']:g}x more frequent there than in the replay data): they learned at the fresh-row LR "
         f"({shifted['learning_rate']:g}), the others at the embedding LR (cpt.domain_shift_ratio)"
     ]
+
+
+def _replay_recipe_line(recipe: dict[str, Any] | None) -> list[str]:
+    if not recipe:
+        return []
+    parts = []
+    if recipe["output_row_projection"]:
+        parts.append(
+            f"lm_head updates kept off {recipe['output_row_projection']} directions of the old domain"
+        )
+    if recipe["final_step_back"] != 1.0:
+        parts.append(f"the trained weights stepped back to {recipe['final_step_back']:g} of their change")
+    return [f"forgetting:  {'; '.join(parts)} (the replay defaults, docs/RECIPE.md)"]
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -773,6 +794,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"all numbers: {summary['summary']}",
         *_vocabulary_line(summary.get("vocabulary")),
         *_shifted_rows_line(summary.get("domain_shifted_rows")),
+        *_replay_recipe_line(summary.get("replay_recipe")),
         f"took {summary['seconds']} s",
     ]
     return "\n".join(lines)

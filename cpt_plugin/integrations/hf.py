@@ -109,6 +109,11 @@ class CPTCallback(TrainerCallback):
 
         check_trainer_vocabulary(self.config, model)  # new_tokens: add_new_tokens before tokenizing
         given = dict(trainer_arguments or {})
+        from cpt_plugin.replay_defaults import check_replay_options, resolve_replay_defaults
+
+        self._train_dataset = given.get("train_dataset")
+        check_replay_options(self.config, self._train_dataset)
+        self.config = resolve_replay_defaults(self.config, self._train_dataset)
         tokenizer = given.get("processing_class", given.get("tokenizer"))
         check_trainer_inputs(self.config, model, tokenizer, given.get("train_dataset"))
         self._replay_checked = given.get("train_dataset") is not None
@@ -183,6 +188,36 @@ class CPTCallback(TrainerCallback):
             check_tokenizer_fits(model, kwargs.get("processing_class"))
         if not getattr(self, "_replay_checked", False):  # train_dataset not given at construction
             check_replay(self.config, getattr(kwargs.get("train_dataloader"), "dataset", None))
+        self._project_output_rows(state, model, kwargs.get("optimizer"), kwargs.get("train_dataloader"))
+        return control
+
+    def _project_output_rows(self, state: Any, model: Any, optimizer: Any, loader: Any) -> None:
+        """``output_row_projection``: the directions from the replay data, the hooks on the optimizer."""
+        count = self.config.output_row_projection
+        projection = getattr(self, "_projection", None)
+        if projection is not None:
+            projection.detach()  # a second train() call: attach again to this run's optimizer
+            self._projection = None
+        if not count or model is None or optimizer is None:
+            return
+        from cpt_plugin.output_rows import install_output_row_projection
+        from cpt_plugin.replay_defaults import check_replay_options
+
+        dataset = getattr(self, "_train_dataset", None) or getattr(loader, "dataset", None)
+        check_replay_options(self.config, dataset, required=True)
+        self._projection = install_output_row_projection(
+            model, optimizer, dataset.token_pieces(replay=True), count, self.config.seed,
+            step_of=lambda: state.global_step,
+        )  # fmt: skip
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):  # noqa: D401 - HF signature
+        """``final_step_back``: the trained weights a little back toward the start of CPT (step_back.py),
+        before the evaluator's last evaluation, the samples and the user's save see them."""
+        alpha = self.config.final_step_back
+        if alpha is not None and alpha != 1.0 and model is not None:
+            from cpt_plugin.step_back import step_back
+
+            self.stepped_back = step_back(model, alpha)
         return control
 
 
