@@ -30,16 +30,15 @@ def has_replay(dataset: Any) -> bool:
     )
 
 
-def resolve_replay_defaults(config: CPTConfig, dataset: Any) -> CPTConfig:
+def resolve_replay_defaults(config: CPTConfig, dataset: Any, tied: bool = False) -> CPTConfig:
     """``config`` with every replay option that is None set: to its measured default where ``dataset``
-    has replay data and the option applies, else off."""
-    replay = has_replay(dataset)
+    has replay data and the option applies, else off. Measured on untied embeddings only (docs/RECIPE.md),
+    so a ``tied`` model keeps all three off unless set."""
+    replay = has_replay(dataset) and config.train_embeddings and not tied
     applies = {
-        "domain_shift_ratio": config.train_embeddings
-        and config.row_aware_embedding_lr
-        and config.embedding_rows == "all",
-        "output_row_projection": config.train_embeddings,
-        "final_step_back": config.train_embeddings,  # measured only with the other two
+        "domain_shift_ratio": config.row_aware_embedding_lr and config.embedding_rows == "all",
+        "output_row_projection": True,
+        "final_step_back": True,
     }
     chosen = {
         key: (REPLAY_DEFAULTS[key] if replay and applies[key] else OFF[key])

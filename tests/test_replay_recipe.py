@@ -47,6 +47,8 @@ def test_the_defaults_switch_on_with_replay_data_only():
     assert plain_rows.domain_shift_ratio == 0.0 and plain_rows.output_row_projection == 4
     frozen = resolve_replay_defaults(CPTConfig(train_embeddings=False), _WithReplay())
     assert (frozen.domain_shift_ratio, frozen.output_row_projection, frozen.final_step_back) == (0.0, 0, 1.0)
+    tied = resolve_replay_defaults(CPTConfig(), _WithReplay(), tied=True)  # measured untied only
+    assert (tied.domain_shift_ratio, tied.output_row_projection, tied.final_step_back) == (0.0, 0, 1.0)
 
 
 def test_fresh_rows_learn_at_twice_the_lora_lr_with_domain_shifted_rows():
@@ -192,3 +194,28 @@ def test_the_update_of_the_trained_lm_head_stays_off_the_directions_in_training(
     assert float(moved.abs().max()) > 0
     along = moved @ projection.directions.t()
     assert float(along.abs().max()) < 1e-4 * float(moved.abs().max()) + 1e-7
+
+
+def test_resume_with_the_replay_defaults_continues_exactly(tmp_path):
+    """The directions come from the base (the same on a resumed run) and the rounding seeds from the global
+    step; the checkpoint holds the trained weights, the step back happens at each run's end."""
+
+    def run(resume=None):
+        torch.manual_seed(0)
+        dataset = _dataset(True)
+        model = tiny_llama(tied=False, vocab_size=len(dataset.tokenizer), seed=1)
+        args = training_args(tmp_path, max_steps=6, save_steps=3, save_strategy="steps", warmup_steps=2)
+        trainer = Trainer(model=model, args=args, train_dataset=dataset,
+                          callbacks=[CPTCallback(lora_r=4, memory_report=False)])  # fmt: skip
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    full = run()
+    resumed = run(resume=str(tmp_path / "out" / "checkpoint-3"))
+    assert resumed.state.global_step == 6
+    final_full = dict(full.model.named_parameters())
+    for name, param in resumed.model.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(
+                param.detach(), final_full[name].detach(), rtol=1e-5, atol=1e-7, msg=name
+            )

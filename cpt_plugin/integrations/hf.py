@@ -113,7 +113,9 @@ class CPTCallback(TrainerCallback):
 
         self._train_dataset = given.get("train_dataset")
         check_replay_options(self.config, self._train_dataset)
-        self.config = resolve_replay_defaults(self.config, self._train_dataset)
+        from cpt_plugin.model_parts import embeddings_tied
+
+        self.config = resolve_replay_defaults(self.config, self._train_dataset, tied=embeddings_tied(model))
         tokenizer = given.get("processing_class", given.get("tokenizer"))
         check_trainer_inputs(self.config, model, tokenizer, given.get("train_dataset"))
         self._replay_checked = given.get("train_dataset") is not None
