@@ -133,19 +133,19 @@ class CPTConfig:
     embedding_lr_ratio: float = 0.1
     # rows of tokens the base never trained (added or healed: cpt_plugin/vocabulary) at their own LR
     # None: the LoRA LR, or twice it when domain-shifted rows are on (known rows keep the embedding LR)
-    fresh_row_learning_rate: float | None = None
+    fresh_row_learning_rate: float | None = None  # None: the LoRA LR (2x it with domain-shifted rows)
     row_aware_embedding_lr: bool = True  # False: every embedding row at the embedding LR
     # --- with replay data (a CPTDataset with a replay source): less forgetting, docs/RECIPE.md ------
     # None: on (at the value in brackets) when the train_dataset is a CPTDataset with replay, else off.
     # rows of tokens >= this many times more frequent in the training data than in the replay data learn at the
     # fresh-row LR too; 0: off [4]
-    domain_shift_ratio: float | None = None
+    domain_shift_ratio: float | None = None  # None: 4 with replay data (untied embeddings), else 0: off
     # lm_head rows' updates kept off this many leading directions of the old domain's final hidden states
     # (the base model's, on replay text, computed once at train begin); 0: off [4]
-    output_row_projection: int | None = None
+    output_row_projection: int | None = None  # None: 4 with replay data (untied embeddings), else 0: off
     # at the end of training the trained weights step back toward the start of CPT: LoRA's B times this,
     # trained embedding copies start + this x (end - start); 1: off [0.975]
-    final_step_back: float | None = None
+    final_step_back: float | None = None  # None: 0.975 with replay data (untied embeddings), else 1: off
     weight_decay: float | None = None  # None: TrainingArguments.weight_decay
     optimizer: str | None = None  # None: follow TrainingArguments.optim (AdamW kinds), else fused AdamW
     embedding_optimizer: str = "adamw"  # "adamw_8bit": bitsandbytes 8-bit states for the embedding group
@@ -176,7 +176,7 @@ class CPTConfig:
     )
     # decoder layers as CUDA graphs; None: checkpointed layers (offload, recompute) of batches up to
     # 16,384 tokens, where the host is the bound; true: kept layers too, and any length
-    cuda_graphs: bool | None = None
+    cuda_graphs: bool | None = None  # None: checkpointed layers up to 16,384 tokens; true: all; false: off
     attention_replay: bool | None = None  # offloaded layers skip recomputing attention; None: where it pays
     tiled_mlp: bool = False  # run the MLP over the sequence in chunks (long-context memory)
     tiled_mlp_chunk_tokens: int = 4096
