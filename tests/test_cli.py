@@ -78,10 +78,13 @@ def test_embedded_default_end_to_end(tmp_path, capsys):
     model = AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "adapter"))
     assert model.peft_config["default"].r == 4
     assert (tmp_path / "merged" / "model.safetensors").exists()  # the run writes its merged model
-    # the default's domain_shift_ratio: the new domain's own token rows, told in the summary
+    # the replay defaults' domain_shift_ratio: the new domain's own token rows, told in the summary
     shifted = summary["domain_shifted_rows"]
     assert shifted["ratio"] == 4 and 0 < shifted["rows"] < shifted["of"]
     assert f"embeddings:  {shifted['rows']} of {shifted['of']} rows are the new domain's own tokens" in out
+    # the other two replay defaults, told in the summary too
+    assert summary["replay_recipe"] == {"output_row_projection": 4, "final_step_back": 0.975}
+    assert "forgetting:  lm_head updates kept off 4 directions of the old domain" in out
     assert main(["export", str(tmp_path), "--to", "merged", "--out", str(tmp_path / "exported")]) == 0
     assert (tmp_path / "exported" / "model.safetensors").exists()
 
