@@ -148,6 +148,24 @@ def _accumulate(params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
             p.grad = grad
 
 
+def _capture_scope(
+    autocast: list[tuple[str, torch.dtype, bool]], *contexts: Callable[[], Any]
+) -> Callable[[], Any]:
+    """A capture's context: the call's autocast without its weight cache (a cast cached inside a capture
+    would live in the graph's pool), then ``contexts``, entered in order."""
+
+    @contextlib.contextmanager
+    def scope() -> Any:
+        with contextlib.ExitStack() as stack:
+            for kind, dtype, _cache in autocast:
+                stack.enter_context(torch.autocast(kind, dtype=dtype, cache_enabled=False))
+            for make in contexts:
+                stack.enter_context(make())
+            yield
+
+    return scope
+
+
 def _has_grad_hooks(params: tuple[torch.Tensor, ...]) -> bool:
     return any(
         getattr(p, "_backward_hooks", None) or getattr(p, "_post_accumulate_grad_hooks", None) for p in params
@@ -320,31 +338,19 @@ class RecomputeGraphs:
 
         swapped = dict(zip(map(id, params), aliases, strict=True))
 
-        @contextlib.contextmanager
-        def scope() -> Any:
-            with contextlib.ExitStack() as stack:
-                stack.enter_context(parameters_swapped(entry.state.slots, swapped))
-                for kind, dtype, _cache in autocast:
-                    stack.enter_context(torch.autocast(kind, dtype=dtype, cache_enabled=False))
-                stack.enter_context(torch.enable_grad())
-                stack.enter_context(as_lean_recompute())
-                yield
-
+        scope = _capture_scope(
+            autocast,
+            lambda: parameters_swapped(entry.state.slots, swapped),
+            torch.enable_grad,
+            as_lean_recompute,
+        )
         graph = self._record(recompute_and_backward, scope, x.device)
         forward = functools.partial(function.func, *function.args, **statics.keywords)
 
         def checkpointed_forward() -> None:
             statics.out.copy_(forward(statics.x))
 
-        @contextlib.contextmanager
-        def forward_scope() -> Any:
-            with contextlib.ExitStack() as stack:
-                for kind, dtype, _cache in autocast:
-                    stack.enter_context(torch.autocast(kind, dtype=dtype, cache_enabled=False))
-                stack.enter_context(torch.no_grad())
-                stack.enter_context(as_checkpointed_forward())
-                yield
-
+        forward_scope = _capture_scope(autocast, torch.no_grad, as_checkpointed_forward)
         forward_graph = self._record(checkpointed_forward, forward_scope, x.device)
         entry.graph, entry.forward_graph, entry.statics, entry.used = (
             graph,
