@@ -145,6 +145,9 @@ class CPTConfig:
     output_row_projection: int | None = None  # None: 4 with replay data (untied embeddings), else 0: off
     # at the end of training the trained weights step back toward the start of CPT: LoRA's B times this,
     # trained embedding copies start + this x (end - start); 1: off [0.975]
+    output_row_projection_refresh: int = (
+        25  # recompute the directions every N steps from the model as it trains; 0: once
+    )
     final_step_back: float | None = None  # None: 0.975 with replay data (untied embeddings), else 1: off
     weight_decay: float | None = None  # None: TrainingArguments.weight_decay
     optimizer: str | None = None  # None: follow TrainingArguments.optim (AdamW kinds), else fused AdamW
@@ -330,6 +333,9 @@ class CPTConfig:
             if self.output_row_projection and not self.train_embeddings:
                 fail("output_row_projection", "it shapes lm_head updates, but train_embeddings is off",
                      "Set train_embeddings: true, or output_row_projection: 0.")  # fmt: skip
+        check_number(
+            "output_row_projection_refresh", self.output_row_projection_refresh, allow_zero=True, integer=True
+        )
         if self.final_step_back is not None:
             check_number("final_step_back", self.final_step_back, allow_zero=False)
             if self.final_step_back > 1:

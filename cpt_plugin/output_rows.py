@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -33,6 +34,7 @@ OLD_TEXTS = 64  # replay documents whose final hidden states give the directions
 TOKENS_PER_TEXT = 128  # their first tokens
 MIN_TOKENS = 16  # shorter documents are skipped
 ROWS_PER_CHUNK = 8192  # rows corrected at a time (bounds the fp32 temporary)
+STATE_FILE = "cpt_output_rows.safetensors"  # the current directions, in each checkpoint folder
 
 
 def replay_sequences(pieces: Iterable[tuple[Sequence[int], bool]]) -> list[list[int]]:
@@ -58,8 +60,8 @@ def principal_directions(hidden: torch.Tensor, count: int) -> torch.Tensor:
     return q.t().contiguous()
 
 
-def final_hidden_states(model: nn.Module, sequences: list[list[int]]) -> torch.Tensor:
-    """(tokens x hidden) inputs of the lm_head for ``sequences``, with PEFT's adapters off (the base)."""
+def final_hidden_states(model: nn.Module, sequences: list[list[int]], base: bool = True) -> torch.Tensor:
+    """(tokens x hidden) inputs of the lm_head for ``sequences``; ``base``: with PEFT's adapters off."""
     head = output_embeddings(model)
     if head is None:
         raise ValueError("the model has no output embeddings")
@@ -69,7 +71,7 @@ def final_hidden_states(model: nn.Module, sequences: list[list[int]]) -> torch.T
         states.append(args[0].detach().reshape(-1, args[0].shape[-1]).float().cpu())
 
     handle = head.register_forward_pre_hook(keep)
-    disable = getattr(model, "disable_adapter", None)
+    disable = getattr(model, "disable_adapter", None) if base else None
     was_training = model.training
     device = input_device(model)
     model.eval()
@@ -96,12 +98,15 @@ class OutputRowProjection:
     """Registered on an optimizer: the update of ``weight``'s rows loses its part along ``directions``."""
 
     def __init__(
-        self, weight: nn.Parameter, directions: torch.Tensor, seed: int, step_of: Callable[[], int]
-    ) -> None:
+        self, weight: nn.Parameter, directions: torch.Tensor, seed: int, step_of: Callable[[], int],
+        refresh: int = 0, directions_of: Callable[[], torch.Tensor] | None = None,
+    ) -> None:  # fmt: skip
         self.weight = weight
         self.directions = directions.to(weight.device, torch.float32)
         self.seed = seed
         self.step_of = step_of  # the Trainer's global step: the same rounding on a resumed run
+        self.refresh = refresh  # before every refresh-th step, the directions of the model as it is now
+        self.directions_of = directions_of
         self._before: torch.Tensor | None = None
         self._handles: list[Any] = []
 
@@ -126,7 +131,16 @@ class OutputRowProjection:
         ])  # fmt: skip
 
     def before_step(self) -> None:
+        step = self.step_of() + 1  # the Trainer counts the step after it
+        if self.refresh and self.directions_of is not None and step % self.refresh == 0:
+            self.directions = self.directions_of().to(self.weight.device, torch.float32)
         self._before = self._coordinates()
+
+    def save(self, folder: str) -> None:
+        """The directions beside a checkpoint: a resumed run continues with them (exact resume)."""
+        from safetensors.torch import save_file
+
+        save_file({"directions": self.directions.cpu().contiguous()}, os.path.join(folder, STATE_FILE))
 
     def after_step(self) -> None:
         before, self._before = self._before, None
@@ -149,7 +163,7 @@ class OutputRowProjection:
 
 def install_output_row_projection(
     model: nn.Module, optimizer: torch.optim.Optimizer, pieces: Iterable[tuple[Sequence[int], bool]],
-    count: int, seed: int, step_of: Callable[[], int],
+    count: int, seed: int, step_of: Callable[[], int], refresh: int = 0, resumed_from: str | None = None,
 ) -> OutputRowProjection | None:  # fmt: skip
     """Computes the directions from the replay ``pieces`` and attaches the projection; None (with one
     notice) where it cannot apply: no trained lm_head, a tied one, or too little replay text."""
@@ -181,11 +195,32 @@ def install_output_row_projection(
             "tokens or more, fewer than the %d directions asked for.", len(sequences), MIN_TOKENS, count,
         )  # fmt: skip
         return None
-    hidden = final_hidden_states(model, sequences)
-    projection = OutputRowProjection(weight, principal_directions(hidden, count), seed, step_of)
+    directions = _starting_directions(model, sequences, count, resumed_from)
+    projection = OutputRowProjection(
+        weight, directions, seed, step_of, refresh,
+        lambda: principal_directions(final_hidden_states(model, sequences, base=False), count),
+    )  # fmt: skip
     projection.attach(optimizer)
     logger.info(
         "cpt-plugin: lm_head updates are kept off %d directions of the old domain's final hidden states "
         "(from %d replay documents; output_row_projection)", count, len(sequences),
     )  # fmt: skip
     return projection
+
+
+def _starting_directions(
+    model: nn.Module, sequences: list[list[int]], count: int, resumed_from: str | None
+) -> torch.Tensor:
+    """The base's directions at the start of CPT; on a resumed run the ones saved with its checkpoint."""
+    if resumed_from is not None:
+        path = os.path.join(resumed_from, STATE_FILE)
+        if os.path.isfile(path):
+            from safetensors.torch import load_file
+
+            return load_file(path)["directions"]
+        logger.warning(
+            "cpt-plugin: %s has no %s (written by an older cpt-plugin, or without output_row_projection): the "
+            "lm_head projection starts again from the base's directions, so this resume is not bit-exact.",
+            resumed_from, STATE_FILE,
+        )  # fmt: skip
+    return principal_directions(final_hidden_states(model, sequences), count)

@@ -196,9 +196,11 @@ def test_the_update_of_the_trained_lm_head_stays_off_the_directions_in_training(
     assert float(along.abs().max()) < 1e-4 * float(moved.abs().max()) + 1e-7
 
 
-def test_resume_with_the_replay_defaults_continues_exactly(tmp_path):
-    """The directions come from the base (the same on a resumed run) and the rounding seeds from the global
-    step; the checkpoint holds the trained weights, the step back happens at each run's end."""
+@pytest.mark.parametrize("refresh", [0, 3])
+def test_resume_with_the_replay_defaults_continues_exactly(tmp_path, refresh):
+    """The directions start from the base and, refreshed at step 3, travel with checkpoint-3; the rounding
+    seeds come from the global step; the checkpoint holds the trained weights, and the step back happens at
+    each run's end."""
 
     def run(resume=None):
         torch.manual_seed(0)
@@ -206,11 +208,13 @@ def test_resume_with_the_replay_defaults_continues_exactly(tmp_path):
         model = tiny_llama(tied=False, vocab_size=len(dataset.tokenizer), seed=1)
         args = training_args(tmp_path, max_steps=6, save_steps=3, save_strategy="steps", warmup_steps=2)
         trainer = Trainer(model=model, args=args, train_dataset=dataset,
-                          callbacks=[CPTCallback(lora_r=4, memory_report=False)])  # fmt: skip
+                          callbacks=[CPTCallback(lora_r=4, memory_report=False,
+                                                 output_row_projection_refresh=refresh)])  # fmt: skip
         trainer.train(resume_from_checkpoint=resume)
         return trainer
 
     full = run()
+    assert (tmp_path / "out" / "checkpoint-3" / "cpt_output_rows.safetensors").is_file()
     resumed = run(resume=str(tmp_path / "out" / "checkpoint-3"))
     assert resumed.state.global_step == 6
     final_full = dict(full.model.named_parameters())
@@ -219,3 +223,24 @@ def test_resume_with_the_replay_defaults_continues_exactly(tmp_path):
             torch.testing.assert_close(
                 param.detach(), final_full[name].detach(), rtol=1e-5, atol=1e-7, msg=name
             )
+
+
+def test_the_directions_are_refreshed_before_every_refresh_th_step():
+    weight = torch.nn.Parameter(torch.randn(5, 8))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    step = {"n": 0}
+    made = []
+
+    def directions_of():
+        made.append(step["n"] + 1)
+        return principal_directions(torch.randn(20, 8), 2)
+
+    projection = OutputRowProjection(
+        weight, principal_directions(torch.randn(20, 8), 2), 0, lambda: step["n"], 3, directions_of
+    )
+    projection.attach(optimizer)
+    for _ in range(7):
+        weight.grad = torch.randn(5, 8)
+        optimizer.step()
+        step["n"] += 1  # as the Trainer counts, after the step
+    assert made == [3, 6]

@@ -209,8 +209,20 @@ class CPTCallback(TrainerCallback):
         check_replay_options(self.config, dataset, required=True)
         self._projection = install_output_row_projection(
             model, optimizer, dataset.token_pieces(replay=True), count, self.config.seed,
-            step_of=lambda: state.global_step,
+            step_of=lambda: state.global_step, refresh=self.config.output_row_projection_refresh,
+            resumed_from=getattr(self, "resumed_from", None),
         )  # fmt: skip
+
+    def on_save(self, args, state, control, **kwargs):  # noqa: D401 - HF signature
+        """The output-row projection's directions beside the checkpoint (output_rows.py: exact resume)."""
+        projection = getattr(self, "_projection", None)
+        if projection is not None and state.is_world_process_zero:
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+            folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+            if os.path.isdir(folder):
+                projection.save(folder)
+        return control
 
     def on_train_end(self, args, state, control, model=None, **kwargs):  # noqa: D401 - HF signature
         """``final_step_back``: the trained weights a little back toward the start of CPT (step_back.py),

@@ -78,6 +78,7 @@ def safety_hooks(originals: dict[str, Any], find_callback: Callable[[Any], Any])
                     if isinstance(resume, str):
                         check_adapter_matches(resume, self.model)
                     bound.arguments["resume_from_checkpoint"] = resume
+                callback.resumed_from = resume if isinstance(resume, str) else None  # for state beside it
                 guard = guard_of(callback)
                 if guard is not None and guard not in self.callback_handler.callbacks:
                     self.add_callback(guard)
