@@ -7,11 +7,14 @@ lm_head row is projected off the K leading directions of those states: their mea
 principal directions. With the domain-shifted rows and the final step back this reached the new-domain
 loss of an embedding LR at the LoRA LR while forgetting less than the usual 1/10 ratio.
 
-How: the directions come from the model with its adapters off (the base, the start of CPT) on the first
-``OLD_TEXTS`` documents of the replay data, once at train begin: the same on a resumed run, so resume
-stays exact. No copy of the matrix is kept: before the step the rows' coordinates along the directions
-(vocab x K) are saved, after it their change is taken back out. bf16 rows get the correction with
-stochastic rounding (a small correction would otherwise round away).
+How: the directions come from the first ``OLD_TEXTS`` documents of the replay data: at train begin from
+the model with its adapters off (the base, the start of CPT), then before every
+``output_row_projection_refresh``-th step from the model as it is then (the study measured it so: the
+directions the old domain uses drift as CPT trains). The current directions are saved beside each
+checkpoint (``STATE_FILE``) and a resumed run starts from them, so resume stays exact. No copy of the
+matrix is kept: before the step the rows' coordinates along the directions (vocab x K) are saved, after
+it their change is taken back out. bf16 rows get the correction with stochastic rounding (a small
+correction would otherwise round away).
 """
 
 from __future__ import annotations
