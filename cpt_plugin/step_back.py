@@ -69,6 +69,15 @@ def step_back(model: nn.Module, alpha: float) -> dict[str, Any]:
     """Moves ``model``'s trained weights to start + alpha x (end - start) (module doc); returns counts."""
     if alpha == 1.0:
         return {"lora": 0, "embeddings": 0, "left": []}
+    if any(
+        type(p).__name__ == "DTensor" or hasattr(p, "ds_id") for p in model.parameters() if p.requires_grad
+    ):
+        logger.warning(
+            "cpt-plugin: final_step_back %g was not applied: the trained weights are sharded (FSDP or DeepSpeed). "
+            "Set final_step_back: 1 to silence this, or apply cpt_plugin.step_back.step_back(model, %g) to the "
+            "gathered model before saving it.", alpha, alpha,
+        )  # fmt: skip
+        return {"lora": 0, "embeddings": 0, "left": []}
     moved: set[int] = set()
     lora = 0
     if _lora_starts_at_zero(model):
