@@ -118,6 +118,7 @@ class HeldoutEvaluator(TrainerCallback):
         self.blocks: dict[str, list[dict[str, list[int]]]] = {}
         self.base: dict[str, float] = {}  # the base model's loss per domain (step 0)
         self.history: list[dict[str, float]] = []  # {"step", "tokens_seen", "new", "old"}
+        self._weights_changed = False  # after the last step (final_step_back): evaluate again at train end
         self.plot_path: Path | None = None
 
     # --- measuring --------------------------------------------------------------------------------
@@ -201,9 +202,17 @@ class HeldoutEvaluator(TrainerCallback):
             self._record(args, state, self.evaluate(model, args.per_device_eval_batch_size))
         return control
 
+    def weights_changed(self) -> None:
+        """The model's weights changed after the last step (``final_step_back``): the end-of-training
+        evaluation runs again and replaces one made at that step."""
+        self._weights_changed = True
+
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if not self.blocks or model is None:
             return control
+        changed, self._weights_changed = self._weights_changed, False
+        if changed and self.history and self.history[-1]["step"] == state.global_step:
+            self.history.pop()  # measured before the weights changed: the final model's numbers replace it
         if not self.history or self.history[-1]["step"] != state.global_step:
             self._record(args, state, self.evaluate(model, args.per_device_eval_batch_size))
         if self.plot and state.is_world_process_zero and args.output_dir:

@@ -244,3 +244,21 @@ def test_the_directions_are_refreshed_before_every_refresh_th_step():
         optimizer.step()
         step["n"] += 1  # as the Trainer counts, after the step
     assert made == [3, 6]
+
+
+def test_the_held_out_evaluation_at_the_end_is_of_the_stepped_back_model(tmp_path):
+    """An evaluation made at the last step (before the step back) is replaced by one of the final model."""
+    from cpt_plugin.evaluation import heldout_loss, take_blocks
+
+    dataset = _dataset(True)
+    held_out = take_blocks(CPTDataset(NEW[:4], dataset.tokenizer, 32, seed=1), 256)
+    model = tiny_llama(tied=False, vocab_size=len(dataset.tokenizer))
+    callback = CPTCallback(lora_r=4, memory_report=False, eval_every_steps=3, eval_new=held_out)
+    trainer = Trainer(model=model, args=training_args(tmp_path, max_steps=3), train_dataset=dataset,
+                      callbacks=[callback])  # fmt: skip
+    trainer.train()
+    steps = [h["step"] for h in callback.evaluator.history]
+    assert steps == [0, 3]  # the base, then one entry at the end: the step-3 one was replaced
+    assert callback.evaluator.history[-1]["new"] == pytest.approx(
+        heldout_loss(trainer.model, held_out), rel=1e-6
+    )

@@ -232,6 +232,8 @@ class CPTCallback(TrainerCallback):
             from cpt_plugin.step_back import step_back
 
             self.stepped_back = step_back(model, alpha)
+            if self.evaluator is not None:  # its end-of-training numbers are the final model's
+                self.evaluator.weights_changed()
         return control
 
 
