@@ -49,7 +49,7 @@ def resolve_replay_defaults(config: CPTConfig, dataset: Any, tied: bool = False)
         return config
     if replay and any(chosen[key] != OFF[key] for key in chosen):
         logger.info(
-            "cpt-plugin: the training data has replay, so %s (docs/RECIPE.md; set them to turn this off)",
+            "cpt-plugin: the training data has replay, so %s (docs/RECIPE.md; each is off at 0, or 1 for final_step_back)",
             ", ".join(f"{key}: {value:g}" for key, value in chosen.items() if value != OFF[key]),
         )
     return dataclasses.replace(config, **chosen)
