@@ -110,6 +110,9 @@ class OutputRowProjection:
         self.step_of = step_of  # the Trainer's global step: the same rounding on a resumed run
         self.refresh = refresh  # before every refresh-th step, the directions of the model as it is now
         self.directions_of = directions_of
+        # step() calls in progress: an optimizer whose step() calls its parent class's fires the hooks again
+        # inside (torch patches a class's step() with them once any instance of it exists)
+        self._depth = 0
         self._before: torch.Tensor | None = None
         self._handles: list[Any] = []
 
@@ -134,6 +137,9 @@ class OutputRowProjection:
         ])  # fmt: skip
 
     def before_step(self) -> None:
+        self._depth += 1
+        if self._depth > 1:
+            return  # the inner step() of the same update
         step = self.step_of() + 1  # the Trainer counts the step after it
         if self.refresh and self.directions_of is not None and step % self.refresh == 0:
             self.directions = self.directions_of().to(self.weight.device, torch.float32)
@@ -146,6 +152,9 @@ class OutputRowProjection:
         save_file({"directions": self.directions.cpu().contiguous()}, os.path.join(folder, STATE_FILE))
 
     def after_step(self) -> None:
+        self._depth = max(self._depth - 1, 0)
+        if self._depth > 0:
+            return  # the outer step() is still updating
         before, self._before = self._before, None
         if before is None:
             return

@@ -262,3 +262,27 @@ def test_the_held_out_evaluation_at_the_end_is_of_the_stepped_back_model(tmp_pat
     assert callback.evaluator.history[-1]["new"] == pytest.approx(
         heldout_loss(trainer.model, held_out), rel=1e-6
     )
+
+
+def test_an_optimizer_whose_step_calls_its_parents_is_projected_once_over_the_whole_update():
+    """CPTAdamW's step() calls torch's AdamW.step(), which carries the hooks too once any AdamW exists: the
+    projection must wrap the whole update, not the inner part (a CI run caught it skipping the update)."""
+
+    class Outer(torch.optim.SGD):
+        def step(self, closure=None):
+            with torch.no_grad():
+                for group in self.param_groups:
+                    for p in group["params"]:
+                        p.add_(p.grad, alpha=-0.3)  # its own update first, as CPTAdamW's row groups
+            return super().step(closure)
+
+    torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)  # torch now hooks SGD.step too
+    weight = torch.nn.Parameter(torch.randn(11, 8))
+    basis = principal_directions(torch.randn(30, 8) + 1.0, 2)
+    optimizer = Outer([weight], lr=0.2)
+    OutputRowProjection(weight, basis, seed=0, step_of=lambda: 0).attach(optimizer)
+    before = weight.detach().clone()
+    weight.grad = torch.randn(11, 8)
+    optimizer.step()
+    along = (weight.detach() - before) @ basis.t()
+    assert float(along.abs().max()) < 1e-5
