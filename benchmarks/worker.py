@@ -98,7 +98,15 @@ def memory_plan(model: Any) -> dict[str, Any] | None:
         "longest_tokens": planner.longest_tokens(),  # the longest micro-batch it predicts to fit
         "loss_chunk_mib": (getattr(planner, "loss_chunk_bytes", None) or 0) // 2**20,  # 0: the default
         "calibrated": planner.calibrated,
+        # the checkpointed layers' CUDA graphs' pool: reserved, not allocated, so the measured allocated
+        # peak plus this is what the prediction (which counts it) is compared with
+        "graph_pool_gib": _graph_pool_bytes(planner) / 2**30,
     }
+
+
+def _graph_pool_bytes(planner: Any) -> float:
+    graphs = getattr(planner.holder, "recompute_graphs", None)
+    return float(getattr(graphs, "pool_bytes", 0.0) or 0.0)
 
 
 def run_train(args: dict[str, Any]) -> dict[str, Any]:

@@ -167,17 +167,18 @@ def install_layer_graphs(model: Any, config: CPTConfig, mode: str) -> None:
     Kept layers (checkpointing off, or kept by the planner) replay their forward and backward
     (offload/layer_graphs.py).
 
-    ``cuda_graphs`` unset (None, the default): checkpointed layers with ``recompute`` or ``offload``, for
-    micro-batches of up to ``recompute_graphs.DEFAULT_MAX_TOKENS`` tokens. There the host is the bound: on
-    the H200 at Llama-1B 4 x 2048 an offloaded step went from 1.11x to 1.25x Unsloth's speed for 0.14 GiB
-    more allocated (docs/BENCHMARKS.md). Not kept layers (1.5% faster for 2.4 GiB more), not the planner's
-    layers (its memory model does not count the graphs' pool), not longer batches (the pool grows with the
-    length, the host's share shrinks). ``true``: all of them, any length. Where graphs cannot run (several
+    ``cuda_graphs`` unset (None, the default): checkpointed layers (``recompute``, ``offload``, and the
+    layers ``auto``'s plan recomputes or offloads), for micro-batches of up to
+    ``recompute_graphs.DEFAULT_MAX_TOKENS`` tokens. There the host is the bound: on the H200 at Llama-1B
+    4 x 2048 an offloaded step went from 1.11x to 1.25x Unsloth's speed for 0.14 GiB more allocated
+    (docs/BENCHMARKS.md); the planner counts the graphs' pool in its plans (planner.py). Not kept layers
+    (1.5% faster for 2.4 GiB more), not longer batches (the pool grows with the length, the host's share
+    shrinks). ``true``: all of them, any length. Where graphs cannot run (several
     processes, no GPU, 4-bit layers) ``true`` says why, once; the default trains without them quietly."""
     if config.cuda_graphs is False:
         return
     asked = config.cuda_graphs is True
-    if not asked and mode not in ("recompute", "offload"):
+    if not asked and mode not in ("recompute", "offload", "auto"):
         return
     from cpt_plugin.offload.checkpointing import checkpoint_function, enable_layer_plan, layer_plan_holder
     from cpt_plugin.offload.graph_capture import graphs_available
@@ -199,6 +200,7 @@ def install_layer_graphs(model: Any, config: CPTConfig, mode: str) -> None:
     holder = layer_plan_holder(model)
     if holder is None:  # checkpointing off: every layer kept, through the per-layer function
         holder = enable_layer_plan(model)
-    holder.graphs = LayerGraphs()
+    if asked:
+        holder.graphs = LayerGraphs()
     if mode == "auto":
-        holder.recompute_graphs = RecomputeGraphs()
+        holder.recompute_graphs = RecomputeGraphs(max_tokens=None if asked else DEFAULT_MAX_TOKENS)

@@ -825,6 +825,11 @@ class PlannedLayerFunction:
             on_recompute = getattr(observer, "layer_recomputed", None)
             if on_recompute is not None:
                 on_recompute = functools.partial(on_recompute, self.index)
+            graphs = holder.recompute_graphs
+            if graphs is not None and graphs.plan_seen is not holder.plan:
+                # a new plan: a layer's mode or MLP tiling may have changed under its graphs
+                graphs.reset()
+                graphs.plan_seen = holder.plan
             out = _checkpointed(
                 function,
                 args,
@@ -832,7 +837,7 @@ class PlannedLayerFunction:
                 mode == "offload",
                 holder.simulate_offload,
                 on_recompute,
-                holder.recompute_graphs,
+                graphs,
             )
         if observer is not None:
             observer.layer_end(self.index)

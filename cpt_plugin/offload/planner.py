@@ -103,6 +103,17 @@ offloaded (1.21x the recomputed-attention step measured at 131K, 1.25x by this m
 search enumerates (tiling: none / checkpointed layers / all) x (layers kept) x (layers offloaded) and takes
 the cheapest plan whose predicted peak fits ``budget x (1 - headroom)``.
 
+**CUDA graphs** (``recompute_graphs.py``; ``cuda_graphs`` unset, micro-batches up to 16,384 tokens): the
+checkpointed layers of a plan replay CUDA graphs, whose shared pool (one checkpointed layer's recompute and
+backward) stays reserved between steps, where ``memory_allocated`` does not see it. A plan that
+checkpoints a layer therefore counts the pool on top of its peak: estimated before the captures as one
+untiled layer's R + W per token (``graph_pool_estimate``), then the reserved memory the captures added,
+per token; a pool that moved by 2% of the budget re-plans. A graphed checkpointed layer costs
+``TIME_GRAPHED_GAIN`` (0.15) less in the speed model. The fastest plan with the pool is weighed against the
+fastest without it (which may keep more layers): the faster one that fits wins, and when it is the one
+without, the graphs are held back (``held_eager``) and every layer runs eagerly. A new plan frees the
+graphs (a layer's mode or tiling may have changed); they are captured again after their warm-up.
+
 **Error.** Before calibration the model is a count of the tensors autograd saves in a Llama-style layer
 (it ignores allocator rounding, the attention kernel's choice of what to save, and transient buffers other
 than those named); the 15% first-step headroom covers that. After calibration the prediction for the
@@ -145,6 +156,10 @@ STATIC_REPLAN_FRACTION = 0.02  # re-plan when static memory moved by this fracti
 # Relative step time of one layer (forward 1, backward 2); see the module doc.
 TIME_KEEP, TIME_RECOMPUTE, TIME_OFFLOAD = 3.0, 4.0, 4.05
 TIME_TILED_KEPT, TIME_TILED_SKIPPED = 0.6, 0.05
+# A checkpointed layer replaying its CUDA graphs (recompute_graphs.py): measured on the H200 at Llama-1B
+# 4 x 2048 (2026-12-02), an offloaded layer took 2.33 ms more than a kept one eagerly and 1.99 ms with
+# graphs, where 1.05 units are 2.33 ms: 0.15 units less
+TIME_GRAPHED_GAIN = 0.15
 TILINGS = ("none", "checkpointed", "all")
 
 
@@ -246,8 +261,12 @@ def analytic_costs(shapes: ModelShapes, chunk_tokens: int) -> LayerCosts:
     )
 
 
-def predict_peak(plan: LayerPlan, costs: LayerCosts, tokens: int, static: float) -> float:
-    """Predicted peak allocated bytes of one training micro-batch under ``plan`` (module doc's formula)."""
+def predict_peak(
+    plan: LayerPlan, costs: LayerCosts, tokens: int, static: float, graph_pool: float | None = None
+) -> float:
+    """Predicted peak bytes of one training micro-batch under ``plan`` (module doc's formula): allocated,
+    plus the CUDA graphs' pool where checkpointed layers replay graphs (``graph_pool``, bytes per token;
+    None: no graphs)."""
     prefix = 0.0
     backward = 0.0
     # the input of the layer below travels during an offloaded layer's backward, unless it is large
@@ -260,8 +279,16 @@ def predict_peak(plan: LayerPlan, costs: LayerCosts, tokens: int, static: float)
         backward = max(backward, prefix + transient + costs.backward_work(tiled, mode) + prefetch)
     forward_end = prefix + costs.hidden + costs.loss
     per_token = max(forward_end, backward) + costs.correction
+    if graph_pool is not None and any(mode != "keep" for mode in plan.modes):
+        per_token += graph_pool
     tile = costs.tile_transient if any(plan.tiled) else 0.0
     return static + tokens * per_token + tile
+
+
+def graph_pool_estimate(costs: LayerCosts) -> float:
+    """Bytes per token of the graphs' pool before a capture measured it: one checkpointed layer's
+    recompute and backward (what its eager backward holds beyond the saved prefix), untiled."""
+    return costs.recompute_transient(False, "offload") + costs.backward_work(False, "offload")
 
 
 def offload_time(shapes: ModelShapes, seq: int, lean: bool = True) -> float:
@@ -276,11 +303,16 @@ def offload_time(shapes: ModelShapes, seq: int, lean: bool = True) -> float:
     return TIME_OFFLOAD - attention_share(seq, *widths)
 
 
-def plan_time(plan: LayerPlan, residual_mlp: bool = True, offload: float = TIME_OFFLOAD) -> float:
-    """Relative step time of ``plan`` (module doc's speed model; ``offload``: an offloaded layer's)."""
+def plan_time(
+    plan: LayerPlan, residual_mlp: bool = True, offload: float = TIME_OFFLOAD, graphed: bool = False
+) -> float:
+    """Relative step time of ``plan`` (module doc's speed model; ``offload``: an offloaded layer's;
+    ``graphed``: checkpointed layers replay CUDA graphs, ``TIME_GRAPHED_GAIN`` faster each)."""
     total = 0.0
     for mode, tiled in zip(plan.modes, plan.tiled, strict=True):
         total += {"keep": TIME_KEEP, "recompute": TIME_RECOMPUTE, "offload": offload}[mode]
+        if graphed and mode != "keep":
+            total -= TIME_GRAPHED_GAIN
         if tiled:
             total += TIME_TILED_KEPT if mode == "keep" or not residual_mlp else TIME_TILED_SKIPPED
     return total
@@ -306,13 +338,15 @@ def choose_plan(
     can_offload: bool = True,
     residual_mlp: bool = True,
     offload: float = TIME_OFFLOAD,
+    graph_pool: float | None = None,
 ) -> tuple[LayerPlan, float, bool]:
     """The fastest canonical plan whose predicted peak is <= ``budget``: (plan, predicted peak, fits).
 
     ``tiled_mlp`` (the user's switch) tiles every layer; otherwise tiling is considered only when the batch
     is longer than a chunk. ``offload`` is an offloaded layer's time (``offload_time``): when it is below
-    a recompute's (attention replayed), every layer not kept is offloaded. When nothing fits, the
-    smallest plan is returned with ``fits`` False.
+    a recompute's (attention replayed), every layer not kept is offloaded. ``graph_pool``: the CUDA
+    graphs' pool per token, counted for plans with checkpointed layers (``predict_peak``). When nothing
+    fits, the smallest plan is returned with ``fits`` False.
     """
     if tiled_mlp:
         tilings: Sequence[str] = ("all",)
@@ -322,12 +356,13 @@ def choose_plan(
         tilings = ("none",)
     max_off = layers if can_offload else 0
     offload_first = max_off > 0 and offload < TIME_RECOMPUTE
+    graphed = graph_pool is not None
     best: tuple[float, float, LayerPlan] | None = None
     smallest: tuple[float, LayerPlan] | None = None
     for tiling in tilings:
         for keep in range(layers, -1, -1):
             fastest = canonical_plan(layers, keep, layers - keep if offload_first else 0, tiling)
-            if best is not None and plan_time(fastest, residual_mlp, offload) > best[0]:
+            if best is not None and plan_time(fastest, residual_mlp, offload, graphed) > best[0]:
                 break  # fewer kept layers only get slower
             # the peak falls as more layers are offloaded: the fewest offloads that fit, by bisection
             # (all of them when an offload is faster than a recompute)
@@ -335,7 +370,8 @@ def choose_plan(
             lo = hi if offload_first else 0
 
             def peak_of(off: int, keep: int = keep, tiling: str = tiling) -> float:
-                return predict_peak(canonical_plan(layers, keep, off, tiling), costs, tokens, static)
+                plan = canonical_plan(layers, keep, off, tiling)
+                return predict_peak(plan, costs, tokens, static, graph_pool)
 
             if peak_of(hi) > budget:
                 low_peak = peak_of(hi)
@@ -349,7 +385,7 @@ def choose_plan(
                 else:
                     lo = mid + 1
             plan = canonical_plan(layers, keep, lo, tiling)
-            candidate = (plan_time(plan, residual_mlp, offload), peak_of(lo), plan)
+            candidate = (plan_time(plan, residual_mlp, offload, graphed), peak_of(lo), plan)
             if best is None or candidate[:2] < best[:2]:
                 best = candidate
     if best is not None:
@@ -502,6 +538,8 @@ class MemoryPlanner:
         self.calibrated = False
         self.oom_retries = 0
         self._static_planned = 0.0
+        self._pool_planned = 0.0  # the graphs' pool counted in the plan (bytes)
+        self._pool_rate_planned: float | None = None  # its bytes per token the plan was chosen with
         self._static_first: float | None = None
         self._optimizer_seen = False
         self._pending_optimizer = 0.0  # the AdamW estimate included in the last static value
@@ -570,6 +608,8 @@ class MemoryPlanner:
             replan = True
         if abs(static - self._static_planned) > STATIC_REPLAN_FRACTION * budget:
             replan = True
+        if self._graph_pool_moved(budget):
+            replan = True
         if replan:
             self._replan(max(tokens, self.tokens), static, "first batch" if self.tokens == 0 else None)
         wanted = not self.calibrated or tokens > self._calibrated_tokens or self._probe_wanted
@@ -634,18 +674,16 @@ class MemoryPlanner:
 
     def _replan(self, tokens: int, static: float, reason: str | None = None) -> bool:
         """Chooses the plan for ``tokens``; returns whether it changed."""
-        plan, predicted, fits = choose_plan(
-            len(self.layers),
-            self.costs,
-            tokens,
-            static,
-            self._target(),
-            chunk_tokens=self.chunk_tokens,
-            tiled_mlp=self.tiled_mlp,
-            can_offload=self.can_offload,
-            residual_mlp=self.shapes.residual_mlp,
-            offload=self._offload_time(tokens),
-        )
+        pool = self._graph_pool(tokens)
+        plan, predicted, fits = self._choose(tokens, static, pool)
+        graphed = pool is not None
+        if graphed:  # without the graphs' pool a plan may fit that keeps more layers
+            eager = self._choose(tokens, static, None)
+            if self._prefer_eager(tokens, (plan, predicted, fits), eager):
+                (plan, predicted, fits), graphed = eager, False
+        self._use_graphs(graphed)
+        self._pool_rate_planned = pool
+        self._pool_planned = self._graph_pool_bytes(tokens, plan) if graphed else 0.0
         chunk, extra = self._loss_chunk(tokens, predicted, fits)
         changed = plan != self.plan or tokens != self.tokens or chunk != self.loss_chunk_bytes
         predicted += extra
@@ -656,6 +694,65 @@ class MemoryPlanner:
         if changed or reason:
             self._report(reason)
         return changed
+
+    def _choose(self, tokens: int, static: float, pool: float | None) -> tuple[LayerPlan, float, bool]:
+        return choose_plan(
+            len(self.layers),
+            self.costs,
+            tokens,
+            static,
+            self._target(),
+            chunk_tokens=self.chunk_tokens,
+            tiled_mlp=self.tiled_mlp,
+            can_offload=self.can_offload,
+            residual_mlp=self.shapes.residual_mlp,
+            offload=self._offload_time(tokens),
+            graph_pool=pool,
+        )
+
+    def _prefer_eager(
+        self, tokens: int, graphed: tuple[LayerPlan, float, bool], eager: tuple[LayerPlan, float, bool]
+    ) -> bool:
+        """Between the fastest plan with the graphs' pool and the fastest without: the one that fits, then
+        the faster (``plan_time`` with the graphs' gain), or when neither fits the smaller."""
+        if graphed[2] != eager[2]:
+            return eager[2]
+        if not eager[2]:
+            return eager[1] < graphed[1]
+        residual, offload = self.shapes.residual_mlp, self._offload_time(tokens)
+        return plan_time(eager[0], residual, offload) < plan_time(graphed[0], residual, offload, graphed=True)
+
+    def _use_graphs(self, use: bool) -> None:
+        """Lets the checkpointed layers replay their graphs, or holds them eager (their pool does not fit)."""
+        graphs = getattr(self.holder, "recompute_graphs", None)
+        if graphs is not None and graphs.held_eager != (not use):
+            graphs.held_eager = not use
+            graphs.reset()
+
+    def _graph_pool(self, tokens: int) -> float | None:
+        """Bytes per token of the CUDA graphs' pool the checkpointed layers replay from at ``tokens``
+        (recompute_graphs.py): measured at the captures, estimated before; None where no graphs run."""
+        graphs = getattr(self.holder, "recompute_graphs", None)
+        if graphs is None or not graphs.applies_to(tokens):
+            return None
+        measured = graphs.pool_bytes_per_token
+        return measured if measured is not None else graph_pool_estimate(self.costs)
+
+    def _graph_pool_moved(self, budget: float) -> bool:
+        """Whether the graphs' pool per token (measured at the captures, or graphs turned off) moved
+        since the plan was chosen by more than ``STATIC_REPLAN_FRACTION`` of the budget."""
+        now, planned = self._graph_pool(self.tokens), self._pool_rate_planned
+        if (now is None) != (planned is None):
+            return True
+        return (
+            now is not None
+            and planned is not None
+            and abs(now - planned) * self.tokens > (STATIC_REPLAN_FRACTION * budget)
+        )
+
+    def _graph_pool_bytes(self, tokens: int, plan: LayerPlan) -> float:
+        pool = self._graph_pool(tokens)
+        return 0.0 if pool is None or all(m == "keep" for m in plan.modes) else pool * tokens
 
     def _offload_time(self, tokens: int) -> float:
         """An offloaded layer's relative time at the longest sequence planned for (``offload_time``). A
@@ -703,6 +800,7 @@ class MemoryPlanner:
             "memory_plan_budget_gib": round(self.budget / GIB, 3),
             "memory_plan_oom_retries": self.oom_retries,
             "memory_plan_longest_tokens": longest,
+            "memory_plan_graph_pool_gib": round(self._pool_planned / GIB, 3),
         }
         if self.loss_chunk_bytes is not None:
             self._log["memory_plan_loss_chunk_mib"] = self.loss_chunk_bytes // 2**20
@@ -711,14 +809,16 @@ class MemoryPlanner:
         replayed = counts["offload"] and self._offload_time(self.tokens) < TIME_OFFLOAD
         self._log["memory_plan_attention_replayed"] = int(bool(replayed))
         message = (
-            "cpt-plugin memory plan for %d tokens%s: %s%s; predicted peak %.3g GiB (%s) of a %.3g GiB budget; "
-            "the longest micro-batch it predicts to fit: %d tokens (every layer %s, MLP tiled)."
+            "cpt-plugin memory plan for %d tokens%s: %s%s%s; predicted peak %.3g GiB (%s) of a %.3g GiB "
+            "budget; the longest micro-batch it predicts to fit: %d tokens (every layer %s, MLP tiled)."
         )
+        pool = self._pool_planned
         args = (
             self.tokens,
             why,
             self.plan.describe(),
             " (offloaded layers replay their attention)" if replayed else "",
+            f" (checkpointed layers as CUDA graphs, their pool {pool / GIB:.2g} GiB)" if pool else "",
             self.predicted / GIB,
             state,
             self.budget / GIB,
@@ -887,7 +987,7 @@ class MemoryPlanner:
         self._probe_wanted = True
         tokens = max(self.tokens, 1)
         static = self._static()
-        failed_peak = predict_peak(self.plan, self.costs, tokens, static)
+        failed_peak = predict_peak(self.plan, self.costs, tokens, static, self._graph_pool(tokens))
         failed_peak += loss_chunk_extra(self.loss_chunk_bytes, tokens, self.shapes)
         if self.budget is None:  # never planned (CPU without a budget): the failed plan is the measure
             self.budget = failed_peak

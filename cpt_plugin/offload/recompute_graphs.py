@@ -27,7 +27,9 @@ Memory: every activation of the recompute is made and freed inside the graph, so
 layers share one pool whose size is one layer's recompute and backward (what an eager backward holds at
 its peak), not sixteen; the static tensors (input, output gradient, input gradient, the parameters'
 gradients) are shared by the layers of one signature. The pool stays reserved between steps: the
-forward and the loss cannot use it (``peak_reserved`` shows it; ``memory_allocated`` does not).
+forward and the loss cannot use it (``peak_reserved`` shows it; ``memory_allocated`` does not). What the
+captures add to the reserved memory is kept as ``pool_bytes`` (and per token), which the planner counts
+in its plans (``gradient_checkpointing: auto``).
 
 Never a silent wrong answer: a layer with dropout, a forward that parked its attention for a replay
 (``attention_replay``), another signature than the captured one, parameters with gradient hooks,
@@ -183,11 +185,22 @@ class RecomputeGraphs:
         self.statics: dict[Any, _Statics] = {}
         self.off_reason: str | None = None
         self.captured = 0
+        self.plan_seen: Any = None  # the planner's LayerPlan the graphs were captured under (auto)
+        self.held_eager = False  # the planner's plan does not fit with the pool: every layer runs eagerly
+        # the pool's reserved bytes per token of the captured length, measured at the captures (the
+        # planner counts it: memory_allocated does not see it between replays); kept across resets
+        self.pool_bytes_per_token: float | None = None
+        self.pool_bytes = 0.0  # what the current graphs' pool reserved (measured at their captures)
 
     def reset(self) -> None:
         """Frees every graph and static tensor (captured again after the warm-up)."""
         self.entries, self.statics = {}, {}
         self.pool = None
+        self.pool_bytes = 0.0
+
+    def applies_to(self, tokens: int) -> bool:
+        """Whether micro-batches of ``tokens`` tokens may replay graphs (not off, not too long)."""
+        return self.off_reason is None and (self.max_tokens is None or tokens <= self.max_tokens)
 
     def prepare(
         self,
@@ -204,6 +217,7 @@ class RecomputeGraphs:
         keywords = getattr(function, "keywords", None)
         if (
             self.off_reason is not None
+            or self.held_eager
             or layer is None
             or rest
             or keywords is None
@@ -264,7 +278,7 @@ class RecomputeGraphs:
 
         Only a layer whose graphs were captured by :meth:`prepare`, called with what it was captured on
         (the signature's output part is the graph's own)."""
-        if self.off_reason is not None or layer is None or rest or uses_rng:
+        if self.off_reason is not None or self.held_eager or layer is None or rest or uses_rng:
             return None
         entry = self.entries.get(id(layer))
         keywords = getattr(function, "keywords", None)
@@ -358,6 +372,8 @@ class RecomputeGraphs:
             statics,
             tuple(used),
         )
+        tokens = max(x.numel() // max(x.shape[-1], 1), 1)
+        self.pool_bytes_per_token = max(self.pool_bytes_per_token or 0.0, self.pool_bytes / tokens)
 
     def _record(self, body: Callable[[], None], scope: Callable[[], Any], device: torch.device) -> Any:
         """``body`` run once eagerly on the capture stream (cuBLAS workspaces, autograd's streams), then
@@ -373,9 +389,12 @@ class RecomputeGraphs:
                 body()
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
+            reserved = torch.cuda.memory_reserved(device)
             with capture_graph(graph, self.pool, stream):
                 body()
             torch.cuda.current_stream().wait_stream(stream)
+            # every allocation of a capture comes from the graphs' pool: its growth is the pool's
+            self.pool_bytes += max(torch.cuda.memory_reserved(device) - reserved, 0)
         return graph
 
     def turn_off(self, reason: str) -> None:

@@ -11,7 +11,12 @@ import pytest
 import torch
 
 from cpt_plugin import setup_model
-from cpt_plugin.offload.checkpointing import CheckpointFunction, checkpoint_function, layer_plan_holder
+from cpt_plugin.offload.checkpointing import (
+    CheckpointFunction,
+    LayerPlan,
+    checkpoint_function,
+    layer_plan_holder,
+)
 from cpt_plugin.offload.recompute_graphs import (
     DEFAULT_MAX_TOKENS,
     RecomputeGraphs,
@@ -355,3 +360,91 @@ def test_a_failed_capture_leaves_the_run_eager_and_correct(caplog):
     assert _graphs_of(model).off_reason is not None
     assert any("checkpointed decoder layers are off" in r.getMessage() for r in caplog.records)
     assert_same_run((losses, params), (eager_losses, eager_params))
+
+
+# ------------------------------------------------------------------------------------------------
+# The planner's checkpointed layers (gradient_checkpointing: auto)
+# ------------------------------------------------------------------------------------------------
+def test_the_default_graphs_the_planners_checkpointed_layers_not_its_kept_ones(monkeypatch):
+    monkeypatch.setattr("cpt_plugin.offload.graph_capture.graphs_available", lambda model: None)
+    model = setup_model(tiny_model("llama"), {"lora_r": 4}, checkpointing="auto")
+    holder = layer_plan_holder(model)
+    assert holder.recompute_graphs is not None and holder.recompute_graphs.max_tokens == DEFAULT_MAX_TOKENS
+    assert holder.graphs is None
+    asked = setup_model(tiny_model("llama"), {"lora_r": 4, "cuda_graphs": True}, checkpointing="auto")
+    assert layer_plan_holder(asked).graphs is not None
+    assert layer_plan_holder(asked).recompute_graphs.max_tokens is None
+
+
+def _planned_cpu_model(graphs: bool, budget_gib: float):
+    torch.manual_seed(0)
+    model = tiny_model("llama", num_hidden_layers=4)
+    model = setup_model(model, {"lora_r": 4, "memory_budget_gib": budget_gib}, checkpointing="auto")
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(3)
+        for name, param in sorted(model.named_parameters()):
+            if "lora_B" in name:
+                param.copy_(0.05 * torch.randn(param.shape, generator=generator))
+    if graphs:
+        layer_plan_holder(model).recompute_graphs = _EagerGraphs()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    return model, optimizer
+
+
+def _pool_estimate(model) -> float:
+    from cpt_plugin.offload.planner import find_planner, graph_pool_estimate
+
+    return graph_pool_estimate(find_planner(model).costs)
+
+
+def _budget_for_one_kept_layer() -> float:
+    """A budget (GiB) that holds the top layer kept, the others recomputed, and the graphs' estimated pool
+    (the CPU plans from the analytic model and the parameters' bytes; first-step headroom 15%)."""
+    from cpt_plugin.offload.planner import canonical_plan, find_planner, graph_pool_estimate, predict_peak
+
+    model, _ = _planned_cpu_model(False, 1.0)
+    planner = find_planner(model)
+    ids = torch.randint(0, 100, (2, 9))
+    model(input_ids=ids, labels=ids).loss.backward()
+    plan = canonical_plan(4, keep=1, offload=0, tiling="none")
+    pool = graph_pool_estimate(planner.costs)
+    return predict_peak(plan, planner.costs, 18, planner._static(), pool) / 0.85 * 1.001 / 2**30
+
+
+def test_the_planners_checkpointed_layers_replay_with_the_eager_numbers_and_a_new_plan_drops_them(
+    monkeypatch,
+):
+    # graphed layers much faster than eager ones: the plan with the graphs' pool wins (planner.py)
+    monkeypatch.setattr("cpt_plugin.offload.planner.TIME_GRAPHED_GAIN", 0.9)
+    budget = _budget_for_one_kept_layer()
+    eager = _cpu_steps(*_planned_cpu_model(False, budget), steps=4)
+    model, optimizer = _planned_cpu_model(True, budget)
+    # the CPU "captures" measure no pool: as if they had measured the estimate the plan was made with
+    layer_plan_holder(model).recompute_graphs.pool_bytes_per_token = _pool_estimate(model)
+    replayed = _cpu_steps(model, optimizer, steps=4)
+    holder = layer_plan_holder(model)
+    graphs = holder.recompute_graphs
+    layers = model.get_base_model().model.layers
+    checkpointed = [layer for layer, mode in zip(layers, holder.plan.modes, strict=True) if mode != "keep"]
+    assert checkpointed and graphs.captured == len(checkpointed) and not graphs.held_eager
+    assert all(graphs.entries[id(layer)].graph.replays > 0 for layer in checkpointed)
+    torch.testing.assert_close(replayed[0], eager[0], rtol=1e-5, atol=1e-6)
+    for name, value in eager[1].items():
+        torch.testing.assert_close(replayed[1][name], value, rtol=1e-5, atol=1e-6, msg=name)
+    # another plan (a re-plan: a layer's mode or tiling changed): the graphs are freed and warm up again
+    holder.plan = LayerPlan(("recompute",) * len(layers), (False,) * len(layers))
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(1))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert graphs.plan_seen is holder.plan
+    assert all(entry.graph is None for entry in graphs.entries.values())
+
+
+def test_a_budget_the_graphs_pool_does_not_fit_runs_the_plan_eagerly():
+    """Nothing fits with the pool: the planner holds the graphs back rather than add it to the peak."""
+    eager = _cpu_steps(*_planned_cpu_model(False, 1e-6), steps=4)
+    model, optimizer = _planned_cpu_model(True, 1e-6)
+    held = _cpu_steps(model, optimizer, steps=4)
+    graphs = layer_plan_holder(model).recompute_graphs
+    assert graphs.held_eager and graphs.captured == 0 and graphs.entries == {}
+    assert layer_plan_holder(model).plan.counts()["keep"] < 4  # the smallest plan, without the pool
+    torch.testing.assert_close(held[0], eager[0], rtol=1e-5, atol=1e-6)
