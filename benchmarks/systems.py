@@ -51,7 +51,6 @@ EXTRA_SYSTEMS = (
     "cpt_offload_emb",
     "cpt_auto",
     "cpt_auto_8g",
-    "cpt_auto_8g_eager",
     "cpt_auto_11g",
     "cpt_nogc_graphs",
     "cpt_auto_graphs",
@@ -76,14 +75,6 @@ CPT_VARIANTS: dict[str, dict[str, Any]] = {
     "cpt_auto": dict(gradient_checkpointing="auto", tiled_mlp=False, offload_embeddings=None),
     "cpt_auto_8g": dict(
         gradient_checkpointing="auto", tiled_mlp=False, offload_embeddings=None, memory_budget_gib=8.0
-    ),
-    # the same plan's checkpointed layers without CUDA graphs (as before the sixteenth session)
-    "cpt_auto_8g_eager": dict(
-        gradient_checkpointing="auto",
-        tiled_mlp=False,
-        offload_embeddings=None,
-        memory_budget_gib=8.0,
-        cuda_graphs=False,
     ),
     # 11 GiB: under half of Unsloth's peak at 1 x 131,072 tokens (22.67 GiB, H200, 2026-12-01)
     "cpt_auto_11g": dict(

@@ -167,18 +167,19 @@ def install_layer_graphs(model: Any, config: CPTConfig, mode: str) -> None:
     Kept layers (checkpointing off, or kept by the planner) replay their forward and backward
     (offload/layer_graphs.py).
 
-    ``cuda_graphs`` unset (None, the default): checkpointed layers (``recompute``, ``offload``, and the
-    layers ``auto``'s plan recomputes or offloads), for micro-batches of up to
-    ``recompute_graphs.DEFAULT_MAX_TOKENS`` tokens. There the host is the bound: on the H200 at Llama-1B
-    4 x 2048 an offloaded step went from 1.11x to 1.25x Unsloth's speed for 0.14 GiB more allocated
-    (docs/BENCHMARKS.md); the planner counts the graphs' pool in its plans (planner.py). Not kept layers
-    (1.5% faster for 2.4 GiB more), not longer batches (the pool grows with the length, the host's share
-    shrinks). ``true``: all of them, any length. Where graphs cannot run (several
+    ``cuda_graphs`` unset (None, the default): checkpointed layers with ``recompute`` or ``offload``, for
+    micro-batches of up to ``recompute_graphs.DEFAULT_MAX_TOKENS`` tokens. There the host is the bound: on
+    the H200 at Llama-1B 4 x 2048 an offloaded step went from 1.11x to 1.25x Unsloth's speed for 0.14 GiB
+    more allocated (docs/BENCHMARKS.md). Not kept layers (1.5% faster for 2.4 GiB more), not longer
+    batches (the pool grows with the length, the host's share shrinks), not ``auto``'s layers: with an
+    8 GiB budget the planner, counting the pool, kept one layer fewer and the step was no faster than the
+    eager plan (60.7K against 61.1K tokens/s, H200, 2026-12-02). ``true``: all of them, any length, ``auto``
+    included (its planner counts the pool, planner.py). Where graphs cannot run (several
     processes, no GPU, 4-bit layers) ``true`` says why, once; the default trains without them quietly."""
     if config.cuda_graphs is False:
         return
     asked = config.cuda_graphs is True
-    if not asked and mode not in ("recompute", "offload", "auto"):
+    if not asked and mode not in ("recompute", "offload"):
         return
     from cpt_plugin.offload.checkpointing import checkpoint_function, enable_layer_plan, layer_plan_holder
     from cpt_plugin.offload.graph_capture import graphs_available

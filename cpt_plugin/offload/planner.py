@@ -103,8 +103,8 @@ offloaded (1.21x the recomputed-attention step measured at 131K, 1.25x by this m
 search enumerates (tiling: none / checkpointed layers / all) x (layers kept) x (layers offloaded) and takes
 the cheapest plan whose predicted peak fits ``budget x (1 - headroom)``.
 
-**CUDA graphs** (``recompute_graphs.py``; ``cuda_graphs`` unset, micro-batches up to 16,384 tokens): the
-checkpointed layers of a plan replay CUDA graphs, whose shared pool (one checkpointed layer's recompute and
+**CUDA graphs** (``recompute_graphs.py``; ``cuda_graphs: true``): the checkpointed layers of a plan
+replay CUDA graphs, whose shared pool (one checkpointed layer's recompute and
 backward) stays reserved between steps, where ``memory_allocated`` does not see it. A plan that
 checkpoints a layer therefore counts the pool on top of its peak: estimated before the captures as one
 untiled layer's R + W per token (``graph_pool_estimate``), then the reserved memory the captures added,

@@ -413,17 +413,14 @@ def test_predicted_peak_within_10_percent_of_measured(budget) -> None:
             torch.cuda.empty_cache()  # without a collection the next model's static memory holds this one
         budget_gib = sum(peaks) / 2 / GIB
     model, optimizer, planner = _gpu_cpt_model(budget_gib)
-    for _ in range(8):  # probes (one per unmeasured mode), calibrated plan, optimizer states, graphs
+    for _ in range(5):  # probes (one per unmeasured mode), calibrated plan, optimizer states seen
         _gpu_step(model, optimizer, ids)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     _gpu_step(model, optimizer, ids)
     torch.cuda.synchronize()
-    graphs = planner.holder.recompute_graphs  # checkpointed layers' CUDA graphs: their pool is reserved
-    pool = graphs.pool_bytes if graphs is not None and not graphs.held_eager else 0.0
-    measured = torch.cuda.max_memory_allocated() + pool
+    measured = torch.cuda.max_memory_allocated()
     counts = planner.plan.counts()
-    print(f"graphs' pool {pool / GIB:.3f} GiB (planned {planner._pool_planned / GIB:.3f})")
     if budget == "mixed":
         assert 0 < counts["keep"] < 6, counts
     else:  # the card has room: the loss got the largest logits chunk, and the prediction counts it

@@ -365,12 +365,11 @@ def test_a_failed_capture_leaves_the_run_eager_and_correct(caplog):
 # ------------------------------------------------------------------------------------------------
 # The planner's checkpointed layers (gradient_checkpointing: auto)
 # ------------------------------------------------------------------------------------------------
-def test_the_default_graphs_the_planners_checkpointed_layers_not_its_kept_ones(monkeypatch):
+def test_the_planners_layers_get_graphs_when_asked_not_by_default(monkeypatch):
     monkeypatch.setattr("cpt_plugin.offload.graph_capture.graphs_available", lambda model: None)
     model = setup_model(tiny_model("llama"), {"lora_r": 4}, checkpointing="auto")
     holder = layer_plan_holder(model)
-    assert holder.recompute_graphs is not None and holder.recompute_graphs.max_tokens == DEFAULT_MAX_TOKENS
-    assert holder.graphs is None
+    assert holder.recompute_graphs is None and holder.graphs is None
     asked = setup_model(tiny_model("llama"), {"lora_r": 4, "cuda_graphs": True}, checkpointing="auto")
     assert layer_plan_holder(asked).graphs is not None
     assert layer_plan_holder(asked).recompute_graphs.max_tokens is None
