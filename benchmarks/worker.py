@@ -105,12 +105,8 @@ def memory_plan(model: Any) -> dict[str, Any] | None:
 
 
 def _graph_pool_bytes(planner: Any) -> float:
-    """The pool the plan counts: per token as first measured (a capture after a re-plan can reuse the
-    freed pool's memory, so its own growth reads as nothing), times the planned tokens."""
-    graphs = getattr(planner.holder, "recompute_graphs", None)
-    if graphs is None or graphs.held_eager or not planner._pool_planned:
-        return 0.0
-    return float(graphs.pool_bytes_per_token or 0.0) * planner.tokens
+    """The checkpointed layers' CUDA graphs' pool the plan counts (cuda_graphs: true with auto)."""
+    return float(getattr(planner, "_pool_planned", 0.0) or 0.0)
 
 
 def run_train(args: dict[str, Any]) -> dict[str, Any]:

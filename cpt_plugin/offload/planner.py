@@ -107,8 +107,9 @@ the cheapest plan whose predicted peak fits ``budget x (1 - headroom)``.
 replay CUDA graphs, whose shared pool (one checkpointed layer's recompute and
 backward) stays reserved between steps, where ``memory_allocated`` does not see it. A plan that
 checkpoints a layer therefore counts the pool on top of its peak: estimated before the captures as one
-untiled layer's R + W per token (``graph_pool_estimate``), then the reserved memory the captures added,
-per token; a pool that moved by 2% of the budget re-plans. A graphed checkpointed layer costs
+untiled layer's R + W per token (``graph_pool_estimate``), or the reserved memory the captures added
+per token where that is larger (on the H200 a capture that reused cached memory read 0); a pool that
+moved by 2% of the budget re-plans. A graphed checkpointed layer costs
 ``TIME_GRAPHED_GAIN`` (0.15) less in the speed model. The fastest plan with the pool is weighed against the
 fastest without it (which may keep more layers): the faster one that fits wins, and when it is the one
 without, the graphs are held back (``held_eager``) and every layer runs eagerly. A new plan frees the
@@ -731,12 +732,14 @@ class MemoryPlanner:
 
     def _graph_pool(self, tokens: int) -> float | None:
         """Bytes per token of the CUDA graphs' pool the checkpointed layers replay from at ``tokens``
-        (recompute_graphs.py): measured at the captures, estimated before; None where no graphs run."""
+        (recompute_graphs.py): the estimate, or the captures' measurement where larger; None where no graphs
+        run."""
         graphs = getattr(self.holder, "recompute_graphs", None)
         if graphs is None or not graphs.applies_to(tokens):
             return None
-        measured = graphs.pool_bytes_per_token
-        return measured if measured is not None else graph_pool_estimate(self.costs)
+        # the captures' reserved growth can read low (H200: 0 where a capture reused cached memory), so
+        # it only ever raises the estimate
+        return max(graph_pool_estimate(self.costs), graphs.pool_bytes_per_token or 0.0)
 
     def _graph_pool_moved(self, budget: float) -> bool:
         """Whether the graphs' pool per token (measured at the captures, or graphs turned off) moved
