@@ -9,23 +9,17 @@ import logging
 
 import pytest
 import torch
-from offload_models import tiny_llama
 
 from cpt_plugin.offload.checkpointing import LayerPlan
 from cpt_plugin.offload.planner import (
     GIB,
-    LayerCosts,
     canonical_plan,
     choose_plan,
     graph_pool_estimate,
-    install_planner,
     predict_peak,
 )
 from cpt_plugin.offload.recompute_graphs import RecomputeGraphs
-
-TOY = LayerCosts(
-    keep=10.0, keep_tiled=6.0, recompute=1.0, offload=0.0, work=2.0, loss=3.0, hidden=1.0, tile_transient=0.0
-)
+from tests.offload.test_planner import TOY, _planned_model
 
 
 def test_the_pool_counts_only_where_a_layer_is_checkpointed() -> None:
@@ -59,11 +53,7 @@ def test_a_plan_with_the_pool_keeps_fewer_layers_or_none_checkpointed() -> None:
 
 
 def _planner(budget_gib: float):
-    model = tiny_llama(layers=4)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    planner = install_planner(model, budget_gib=budget_gib, chunk_tokens=4096, _simulate_offload=True,
-                              _static_bytes=lambda: 0.0)  # fmt: skip
-    return model, planner
+    return _planned_model(budget_gib, layers=4)
 
 
 def _mixed_budget(tokens: int) -> float:

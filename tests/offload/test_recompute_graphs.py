@@ -155,14 +155,19 @@ class _EagerGraphs(RecomputeGraphs):
         return _EagerReplay(body, scope)
 
 
-def _cpu_model(graphs: bool):
-    torch.manual_seed(0)
-    model = setup_model(tiny_model("llama"), {"lora_r": 4}, checkpointing="recompute")
+def _lora_b_away_from_zero(model) -> None:
+    """B away from zero, so the LoRA branch and dA matter."""
     with torch.no_grad():
         generator = torch.Generator().manual_seed(3)
         for name, param in sorted(model.named_parameters()):
             if "lora_B" in name:
                 param.copy_(0.05 * torch.randn(param.shape, generator=generator))
+
+
+def _cpu_model(graphs: bool):
+    torch.manual_seed(0)
+    model = setup_model(tiny_model("llama"), {"lora_r": 4}, checkpointing="recompute")
+    _lora_b_away_from_zero(model)
     if graphs:
         checkpoint_function(model).graphs = _EagerGraphs()
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
@@ -379,11 +384,7 @@ def _planned_cpu_model(graphs: bool, budget_gib: float):
     torch.manual_seed(0)
     model = tiny_model("llama", num_hidden_layers=4)
     model = setup_model(model, {"lora_r": 4, "memory_budget_gib": budget_gib}, checkpointing="auto")
-    with torch.no_grad():
-        generator = torch.Generator().manual_seed(3)
-        for name, param in sorted(model.named_parameters()):
-            if "lora_B" in name:
-                param.copy_(0.05 * torch.randn(param.shape, generator=generator))
+    _lora_b_away_from_zero(model)
     if graphs:
         layer_plan_holder(model).recompute_graphs = _EagerGraphs()
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
