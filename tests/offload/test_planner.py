@@ -365,10 +365,8 @@ def test_trainer_with_checkpointing_gets_the_planner_and_logs_its_plan(tmp_path)
 # ----------------------------------------------------------------------------------------------
 # On the GPU (run by the lead on the device machine)
 # ----------------------------------------------------------------------------------------------
-def _gpu_cpt_model(budget_gib: float | None, layers: int = 6):
+def gpu_base_model(layers: int = 6):
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from cpt_plugin import setup_model
 
     config = LlamaConfig(
         hidden_size=1024, intermediate_size=4096, num_hidden_layers=layers, num_attention_heads=16,
@@ -378,6 +376,13 @@ def _gpu_cpt_model(budget_gib: float | None, layers: int = 6):
     with torch.device("cuda"):
         model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.train()
+    return model
+
+
+def _gpu_cpt_model(budget_gib: float | None, layers: int = 6):
+    from cpt_plugin import setup_model
+
+    model = gpu_base_model(layers)
     model = setup_model(model, {"lora_r": 32, "memory_budget_gib": budget_gib}, checkpointing="auto")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     return model, optimizer, find_planner(model)

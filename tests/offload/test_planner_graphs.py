@@ -124,7 +124,7 @@ def test_an_eager_plan_that_keeps_more_layers_beats_a_graphed_one_at_the_measure
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_a_graphed_mixed_plan_gives_the_eager_losses_and_its_pool_is_counted(monkeypatch) -> None:
     from cpt_plugin import setup_model
-    from tests.offload.test_planner import _gpu_cpt_model, _gpu_step
+    from tests.offload.test_planner import _gpu_cpt_model, _gpu_step, gpu_base_model
 
     monkeypatch.setattr("cpt_plugin.offload.planner.TIME_GRAPHED_GAIN", 0.9)  # graphed plans win
     generator = torch.Generator().manual_seed(5)
@@ -140,7 +140,7 @@ def test_a_graphed_mixed_plan_gives_the_eager_losses_and_its_pool_is_counted(mon
     for graphs in (False, True):
         import cpt_plugin.offload.planner as planner_module
 
-        model = _gpu_base_model()
+        model = gpu_base_model()
         model = setup_model(
             model,
             {"lora_r": 32, "memory_budget_gib": budget_gib, "cuda_graphs": graphs},
@@ -163,17 +163,3 @@ def test_a_graphed_mixed_plan_gives_the_eager_losses_and_its_pool_is_counted(mon
         gc.collect()
         torch.cuda.empty_cache()
     torch.testing.assert_close(losses[True], losses[False], rtol=2e-3, atol=0)
-
-
-def _gpu_base_model():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        hidden_size=1024, intermediate_size=4096, num_hidden_layers=6, num_attention_heads=16,
-        num_key_value_heads=4, vocab_size=32000, max_position_embeddings=8192, use_cache=False,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
-    model.train()
-    return model
