@@ -157,9 +157,10 @@ STATIC_REPLAN_FRACTION = 0.02  # re-plan when static memory moved by this fracti
 # Relative step time of one layer (forward 1, backward 2); see the module doc.
 TIME_KEEP, TIME_RECOMPUTE, TIME_OFFLOAD = 3.0, 4.0, 4.05
 TIME_TILED_KEPT, TIME_TILED_SKIPPED = 0.6, 0.05
-# A checkpointed layer replaying its CUDA graphs (recompute_graphs.py): measured on the H200 at Llama-1B
-# 4 x 2048 (2026-12-02), an offloaded layer took 2.33 ms more than a kept one eagerly and 1.99 ms with
-# graphs, where 1.05 units are 2.33 ms: 0.15 units less
+# A checkpointed layer replaying its CUDA graphs (recompute_graphs.py, ``cuda_graphs: true`` with auto):
+# from the fifteenth session's H200 medians at Llama-1B 4 x 2048 (16 layers kept 111.7 ms, offloaded
+# 149.2 ms eagerly and 143.5 ms graphed; several calls), an offload costs 2.33 ms more than a keep eagerly
+# (1.05 units) and 1.99 ms graphed: 0.15 units less. A mixed 8 GiB plan measured no gain (BENCHMARKS.md).
 TIME_GRAPHED_GAIN = 0.15
 TILINGS = ("none", "checkpointed", "all")
 
