@@ -28,8 +28,9 @@ layers share one pool whose size is one layer's recompute and backward (what an 
 its peak), not sixteen; the static tensors (input, output gradient, input gradient, the parameters'
 gradients) are shared by the layers of one signature. The pool stays reserved between steps: the
 forward and the loss cannot use it (``peak_reserved`` shows it; ``memory_allocated`` does not). What the
-captures add to the reserved memory is kept as ``pool_bytes`` (and per token), which the planner counts
-in its plans (``gradient_checkpointing: auto``).
+captures add to the reserved memory is kept as ``pool_bytes`` (and per token). With ``auto`` and
+``cuda_graphs: true`` the planner counts the pool: its own estimate, raised by this reading where larger
+(a capture that reuses cached memory reads 0).
 
 Never a silent wrong answer: a layer with dropout, a forward that parked its attention for a replay
 (``attention_replay``), another signature than the captured one, parameters with gradient hooks,
