@@ -100,13 +100,8 @@ def memory_plan(model: Any) -> dict[str, Any] | None:
         "calibrated": planner.calibrated,
         # the checkpointed layers' CUDA graphs' pool: reserved, not allocated, so the measured allocated
         # peak plus this is what the prediction (which counts it) is compared with
-        "graph_pool_gib": _graph_pool_bytes(planner) / 2**30,
+        "graph_pool_gib": getattr(planner, "graph_pool_bytes", 0.0) / 2**30,
     }
-
-
-def _graph_pool_bytes(planner: Any) -> float:
-    """The checkpointed layers' CUDA graphs' pool the plan counts (cuda_graphs: true with auto)."""
-    return float(getattr(planner, "_pool_planned", 0.0) or 0.0)
 
 
 def run_train(args: dict[str, Any]) -> dict[str, Any]:

@@ -742,6 +742,11 @@ class MemoryPlanner:
         # it only ever raises the estimate
         return max(graph_pool_estimate(self.costs), graphs.pool_bytes_per_token or 0.0)
 
+    @property
+    def graph_pool_bytes(self) -> float:
+        """The CUDA graphs' pool the current plan counts (0: no graphs, or every layer kept)."""
+        return self._pool_planned
+
     def _graph_pool_moved(self, budget: float) -> bool:
         """Whether the graphs' pool per token (measured at the captures, or graphs turned off) moved
         since the plan was chosen by more than ``STATIC_REPLAN_FRACTION`` of the budget."""
