@@ -333,3 +333,43 @@ def test_recompute_skips_the_down_projection_only_where_its_output_is_unused(fam
     assert_same_grads(got_grads, want_grads, rtol=1e-4, atol=1e-6)
     residual_only = not family.startswith("gemma")
     assert skips == [False, False] + [residual_only] * 2  # two forwards, then two recomputes
+
+
+@pytest.mark.parametrize("mode", ["off", "recompute", "offload"])
+def test_kept_lora_casts_train_exactly_like_fresh_casts(mode, monkeypatch):
+    """Three AdamW steps under bf16 autocast (the Trainer's set-up), the factors' casts kept between calls
+    against cast anew each call: bitwise the same parameters. Kept casts exist only where the layer keeps
+    its activations (a checkpointed layer would carry them past its forward)."""
+    from cpt_plugin.kernels.lora import LoraProjection
+    from cpt_plugin.offload.checkpointing import enable_checkpointing
+    from cpt_plugin.patching import lora as patching_lora
+
+    def train(keep: bool) -> tuple[dict[str, torch.Tensor], int]:
+        if not keep:
+            monkeypatch.setattr(patching_lora, "keep_casts", lambda: False)
+        model = _setup("llama", _config(kernels=True), num_hidden_layers=2)
+        if mode != "off":
+            enable_checkpointing(model, mode, _simulate_offload=mode == "offload")
+        trained = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trained, lr=1e-2)
+        for step in range(3):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(**batch(seed=step, shape=(2, 9))).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        monkeypatch.undo()
+        sites = sum(
+            len(v.kept_casts)
+            for m in model.modules()
+            for v in m.__dict__.values()
+            if isinstance(v, LoraProjection)
+        )
+        return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}, sites
+
+    want, no_sites = train(keep=False)
+    got, sites = train(keep=True)
+    assert no_sites == 0
+    assert sites == (6 if mode == "off" else 0)  # 2 layers x (q/k/v, o, MLP)
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value, rtol=0, atol=0, msg=name)
