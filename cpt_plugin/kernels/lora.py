@@ -286,8 +286,6 @@ class _LoraGroup(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grad_outs):
         x2, a_stack, xa_all, *bs = ctx.saved_tensors
-        if ctx.lease is not None:
-            ctx.lease.release()  # the saved casts are read; a refresh in place may follow
         base: _FrozenBase = ctx.base
         dtype, x_shape, x_dtype, ranks, param_dtypes = ctx.meta
         need = ctx.needs_input_grad
@@ -410,8 +408,6 @@ class _LoraGatedMLP(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x2, gate, up, xa_gu, ha_down, a_gu, a_down, b_gate, b_up, b_down = ctx.saved_tensors
-        if ctx.lease is not None:
-            ctx.lease.release()  # the saved casts are unpacked; a refresh in place may follow
         base: _FrozenBase = ctx.base
         kept_hidden, ctx.kept_hidden = ctx.kept_hidden, None
         gelu, dtype, x_shape, x_dtype, ranks_gu, param_dtypes = ctx.meta

@@ -10,9 +10,10 @@ When a kept cast is stale: any factor's ``_version`` or storage moved (in-place 
 or any ``torch.optim`` optimizer stepped since (a global step hook: optimizers that write through
 ``param.data``, or through a raw pointer like bitsandbytes' 8-bit ones, bump no version).
 
-Never a wrong answer from a refresh in place: the buffer is rewritten only while no autograd graph still
-needs it (each call that saved it holds a lease until its backward ran). Otherwise (a second forward
-before the first one's backward) the refresh writes a new buffer, as without the cache. Inside a CUDA-graph capture nothing is kept: a captured graph must cast what its replay reads.
+Never a wrong answer from a refresh in place: the buffer is rewritten only while no autograd graph holds
+it (each call that saved it holds a lease until its graph is freed). Otherwise (a second forward before the
+first one's backward, a graph kept alive by the caller) the refresh writes a new buffer, as without the
+cache. Inside a CUDA-graph capture nothing is kept: a captured graph must cast what its replay reads.
 """
 
 from __future__ import annotations
@@ -102,27 +103,16 @@ class CastSite:
 
 
 class Lease:
-    """Held by a call's autograd context until its backward has run (or its graph is freed without one):
-    until then the graph may still read the site's buffer.
-
-    Released at the first backward, not only when the graph is freed: a training loop's previous step
-    still holds its graph while the next forward runs (``loss = model(...)`` replaces it afterwards). A
-    second backward of a retained graph after the buffer was refreshed fails autograd's version check of
-    the saved casts (an error, never stale numbers)."""
+    """Held by a call's autograd context while its graph may still read the site's buffer."""
 
     __slots__ = ("site",)
 
     def __init__(self, site: CastSite) -> None:
-        self.site: CastSite | None = site
+        self.site = site
         site.leases += 1
 
-    def release(self) -> None:
-        if self.site is not None:
-            self.site.leases -= 1
-            self.site = None
-
     def __del__(self) -> None:
-        self.release()
+        self.site.leases -= 1
 
 
 def _cast_into_new_buffer(groups: FactorGroups, dtype: torch.dtype) -> tuple[list, CastGroups]:
