@@ -229,7 +229,6 @@ def measure(model: Any, modes: Sequence[str], tokens: int, seed: int = 0, tiled_
     """Live bytes of one forward + backward of ``tokens`` tokens with each layer in its mode of ``modes``;
     ``tiled_chunk`` > 0: every MLP tiled in chunks of that many tokens."""
     from cpt_plugin.kernels import fused_linear_cross_entropy as flce
-    from cpt_plugin.kernels.lora_casts import release_kept_casts
     from cpt_plugin.offload import checkpointing
     from cpt_plugin.offload.checkpointing import LayerPlan, decoder_layers, enable_layer_plan
     from cpt_plugin.offload.tiled_mlp import set_tiled_layers
@@ -244,7 +243,6 @@ def measure(model: Any, modes: Sequence[str], tokens: int, seed: int = 0, tiled_
     ids = torch.randint(0, model.config.vocab_size, (1, tokens), generator=generator)
     for param in model.parameters():
         param.grad = None
-    release_kept_casts()  # each count a first step: the LoRA casts a kept layer keeps are cast in it
     # the loss' logits chunk: fixed-size as on the GPU (512 rows there), not the whole short batch
     chunk = mock.patch.object(flce, "CPU_CHUNK_BYTES", CHUNK_ROWS * model.config.vocab_size * 2)
     # the recompute's report to the planner reads this counter instead of the CUDA allocator

@@ -4,9 +4,8 @@ Why: PEFT's LoRA layers cast the 16-bit activation to the fp32 LoRA weight dtype
 for each matmul, the scaled LoRA product is added in separate kernels, and backward casts the gradients
 again: about 28% of a CPT step's GPU time on Llama-1B shapes went to those copies. Here:
 
-* the fp32 LoRA factors are cast to the compute dtype once per call, all of a call's factors in one copy
-  (or, with ``keep_casts``, kept between calls while the factors are unchanged: ``lora_casts.py``), and
-  the activation is never cast when it already has the compute dtype;
+* the fp32 LoRA factors are cast to the compute dtype once per call (``A`` as is, ``B`` pre-multiplied by
+  the scale), the activation is never cast when it already has the compute dtype;
 * the LoRA product is accumulated into the base output by one ``addmm`` (no separate scale or add pass);
 * backward forms dX from the base and the LoRA path in one buffer (``addmm_``), and dA, dB from the
   saved 16-bit activation and the small ``x A^T`` (tokens x r), so no fp32 copy of an activation exists;
@@ -28,12 +27,11 @@ PyTorch autograd, for tests.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from cpt_plugin.kernels.lora_casts import KeptCasts, Lease, cast_factors
 from cpt_plugin.kernels.swiglu import geglu_reference, glu_backward, glu_forward, swiglu_reference
 
 Dequantize = Callable[[torch.dtype], torch.Tensor]
@@ -58,8 +56,6 @@ class LoraProjection:
     lora_b: torch.Tensor
     scale: float
     dequantize: Dequantize | None = None  # 4-bit base: returns the weight in the requested dtype
-    # where the fused calls this projection starts keep their factors' cast (lora_casts.py)
-    kept_casts: KeptCasts = field(default_factory=KeptCasts, compare=False, repr=False)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -70,6 +66,38 @@ def _base_weight(weight: torch.Tensor, dequantize: Dequantize | None, dtype: tor
     if dequantize is not None:
         return dequantize(dtype)
     return weight if weight.dtype == dtype else weight.to(dtype)
+
+
+def _cast_factors(
+    groups: Sequence[tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]]], dtype: torch.dtype
+) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
+    """Per group of (A factors, B factors): (its A factors stacked as one (sum r) x in matrix, its Bs),
+    all in the compute dtype.
+
+    Why one buffer: every cast is an allocation and a launch, and a launch-bound forward waits on the
+    host. All factors of the call (the MLP's three projections, say) are copied into one buffer by one
+    ``_foreach_copy_`` (one kernel on CUDA), each group's A's first and next to each other, so a group's
+    stacked A (its shared ``x A^T`` GEMM) is a view, not a ``cat``."""
+    factors = [f for lora_as, lora_bs in groups for f in (*lora_as, *lora_bs)]
+    if all(f.dtype == dtype for f in factors):
+        return [
+            (lora_as[0] if len(lora_as) == 1 else torch.cat(list(lora_as)), list(lora_bs))
+            for lora_as, lora_bs in groups
+        ]
+    numels = [f.numel() for f in factors]
+    flat = torch.empty(sum(numels), dtype=dtype, device=factors[0].device)
+    casts = [part.view(f.shape) for part, f in zip(flat.split(numels), factors, strict=True)]
+    torch._foreach_copy_(casts, factors)
+    out = []
+    start = index = 0
+    for lora_as, lora_bs in groups:
+        n_a = sum(numels[index : index + len(lora_as)])
+        a_stack = flat[start : start + n_a].view(-1, lora_as[0].shape[1])
+        index += len(lora_as)
+        out.append((a_stack, casts[index : index + len(lora_bs)]))
+        start += n_a + sum(numels[index : index + len(lora_bs)])
+        index += len(lora_bs)
+    return out
 
 
 _ZEROS: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
@@ -237,10 +265,9 @@ class _FrozenBase:
     biases: tuple[torch.Tensor | None, ...]
     scales: tuple[float, ...]
     dequantizers: tuple[Dequantize | None, ...]
-    keep: dict | None = None  # where the factors' cast is kept between calls (None: cast anew)
 
 
-def _frozen_base(projections: Sequence[LoraProjection], keep_casts: bool = False) -> _FrozenBase:
+def _frozen_base(projections: Sequence[LoraProjection]) -> _FrozenBase:
     """The projections' base tensors; a trained base weight or bias has no gradient here, so it is refused."""
     for p in projections:
         if p.weight.requires_grad or (p.bias is not None and p.bias.requires_grad):
@@ -253,7 +280,6 @@ def _frozen_base(projections: Sequence[LoraProjection], keep_casts: bool = False
         tuple(p.bias for p in projections),
         tuple(p.scale for p in projections),
         tuple(p.dequantize for p in projections),
-        projections[0].kept_casts if keep_casts else None,
     )
 
 
@@ -273,12 +299,11 @@ class _LoraGroup(torch.autograd.Function):
         lora_as, lora_bs = factors[0::2], factors[1::2]
         ranks = [a.shape[0] for a in lora_as]
         with _no_autocast(x.device.type):
-            ((a_stack, bs),), site = cast_factors([(lora_as, lora_bs)], dtype, base.keep)
+            ((a_stack, bs),) = _cast_factors([(lora_as, lora_bs)], dtype)
             outs, xa_all = _group_forward(
                 x2, base.weights, base.biases, a_stack, bs, ranks, base.scales, base.dequantizers, dtype
             )
         ctx.save_for_backward(x2, a_stack, xa_all, *bs)
-        ctx.lease = None if site is None else Lease(site)  # while this graph may read the kept cast
         ctx.base = base  # frozen parameters: held, not saved (no saved-tensor hooks, no version checks)
         ctx.meta = (dtype, x.shape, x.dtype, ranks, (lora_as[0].dtype, lora_bs[0].dtype))
         return tuple(out.view(*x.shape[:-1], out.shape[-1]) for out in outs)
@@ -314,15 +339,10 @@ class _LoraGroup(torch.autograd.Function):
         return (dx, None, None, *grads)
 
 
-def lora_linear(x: torch.Tensor, projection: LoraProjection, keep_casts: bool = False) -> torch.Tensor:
-    """``x W^T + b + s (x A^T) B^T`` in the compute dtype (see module doc), with a fused backward.
-
-    ``keep_casts``: keep the factors' cast on the projection between calls (``lora_casts.py``); for a
-    training forward whose saved tensors live until backward anyway, not for a checkpointed layer, whose
-    casts would then outlive its forward."""
+def lora_linear(x: torch.Tensor, projection: LoraProjection) -> torch.Tensor:
+    """``x W^T + b + s (x A^T) B^T`` in the compute dtype (see module doc), with a fused backward."""
     projections = (projection,)
-    base = _frozen_base(projections, keep_casts)
-    return _LoraGroup.apply(x, base, compute_dtype(x), *_factors(projections))[0]
+    return _LoraGroup.apply(x, _frozen_base(projections), compute_dtype(x), *_factors(projections))[0]
 
 
 def lora_linear_reference(x: torch.Tensor, projection: LoraProjection) -> torch.Tensor:
@@ -339,13 +359,9 @@ def lora_linear_reference(x: torch.Tensor, projection: LoraProjection) -> torch.
         return out + lora * p.scale
 
 
-def lora_grouped_linear(
-    x: torch.Tensor, projections: Sequence[LoraProjection], keep_casts: bool = False
-) -> tuple[torch.Tensor, ...]:
-    """Several LoRA projections of the same input (q, k, v): one ``x A^T``, dX formed in one buffer
-    (``keep_casts``: see :func:`lora_linear`)."""
-    base = _frozen_base(projections, keep_casts)
-    return _LoraGroup.apply(x, base, compute_dtype(x), *_factors(projections))
+def lora_grouped_linear(x: torch.Tensor, projections: Sequence[LoraProjection]) -> tuple[torch.Tensor, ...]:
+    """Several LoRA projections of the same input (q, k, v): one ``x A^T``, dX formed in one buffer."""
+    return _LoraGroup.apply(x, _frozen_base(projections), compute_dtype(x), *_factors(projections))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -361,10 +377,9 @@ class _LoraGatedMLP(torch.autograd.Function):
         w_gate, w_up, w_down = base.weights
         with _no_autocast(x.device.type):
             # one cast for all six factors; gate and up share their input: one stacked A, one x A^T GEMM
-            ((a_gu, (bc_gate, bc_up)), (ac_down, (bc_down,))), site = cast_factors(
-                [((a_gate, a_up), (b_gate, b_up)), ((a_down,), (b_down,))], dtype, base.keep
+            (a_gu, (bc_gate, bc_up)), (ac_down, (bc_down,)) = _cast_factors(
+                [((a_gate, a_up), (b_gate, b_up)), ((a_down,), (b_down,))], dtype
             )
-            ctx.lease = None if site is None else Lease(site)  # while this graph may read the kept cast
             (gate, up), xa_gu = _group_forward(
                 x2,
                 (w_gate, w_up),
@@ -474,20 +489,19 @@ def lora_gated_mlp(
     down: LoraProjection,
     activation: str = "swiglu",
     skip_output: bool = False,
-    keep_casts: bool = False,
 ) -> torch.Tensor:
     """``down(act(gate(x)) * up(x))`` for three LoRA projections; ``activation`` "swiglu" or "geglu".
 
     ``skip_output``: in a checkpoint recompute whose MLP output only feeds the discarded layer output, compute
     just the tensors backward needs (the down projection's base matmul, a third of the MLP, is skipped) and
-    return zeros. ``keep_casts``: see :func:`lora_linear`."""
+    return zeros."""
     if activation not in ("swiglu", "geglu"):
         raise ValueError(f"activation must be 'swiglu' or 'geglu', got {activation!r}")
     projections = (gate, up, down)
     return _LoraGatedMLP.apply(
         x,
         activation == "geglu",
-        _frozen_base(projections, keep_casts),
+        _frozen_base(projections),
         compute_dtype(x),
         skip_output,
         *_factors(projections),

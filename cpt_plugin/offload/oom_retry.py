@@ -32,7 +32,6 @@ from typing import Any
 
 import torch
 
-from cpt_plugin.kernels.lora_casts import release_kept_casts
 from cpt_plugin.offload.planner import MemoryPlanner, distributed_world, find_planner
 
 logger = logging.getLogger(__name__)
@@ -48,7 +47,6 @@ def _grad_mark(param: torch.Tensor) -> tuple[int, int, int] | None:
 
 
 def _free_device_memory() -> None:
-    release_kept_casts()  # the LoRA factors' kept casts: cast anew by the retry
     gc.collect()  # the failed attempt's graph sits in reference cycles of the traceback's frames
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

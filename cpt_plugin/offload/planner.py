@@ -133,7 +133,6 @@ from typing import Any
 
 import torch
 
-from cpt_plugin.kernels.lora_casts import release_kept_casts
 from cpt_plugin.offload.checkpointing import (
     HOST_RESERVE_BYTES,
     LATE_FETCH_BYTES,
@@ -790,8 +789,6 @@ class MemoryPlanner:
             module.cpt_loss_chunk_bytes = chunk
 
     def _apply(self, plan: LayerPlan) -> None:
-        if plan != self.plan:  # a layer now checkpointed must not carry its kept LoRA cast
-            release_kept_casts()
         self.plan = plan
         if self.holder is not None:
             self.holder.plan = plan

@@ -57,7 +57,7 @@ class ProjectionGroup:
             projections = [projection_of(layer) for layer in self.layers]
             if any(p is None for p in projections):
                 return None
-            first, *others = lora_grouped_linear(x, projections, keep_casts=keep_casts())
+            first, *others = lora_grouped_linear(x, projections)
             self._input, self._pending = x, [None, *others]
             return first
         if self._input is not x or index >= len(self._pending) or self._pending[index] is None:
@@ -200,20 +200,6 @@ def _projection_from_properties(layer: nn.Module) -> LoraProjection | None:
     )
 
 
-def keep_casts() -> bool:
-    """Whether a fused call now keeps its factors' cast between calls (kernels/lora_casts.py).
-
-    Yes in a training forward: its graph saves the cast until backward anyway, and the next forward
-    (after an optimizer step: refreshed in place) skips the allocation and views. No without grad (an
-    evaluation, or a checkpointed layer's first forward) and in a checkpoint's recompute: there the cast
-    would outlive the layer's forward and add to the peak the checkpointing exists to lower."""
-    if not torch.is_grad_enabled():
-        return False
-    from cpt_plugin.offload.checkpointing import in_recompute
-
-    return not in_recompute()
-
-
 def _make_forward(original: Any) -> Any:
     @functools.wraps(original)
     def forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -227,7 +213,7 @@ def _make_forward(original: Any) -> Any:
         projection = projection_of(self)
         if projection is None:
             return original(self, x, *args, **kwargs)
-        return lora_linear(x, projection, keep_casts=keep_casts())
+        return lora_linear(x, projection)
 
     forward.__cpt_patched__ = True  # type: ignore[attr-defined]
     return forward
@@ -326,4 +312,4 @@ def fused_gated_mlp(
     from cpt_plugin.offload.checkpointing import in_recompute
 
     skip = residual_only and in_recompute()
-    return lora_gated_mlp(x, *projections, activation=activation, skip_output=skip, keep_casts=keep_casts())
+    return lora_gated_mlp(x, *projections, activation=activation, skip_output=skip)
