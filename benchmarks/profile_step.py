@@ -210,6 +210,44 @@ def idle_gaps(intervals: list[tuple[float, float, str]], steps: int, top: int = 
     }
 
 
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm")
+
+
+def gemm_shapes(prof: Any, steps: int, top: int = 25) -> list[dict[str, Any]]:
+    """The matrix products of a profile recorded with shapes, by (op, M, K, N): calls and device time per
+    step and the TFLOP/s they ran at, largest time first. Says which projection's GEMM is slow (the
+    kernel names alone do not carry their shapes)."""
+    rows = []
+    for avg in prof.key_averages(group_by_input_shape=True):
+        if avg.key not in GEMM_OPS or not avg.input_shapes:
+            continue
+        shapes = [s for s in avg.input_shapes if isinstance(s, list) and len(s) >= 2]
+        if len(shapes) < 2:
+            continue
+        (*batch_a, m, k), (*_, k2, n) = shapes[-2], shapes[-1]
+        batches = 1
+        for b in batch_a:
+            batches *= b
+        device_us = float(
+            getattr(avg, "self_device_time_total", 0.0) or getattr(avg, "device_time_total", 0.0)
+        )
+        flops = 2.0 * batches * m * k * n * avg.count
+        rows.append(
+            {
+                "op": avg.key,
+                "m": m,
+                "k": k,
+                "n": n,
+                "batch": batches,
+                "calls_per_step": avg.count / steps,
+                "device_ms_per_step": device_us / 1e3 / steps,
+                "tflops": flops / (device_us * 1e6) if device_us else None,
+                "k_matches": k == k2,
+            }
+        )
+    return sorted(rows, key=lambda r: r["device_ms_per_step"], reverse=True)[:top]
+
+
 def summarize(prof: Any, steps: int, cuda: bool) -> dict[str, Any]:
     """Top kernels by device time and the dtype-copy ops' counts and shares, from a finished profile."""
     from torch.autograd import DeviceType
@@ -308,6 +346,20 @@ def render_text(system: str, summary: dict[str, Any]) -> str:
     if phases:
         lines += ["", "## phases (each started on an idle device): host ms / wall ms per step"]
         lines += [f"{name:<10} {p['host_ms']:8.1f} / {p['wall_ms']:8.1f}" for name, p in phases.items()]
+    gemms = summary.get("gemms")
+    if gemms:
+        lines += [
+            "",
+            "## matrix products by shape (one more step, profiled with shapes): M x K @ K x N",
+            f"{'op':<13} {'M':>6} {'K':>6} {'N':>6} {'calls':>6} {'ms/step':>8} {'TFLOP/s':>8}",
+        ]
+        for g in gemms:
+            rate = f"{g['tflops']:8.0f}" if g["tflops"] is not None else "       –"
+            batch = f" (x{g['batch']})" if g["batch"] > 1 else ""
+            lines.append(
+                f"{g['op']:<13} {g['m']:>6} {g['k']:>6} {g['n']:>6} {g['calls_per_step']:6.0f} "
+                f"{g['device_ms_per_step']:8.2f} {rate}{batch}"
+            )
     lines += ["", "## key_averages", summary["table"]]
     return "\n".join(lines) + "\n"
 
@@ -364,8 +416,16 @@ def run_profile(args: dict[str, Any]) -> dict[str, Any]:
         for i in range(warmup, warmup + steps):
             step(i)
         synchronize(device)
-    hotspots = python_hotspots(step, warmup + steps)  # after torch.profiler: both hook the interpreter
-    summary = {**summarize(prof, steps, cuda), "host": host, "phases": phases}
+    with profile(activities=activities, record_shapes=True) as shaped:  # its own step: shapes cost host time
+        step(warmup + steps)
+        synchronize(device)
+    hotspots = python_hotspots(step, warmup + steps + 1)  # after torch.profiler: both hook the interpreter
+    summary = {
+        **summarize(prof, steps, cuda),
+        "host": host,
+        "phases": phases,
+        "gemms": gemm_shapes(shaped, 1),
+    }
     out = Path(args["out"])
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{system}_profile.txt").write_text(render_text(system, summary))

@@ -755,6 +755,10 @@ def test_profile_step_writes_the_kernel_table_and_copy_counts(tmp_path):
     assert all(0 < p["host_ms"] <= p["wall_ms"] for p in phases.values())
     hotspots = (tmp_path / "hf_python.txt").read_text()
     assert "thread" in hotspots and "tottime" in hotspots
+    gemms = json.loads((tmp_path / "hf_profile.json").read_text())["gemms"]
+    # the tokens (1 x 16) are the projections' M; each row's K is the same on both operands
+    assert any(g["op"] in ("aten::mm", "aten::addmm") and g["m"] == 16 for g in gemms)
+    assert all(g["k_matches"] for g in gemms) and "matrix products by shape" in text
 
 
 def test_export_time_run_is_the_cpt_recipe_and_exports(tmp_path):
