@@ -221,10 +221,12 @@ def gemm_shapes(prof: Any, steps: int, top: int = 25) -> list[dict[str, Any]]:
     for avg in prof.key_averages(group_by_input_shape=True):
         if avg.key not in GEMM_OPS or not avg.input_shapes:
             continue
-        shapes = [s for s in avg.input_shapes if isinstance(s, list) and len(s) >= 2]
-        if len(shapes) < 2:
+        # the two factors: mm(a, b[, out]), bmm(a, b[, out]); addmm(self, a, b[, out]), baddbmm likewise
+        first = 1 if avg.key in ("aten::addmm", "aten::addmm_", "aten::baddbmm") else 0
+        shapes = list(avg.input_shapes)[first : first + 2]
+        if len(shapes) < 2 or not all(isinstance(s, list) and len(s) >= 2 for s in shapes):
             continue
-        (*batch_a, m, k), (*_, k2, n) = shapes[-2], shapes[-1]
+        (*batch_a, m, k), (*_, k2, n) = shapes
         batches = 1
         for b in batch_a:
             batches *= b

@@ -940,3 +940,29 @@ def test_host_breakdown_stack_timer_splits_inclusive_and_self_time():
     assert inner_own == pytest.approx(inner_inclusive)
     assert inclusive == pytest.approx(own + inner_inclusive, abs=1e-4)
     assert 0.009 < own < 0.05 and inner_inclusive >= 0.04  # sleeps never return early
+
+
+def test_gemm_shapes_reads_the_factors_whatever_the_op_and_out():
+    from types import SimpleNamespace
+
+    from benchmarks.profile_step import gemm_shapes
+
+    def avg(key, shapes, us):
+        return SimpleNamespace(key=key, input_shapes=shapes, count=2, self_device_time_total=us)
+
+    profile = SimpleNamespace(
+        key_averages=lambda group_by_input_shape: [
+            avg("aten::mm", [[8, 4], [4, 6], [8, 6]], 10.0),  # mm(a, b, out=c)
+            avg("aten::addmm", [[8, 6], [8, 4], [4, 6]], 30.0),  # addmm(self, a, b)
+            avg("aten::addmm_", [[8, 6], [8, 4], [4, 6], []], 20.0),
+            avg("aten::add", [[8, 6], [8, 6]], 99.0),  # not a matrix product
+        ]
+    )
+    rows = gemm_shapes(profile, steps=2)
+    assert [(r["op"], r["m"], r["k"], r["n"]) for r in rows] == [
+        ("aten::addmm", 8, 4, 6),
+        ("aten::addmm_", 8, 4, 6),
+        ("aten::mm", 8, 4, 6),
+    ]
+    assert all(r["k_matches"] and r["calls_per_step"] == 1 for r in rows)
+    assert rows[0]["tflops"] == pytest.approx(2 * 8 * 4 * 6 * 2 / (30.0 * 1e6))
