@@ -6,7 +6,8 @@
 Each system runs in its own process (the harness's worker, mode ``profile``), builds exactly what
 ``benchmarks.run`` measures, trains ``--warmup`` steps, then profiles ``--steps`` steps. Writes per system
 DIR/<system>_profile.txt (the top-30 GPU kernels by time, the dtype-copy ops, and
-``key_averages().table(sort_by="cuda_time_total")``, host vs wall time per step and per phase) and
+``key_averages().table(sort_by="cuda_time_total")``, host vs wall time per step and per phase, and the
+matrix products by M x K -> N with their TFLOP/s from one more step profiled with shapes) and
 DIR/<system>_profile.json, DIR/<system>_python.txt (cProfile of one step on the caller's and the autograd
 engine's thread: where the host's time goes); DIR/profile.json holds
 every system's summary. The dtype-copy ops are aten::copy_, aten::to and aten::_to_copy: their counts per
