@@ -101,6 +101,21 @@ def memory_plan(model: Any) -> dict[str, Any] | None:
         # the checkpointed layers' CUDA graphs' pool: reserved, not allocated, so the measured allocated
         # peak plus this is what the prediction (which counts it) is compared with
         "graph_pool_gib": getattr(planner, "graph_pool_bytes", 0.0) / 2**30,
+        # what the prediction is made of: the static part it planned with, and the last probe it was
+        # calibrated on (its measured peak, static part, modelled activations and per-token correction)
+        "static_planned_gib": getattr(planner, "static_planned_bytes", 0.0) / 2**30,
+        "probe": _probe_in_gib(getattr(planner, "last_probe", None)),
+    }
+
+
+def _probe_in_gib(probe: dict[str, Any] | None) -> dict[str, Any] | None:
+    if probe is None:
+        return None
+    return {
+        (k.removesuffix("_bytes") + "_gib" if k.endswith("_bytes") else k): (
+            v / 2**30 if k.endswith("_bytes") else v
+        )
+        for k, v in probe.items()
     }
 
 

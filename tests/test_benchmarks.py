@@ -896,6 +896,19 @@ def test_worker_records_no_plan_for_a_model_without_a_planner():
     assert memory_plan(torch.nn.Linear(2, 2)) is None
 
 
+def test_worker_reports_the_probe_the_plan_was_calibrated_on_in_gib():
+    from benchmarks.worker import _probe_in_gib
+
+    probe = {"tokens": 8192, "plan": "offload 16", "peak_bytes": 3 * 2**30, "correction_per_token": -12.5}
+    assert _probe_in_gib(probe) == {
+        "tokens": 8192,
+        "plan": "offload 16",
+        "peak_gib": 3.0,
+        "correction_per_token": -12.5,
+    }
+    assert _probe_in_gib(None) is None
+
+
 def test_idle_gaps_count_the_device_waiting_between_compute_kernels():
     """Overlapping kernels are one busy stretch, side-stream copies are not busy, and each idle gap is
     charged to the kernel that ended it."""

@@ -540,6 +540,7 @@ class MemoryPlanner:
         self.calibrated = False
         self.oom_retries = 0
         self._static_planned = 0.0
+        self.last_probe: dict[str, Any] | None = None  # the last probe's numbers (see _finish_probe)
         self._pool_planned = 0.0  # the graphs' pool counted in the plan (bytes)
         self._pool_rate_planned: float | None = None  # its bytes per token the plan was chosen with
         self._static_first: float | None = None
@@ -741,6 +742,11 @@ class MemoryPlanner:
         # the captures' reserved growth can read low (H200: 0 where a capture reused cached memory), so
         # it only ever raises the estimate
         return max(graph_pool_estimate(self.costs), graphs.pool_bytes_per_token or 0.0)
+
+    @property
+    def static_planned_bytes(self) -> float:
+        """The static memory (weights, buffers, optimizer states, every gradient) the plan was made with."""
+        return self._static_planned
 
     @property
     def graph_pool_bytes(self) -> float:
@@ -952,6 +958,15 @@ class MemoryPlanner:
         static_at_peak = probe["static"] + grads_at_peak
         correction = (peak - static_at_peak - modelled) / tokens
         self._calibrated_tokens = tokens
+        # what the calibration was fitted to, for a measured-vs-predicted error to be traced to its term
+        self.last_probe = {
+            "tokens": tokens,
+            "plan": plan.describe(),
+            "peak_bytes": float(peak),
+            "static_bytes": float(static_at_peak),  # weights, buffers, states and the gradients present
+            "modelled_bytes": float(modelled),  # the analytic activations of the probed plan
+            "correction_per_token": float(correction),
+        }
         return [*measured, correction, estimate]
 
     def _costs_with(self, measured: Sequence[float], correction: float) -> LayerCosts:

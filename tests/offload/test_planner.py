@@ -490,6 +490,10 @@ def test_an_all_offload_probe_estimates_keep_from_the_recomputes() -> None:
         planner.layer_recomputed(index, 5_000 * tokens)
     calibration = planner._finish_probe()
     assert calibration is not None and calibration[4] == pytest.approx(5_000)
+    probe = planner.last_probe  # what the calibration was fitted to, reported beside the plan
+    assert probe["tokens"] == tokens and probe["peak_bytes"] == 10_000_000 and "offload 4" in probe["plan"]
+    fitted = probe["static_bytes"] + probe["modelled_bytes"] + probe["correction_per_token"] * tokens
+    assert fitted == pytest.approx(probe["peak_bytes"])
     planner._calibrate(calibration)
     assert planner.costs.keep == pytest.approx(5_000)
     assert "keep" not in planner._measured  # estimated, not measured
