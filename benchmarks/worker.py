@@ -109,14 +109,16 @@ def memory_plan(model: Any) -> dict[str, Any] | None:
 
 
 def _probe_in_gib(probe: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The planner's ``last_probe`` with its byte counts in GiB (``peak_bytes`` -> ``peak_gib``)."""
     if probe is None:
         return None
-    return {
-        (k.removesuffix("_bytes") + "_gib" if k.endswith("_bytes") else k): (
-            v / 2**30 if k.endswith("_bytes") else v
-        )
-        for k, v in probe.items()
-    }
+    out: dict[str, Any] = {}
+    for key, value in probe.items():
+        if key.endswith("_bytes"):
+            out[key.removesuffix("_bytes") + "_gib"] = value / 2**30
+        else:
+            out[key] = value
+    return out
 
 
 def run_train(args: dict[str, Any]) -> dict[str, Any]:
