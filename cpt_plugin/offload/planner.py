@@ -21,8 +21,12 @@ plan is safe):
    the probe starts) read when layer 0's parameters receive their gradients gives the peak.
 3. At the next forward the probe calibrates the model: the measured per-token bytes replace the modelled
    ones for the modes that ran, and an additive per-token correction makes the prediction for the probed
-   plan equal its measured peak (loss transient, backward working set, allocator rounding). Then the plan
-   is chosen again with the normal headroom (5%). A probe measures only the modes its plan ran: when
+   plan equal its measured peak (loss transient, backward working set, allocator rounding). The gradients
+   not yet made when the peak was read (the embedding's, made after the layers' backward: 0.49 GiB at
+   Llama-1B shapes) are left out of later predictions, which the static part would otherwise count on
+   top of the measured peak; a floor keeps every gradient plus the end of backward's hidden states, and
+   once gradients are seen alive at a forward's start (gradient accumulation) every gradient counts
+   again. Then the plan is chosen again with the normal headroom (5%). A probe measures only the modes its plan ran: when
    the new plan keeps or recomputes layers and no probe has measured that mode yet (the first plan offloaded
    every layer, say), the next step is probed too (at most 3 probes per length), and costs measured by an
    earlier probe are kept for modes a later one did not run. A probe that kept no layer still estimates
@@ -59,7 +63,8 @@ adapted projections)::
                                              tiled MLP: max(0, b(3H + 2q + 2kv) - 2Ib)
     L  (the loss at the end of the forward)                     = 8 (fused loss), + V(b + 8) unfused
     peak = static + T · max( sum_i S_i + Hb + L,  max_j [ sum_{i<=j} S_i + R_j·[j checkpointed] + W_j ] )
-           + T · c (calibration) + the tiled MLP's one-chunk transient
+           + T · c (calibration) + the tiled MLP's one-chunk transient - A
+           (A: gradients a probe found absent at its peak; then at least static + 3·T·Hb)
 
 What a kept layer saves, with our kernels: the normed input and the attention block's residual output
 (2H), q, k and v (after RoPE) and SDPA's output (2q + 2kv) with its fp32 log-sum-exp (4 bytes a head),
@@ -153,6 +158,7 @@ DEFAULT_MARGIN_BYTES = GIB  # default budget: free memory - (1 GiB + 5%)
 DEFAULT_MARGIN_FRACTION = 0.05
 STEP_DOWN = 0.85  # after an OOM: plan for this fraction of the failed plan's predicted peak
 STATIC_REPLAN_FRACTION = 0.02  # re-plan when static memory moved by this fraction of the budget
+END_OF_BACKWARD_HIDDEN = 3  # hidden states per token alive while the last gradients are made
 
 # Relative step time of one layer (forward 1, backward 2); see the module doc.
 TIME_KEEP, TIME_RECOMPUTE, TIME_OFFLOAD = 3.0, 4.0, 4.05
@@ -204,6 +210,9 @@ class LayerCosts:
     tile_transient: float  # bytes (not per token): one chunk's MLP working set
     correction: float = 0.0  # c: calibration, per token
     work_tiled: float | None = None  # W of a layer whose MLP runs tiled (None: ``work``)
+    # bytes (not per token) of gradients that a probe found not yet created at its peak (the embedding's,
+    # made after the decoder layers' backward): counted by ``static`` (every gradient), not at the peak
+    absent_grads: float = 0.0
 
     def saved(self, mode: str, tiled: bool) -> float:
         if mode == "keep":
@@ -284,7 +293,15 @@ def predict_peak(
     if graph_pool is not None and any(mode != "keep" for mode in plan.modes):
         per_token += graph_pool
     tile = costs.tile_transient if any(plan.tiled) else 0.0
-    return static + tokens * per_token + tile
+    activations = static - costs.absent_grads + tokens * per_token + tile
+    return max(activations, end_of_backward(costs, tokens, static)) if costs.absent_grads else activations
+
+
+def end_of_backward(costs: LayerCosts, tokens: int, static: float) -> float:
+    """The floor under a prediction that leaves out gradients absent at the activations' peak: once every
+    gradient exists (the embedding's backward), the layers' activations are gone but the incoming hidden
+    gradient and the embedding backward's fp32 partial sums (up to two hidden states) are not."""
+    return static + END_OF_BACKWARD_HIDDEN * tokens * costs.hidden
 
 
 def graph_pool_estimate(costs: LayerCosts) -> float:
@@ -419,13 +436,21 @@ def longest_fitting_tokens(
     more than it saves at short lengths). ``host_bytes`` (host memory free for the offloaded layer inputs)
     bounds it too: each offloaded layer keeps ``hidden_bytes`` per token there until its backward."""
     longest = 0
+    linear = replace(costs, absent_grads=0.0)  # predict_peak is linear without its end-of-backward floor
+    absent = costs.absent_grads
     for tiled in (False, True):
         plan = smallest_plan(layers, can_offload, tiled)
-        at_one = predict_peak(plan, costs, 1, static)
-        per_token = predict_peak(plan, costs, 2, static) - at_one
+        at_one = predict_peak(plan, linear, 1, static - absent)
+        per_token = predict_peak(plan, linear, 2, static - absent) - at_one
         fixed = at_one - per_token
         if per_token > 0 and budget > fixed:
             longest = max(longest, int((budget - fixed) // per_token))
+    if absent and budget > static:  # the floor: every gradient with the end of backward's hidden states
+        floor_per_token = END_OF_BACKWARD_HIDDEN * costs.hidden
+        if floor_per_token > 0:
+            longest = min(longest, int((budget - static) // floor_per_token))
+    elif absent:
+        longest = 0
     if can_offload and host_bytes is not None and hidden_bytes > 0:
         longest = min(longest, int(host_bytes // (layers * hidden_bytes)))
     return max(longest, 0)
@@ -496,6 +521,7 @@ def distributed_world() -> int:
 # The planner attached to a model
 # ----------------------------------------------------------------------------------------------
 _MISSING = -1e30  # "not measured" in the agreed vector (loses every MAX)
+_CALIBRATION_SIZE = 6  # what _finish_probe returns; the last (absent gradients) is agreed with MIN
 MAX_PROBES_PER_LENGTH = 3  # probes at one length when the plan moves to modes no probe measured
 # the LayerCosts field a probe measures for each (mode, tiled) layer kind; offload saves nothing to measure
 _MEASURED_FIELD = {("keep", False): "keep", ("keep", True): "keep_tiled", ("recompute", False): "recompute",
@@ -555,6 +581,8 @@ class MemoryPlanner:
         self._probe: dict[str, Any] | None = None
         self._log: dict[str, float] = {}
         self._grad_bytes = sum(p.numel() * p.element_size() for p in self.trainable)
+        self._present_grads = 0.0  # gradient bytes alive at the last forward start
+        self._grads_persist = False  # seen alive at a forward start: a peak may hold every gradient
         self.device: torch.device | None = None
         self.loss_modules: list[torch.nn.Module] = []  # models whose fused loss takes the chunk budget
         self.loss_chunk_bytes: int | None = None  # None: the loss' default chunk
@@ -594,14 +622,22 @@ class MemoryPlanner:
         calibration = self._finish_probe() if measuring else None
         static = self._static()
         budget = self._budget(x)
-        values = [float(tokens), budget, static, float(seq), *(calibration or [_MISSING] * 5)]
-        tokens_f, budget, static, seq_f, *cal = agree(values, [False, True, False, False] + [False] * 5)
+        values = [float(tokens), budget, static, float(seq), self._present_grads]
+        values += calibration or [_MISSING] * _CALIBRATION_SIZE
+        minimum = [False, True, False, False, False] + [False] * (_CALIBRATION_SIZE - 1) + [True]
+        tokens_f, budget, static, seq_f, present, *cal = agree(values, minimum)
         tokens = int(tokens_f)
+        replan = False
+        if present > 0 and not self._grads_persist:
+            # gradients alive at a forward's start (gradient accumulation, or zeroed rather than freed):
+            # they are all there at every later peak, so none may be left out of a prediction again
+            self._grads_persist = True
+            if self.costs.absent_grads:
+                self.costs = replace(self.costs, absent_grads=0.0)
+                replan = self.holder is not None and self.tokens > 0
         if int(seq_f) > self.seq:
             self.seq = int(seq_f)
-            replan = self.holder is not None and self.tokens > 0
-        else:
-            replan = False
+            replan = replan or (self.holder is not None and self.tokens > 0)
         self.budget = budget
         replan = replan or (self.holder is not None and self.tokens == 0)
         if cal[3] != _MISSING:  # the correction is there whenever a probe finished
@@ -636,12 +672,11 @@ class MemoryPlanner:
 
     def _static(self) -> float:
         """Static bytes: measured (minus gradients present) + every gradient + optimizer states to come."""
+        present = sum(p.grad.numel() * p.grad.element_size() for p in self.trainable if p.grad is not None)
+        self._present_grads = float(present)
         if self._static_bytes is not None:
             base = float(self._static_bytes())
         elif self.device is not None and self.device.type == "cuda":
-            present = sum(
-                p.grad.numel() * p.grad.element_size() for p in self.trainable if p.grad is not None
-            )
             # the CUDA graphs of kept layers hold those layers' activations between steps: not static
             graphs = getattr(self.holder, "graphs", None)
             held = graphs.held_bytes if graphs is not None else 0
@@ -920,7 +955,7 @@ class MemoryPlanner:
 
     def _finish_probe(self) -> list[float] | None:
         """The probe's per-token costs [keep, keep_tiled, recompute, correction, keep estimated from the
-        recomputes], or None without one."""
+        recomputes] and the gradient bytes not yet made when its peak was read, or None without one."""
         probe, self._probe = self._probe, None
         if probe is None:
             return None
@@ -957,6 +992,9 @@ class MemoryPlanner:
         # static at the probe = what was measured then, with the gradients that existed at the peak
         static_at_peak = probe["static"] + grads_at_peak
         correction = (peak - static_at_peak - modelled) / tokens
+        # the gradients made after the peak was read (the embedding's): ``static`` counts every gradient,
+        # so a prediction paired with this correction leaves these out (``LayerCosts.absent_grads``)
+        absent = max(0.0, float(self._grad_bytes - grads_at_peak))
         self._calibrated_tokens = tokens
         # what the calibration was fitted to, for a measured-vs-predicted error to be traced to its term
         self.last_probe = {
@@ -966,14 +1004,18 @@ class MemoryPlanner:
             "static_bytes": float(static_at_peak),  # weights, buffers, states and the gradients present
             "modelled_bytes": float(modelled),  # the analytic activations of the probed plan
             "correction_per_token": float(correction),
+            "gradients_at_peak_bytes": float(grads_at_peak),
+            "gradients_absent_at_peak_bytes": absent,
         }
-        return [*measured, correction, estimate]
+        return [*measured, correction, estimate, absent]
 
-    def _costs_with(self, measured: Sequence[float], correction: float) -> LayerCosts:
+    def _costs_with(
+        self, measured: Sequence[float], correction: float, absent_grads: float = 0.0
+    ) -> LayerCosts:
         """The analytic costs with the measured ones put in (``_MISSING`` or <= 0: not measured)."""
         keep, keep_tiled, recompute = measured[:3]
         costs = analytic_costs(self.shapes, self.chunk_tokens)
-        changes: dict[str, float] = {"correction": correction}
+        changes: dict[str, float] = {"correction": correction, "absent_grads": absent_grads}
         if keep != _MISSING and keep > 0:
             changes["keep"] = keep
             changes["keep_tiled"] = costs.keep_tiled * keep / costs.keep
@@ -996,7 +1038,10 @@ class MemoryPlanner:
             merged[0] = self._estimated.get("keep", _MISSING)  # a plan that keeps layers is still probed)
         if "keep_tiled" not in self._measured:
             merged[1] = _MISSING  # scaled from the (measured or estimated) keep in _costs_with
-        self.costs = self._costs_with(merged, calibration[3])
+        absent = calibration[5] if len(calibration) > 5 and calibration[5] != _MISSING else 0.0
+        if self._grads_persist:
+            absent = 0.0
+        self.costs = self._costs_with(merged, calibration[3], max(0.0, absent))
         self.calibrated = True
 
     # --- after an out-of-memory error ----------------------------------------------------------
