@@ -52,6 +52,8 @@ EXTRA_SYSTEMS = (
     "cpt_auto",
     "cpt_auto_8g",
     "cpt_auto_6g5",
+    "cpt_auto_7g",
+    "cpt_auto_10g",
     "cpt_auto_11g",
     "cpt_nogc_graphs",
     "cpt_auto_graphs",
@@ -80,6 +82,13 @@ CPT_VARIANTS: dict[str, dict[str, Any]] = {
     # 6.5 GiB: the plan's target (95% of the budget) just under Unsloth's peak at W1 4 x 2048 (6.25 GiB)
     "cpt_auto_6g5": dict(
         gradient_checkpointing="auto", tiled_mlp=False, offload_embeddings=None, memory_budget_gib=6.5
+    ),
+    # 7 and 10 GiB: between, for the curve of tokens/s against the budget (benchmarks/budget_curve.py)
+    "cpt_auto_7g": dict(
+        gradient_checkpointing="auto", tiled_mlp=False, offload_embeddings=None, memory_budget_gib=7.0
+    ),
+    "cpt_auto_10g": dict(
+        gradient_checkpointing="auto", tiled_mlp=False, offload_embeddings=None, memory_budget_gib=10.0
     ),
     # 11 GiB: under half of Unsloth's peak at 1 x 131,072 tokens (22.67 GiB, H200, 2026-12-01)
     "cpt_auto_11g": dict(
