@@ -39,13 +39,20 @@ def pooled_points(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return points
 
 
+def _short(plan: str) -> str:
+    """'keep 2, recompute 5, offload 9, tiled MLP 0' -> 'keep 2 / rec 5 / off 9'."""
+    parts = [p.strip() for p in plan.split(",") if p.strip() and not p.strip().endswith(" 0")]
+    short = " / ".join(parts).replace("recompute", "rec").replace("offload", "off")
+    return short.replace("tiled MLP", "tiled")
+
+
 def plot(points: dict[str, dict[str, Any]], out: Path, title: str = "") -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(9, 5.5))
     planned = sorted(
         ((p["peak"], p["tokens_per_s"], name, p) for name, p in points.items() if p.get("budget")),
         key=lambda item: item[0],
@@ -53,9 +60,10 @@ def plot(points: dict[str, dict[str, Any]], out: Path, title: str = "") -> Path:
     if planned:
         ax.plot([x for x, *_ in planned], [y for _, y, *_ in planned], "o-", color="tab:blue",
                 label="cpt-plugin, gradient_checkpointing: auto")  # fmt: skip
-        for x, y, _name, point in planned:
-            ax.annotate(f"{point['budget']:.3g} GiB budget\n{point['plan']}", (x, y), fontsize=7,
-                        xytext=(6, -14), textcoords="offset points")  # fmt: skip
+        for index, (x, y, _name, point) in enumerate(planned):
+            offset = (6, -16) if index % 2 == 0 else (6, 8)  # alternate sides: neighbours do not overlap
+            ax.annotate(f"{point['budget']:.3g} GiB: {_short(point['plan'])}", (x, y), fontsize=7,
+                        xytext=offset, textcoords="offset points")  # fmt: skip
     styles = {"unsloth": ("s", "tab:red", "Unsloth (its offloaded checkpointing)")}
     for name, point in points.items():
         if point.get("budget"):
@@ -64,7 +72,7 @@ def plot(points: dict[str, dict[str, Any]], out: Path, title: str = "") -> Path:
         ax.plot(point["peak"], point["tokens_per_s"], marker, color=color, label=label, markersize=8)
     ax.set_xlabel("peak allocated memory (GiB)")
     ax.set_ylabel("tokens/s (pooled median step)")
-    ax.set_title(title or "W1 (Llama-1B shapes, CPT recipe): speed against memory")
+    ax.set_title(title or "W1 (Llama-1B shapes, CPT recipe): speed against memory", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
