@@ -30,7 +30,7 @@ def pooled_points(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             point["times"] += times
             point["peak"] = max(point["peak"], row.get("peak_allocated_gib") or 0.0)
             point["tokens"] = row["batch"] * row["seq"]
-            plan = row.get("info", {}).get("memory_plan") or row.get("memory_plan")
+            plan = row.get("memory_plan")  # the planner rows only (benchmarks.worker.memory_plan)
             if plan:
                 point["budget"] = plan.get("budget_gib")
                 point["plan"] = plan.get("plan")
