@@ -29,7 +29,6 @@ bitsandbytes, LoRA only, 8-bit AdamW; HF-based systems prepare it with PEFT's
 from __future__ import annotations
 
 import contextlib
-import importlib
 import inspect
 import zlib
 from collections.abc import Callable
@@ -65,7 +64,7 @@ EXTRA_SYSTEMS = (
     "cpt_offload_emb_eager",
     "cpt_offload_replay",
     "cpt_auto_11g_replay",
-    "cpt_offload_only_replay_all",
+    "cpt_offload_only_noreplay",
     *OFFLOAD_COMPETITORS,
 )
 
@@ -110,11 +109,10 @@ CPT_VARIANTS: dict[str, dict[str, Any]] = {
         memory_budget_gib=11.0,
         attention_replay=True,
     ),
-    # W2 (Mistral-7B, 1 x 8192): attention is 13% of a layer's forward FLOPs there, under the replay's
-    # threshold; this variant replays it anyway (REPLAY_MIN_SHARE lowered in its process, below) to measure
-    # whether the threshold should depend on the layer's size rather than the share alone
-    "cpt_offload_only_replay_all": dict(
-        gradient_checkpointing="offload", tiled_mlp=False, offload_embeddings=False, attention_replay=True
+    # cpt_offload_only with the attention recomputed: at W2 (Mistral-7B, 1 x 8192) the replay now runs by
+    # default (a large layer, attention_replay.LARGE_LAYER_FLOPS); this is the step without it
+    "cpt_offload_only_noreplay": dict(
+        gradient_checkpointing="offload", tiled_mlp=False, offload_embeddings=False, attention_replay=False
     ),
     # every layer replayed as CUDA graphs (cuda_graphs unset: only checkpointed layers of batches up to
     # 16,384 tokens, so cpt, cpt_offload and cpt_offload_emb replay theirs there)
@@ -138,11 +136,6 @@ CPT_VARIANTS: dict[str, dict[str, Any]] = {
     "cpt_offload_emb_eager": dict(
         gradient_checkpointing="offload", tiled_mlp=False, offload_embeddings=True, cuda_graphs=False
     ),
-}
-
-# Module constants a system sets in its own process before cpt-plugin builds the model (experiments only).
-MODULE_OVERRIDES: dict[str, dict[str, tuple[str, Any]]] = {
-    "cpt_offload_only_replay_all": {"REPLAY_MIN_SHARE": ("cpt_plugin.offload.attention_replay", 0.0)},
 }
 
 LIGER_PATCHERS = {
@@ -413,8 +406,6 @@ def _build_cpt(system: str, workload: Workload, device: str, dtype: torch.dtype,
 
         stage = "CPTConfig"
         cfg = cpt_config(system, workload)
-        for constant, (module_name, value) in MODULE_OVERRIDES.get(system, {}).items():
-            setattr(importlib.import_module(module_name), constant, value)
         stage = "patch"
         patch(workload.model_type, cfg)
         stage = "build"

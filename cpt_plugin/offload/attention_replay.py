@@ -20,10 +20,12 @@ In the recompute, the attention call returns the fetched output through ``_Repla
 runs the forward's graphs with the recompute's q, k, v, one group at a time (so the backward holds one
 group's workspace), and then lets the layer below's input travel (``peak_passed``). Only inside our own
 checkpoint, only for offloaded layers (a recomputed one would have to keep the output on the device),
-only where attention is at least ``REPLAY_MIN_SHARE`` of the layer's forward FLOPs (below, the output's
-trip to host memory and the recorded graph cost about what they save: measured, see the constant), and
-never when the recompute's call does not match the forward's (then it computes attention as before).
-On by default (``attention_replay`` unset); the planner's speed model uses the same share.
+only where it pays (``replays_at``), and never when the recompute's call does not match the forward's
+(then it computes attention as before). It pays where attention is at least ``REPLAY_MIN_SHARE`` of the
+layer's forward FLOPs (long context), and in layers large enough for the step to wait on the GPU
+(``LARGE_LAYER_FLOPS`` per micro-batch) from ``LARGE_LAYER_MIN_SHARE``: a small layer's step waits on
+the host, which the replay's parking and its lost CUDA graph make slower than the attention it saves.
+On by default (``attention_replay`` unset); the planner's speed model uses the same rule.
 """
 
 from __future__ import annotations
@@ -50,6 +52,14 @@ PARK_BYTES = 2**20  # saved tensors this large go to host memory with the layer 
 # (Llama-1B shapes, offload + tiled MLP, 2026-12-02): at 8,192 tokens (a 22% share) replaying was 16% slower,
 # at 16,384 (36%) 10% faster, at 32,768 13%, at 131,072 21%.
 REPLAY_MIN_SHARE = 0.3
+# Large layers replay from a smaller share: their step is bound by the GPU, so the attention forward the
+# recompute skips is time saved, and their transfers hide behind more compute. 2.5 TFLOP is about 3 ms at
+# an H200's bf16 rate, above the ~2.5 ms of host time an eager layer forward takes (profiles, 2026-12-03).
+# Measured on an H200 (2026-12-03): Mistral-7B QLoRA at 1 x 8192 (3.6 TFLOP per layer forward, a 13%
+# share) ran 11,125 tokens/s replayed against 10,738 recomputed; Llama-1B layers (1.0-1.2 TFLOP at 8,192
+# tokens) are under the bar and keep the share rule above.
+LARGE_LAYER_FLOPS = 2.5e12
+LARGE_LAYER_MIN_SHARE = 0.1
 
 
 def attention_share(seq: int, hidden: int, intermediate: int, q_width: int, kv_width: int) -> float:
@@ -60,9 +70,26 @@ def attention_share(seq: int, hidden: int, intermediate: int, q_width: int, kv_w
     return attention / (attention + weights)
 
 
-def replays_at(seq: int, hidden: int, intermediate: int, q_width: int, kv_width: int) -> bool:
-    """Whether a sequence of ``seq`` tokens is long enough for the replay (``REPLAY_MIN_SHARE``)."""
-    return attention_share(seq, hidden, intermediate, q_width, kv_width) >= REPLAY_MIN_SHARE
+def layer_forward_flops(
+    tokens: int, seq: int, hidden: int, intermediate: int, q_width: int, kv_width: int
+) -> float:
+    """A decoder layer's forward FLOPs over a micro-batch of ``tokens`` (sequences of ``seq``): its
+    projections, 2 W per token, and causal attention, 2 seq q_width per token."""
+    weights = hidden * (2 * q_width + 2 * kv_width) + 3 * hidden * intermediate
+    return 2.0 * tokens * (weights + seq * q_width)
+
+
+def replays_at(
+    seq: int, hidden: int, intermediate: int, q_width: int, kv_width: int, tokens: int | None = None
+) -> bool:
+    """Whether the replay pays for sequences of ``seq`` tokens in a micro-batch of ``tokens`` (``seq``
+    when not given): attention at least ``REPLAY_MIN_SHARE`` of the layer's forward FLOPs, or at least
+    ``LARGE_LAYER_MIN_SHARE`` in a layer of ``LARGE_LAYER_FLOPS`` or more."""
+    share = attention_share(seq, hidden, intermediate, q_width, kv_width)
+    if share >= REPLAY_MIN_SHARE:
+        return True
+    flops = layer_forward_flops(tokens or seq, seq, hidden, intermediate, q_width, kv_width)
+    return share >= LARGE_LAYER_MIN_SHARE and flops >= LARGE_LAYER_FLOPS
 
 
 def _storage_ptr(t: torch.Tensor) -> int:

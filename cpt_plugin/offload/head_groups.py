@@ -177,12 +177,13 @@ def _plain_causal_call(
 
 
 def _long_enough_to_replay(module: nn.Module, query: torch.Tensor, key: torch.Tensor) -> bool:
-    """Attention is a large enough share of this layer's work for the replay (``REPLAY_MIN_SHARE``)."""
+    """The replay pays for this layer at this batch's shape (``attention_replay.replays_at``)."""
     config = getattr(module, "config", None)
     q_width, kv_width = query.shape[1] * query.shape[3], key.shape[1] * key.shape[3]
     hidden = int(getattr(config, "hidden_size", None) or q_width)
     intermediate = int(getattr(config, "intermediate_size", None) or 4 * hidden)
-    return replays_at(query.shape[2], hidden, intermediate, q_width, kv_width)
+    seq = query.shape[2]
+    return replays_at(seq, hidden, intermediate, q_width, kv_width, tokens=query.shape[0] * seq)
 
 
 def _grouped_here(query, key, value) -> bool:

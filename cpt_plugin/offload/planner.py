@@ -312,14 +312,15 @@ def graph_pool_estimate(costs: LayerCosts) -> float:
     return costs.recompute_transient(False, "offload") + costs.backward_work(False, "offload")
 
 
-def offload_time(shapes: ModelShapes, seq: int, lean: bool = True) -> float:
+def offload_time(shapes: ModelShapes, seq: int, lean: bool = True, tokens: int | None = None) -> float:
     """An offloaded layer's relative time: ``TIME_OFFLOAD``, less the attention's share of its recompute
-    where the recompute replays the forward's attention (our own checkpoint: ``lean``, one process)."""
+    where the recompute replays the forward's attention (our own checkpoint: ``lean``, one process) at
+    sequences of ``seq`` in micro-batches of ``tokens``."""
     from cpt_plugin.offload.attention_replay import attention_share, replays_at
 
     widths = (shapes.hidden, shapes.intermediate, shapes.heads * shapes.head_dim)
     widths += (shapes.kv_heads * shapes.head_dim,)
-    if not (shapes.attention_replay and lean and replays_at(seq, *widths)):
+    if not (shapes.attention_replay and lean and replays_at(seq, *widths, tokens=tokens)):
         return TIME_OFFLOAD
     return TIME_OFFLOAD - attention_share(seq, *widths)
 
@@ -810,7 +811,7 @@ class MemoryPlanner:
         """An offloaded layer's relative time at the longest sequence planned for (``offload_time``). A
         replayed offload counts only when the host can hold every layer's parked bytes: the plan then
         offloads every layer it does not keep, and a host that cannot hold them gets the fewest offloads."""
-        fast = offload_time(self.shapes, self.seq, lean=distributed_world() <= 1)
+        fast = offload_time(self.shapes, self.seq, lean=distributed_world() <= 1, tokens=tokens)
         if fast >= TIME_OFFLOAD or not self.can_offload:
             return fast
         host = self._host_bytes_for_offload()

@@ -112,6 +112,9 @@ def test_a_replayed_attention_makes_offload_faster_than_recompute() -> None:
     assert offload_time(replaying, 8192) == TIME_OFFLOAD  # too short: recomputed (measured slower)
     assert offload_time(replaying, 16384) == pytest.approx(TIME_OFFLOAD - 0.356, abs=0.002)
     assert offload_time(replaying, 131072, lean=False) == TIME_OFFLOAD  # torch's checkpoint: no replay
+    mistral = replace(MISTRAL_7B, attention_replay=True)  # a large layer: replayed from a 13% share
+    assert offload_time(mistral, 8192, tokens=8192) == pytest.approx(TIME_OFFLOAD - 0.133, abs=0.002)
+    assert offload_time(mistral, 2048, tokens=8192) == TIME_OFFLOAD
     fast = offload_time(replaying, 131072)
     assert TIME_KEEP < fast < TIME_RECOMPUTE
     all_recompute = predict_peak(LayerPlan.uniform(8, "recompute"), TOY, 10, 0.0)
@@ -623,6 +626,10 @@ def test_a_plan_with_modes_no_probe_measured_is_probed_again() -> None:
 LLAMA_1B = ModelShapes(
     layers=16, hidden=2048, intermediate=8192, heads=32, kv_heads=8, head_dim=64, vocab=128256,
     act_bytes=2, lora_rank_attn=4 * 128, lora_rank_mlp=3 * 128, fused_mlp=True,
+)  # fmt: skip
+MISTRAL_7B = ModelShapes(
+    layers=32, hidden=4096, intermediate=14336, heads=32, kv_heads=8, head_dim=128, vocab=32000,
+    act_bytes=2, lora_rank_attn=4 * 32, lora_rank_mlp=3 * 32, fused_mlp=True,
 )  # fmt: skip
 MIB = 2**20
 
