@@ -600,6 +600,40 @@ def test_gradients_alive_at_a_forward_start_are_counted_again() -> None:
     assert planner.costs.absent_grads == 0.0
 
 
+def test_a_peak_over_the_budget_with_cuda_graphs_is_counted_and_replanned(monkeypatch) -> None:
+    """The probe runs before CUDA graphs are captured, so what their pool holds beyond the model's count
+    is unseen (H200: 7.08 GiB against 6.17 predicted at a 6.5 GiB budget). A measured peak over the budget
+    with graphs captured is then counted as static memory, the plan re-made, at most MAX_OVERRUNS times;
+    without graphs, or under the budget, nothing changes and the peak statistics stay as they are."""
+    from types import SimpleNamespace
+
+    import cpt_plugin.offload.planner as planner_module
+
+    model, planner = _planned_model(1.0)
+    ids = torch.randint(0, 257, (2, 24))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert planner.plan.counts()["keep"] == 4
+    planner.calibrated = True
+    resets: list[object] = []
+    peak = {"bytes": 0.5 * GIB}
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: peak["bytes"])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: resets.append(device))
+    peak["bytes"] = 1.2 * GIB
+    assert not planner._overrun() and not resets  # no graphs captured: the probe saw everything
+    planner.holder.graphs = SimpleNamespace(captured=2)
+    peak["bytes"] = 0.9 * GIB
+    assert not planner._overrun() and not resets  # under the budget
+    peak["bytes"] = 1.2 * GIB
+    predicted = planner.predicted
+    assert planner._overrun() and len(resets) == 1
+    assert planner._unmodeled == pytest.approx(1.2 * GIB - predicted) and planner.overruns == 1
+    planner._replan(planner.tokens, planner._static(), "an overrun")
+    assert planner.plan.counts()["keep"] < 4 and planner.pop_log()["memory_plan_overruns"] == 1
+    for _ in range(planner_module.MAX_OVERRUNS + 2):
+        planner._overrun()
+    assert planner.overruns == planner_module.MAX_OVERRUNS
+
+
 def test_a_plan_with_modes_no_probe_measured_is_probed_again() -> None:
     """Calibrated on an all-offload probe, a plan that keeps layers is probed once more (the offload probe
     measured no keep cost); costs measured earlier survive a later probe that did not run their mode."""
