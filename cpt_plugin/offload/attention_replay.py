@@ -55,9 +55,9 @@ REPLAY_MIN_SHARE = 0.3
 # Large layers replay from a smaller share: their step is bound by the GPU, so the attention forward the
 # recompute skips is time saved, and their transfers hide behind more compute. 2.5 TFLOP is about 3 ms at
 # an H200's bf16 rate, above the ~2.5 ms of host time an eager layer forward takes (profiles, 2026-12-03).
-# Measured on an H200 (2026-12-03): Mistral-7B QLoRA at 1 x 8192 (3.6 TFLOP per layer forward, a 13%
-# share) ran 11,125 tokens/s replayed against 10,738 recomputed; Llama-1B layers (1.0-1.2 TFLOP at 8,192
-# tokens) are under the bar and keep the share rule above.
+# Measured on an H200 (2026-12-03): Mistral-7B QLoRA at 1 x 8192 (4.1 TFLOP per layer forward, attention a
+# 13% share) ran 11,244 tokens/s replayed against 10,689 recomputed (two rounds) and 1.16x Unsloth's speed
+# against 1.09x; Llama-1B layers (1.0-1.2 TFLOP at 8,192 tokens) are under the bar and keep the share rule.
 LARGE_LAYER_FLOPS = 2.5e12
 LARGE_LAYER_MIN_SHARE = 0.1
 
