@@ -119,10 +119,8 @@ def test_a_recompute_call_that_does_not_match_computes_attention(monkeypatch) ->
     assert not replays and len(groups) == 2  # computed again, over groups of heads
 
 
-@pytest.mark.parametrize("seq", [12, 13])
-def test_replay_starts_where_attention_is_a_large_enough_share(monkeypatch, seq) -> None:
-    """From the length where attention is ``REPLAY_MIN_SHARE`` of a layer's FLOPs, offloaded layers replay
-    their attention even where no head groups apply (one group); shorter sequences are recomputed."""
+def _offloaded_toy():
+    """A 2-layer toy, a copy of it offloaded with the replay on, and its widths for ``replays_at``."""
     reference = tiny_llama(layers=2)
     model = copy.deepcopy(reference)
     enable_head_groups(model, replay=True)
@@ -130,6 +128,14 @@ def test_replay_starts_where_attention_is_a_large_enough_share(monkeypatch, seq)
     config = reference.config
     shape = (config.hidden_size, config.intermediate_size, config.hidden_size)
     shape += (config.num_key_value_heads * config.hidden_size // config.num_attention_heads,)
+    return reference, model, shape
+
+
+@pytest.mark.parametrize("seq", [12, 13])
+def test_replay_starts_where_attention_is_a_large_enough_share(monkeypatch, seq) -> None:
+    """From the length where attention is ``REPLAY_MIN_SHARE`` of a layer's FLOPs, offloaded layers replay
+    their attention even where no head groups apply (one group); shorter sequences are recomputed."""
+    reference, model, shape = _offloaded_toy()
     share = (replay.attention_share(12, *shape) + replay.attention_share(13, *shape)) / 2
     monkeypatch.setattr(replay, "REPLAY_MIN_SHARE", share)  # MIN_QUERY_BYTES stays: one group
     ids = torch.randint(0, 257, (2, seq))
@@ -152,7 +158,7 @@ def test_the_measured_lengths_of_llama_1b() -> None:
 
 
 def test_large_layers_replay_from_a_smaller_share() -> None:
-    """Mistral-7B's layers at 1 x 8192 (3.6 TFLOP per forward, attention 13% of it) replay: measured faster
+    """Mistral-7B's layers at 1 x 8192 (4.1 TFLOP per forward, attention 13% of it) replay: measured faster
     on an H200. The same layers at 4 x 2048 (a 4% share) and Llama-1B's small layers at 8,192 do not."""
     mistral = (4096, 14336, 4096, 1024)
     assert replay.attention_share(8192, *mistral) == pytest.approx(0.133, abs=0.002)
@@ -169,13 +175,7 @@ def test_large_layers_replay_from_a_smaller_share() -> None:
 def test_the_layer_size_counts_the_micro_batch(monkeypatch, batch) -> None:
     """The large-layer rule reads the micro-batch's tokens (batch x seq) from the attention call: with the
     share rule out of reach, the toy replays at batch 2 and recomputes at batch 1."""
-    reference = tiny_llama(layers=2)
-    model = copy.deepcopy(reference)
-    enable_head_groups(model, replay=True)
-    enable_checkpointing(model, "offload", _simulate_offload=True)
-    config = reference.config
-    shape = (config.hidden_size, config.intermediate_size, config.hidden_size)
-    shape += (config.num_key_value_heads * config.hidden_size // config.num_attention_heads,)
+    reference, model, shape = _offloaded_toy()
     bar = (replay.layer_forward_flops(13, 13, *shape) + replay.layer_forward_flops(26, 13, *shape)) / 2
     monkeypatch.setattr(replay, "REPLAY_MIN_SHARE", 1.1)
     monkeypatch.setattr(replay, "LARGE_LAYER_MIN_SHARE", 0.0)
