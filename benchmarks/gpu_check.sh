@@ -31,6 +31,7 @@
 #   trace         the allocations alive at one step's peak, by source line (benchmarks/memory_trace.py):
 #                 TRACE_SYSTEM (cpt_offload) on TRACE_WORKLOAD (llama-1b), TRACE_LAYERS (4) layers, TRACE_SEQS
 #   hostcosts     host microseconds per call of GEMMs (each cuBLAS backend), casts, Triton launches ($OUT/hostcosts)
+#   flcebreakdown the fused loss' pieces per logits-chunk size, and Liger's call (benchmarks/flce_breakdown.py)
 LONGCTX_SYSTEMS=${LONGCTX_SYSTEMS:-hf,hf_offload,trl_offload,axolotl_offload,cpt,cpt_offload_only,cpt_offload}
 LONGCTX_SHAPES=${LONGCTX_SHAPES:-1x16384,1x32768}
 QLORA_SYSTEMS=${QLORA_SYSTEMS:-hf,unsloth,cpt,cpt_offload_only,cpt_offload}
@@ -166,6 +167,11 @@ for stage in $STAGES; do
         --layers "$TRACE_LAYERS" --seqs "$TRACE_SEQS" --top 30 $TRACE_ARGS --out "$OUT/trace" 2>&1 | grep -v "^cpt-plugin" | tail -80
       note "trace: exit ${PIPESTATUS[0]}"
       ;;
+    flcebreakdown)
+      echo "== the fused loss' time by piece and chunk size"
+      timeout -k 10 150 python3 -m benchmarks.flce_breakdown --out "$OUT/flce" 2>&1 | tail -40
+      note "flcebreakdown: exit ${PIPESTATUS[0]}"
+      ;;
     hostcosts)
       echo "== host cost per call"
       timeout -k 10 60 python3 -m benchmarks.host_costs --out "$OUT/hostcosts" | tail -40
@@ -195,7 +201,7 @@ for stage in $STAGES; do
       note "tf524tests: exit $rc ($(grep -E '[0-9]+ (passed|failed)' "$OUT/gpu_tests_tf524.log" | tail -1))"
       ;;
     *)
-      note "unknown stage '$stage' (use tests, kernels, quick, full, longctx, qlora, qlora_maxctx, profile, trace, evaluator, export, hostcosts, hostbreakdown, graphcheck, tf524tests)"
+      note "unknown stage '$stage' (use tests, kernels, quick, full, longctx, qlora, qlora_maxctx, profile, trace, evaluator, export, hostcosts, flcebreakdown, hostbreakdown, graphcheck, tf524tests)"
       ;;
   esac
 done
