@@ -7,7 +7,7 @@ import torch
 from transformers.activations import ACT2FN
 
 from cpt_plugin.kernels.swiglu import geglu, geglu_reference, swiglu, swiglu_reference
-from tests.kernels._helpers import DTYPES, TOL, assert_close_scaled
+from tests.kernel_math._helpers import DTYPES, TOL, assert_close_scaled
 
 FNS = [(swiglu, swiglu_reference, "silu"), (geglu, geglu_reference, "gelu_pytorch_tanh")]
 FN_IDS = ["swiglu", "geglu"]

@@ -19,7 +19,7 @@ import torch
 from cpt_plugin.kernels import nf4
 from cpt_plugin.kernels._utils import use_triton
 from cpt_plugin.kernels.nf4 import dequantize_4bit_reference, dequantize_4bit_triton, unsupported_reason
-from tests.kernels._helpers import DTYPES
+from tests.kernel_math._helpers import DTYPES
 
 bnb = pytest.importorskip("bitsandbytes")
 F = pytest.importorskip("bitsandbytes.functional")

@@ -17,7 +17,7 @@ from cpt_plugin.kernels.lora import (
     lora_linear,
     lora_linear_reference,
 )
-from tests.kernels._helpers import assert_close_scaled
+from tests.kernel_math._helpers import assert_close_scaled
 
 # bf16 outputs of a sum of two matmuls: a few ulps of the largest term
 TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2}

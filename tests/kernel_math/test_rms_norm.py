@@ -8,7 +8,7 @@ from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from cpt_plugin.kernels.rms_norm import rms_norm, rms_norm_reference
-from tests.kernels._helpers import DTYPES, TOL, assert_close_scaled
+from tests.kernel_math._helpers import DTYPES, TOL, assert_close_scaled
 
 SHAPES = [(1, 48), (3, 100), (2, 17, 257)]
 MODES = [("llama", 0.0), ("gemma", 1.0)]

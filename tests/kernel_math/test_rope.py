@@ -7,7 +7,7 @@ import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from cpt_plugin.kernels.rope import apply_rope, apply_rope_reference
-from tests.kernels._helpers import DTYPES, TOL, assert_close_scaled
+from tests.kernel_math._helpers import DTYPES, TOL, assert_close_scaled
 
 
 def _cos_sin(position_ids: torch.Tensor, rotary_dim: int, dtype: torch.dtype, base: float = 10000.0):
