@@ -78,11 +78,7 @@ def pieces(rows: int, x, w, labels) -> dict[str, float]:
             loop(lambda s, e: gw.t().addmm_(x[s:e].t(), buf[: e - s]))
         ),
         "grad_weight += dl^T x (fp32 out)": _time_ms(
-            loop(
-                lambda s, e: torch.addmm(
-                    gw32, buf[: e - s].t(), x[s:e], out_dtype=torch.float32, out=gw32
-                )
-            )
+            loop(lambda s, e: torch.addmm(gw32, buf[: e - s].t(), x[s:e], out_dtype=torch.float32, out=gw32))
         ),
     }
     return out

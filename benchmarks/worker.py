@@ -98,7 +98,7 @@ def memory_plan(model: Any) -> dict[str, Any] | None:
         "longest_tokens": planner.longest_tokens(),  # the longest micro-batch it predicts to fit
         "loss_chunk_mib": (getattr(planner, "loss_chunk_bytes", None) or 0) // 2**20,  # 0: the default
         "calibrated": planner.calibrated,
-        # peaks over the budget with CUDA graphs captured, counted as static and re-planned (planner._overrun)
+        # peaks over the budget with CUDA graphs captured: graphs off, re-planned eagerly (planner._overrun)
         "overruns": getattr(planner, "overruns", 0),
         # the checkpointed layers' CUDA graphs' pool: reserved, not allocated, so the measured allocated
         # peak plus this is what the prediction (which counts it) is compared with

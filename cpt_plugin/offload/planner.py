@@ -121,8 +121,11 @@ without, the graphs are held back (``held_eager``) and every layer runs eagerly.
 graphs (a layer's mode or tiling may have changed); they are captured again after their warm-up.
 The probe runs before the captures, so what the graphs hold beyond this count is not measured: on an
 H200 (2026-12-03) ``cuda_graphs: true`` plans peaked 0.3-0.9 GiB above their predictions, over 6.5 and
-7 GiB budgets. So with graphs captured, a peak over the budget (read at a forward's start) is counted as
-static memory the model missed and the plan re-made, at most ``MAX_OVERRUNS`` times (``_overrun``).
+7 GiB budgets. So with graphs captured, a peak over the budget (read at a forward's start) turns the
+graphs off for the run and the plan is re-made eagerly, where the calibrated prediction is what the
+step measures (``_overrun``). Counting the excess as static memory instead (the sixteenth to twentieth
+sessions) made every later plan pay it, graphed or not: at 6.5 GiB the plan fell to all offloaded with
+tiled MLPs, 37.5K tokens/s at 7.02 GiB, still over, where the eager plan runs 58.9K at 6.17 GiB.
 
 **Error.** Before calibration the model is a count of the tensors autograd saves in a Llama-style layer
 (it ignores allocator rounding, the attention kernel's choice of what to save, and transient buffers other
@@ -534,7 +537,6 @@ MAX_PROBES_PER_LENGTH = 3  # probes at one length when the plan moves to modes n
 # at most this many times (H200, Llama-1B 4 x 2048, `cuda_graphs: true`, 2026-12-03: 7.08 GiB measured
 # against 6.17 predicted with a 6.5 GiB budget, 7.22 against 6.63 with 7 GiB; the probe runs before the
 # captures, so it cannot see what they hold)
-MAX_OVERRUNS = 2
 # the LayerCosts field a probe measures for each (mode, tiled) layer kind; offload saves nothing to measure
 _MEASURED_FIELD = {("keep", False): "keep", ("keep", True): "keep_tiled", ("recompute", False): "recompute",
                    ("recompute", True): "recompute"}  # fmt: skip
@@ -595,8 +597,7 @@ class MemoryPlanner:
         self._grad_bytes = sum(p.numel() * p.element_size() for p in self.trainable)
         self._present_grads = 0.0  # gradient bytes alive at the last forward start
         self._grads_persist = False  # seen alive at a forward start: a peak may hold every gradient
-        self._unmodeled = 0.0  # static bytes the model missed: peaks measured over the budget (_overrun)
-        self.overruns = 0  # how often that happened
+        self.overruns = 0  # peaks over the budget with CUDA graphs captured (_overrun: graphs then off)
         self._overrun_peak = 0.0
         self.device: torch.device | None = None
         self.loss_modules: list[torch.nn.Module] = []  # models whose fused loss takes the chunk budget
@@ -671,8 +672,8 @@ class MemoryPlanner:
         if overrun:
             replan = True
             reason = (
-                f"the last steps peaked at {self._overrun_peak / GIB:.3g} GiB, over the budget: "
-                f"{self._unmodeled / GIB:.3g} GiB the model did not count (CUDA graphs) now count as static"
+                f"the last steps peaked at {self._overrun_peak / GIB:.3g} GiB, over the budget, with CUDA "
+                "graphs, whose memory the plan can only estimate: the layers run without graphs from now on"
             )
         if replan:
             self._replan(max(tokens, self.tokens), static, reason)
@@ -716,36 +717,44 @@ class MemoryPlanner:
         if not self._optimizer_seen and base - self._static_first >= 0.2 * optimizer_estimate > 0:
             self._optimizer_seen = True
         self._pending_optimizer = 0.0 if self._optimizer_seen else float(optimizer_estimate)
-        return base + self._grad_bytes + self._pending_optimizer + self._unmodeled
+        return base + self._grad_bytes + self._pending_optimizer
 
     def _graphs_captured(self) -> bool:
         """Whether some layer replays a CUDA graph now (kept layers' or checkpointed layers')."""
         kept = getattr(self.holder, "graphs", None)
         checkpointed = getattr(self.holder, "recompute_graphs", None)
-        if kept is not None and kept.captured:
+        if kept is not None and kept.captured and getattr(kept, "off_reason", None) is None:
             return True
-        return checkpointed is not None and checkpointed.captured > 0 and not checkpointed.held_eager
+        return (
+            checkpointed is not None
+            and checkpointed.captured > 0
+            and not checkpointed.held_eager
+            and checkpointed.off_reason is None
+        )
 
     def _overrun(self) -> bool:
         """With CUDA graphs captured (their memory is estimated: the probe ran before the captures), a peak
-        since the last reading above the budget adds its excess over the prediction to the static memory,
-        so the next plan fits; True when it did (at most ``MAX_OVERRUNS`` times). Graphs run in one process
+        since the last reading above the budget turns every graph off (``_graphs_off``); True when it did.
+        The eager plan chosen next is priced from the probe's measurement. Graphs run in one process
         only, so no other rank has to agree."""
-        if self.budget is None or not self.calibrated or self.overruns >= MAX_OVERRUNS:
-            return False
-        if not self._graphs_captured():
+        if self.budget is None or not self.calibrated or not self._graphs_captured():
             return False
         peak = float(torch.cuda.max_memory_allocated(self.device))
         if peak <= self.budget:
             return False
-        torch.cuda.reset_peak_memory_stats(self.device)  # the next reading is the next plan's
-        excess = peak - self.predicted
-        if excess <= 0:
-            return False
-        self._unmodeled += excess
+        torch.cuda.reset_peak_memory_stats(self.device)  # the next reading is the eager plan's
         self.overruns += 1
         self._overrun_peak = peak
+        self._graphs_off(f"a peak of {peak / GIB:.3g} GiB over the {self.budget / GIB:.3g} GiB budget")
         return True
+
+    def _graphs_off(self, reason: str) -> None:
+        """Frees the kept and the checkpointed layers' graphs for the rest of the run (no new captures)."""
+        for name in ("graphs", "recompute_graphs"):
+            graphs = getattr(self.holder, name, None)
+            if graphs is not None and hasattr(graphs, "reset"):
+                graphs.off_reason = reason
+                graphs.reset()
 
     def _budget(self, x: torch.Tensor) -> float:
         if self.budget is not None:

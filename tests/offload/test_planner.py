@@ -600,14 +600,14 @@ def test_gradients_alive_at_a_forward_start_are_counted_again() -> None:
     assert planner.costs.absent_grads == 0.0
 
 
-def test_a_peak_over_the_budget_with_cuda_graphs_is_counted_and_replanned(monkeypatch) -> None:
+def test_a_peak_over_the_budget_with_cuda_graphs_turns_them_off_and_replans(monkeypatch) -> None:
     """The probe runs before CUDA graphs are captured, so what their pool holds beyond the model's count
     is unseen (H200: 7.08 GiB against 6.17 predicted at a 6.5 GiB budget). A measured peak over the budget
-    with graphs captured is then counted as static memory, the plan re-made, at most MAX_OVERRUNS times;
-    without graphs, or under the budget, nothing changes and the peak statistics stay as they are."""
+    with graphs captured turns every graph off and re-makes the plan eagerly, once; without graphs, or
+    under the budget, nothing changes and the peak statistics stay as they are."""
     from types import SimpleNamespace
 
-    import cpt_plugin.offload.planner as planner_module
+    from cpt_plugin.offload.recompute_graphs import RecomputeGraphs
 
     model, planner = _planned_model(1.0)
     ids = torch.randint(0, 257, (2, 24))
@@ -620,18 +620,23 @@ def test_a_peak_over_the_budget_with_cuda_graphs_is_counted_and_replanned(monkey
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: resets.append(device))
     peak["bytes"] = 1.2 * GIB
     assert not planner._overrun() and not resets  # no graphs captured: the probe saw everything
-    planner.holder.graphs = SimpleNamespace(captured=2)
+    freed: list[str] = []
+    kept = SimpleNamespace(captured=2, off_reason=None, reset=lambda: freed.append("kept"))
+    planner.holder.graphs = kept
+    checkpointed = RecomputeGraphs()
+    checkpointed.captured = 3
+    planner.holder.recompute_graphs = checkpointed
     peak["bytes"] = 0.9 * GIB
     assert not planner._overrun() and not resets  # under the budget
+    static = planner._static()
     peak["bytes"] = 1.2 * GIB
-    predicted = planner.predicted
-    assert planner._overrun() and len(resets) == 1
-    assert planner._unmodeled == pytest.approx(1.2 * GIB - predicted) and planner.overruns == 1
+    assert planner._overrun() and len(resets) == 1 and planner.overruns == 1
+    assert freed == ["kept"] and kept.off_reason and checkpointed.off_reason  # both kinds freed, for good
+    assert not checkpointed.applies_to(planner.tokens) and not planner._graphs_captured()
+    assert planner._static() == pytest.approx(static)  # nothing charged to the eager plans
     planner._replan(planner.tokens, planner._static(), "an overrun")
-    assert planner.plan.counts()["keep"] < 4 and planner.pop_log()["memory_plan_overruns"] == 1
-    for _ in range(planner_module.MAX_OVERRUNS + 2):
-        planner._overrun()
-    assert planner.overruns == planner_module.MAX_OVERRUNS
+    assert planner.graph_pool_bytes == 0.0 and planner.pop_log()["memory_plan_overruns"] == 1
+    assert not planner._overrun() and planner.overruns == 1  # no graphs left to blame
 
 
 def test_a_plan_with_modes_no_probe_measured_is_probed_again() -> None:
