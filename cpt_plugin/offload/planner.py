@@ -123,9 +123,9 @@ The probe runs before the captures, so what the graphs hold beyond this count is
 H200 (2026-12-03) ``cuda_graphs: true`` plans peaked 0.3-0.9 GiB above their predictions, over 6.5 and
 7 GiB budgets. So with graphs captured, a peak over the budget (read at a forward's start) turns the
 graphs off for the run and the plan is re-made eagerly, where the calibrated prediction is what the
-step measures (``_overrun``). Counting the excess as static memory instead (the sixteenth to twentieth
-sessions) made every later plan pay it, graphed or not: at 6.5 GiB the plan fell to all offloaded with
-tiled MLPs, 37.5K tokens/s at 7.02 GiB, still over, where the eager plan runs 58.9K at 6.17 GiB.
+step measures (``_overrun``). Counting the excess as static memory instead (the nineteenth session's
+guard) made every later plan pay it, graphed or not: at 6.5 GiB the plan fell to all offloaded with
+tiled MLPs, 37.5K tokens/s at 7.02 GiB, still over, where the eager plan ran 57.7K at 6.17 GiB.
 
 **Error.** Before calibration the model is a count of the tensors autograd saves in a Llama-style layer
 (it ignores allocator rounding, the attention kernel's choice of what to save, and transient buffers other
@@ -533,10 +533,6 @@ def distributed_world() -> int:
 _MISSING = -1e30  # "not measured" in the agreed vector (loses every MAX)
 _CALIBRATION_SIZE = 6  # what _finish_probe returns; the last (absent gradients) is agreed with MIN
 MAX_PROBES_PER_LENGTH = 3  # probes at one length when the plan moves to modes no probe measured
-# With CUDA graphs captured, a measured peak over the budget is counted as static memory the model missed,
-# at most this many times (H200, Llama-1B 4 x 2048, `cuda_graphs: true`, 2026-12-03: 7.08 GiB measured
-# against 6.17 predicted with a 6.5 GiB budget, 7.22 against 6.63 with 7 GiB; the probe runs before the
-# captures, so it cannot see what they hold)
 # the LayerCosts field a probe measures for each (mode, tiled) layer kind; offload saves nothing to measure
 _MEASURED_FIELD = {("keep", False): "keep", ("keep", True): "keep_tiled", ("recompute", False): "recompute",
                    ("recompute", True): "recompute"}  # fmt: skip
