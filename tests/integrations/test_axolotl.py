@@ -150,19 +150,12 @@ def _ensure_venv() -> Path:
         steps = []
         if not python.exists():
             steps.append([sys.executable, "-m", "venv", str(VENV)])
+        # --no-compile: no .pyc for the 2.6 GB Axolotl brings (the few modules it imports compile on import)
+        pip = [str(python), "-m", "pip", "install", "-q", "--no-compile"]
         steps += [
-            [str(python), "-m", "pip", "install", "-q", torch_pin],
-            [
-                str(python),
-                "-m",
-                "pip",
-                "install",
-                "-q",
-                "axolotl",
-                "pluggy",
-                torch_pin,
-            ],  # pluggy: cpt-plugin's registry
-            [str(python), "-m", "pip", "install", "-q", "--no-deps", "-e", str(ROOT)],
+            [*pip, torch_pin],
+            [*pip, "axolotl", "pluggy", torch_pin],  # pluggy: cpt-plugin's registry
+            [*pip, "--no-deps", "-e", str(ROOT)],
         ]
         for step in steps:
             result = _run(step, 900)
