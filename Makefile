@@ -27,8 +27,8 @@ install: $(STAMP)
 default: $(STAMP)  ## the main job on the embedded default (CPU, no network, ~5 minutes)
 	$(BIN)/cpt-plugin train
 
-test: $(STAMP)  ## the test suite (CPU; Triton kernels through TRITON_INTERPRET=1)
-	$(BIN)/python -m pytest -q
+test: $(STAMP)  ## the test suite (CPU; Triton kernels through TRITON_INTERPRET=1), on up to 4 cores
+	$(BIN)/python -m pytest -q --numprocesses=auto --maxprocesses=4
 
 lint: $(STAMP)
 	$(BIN)/ruff check cpt_plugin tests benchmarks examples
