@@ -5,7 +5,7 @@ term by term, which is all a one-step run (the 524,288-token step) ever gets.
 
 The wrappers around our Triton kernels allocate what they allocate on the GPU; the launches themselves
 are skipped (``run_kernels=False``: the interpreter runs each program of a grid in Python, 5-25x the
-time of the rest) except in the Qwen3 case, which counts the same bytes with them run."""
+time of the rest) except in the Qwen3 case, which runs them and is held to the same exact count."""
 
 from __future__ import annotations
 
