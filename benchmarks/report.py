@@ -303,7 +303,8 @@ def plan_table(data: dict[str, Any]) -> list[str]:
             measured += plan.get("graph_pool_gib") or 0.0
         error = (plan["predicted_peak_gib"] - measured) / measured if measured else None
         lines.append(
-            f"| {r['workload']} | {r['batch']} × {r['seq']} | {r['system']} | {plan['plan']} | "
+            f"| {r['workload']} | {r['batch']} × {r['seq']} | {r['system']} | {plan['plan']}"
+            f"{'; MLP products kept' if plan.get('mlp_products') else ''} | "
             f"{_f(plan.get('budget_gib'))} | {_f(plan['predicted_peak_gib'])} | {_f(measured)} | "
             f"{_f(error and 100 * error, '+.1f', '%')} | {plan.get('longest_tokens', '–')} | "
             f"{plan.get('loss_chunk_mib') or 'default'} |"

@@ -97,6 +97,7 @@ def memory_plan(model: Any) -> dict[str, Any] | None:
         "budget_gib": planner.budget / 2**30 if planner.budget else None,
         "longest_tokens": planner.longest_tokens(),  # the longest micro-batch it predicts to fit
         "loss_chunk_mib": (getattr(planner, "loss_chunk_bytes", None) or 0) // 2**20,  # 0: the default
+        "mlp_products": bool(getattr(planner, "mlp_products", False)),  # kept layers keep act(gate) * up
         "calibrated": planner.calibrated,
         # peaks over the budget with CUDA graphs captured: graphs off, re-planned eagerly (planner._overrun)
         "overruns": getattr(planner, "overruns", 0),
@@ -189,6 +190,13 @@ def run_train(args: dict[str, Any]) -> dict[str, Any]:
     ]
     if chosen:  # checkpointing off: the fused loss' chunk taken from free memory (0: the default)
         out["loss_chunk_mib"] = (chosen[0] or 0) // 2**20
+    room = [
+        m.__dict__["cpt_mlp_products_tokens"]
+        for m in model.modules()
+        if "cpt_mlp_products_tokens" in m.__dict__
+    ]
+    if room:  # checkpointing off: the MLPs keep act(gate) * up for micro-batches up to this many tokens
+        out["mlp_products_tokens"] = room[0]
     out.update(
         status="ok",
         losses=[float(x) for x in losses],

@@ -45,7 +45,9 @@ GPU_CHUNK_BYTES = 128 * 1024 * 1024
 CPU_CHUNK_BYTES = 16 * 1024 * 1024
 # Larger budgets (larger first) a caller with spare device memory may pass as ``chunk_bytes``: the memory
 # planner from what its plan leaves free, and a run without checkpointing from the device's free memory.
-LARGER_CHUNK_CHOICES = (512 * 1024 * 1024, 256 * 1024 * 1024)
+# 1 and 2 GiB (4,160 and 8,320 rows at a 128K vocabulary in bf16: 8,192 tokens in two chunks or one):
+# every chunk after the first reads and writes all of grad_weight, so fewer chunks move less memory.
+LARGER_CHUNK_CHOICES = (2048 * 1024 * 1024, 1024 * 1024 * 1024, 512 * 1024 * 1024, 256 * 1024 * 1024)
 CE_BLOCK = 4096
 CE_WARPS = 8
 
@@ -220,19 +222,25 @@ def _chunk_rows(
 def larger_chunk_for(n_rows: int, n_cols: int, elem_size: int, spare: float) -> tuple[int | None, int]:
     """The largest of ``LARGER_CHUNK_CHOICES`` whose logits chunk holds at most ``spare`` bytes more than the
     default GPU chunk, and those extra bytes; (None, 0): keep the default (no room, or the rows already fit
-    one default chunk)."""
+    one default chunk). Where smaller choices give the same rows (a batch that one chunk holds), the
+    smallest of them is named, so the budget reported is the memory the chunk takes."""
     cuda = torch.device("cuda")
 
     def chunk(budget: int | None) -> int:
         return _chunk_rows(n_rows, n_cols, elem_size, cuda, budget) * n_cols * elem_size
 
     default = chunk(None)
+    options = []
     for choice in LARGER_CHUNK_CHOICES:
         extra = chunk(choice) - default
         if extra <= 0:
-            return None, 0
+            break
+        options.append((choice, extra))
+    for index, (_choice, extra) in enumerate(options):
         if extra <= spare:
-            return choice, extra
+            while index + 1 < len(options) and options[index + 1][1] == extra:
+                index += 1
+            return options[index]
     return None, 0
 
 

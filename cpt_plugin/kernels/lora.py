@@ -369,7 +369,7 @@ def lora_grouped_linear(x: torch.Tensor, projections: Sequence[LoraProjection]) 
 # ------------------------------------------------------------------------------------------------
 class _LoraGatedMLP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, gelu, base: _FrozenBase, dtype, skip_output, *factors):
+    def forward(ctx, x, gelu, base: _FrozenBase, dtype, skip_output, keep_product, *factors):
         # base and factors: gate, up and down
         x2 = _rows_in(x, dtype)
         a_gate, b_gate, a_up, b_up, a_down, b_down = factors
@@ -410,9 +410,10 @@ class _LoraGatedMLP(torch.autograd.Function):
                 )
         # A recompute runs right before this layer's backward: its act(gate) * up is kept for the down
         # projection's gradients instead of being formed a third time (no extra peak: backward would
-        # allocate it anyway). A first forward drops it: it would stay alive until backward.
+        # allocate it anyway). A first forward drops it (it would stay alive until backward) unless the
+        # caller has the memory for that (``keep_product``: one kernel fewer in backward).
         # Held as an attribute, not a saved tensor, so backward can free it as soon as it is used.
-        ctx.kept_hidden = hidden if skip_output else None
+        ctx.kept_hidden = hidden if skip_output or keep_product else None
         ctx.gate_up_overwritten = False
         del hidden
         ctx.save_for_backward(x2, gate, up, xa_gu, ha_down, a_gu, ac_down, bc_gate, bc_up, bc_down)
@@ -433,7 +434,7 @@ class _LoraGatedMLP(torch.autograd.Function):
                     base.scales[:2], base.dequantizers[:2], dtype,
                 )  # fmt: skip
         need = ctx.needs_input_grad
-        need_a, need_b = need[5::2], need[6::2]  # gate, up, down
+        need_a, need_b = need[6::2], need[7::2]  # gate, up, down
         g2 = _rows_in(grad_out, dtype)
         # down: its input (act(gate) * up) is recomputed (or kept by a recompute), used for dA and freed
         hidden = kept_hidden if kept_hidden is not None else glu_forward(gate, up, gelu)
@@ -479,7 +480,7 @@ class _LoraGatedMLP(torch.autograd.Function):
         )
         dx = dx.view(x_shape).to(x_dtype) if dx is not None else None
         grads = (grad_a[0], grad_b[0], grad_a[1], grad_b[1], grad_a_down, grad_b_down)
-        return (dx, None, None, None, None, *grads)
+        return (dx, None, None, None, None, None, *grads)
 
 
 def lora_gated_mlp(
@@ -489,12 +490,17 @@ def lora_gated_mlp(
     down: LoraProjection,
     activation: str = "swiglu",
     skip_output: bool = False,
+    keep_product: bool = False,
 ) -> torch.Tensor:
     """``down(act(gate(x)) * up(x))`` for three LoRA projections; ``activation`` "swiglu" or "geglu".
 
     ``skip_output``: in a checkpoint recompute whose MLP output only feeds the discarded layer output, compute
     just the tensors backward needs (the down projection's base matmul, a third of the MLP, is skipped) and
-    return zeros."""
+    return zeros.
+
+    ``keep_product``: keep ``act(gate) * up`` (tokens x intermediate) from the forward for backward instead
+    of forming it again there: one tokens x intermediate buffer more between forward and backward, one
+    kernel fewer in backward, the same numbers."""
     if activation not in ("swiglu", "geglu"):
         raise ValueError(f"activation must be 'swiglu' or 'geglu', got {activation!r}")
     projections = (gate, up, down)
@@ -504,6 +510,7 @@ def lora_gated_mlp(
         _frozen_base(projections),
         compute_dtype(x),
         skip_output,
+        keep_product and not skip_output,
         *_factors(projections),
     )
 

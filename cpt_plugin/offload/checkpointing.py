@@ -370,6 +370,20 @@ def _thread_state(name: str, value: Any) -> Iterator[None]:
         setattr(_STATE, name, previous)
 
 
+def keeps_mlp_products() -> bool:
+    """True while a layer runs whose fused MLP may keep ``act(gate) * up`` from its forward for its backward
+    (kernels/lora.py ``keep_product``): a kept layer of a plan with room for it (planner.py), or a model
+    without checkpointing on a device with room (patching/causal_lm.py). Thread-local, like the rest."""
+    return bool(getattr(_STATE, "mlp_products", False))
+
+
+@contextlib.contextmanager
+def keeping_mlp_products(keep: bool) -> Iterator[None]:
+    """The layers called in this block on this thread keep (or do not keep) their fused MLP products."""
+    with _thread_state("mlp_products", keep):
+        yield
+
+
 def in_lean_recompute() -> bool:
     """True while :class:`_LayerCheckpoint` recomputes a layer (not torch's checkpoint, whose recompute
     must save the same tensors as the forward did: a part that changes what it saves checks this)."""
@@ -794,6 +808,9 @@ class PlanHolder:
         self.simulate_offload = simulate_offload  # tests: "offload" into plain host memory on CPU
         self.graphs: Any = None  # layer_graphs.LayerGraphs: kept layers replayed as CUDA graphs
         self.recompute_graphs: Any = None  # recompute_graphs.RecomputeGraphs: checkpointed layers' backward
+        # kept layers' fused MLPs keep act(gate) * up for backward (the planner's choice); None: as the
+        # caller's thread says (``keeps_mlp_products``), for a holder without a planner
+        self.mlp_products: bool | None = None
 
 
 class PlannedLayerFunction:
@@ -812,15 +829,19 @@ class PlannedLayerFunction:
             observer.layer_start(self.index, args[0] if args else None)  # may change holder.plan
         mode = holder.plan.modes[self.index]
         if mode == "keep":
-            out = None
-            graphs = holder.graphs
-            if graphs is not None:
-                if graphs.plan_seen is not holder.plan:  # a new plan: graphs of the old one are freed
-                    graphs.reset()
-                    graphs.plan_seen = holder.plan
-                out = graphs.run(self.index, function, args)
-            if out is None:
-                out = function(*args)
+            products = holder.mlp_products
+            if products is None:
+                products = keeps_mlp_products()
+            with _thread_state("mlp_products", products and not holder.plan.tiled[self.index]):
+                out = None
+                graphs = holder.graphs
+                if graphs is not None:
+                    if graphs.plan_seen is not holder.plan:  # a new plan: graphs of the old one are freed
+                        graphs.reset()
+                        graphs.plan_seen = holder.plan
+                    out = graphs.run(self.index, function, args)
+                if out is None:
+                    out = function(*args)
         else:
             on_recompute = getattr(observer, "layer_recomputed", None)
             if on_recompute is not None:

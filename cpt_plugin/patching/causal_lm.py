@@ -116,11 +116,14 @@ def _fused_forward(self: nn.Module, call: _Call, plan: HeadPlan, softcap_attr: s
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     from cpt_plugin.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
+    from cpt_plugin.offload.checkpointing import keeping_mlp_products
 
     named = dict(call.named)
     labels = named.pop("labels")
     logits_to_keep = named.pop("logits_to_keep", 0)
-    outputs = self.model(**named, **call.extra)
+    products = _mlp_products_now(self, _input_tokens(named))
+    with keeping_mlp_products(products):
+        outputs = self.model(**named, **call.extra)
 
     hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
     ignore_index = call.extra.get("ignore_index", -100)
@@ -145,7 +148,7 @@ def _fused_forward(self: nn.Module, call: _Call, plan: HeadPlan, softcap_attr: s
         reduction="mean",
         num_items_in_batch=num_items,
         softcap=softcap,
-        chunk_bytes=_loss_chunk_bytes(self, head_hidden, weight),
+        chunk_bytes=_loss_chunk_bytes(self, head_hidden, weight, products_on=products),
     )
 
     fields = CausalLMOutputWithPast.__dataclass_fields__
@@ -172,17 +175,26 @@ FREE_MEMORY_MARGIN_BYTES = 2**30  # a larger loss chunk only leaves this + 5% of
 FREE_MEMORY_MARGIN_FRACTION = 0.05
 
 
-def _loss_chunk_bytes(model: nn.Module, hidden: torch.Tensor, weight: torch.Tensor) -> int | None:
+def _loss_chunk_bytes(
+    model: nn.Module, hidden: torch.Tensor, weight: torch.Tensor, products_on: bool = False
+) -> int | None:
     """The fused loss' logits-chunk budget: the memory planner's (``cpt_loss_chunk_bytes``), or with
     checkpointing off (``cpt_loss_chunk_from_free_memory``, CUDA) a larger chunk when the device has room
     for it now, at the end of the forward, when every kept activation is alive (fewer, larger chunks are
-    faster: fused_linear_cross_entropy.GPU_CHUNK_BYTES). None: the default chunk."""
+    faster: fused_linear_cross_entropy.GPU_CHUNK_BYTES). None: the default chunk. A forward that ran
+    without kept MLP products (``products_on`` False) also notes whether their bytes would have fitted
+    (``_note_room_for_mlp_products``); they take precedence over the larger chunk from the next forward."""
     chunk = getattr(model, "cpt_loss_chunk_bytes", None)
     if chunk is not None or not getattr(model, "cpt_loss_chunk_from_free_memory", False):
         return chunk
     if hidden.device.type != "cuda":
         return None
-    chunk = chunk_for_spare_memory(hidden, weight, spare_device_bytes(hidden.device))
+    spare = spare_device_bytes(hidden.device)
+    if not products_on and model.training and torch.is_grad_enabled():
+        from cpt_plugin.kernels.fused_linear_cross_entropy import compute_element_size
+
+        _note_room_for_mlp_products(model, hidden.shape[0], spare, compute_element_size(hidden, weight))
+    chunk = chunk_for_spare_memory(hidden, weight, spare)
     if chunk != model.__dict__.get("cpt_loss_chunk_chosen"):
         model.__dict__["cpt_loss_chunk_chosen"] = chunk
         logger.info(
@@ -190,6 +202,56 @@ def _loss_chunk_bytes(model: nn.Module, hidden: torch.Tensor, weight: torch.Tens
             "default" if chunk is None else f"{chunk // 2**20} MiB",
         )
     return chunk
+
+
+_PRODUCTS_TOKENS = "cpt_mlp_products_tokens"  # the longest micro-batch the device had room for them at
+
+
+def _input_tokens(named: dict[str, Any]) -> int:
+    ids, embeds = named.get("input_ids"), named.get("inputs_embeds")
+    if isinstance(ids, torch.Tensor):
+        return ids.numel()
+    if isinstance(embeds, torch.Tensor) and embeds.dim() >= 2:
+        return embeds.numel() // embeds.shape[-1]
+    return 0
+
+
+def mlp_products_bytes(model: nn.Module, tokens: int, element_size: int) -> int:
+    """What every decoder layer's fused MLP keeping ``act(gate) * up`` (tokens x intermediate) holds;
+    0 where the config does not say (no ``intermediate_size``)."""
+    config = model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layers, intermediate = getattr(text, "num_hidden_layers", None), getattr(text, "intermediate_size", None)
+    if not isinstance(layers, int) or not isinstance(intermediate, int):
+        return 0
+    return layers * tokens * intermediate * element_size
+
+
+def _mlp_products_now(model: nn.Module, tokens: int) -> bool:
+    """Checkpointing off: whether this training forward's fused MLPs keep ``act(gate) * up`` for backward
+    (one kernel fewer per layer there), which an earlier forward of at least as many tokens found room for."""
+    if not getattr(model, "cpt_loss_chunk_from_free_memory", False):
+        return False
+    if not (model.training and torch.is_grad_enabled()):
+        return False
+    return 0 < tokens <= model.__dict__.get(_PRODUCTS_TOKENS, 0)
+
+
+def _note_room_for_mlp_products(model: nn.Module, tokens: int, spare: float, element_size: int) -> None:
+    """At the loss, every activation of the forward is alive: if the device has room for the MLP products
+    of ``tokens`` tokens beyond that (and beyond the margin, ``spare_device_bytes``), later forwards of up
+    to that many tokens keep them (logged once)."""
+    need = mlp_products_bytes(model, tokens, element_size)
+    if need <= 0 or need > spare or tokens <= model.__dict__.get(_PRODUCTS_TOKENS, 0):
+        return
+    if _PRODUCTS_TOKENS not in model.__dict__:
+        logger.info(
+            "cpt-plugin: checkpointing off, and the device has room: the MLPs keep act(gate) * up for "
+            "backward from the next step (%.2g GiB at %d tokens, one kernel fewer per layer in backward).",
+            need / 2**30,
+            tokens,
+        )
+    model.__dict__[_PRODUCTS_TOKENS] = tokens
 
 
 def spare_device_bytes(device: torch.device) -> float:

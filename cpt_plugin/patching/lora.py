@@ -309,7 +309,9 @@ def fused_gated_mlp(
         if projection is None:
             return None
         projections.append(projection)
-    from cpt_plugin.offload.checkpointing import in_recompute
+    from cpt_plugin.offload.checkpointing import in_recompute, keeps_mlp_products
 
-    skip = residual_only and in_recompute()
-    return lora_gated_mlp(x, *projections, activation=activation, skip_output=skip)
+    recomputing = in_recompute()
+    skip = residual_only and recomputing
+    keep = not recomputing and torch.is_grad_enabled() and keeps_mlp_products()
+    return lora_gated_mlp(x, *projections, activation=activation, skip_output=skip, keep_product=keep)

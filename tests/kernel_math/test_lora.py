@@ -228,6 +228,42 @@ def test_gated_mlp_recompute_gives_the_same_gradients(dtype):
         torch.testing.assert_close(g, w, msg=f"input {i}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("tokens", "hidden", "inter"), [(13, 32, 48), (1, 24, 40), (37, 40, 72)])
+def test_gated_mlp_keeping_its_product_gives_the_same_numbers_and_forms_it_once(
+    monkeypatch, dtype, tokens, hidden, inter
+):
+    """keep_product: act(gate) * up from the forward is used by backward (the gated-activation kernel runs
+    once, not again in backward), and output and gradients are bitwise those without it; a second
+    backward of the same graph (retain_graph) forms it again and is still right."""
+    from cpt_plugin.kernels import lora as lora_module
+
+    calls = []
+    real = lora_module.glu_forward
+    monkeypatch.setattr(lora_module, "glu_forward", lambda *a: calls.append(1) or real(*a))
+    gate, up, down = (
+        _projection(a, b, 8, dtype, False, 2.0) for a, b in ((hidden, inter),) * 2 + ((inter, hidden),)
+    )
+    x = torch.randn(tokens, hidden).to(dtype).requires_grad_(True)
+    inputs = [x] + [t for p in (gate, up, down) for t in (p.lora_a, p.lora_b)]
+    upstream = torch.randn(tokens, hidden).to(dtype)
+    plain = lora_gated_mlp(x, gate, up, down)
+    want = torch.autograd.grad(plain, inputs, upstream)
+    assert len(calls) == 2  # forward, and again in backward
+    calls.clear()
+    kept = lora_gated_mlp(x, gate, up, down, keep_product=True)
+    torch.testing.assert_close(kept, plain, rtol=0, atol=0)
+    first = torch.autograd.grad(kept, inputs, upstream, retain_graph=True)
+    assert len(calls) == 1  # the forward's only
+    second = torch.autograd.grad(kept, inputs, upstream)
+    for i, (a, b, w) in enumerate(zip(first, second, want, strict=True)):
+        torch.testing.assert_close(a, w, rtol=0, atol=0, msg=f"input {i}")
+        torch.testing.assert_close(b, w, rtol=0, atol=0, msg=f"input {i}, second backward")
+    # a recompute's skipped output already keeps it: keep_product changes nothing there
+    skipped = lora_gated_mlp(x, gate, up, down, skip_output=True, keep_product=True)
+    assert not skipped.any()
+
+
 def test_gated_mlp_with_gate_and_up_of_different_ranks_and_scales():
     """gate and up share one stacked A (one x A^T GEMM, one u buffer): ranks and scales that differ
     between them (PEFT's rank_pattern / alpha_pattern) and biases still give the reference gradients."""

@@ -1,0 +1,135 @@
+"""Kept layers keep their fused MLP's act(gate) * up for backward where the memory is there.
+
+The planner grants it from what its plan leaves under the budget (before the loss chunk), a run without
+checkpointing from the device's room at the loss; either way the gradients are the same and backward
+forms the product once less per layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from offload_models import tiny_llama
+
+from cpt_plugin.offload.planner import install_planner, mlp_products_bytes, predict_peak
+
+GIB = 2**30
+
+
+def _count_products(monkeypatch) -> list[int]:
+    """Counts the gated-activation kernel's calls in the fused MLP (forward, and backward when not kept)."""
+    from cpt_plugin.kernels import lora as lora_module
+
+    calls: list[int] = []
+    real = lora_module.glu_forward
+    monkeypatch.setattr(lora_module, "glu_forward", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+def _step_grads(model, ids) -> list[torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    model(input_ids=ids, labels=ids).loss.backward()
+    return [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+
+def test_the_planner_grants_mlp_products_from_the_room_its_plan_leaves() -> None:
+    model = tiny_llama(layers=4)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    planner = install_planner(model, budget_gib=40.0, _simulate_offload=True, _static_bytes=lambda: 0.0)
+    planner.shapes = dataclasses.replace(planner.shapes, intermediate=8192, act_bytes=2, fused_mlp=True)
+    planner.device, planner.budget, planner.calibrated = torch.device("cuda"), 40.0 * GIB, True
+    planner._replan(8192, 0.0)  # every layer kept, far under the budget
+    assert planner.plan.counts()["keep"] == 4
+    assert planner.mlp_products and planner.holder.mlp_products
+    products = 4 * 8192 * 8192 * 2
+    assert mlp_products_bytes(planner.plan, 8192, planner.shapes) == products
+    assert planner.predicted == predict_peak(planner.plan, planner.costs, 8192, 0.0) + products
+    assert planner.pop_log()["memory_plan_mlp_products"] == 1
+    # no room for them beyond the plan: not kept
+    plan_peak = predict_peak(planner.plan, planner.costs, 8192, 0.0)
+    planner.budget = (plan_peak + products / 2) / (1 - 0.05)
+    planner._replan(8192, 0.0)
+    assert not planner.mlp_products and planner.holder.mlp_products is False
+    # after an out-of-memory error their bytes count in what failed: dropping them is a step down
+    planner.budget = 40.0 * GIB
+    planner._replan(8192, 0.0)
+    assert planner.mlp_products
+    assert planner.step_down()
+    # a probe measures without them (its plan's own costs), like the loss chunk
+    planner._start_probe(8192, 0.0) if torch.cuda.is_available() else planner._set_mlp_products(False)
+    assert not planner.holder.mlp_products
+
+
+def test_a_tiled_or_checkpointed_layer_counts_no_product() -> None:
+    from cpt_plugin.offload.checkpointing import LayerPlan
+    from cpt_plugin.offload.planner import ModelShapes
+
+    shapes = ModelShapes(layers=4, hidden=64, intermediate=96, heads=4, kv_heads=2, head_dim=16, vocab=257,
+                         act_bytes=2, fused_mlp=True)  # fmt: skip
+    plan = LayerPlan(("offload", "recompute", "keep", "keep"), (False, False, True, False))
+    assert mlp_products_bytes(plan, 10, shapes) == 1 * 10 * 96 * 2
+    assert mlp_products_bytes(plan, 10, dataclasses.replace(shapes, fused_mlp=False)) == 0
+
+
+@pytest.mark.parametrize("checkpointing", ["auto", "off"])
+def test_kept_mlp_products_give_the_same_gradients_with_one_kernel_fewer_per_layer(
+    monkeypatch, checkpointing
+) -> None:
+    """A patched model (fused LoRA MLP): with the products kept, each layer's backward does not run the
+    gated activation again, and every LoRA and embedding gradient is bitwise the same."""
+    from cpt_plugin import setup_model
+
+    torch.manual_seed(0)
+    model = setup_model(tiny_llama(layers=3), {"lora_r": 4, "kernels": True}, checkpointing=checkpointing)
+    model.train()
+    ids = torch.randint(0, 257, (2, 11))
+    calls = _count_products(monkeypatch)
+    plain = _step_grads(model, ids)
+    assert len(calls) == 6  # 3 layers: forward and backward
+    base = model.get_base_model()
+    if checkpointing == "auto":
+        from cpt_plugin.offload.planner import find_planner
+
+        find_planner(model)._set_mlp_products(True)  # the planner's grant (it needs CUDA to make it)
+    else:
+        base.__dict__["cpt_mlp_products_tokens"] = ids.numel()  # the room noted at an earlier loss
+    calls.clear()
+    kept = _step_grads(model, ids)
+    assert len(calls) == 3  # forward only
+    for i, (a, b) in enumerate(zip(kept, plain, strict=True)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"gradient {i}")
+    if checkpointing == "off":  # a longer micro-batch than the room was noted for: not kept
+        calls.clear()
+        longer = torch.randint(0, 257, (2, 12))
+        model(input_ids=longer, labels=longer).loss.backward()
+        assert len(calls) == 6
+
+
+def test_without_checkpointing_the_room_for_mlp_products_is_noted_at_the_loss(caplog) -> None:
+    from cpt_plugin import setup_model
+    from cpt_plugin.patching import causal_lm
+
+    model = setup_model(tiny_llama(layers=3), {"lora_r": 4, "kernels": True}, checkpointing="off")
+    base = model.get_base_model()
+    base.train()
+    need = causal_lm.mlp_products_bytes(base, 64, 2)
+    assert need == 3 * 64 * 96 * 2
+    causal_lm._note_room_for_mlp_products(base, 64, need - 1, 2)  # no room
+    assert not causal_lm._mlp_products_now(base, 64)
+    with caplog.at_level("INFO", logger="cpt_plugin.patching.causal_lm"):
+        causal_lm._note_room_for_mlp_products(base, 64, need, 2)
+        causal_lm._note_room_for_mlp_products(base, 32, need, 2)  # fewer tokens: the room stays at 64
+    assert "keep act(gate) * up" in caplog.text and caplog.text.count("keep act(gate)") == 1
+    assert causal_lm._mlp_products_now(base, 64) and causal_lm._mlp_products_now(base, 40)
+    assert not causal_lm._mlp_products_now(base, 65)
+    base.eval()  # evaluation keeps nothing for a backward
+    assert not causal_lm._mlp_products_now(base, 64)
+    base.train()
+    with torch.no_grad():
+        assert not causal_lm._mlp_products_now(base, 64)
+    # with checkpointing (the planner or a uniform mode) this path never grants them
+    offload = setup_model(tiny_llama(layers=1), {"lora_r": 4}, checkpointing="offload").get_base_model()
+    offload.__dict__["cpt_mlp_products_tokens"] = 10**9
+    assert not causal_lm._mlp_products_now(offload, 64)
