@@ -133,3 +133,43 @@ def test_without_checkpointing_the_room_for_mlp_products_is_noted_at_the_loss(ca
     offload = setup_model(tiny_llama(layers=1), {"lora_r": 4}, checkpointing="offload").get_base_model()
     offload.__dict__["cpt_mlp_products_tokens"] = 10**9
     assert not causal_lm._mlp_products_now(offload, 64)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("checkpointing", ["auto", "off"])
+def test_on_a_roomy_gpu_the_products_are_granted_and_change_no_gradient(monkeypatch, checkpointing) -> None:
+    """bf16 on CUDA with the Triton kernels: the default budget (auto) or the device's room (off) grants
+    the products after the first steps, and a step with them gives the gradients of a step without."""
+    from offload_models import gpu_bf16_llama
+
+    from cpt_plugin import setup_model
+
+    model = setup_model(gpu_bf16_llama(), {"lora_r": 8, "kernels": True}, checkpointing=checkpointing)
+    model.train()
+    ids = torch.randint(0, 257, (2, 128), device="cuda")
+    for _ in range(4):  # auto: probe, calibrated plan; off: the room noted at the first loss
+        _step_grads(model, ids)
+    base = model.get_base_model()
+    if checkpointing == "auto":
+        from cpt_plugin.offload.planner import find_planner
+
+        planner = find_planner(model)
+        assert planner.mlp_products, planner.plan.describe()
+        toggle = planner._set_mlp_products
+    else:
+        assert base.__dict__.get("cpt_mlp_products_tokens") == ids.numel()
+        room = base.__dict__["cpt_mlp_products_tokens"]
+
+        def toggle(on: bool) -> None:
+            base.__dict__["cpt_mlp_products_tokens"] = room if on else -1
+
+    calls = _count_products(monkeypatch)
+    kept = _step_grads(model, ids)
+    assert len(calls) == 2  # two layers, forward only
+    toggle(False)
+    calls.clear()
+    plain = _step_grads(model, ids)
+    assert len(calls) == 4
+    for i, (a, b) in enumerate(zip(kept, plain, strict=True)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"gradient {i}")
