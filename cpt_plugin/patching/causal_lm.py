@@ -190,7 +190,7 @@ def _loss_chunk_bytes(
     if hidden.device.type != "cuda":
         return None
     spare = spare_device_bytes(hidden.device)
-    if not products_on and model.training and torch.is_grad_enabled():
+    if not products_on and getattr(model, "training", False) and torch.is_grad_enabled():
         from cpt_plugin.kernels.fused_linear_cross_entropy import compute_element_size
 
         _note_room_for_mlp_products(model, hidden.shape[0], spare, compute_element_size(hidden, weight))

@@ -676,15 +676,13 @@ MIB = 2**20
 def test_loss_chunk_takes_the_room_the_plan_leaves() -> None:
     from cpt_plugin.offload.planner import loss_chunk_extra, loss_chunk_for
 
-    # 128 MiB (the default) holds 512 rows of a 128K vocabulary in bf16, 512 MiB 2048 rows, 1 GiB 4160 rows,
-    # 2 GiB 8320 rows (8192 tokens: one chunk)
+    # 128 MiB (the default) holds 512 rows of a 128K vocabulary in bf16, 512 MiB 2048 rows, 1 GiB 4160 rows
     row = 128256 * 2
-    extra_2048, extra_1024 = (8192 - 512) * row, (4160 - 512) * row
+    extra_1024 = (4160 - 512) * row
     extra_512 = loss_chunk_extra(512 * MIB, 8192, LLAMA_1B)
     assert extra_512 == (2048 - 512) * row
-    assert loss_chunk_extra(2048 * MIB, 8192, LLAMA_1B) == extra_2048
-    assert loss_chunk_for(1e12, 8192, LLAMA_1B) == (2048 * MIB, extra_2048)
-    assert loss_chunk_for(extra_2048 - 1, 8192, LLAMA_1B) == (1024 * MIB, extra_1024)
+    assert loss_chunk_extra(1024 * MIB, 8192, LLAMA_1B) == extra_1024
+    assert loss_chunk_for(1e12, 8192, LLAMA_1B) == (1024 * MIB, extra_1024)
     assert loss_chunk_for(extra_1024 - 1, 8192, LLAMA_1B) == (512 * MIB, extra_512)
     assert loss_chunk_for(extra_512 - 1, 8192, LLAMA_1B) == (256 * MIB, (1024 - 512) * row)
     assert loss_chunk_for(1e6, 8192, LLAMA_1B) == (None, 0.0)
@@ -700,11 +698,11 @@ def test_the_planner_gives_spare_memory_to_the_loss_chunk_and_takes_it_back() ->
     planner.shapes = dataclasses.replace(planner.shapes, hidden=2048, vocab=128256, act_bytes=2)
     planner.device, planner.budget, planner.calibrated = torch.device("cuda"), 40.0 * GIB, True
     planner._replan(8192, 0.0)  # every layer kept, far under the budget: the largest chunk
-    assert planner.loss_chunk_bytes == 2048 * MIB
-    assert [m.cpt_loss_chunk_bytes for m in planner.loss_modules] == [2048 * MIB]
+    assert planner.loss_chunk_bytes == 1024 * MIB
+    assert [m.cpt_loss_chunk_bytes for m in planner.loss_modules] == [1024 * MIB]
     plan_peak = predict_peak(planner.plan, planner.costs, 8192, 0.0)
-    assert planner.predicted == plan_peak + (8192 - 512) * 128256 * 2
-    assert planner.pop_log()["memory_plan_loss_chunk_mib"] == 2048
+    assert planner.predicted == plan_peak + (4160 - 512) * 128256 * 2
+    assert planner.pop_log()["memory_plan_loss_chunk_mib"] == 1024
     # no room beyond the plan: the default chunk again
     planner.budget = plan_peak / (1 - 0.05) * 1.0001
     planner._replan(8192, 0.0)
@@ -712,9 +710,9 @@ def test_the_planner_gives_spare_memory_to_the_loss_chunk_and_takes_it_back() ->
     # after an out-of-memory error the chunk's bytes count in what failed; dropping it is a step down
     planner.budget = 40.0 * GIB
     planner._replan(8192, 0.0)
-    assert planner.loss_chunk_bytes == 2048 * MIB
+    assert planner.loss_chunk_bytes == 1024 * MIB
     assert planner.step_down()
-    assert planner.predicted <= 0.85 * (plan_peak + (8192 - 512) * 128256 * 2)
+    assert planner.predicted <= 0.85 * (plan_peak + (4160 - 512) * 128256 * 2)
 
 
 def test_the_fused_loss_takes_the_planners_chunk_budget(monkeypatch) -> None:
@@ -786,5 +784,5 @@ def test_without_checkpointing_a_roomy_card_gives_the_loss_the_large_chunk() -> 
     spare = causal_lm.spare_device_bytes(hidden.device)
     want = causal_lm.chunk_for_spare_memory(hidden, weight, spare)
     assert causal_lm._loss_chunk_bytes(base, hidden, weight) == want
-    if spare > 2 * GIB:  # one 8,192-row chunk needs 1.83 GiB more than the default, two need 0.87
-        assert want == (2048 * MIB if spare >= (8192 - 512) * 128256 * 2 else 1024 * MIB)
+    if spare > 2 * GIB:  # two chunks of 4,160 rows need 0.87 GiB more than the default's 512 rows
+        assert want == 1024 * MIB
