@@ -170,16 +170,18 @@ def install_layer_graphs(model: Any, config: CPTConfig, mode: str) -> None:
     ``cuda_graphs`` unset (None, the default): checkpointed layers with ``recompute`` or ``offload``, for
     micro-batches of up to ``recompute_graphs.DEFAULT_MAX_TOKENS`` tokens. There the host is the bound: on
     the H200 at Llama-1B 4 x 2048 an offloaded step went from 1.11x to 1.25x Unsloth's speed for 0.14 GiB
-    more allocated (docs/BENCHMARKS.md). Not kept layers (1.5% faster for 2.4 GiB more), not longer
-    batches (the pool grows with the length, the host's share shrinks), not ``auto``'s layers: with an
-    8 GiB budget the planner, counting the pool, kept one layer fewer and the step was no faster than the
-    eager plan (60.7K against 61.1K tokens/s, H200, 2026-12-02). ``true``: all of them, any length, ``auto``
-    included (its planner counts the pool, planner.py). Where graphs cannot run (several
-    processes, no GPU, 4-bit layers) ``true`` says why, once; the default trains without them quietly."""
+    more allocated (docs/BENCHMARKS.md). Not longer batches (the pool grows with the length, the host's
+    share shrinks). Kept layers (``auto`` and ``off``) once their extra memory is granted: by the planner
+    when its plan keeps every layer and the budget holds it, without checkpointing when the device had
+    room at the loss. Not ``auto``'s checkpointed layers: with an 8 GiB budget the planner, counting the
+    pool, kept one layer fewer and the step was no faster than the eager plan (60.7K against 61.1K
+    tokens/s, H200, 2026-12-02). ``true``: all of them, any length, ``auto`` included (its planner counts
+    the checkpointed layers' pool, planner.py). Where graphs cannot run (several processes, no GPU, 4-bit
+    layers) ``true`` says why, once; the default trains without them quietly."""
     if config.cuda_graphs is False:
         return
     asked = config.cuda_graphs is True
-    if not asked and mode not in ("recompute", "offload"):
+    if not asked and mode not in ("recompute", "offload", "auto", "off"):
         return
     from cpt_plugin.offload.checkpointing import checkpoint_function, enable_layer_plan, layer_plan_holder
     from cpt_plugin.offload.graph_capture import graphs_available
@@ -201,7 +203,8 @@ def install_layer_graphs(model: Any, config: CPTConfig, mode: str) -> None:
     holder = layer_plan_holder(model)
     if holder is None:  # checkpointing off: every layer kept, through the per-layer function
         holder = enable_layer_plan(model)
-    if asked:
-        holder.graphs = LayerGraphs()
-    if mode == "auto":
-        holder.recompute_graphs = RecomputeGraphs(max_tokens=None if asked else DEFAULT_MAX_TOKENS)
+    # unset: granted by the planner when it keeps every layer with room for them, or without checkpointing
+    # when the device had room at the loss (patching/causal_lm.py)
+    holder.graphs = LayerGraphs(managed=not asked)
+    if mode == "auto" and asked:
+        holder.recompute_graphs = RecomputeGraphs(max_tokens=None)

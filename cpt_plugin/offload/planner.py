@@ -608,6 +608,7 @@ class MemoryPlanner:
         self.loss_modules: list[torch.nn.Module] = []  # models whose fused loss takes the chunk budget
         self.loss_chunk_bytes: int | None = None  # None: the loss' default chunk
         self.mlp_products = False  # kept layers' fused MLPs keep act(gate) * up for backward
+        self.kept_graphs = False  # kept layers replay CUDA graphs (cuda_graphs unset: granted here)
 
     # --- observer of the layers --------------------------------------------------------------
     def layer_start(self, index: int, x: Any) -> None:
@@ -729,7 +730,12 @@ class MemoryPlanner:
         """Whether some layer replays a CUDA graph now (kept layers' or checkpointed layers')."""
         kept = getattr(self.holder, "graphs", None)
         checkpointed = getattr(self.holder, "recompute_graphs", None)
-        if kept is not None and kept.captured and getattr(kept, "off_reason", None) is None:
+        if (
+            kept is not None
+            and kept.captured
+            and getattr(kept, "granted", True)
+            and getattr(kept, "off_reason", None) is None
+        ):
             return True
         return (
             checkpointed is not None
@@ -791,15 +797,21 @@ class MemoryPlanner:
         self._use_graphs(graphed)
         self._pool_rate_planned = pool
         self._pool_planned = self._graph_pool_bytes(tokens, plan) if graphed else 0.0
-        products, products_extra = self._mlp_products(plan, tokens, predicted, fits)
+        kept_graphs, graphs_extra = self._kept_graphs(plan, tokens, predicted, fits)
+        predicted += graphs_extra
+        # the kept layers' graphs and the MLP products do not go together (layer_graphs.py), graphs first
+        products, products_extra = (
+            (False, 0.0) if kept_graphs else self._mlp_products(plan, tokens, predicted, fits)
+        )
         predicted += products_extra
         chunk, extra = self._loss_chunk(tokens, predicted, fits)
         changed = plan != self.plan or tokens != self.tokens or chunk != self.loss_chunk_bytes
-        changed = changed or products != self.mlp_products
+        changed = changed or products != self.mlp_products or kept_graphs != self.kept_graphs
         predicted += extra
         self.tokens, self._static_planned, self.predicted, self.fits = tokens, static, predicted, fits
         if plan != self.plan or reason == "first batch":
             self._apply(plan)
+        self._set_kept_graphs(kept_graphs)
         self._set_mlp_products(products)
         self._set_loss_chunk(chunk)
         if changed or reason:
@@ -910,6 +922,41 @@ class MemoryPlanner:
             return False, 0.0
         return True, extra
 
+    def _managed_kept_graphs(self) -> Any:
+        """The kept layers' graphs this planner grants (``cuda_graphs`` unset), or None."""
+        graphs = getattr(self.holder, "graphs", None)
+        if graphs is None or not getattr(graphs, "managed", False) or graphs.off_reason is not None:
+            return None
+        return graphs
+
+    def _kept_graphs(self, plan: LayerPlan, tokens: int, predicted: float, fits: bool) -> tuple[bool, float]:
+        """A plan that keeps every layer, untiled, with room under the target for the graphs' extra memory
+        (``layer_graphs.kept_graph_extra_bytes``) runs its layers as CUDA graphs: (whether, those bytes).
+
+        Why: the kept layers' forward waits on the host (on an H200 at Llama-1B 4 x 2048: eager steps of
+        103-124 ms, graphed ones 95-97). Only every layer kept: under a budget that checkpoints some,
+        graphs took memory a kept layer would use and were no faster (docs/BENCHMARKS.md, 2026-12-03).
+        Only once calibrated and on CUDA, as the loss chunk."""
+        on_cuda = self.device is not None and self.device.type == "cuda"
+        if self._managed_kept_graphs() is None or not (fits and self.calibrated and on_cuda):
+            return False, 0.0
+        if any(mode != "keep" for mode in plan.modes) or any(plan.tiled):
+            return False, 0.0
+        from cpt_plugin.offload.layer_graphs import kept_graph_extra_bytes
+
+        trainable = sum(p.numel() * p.element_size() for p in self.layers[0].parameters() if p.requires_grad)
+        shapes = self.shapes
+        extra = kept_graph_extra_bytes(len(self.layers), tokens, shapes.hidden, shapes.act_bytes, trainable)
+        if predicted + extra > self._target():
+            return False, 0.0
+        return True, extra
+
+    def _set_kept_graphs(self, on: bool) -> None:
+        graphs = self._managed_kept_graphs()
+        if graphs is not None:
+            graphs.grant(on)
+        self.kept_graphs = on and graphs is not None
+
     def _set_mlp_products(self, keep: bool) -> None:
         if keep != self.mlp_products:
             graphs = getattr(self.holder, "graphs", None)
@@ -951,6 +998,7 @@ class MemoryPlanner:
         if self.loss_chunk_bytes is not None:
             self._log["memory_plan_loss_chunk_mib"] = self.loss_chunk_bytes // 2**20
         self._log["memory_plan_mlp_products"] = int(self.mlp_products)
+        self._log["memory_plan_kept_graphs"] = int(self.kept_graphs)
         why = f" ({reason})" if reason else ""
         state = "calibrated" if self.calibrated else "uncalibrated"
         replayed = counts["offload"] and self._offload_time(self.tokens) < TIME_OFFLOAD
@@ -1019,6 +1067,7 @@ class MemoryPlanner:
         # to them is counted exactly
         self._set_loss_chunk(None)
         self._set_mlp_products(False)
+        self._set_kept_graphs(False)  # the graphs' static copies would count as the kept layers' bytes
         self._probes_at_length = self._probes_at_length + 1 if tokens == self._calibrated_tokens else 1
         torch.cuda.reset_peak_memory_stats(self.device)
         probe: dict[str, Any] = {
@@ -1159,16 +1208,14 @@ class MemoryPlanner:
         failed_peak += loss_chunk_extra(self.loss_chunk_bytes, tokens, self.shapes)
         if self.mlp_products:
             failed_peak += mlp_products_bytes(self.plan, tokens, self.shapes)
+        if self.kept_graphs:
+            failed_peak += self._kept_graphs(self.plan, tokens, 0.0, True)[1]
         if self.budget is None:  # never planned (CPU without a budget): the failed plan is the measure
             self.budget = failed_peak
         self._budget_cap = STEP_DOWN * failed_peak
-        previous, previous_chunk, previous_products = self.plan, self.loss_chunk_bytes, self.mlp_products
+        previous = (self.plan, self.loss_chunk_bytes, self.mlp_products, self.kept_graphs)
         self._replan(tokens, static, "out of memory: stepped down")
-        return (
-            self.plan != previous
-            or self.loss_chunk_bytes != previous_chunk
-            or self.mlp_products != previous_products
-        )
+        return (self.plan, self.loss_chunk_bytes, self.mlp_products, self.kept_graphs) != previous
 
     # --- logging -------------------------------------------------------------------------------
     def pop_log(self) -> dict[str, float]:

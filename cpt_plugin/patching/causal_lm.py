@@ -193,7 +193,9 @@ def _loss_chunk_bytes(
     if not products_on and getattr(model, "training", False) and torch.is_grad_enabled():
         from cpt_plugin.kernels.fused_linear_cross_entropy import compute_element_size
 
-        _note_room_for_mlp_products(model, hidden.shape[0], spare, compute_element_size(hidden, weight))
+        element_size = compute_element_size(hidden, weight)
+        if not _grant_layer_graphs_if_room(model, hidden.shape[0], spare, element_size):
+            _note_room_for_mlp_products(model, hidden.shape[0], spare, element_size)
     chunk = chunk_for_spare_memory(hidden, weight, spare)
     if chunk != model.__dict__.get("cpt_loss_chunk_chosen"):
         model.__dict__["cpt_loss_chunk_chosen"] = chunk
@@ -225,6 +227,55 @@ def mlp_products_bytes(model: nn.Module, tokens: int, element_size: int) -> int:
     if not isinstance(layers, int) or not isinstance(intermediate, int):
         return 0
     return layers * tokens * intermediate * element_size
+
+
+_LAYER_GRAPHS = "_cpt_managed_layer_graphs"  # (LayerGraphs, layers, trainable bytes per layer) or None
+
+
+def _managed_layer_graphs(model: nn.Module) -> tuple[Any, int, int] | None:
+    """The kept layers' CUDA graphs that wait for room (``cuda_graphs`` unset, checkpointing off), with
+    the layer count and the trained bytes of one layer; looked up once."""
+    if _LAYER_GRAPHS not in model.__dict__:
+        from cpt_plugin.offload.checkpointing import decoder_layers, layer_plan_holder
+
+        holder = layer_plan_holder(model)
+        graphs = getattr(holder, "graphs", None)
+        found = None
+        if graphs is not None and getattr(graphs, "managed", False) and holder.observer is None:
+            layers = decoder_layers(model)
+            trainable = sum(p.numel() * p.element_size() for p in layers[0].parameters() if p.requires_grad)
+            found = (graphs, len(layers), trainable)
+        model.__dict__[_LAYER_GRAPHS] = found
+    return model.__dict__[_LAYER_GRAPHS]
+
+
+def _grant_layer_graphs_if_room(model: nn.Module, tokens: int, spare: float, element_size: int) -> bool:
+    """Checkpointing off: kept layers replay CUDA graphs (their forward waits on the host otherwise) once
+    the device has room for the graphs' extra memory at the loss; True when they run (then the MLP
+    products are not kept: the two do not go together)."""
+    managed = _managed_layer_graphs(model)
+    if managed is None:
+        return False
+    graphs, layers, trainable = managed
+    if graphs.off_reason is not None:
+        return False
+    if graphs.granted:
+        return True
+    from cpt_plugin.offload.layer_graphs import kept_graph_extra_bytes
+
+    config = model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    need = kept_graph_extra_bytes(layers, tokens, text.hidden_size, element_size, trainable)
+    if need > spare:
+        return False
+    graphs.grant(True)
+    logger.info(
+        "cpt-plugin: checkpointing off, and the device has room: the decoder layers run as CUDA graphs "
+        "after two more steps (about %.2g GiB more at %d tokens; set cuda_graphs: false to keep them eager).",
+        need / 2**30,
+        tokens,
+    )
+    return True
 
 
 def _mlp_products_now(model: nn.Module, tokens: int) -> bool:

@@ -145,7 +145,8 @@ def test_on_a_roomy_gpu_the_products_are_granted_and_change_no_gradient(monkeypa
 
     from cpt_plugin import setup_model
 
-    model = setup_model(gpu_bf16_llama(), {"lora_r": 8, "kernels": True}, checkpointing=checkpointing)
+    config = {"lora_r": 8, "kernels": True, "cuda_graphs": False}  # graphs would take the room first
+    model = setup_model(gpu_bf16_llama(), config, checkpointing=checkpointing)
     model.train()
     ids = torch.randint(0, 257, (2, 128), device="cuda")
     for _ in range(4):  # auto: probe, calibrated plan; off: the room noted at the first loss
@@ -173,3 +174,90 @@ def test_on_a_roomy_gpu_the_products_are_granted_and_change_no_gradient(monkeypa
     assert len(calls) == 4
     for i, (a, b) in enumerate(zip(kept, plain, strict=True)):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"gradient {i}")
+
+
+def _with_managed_graphs(model):
+    from cpt_plugin.offload.checkpointing import enable_layer_plan, layer_plan_holder
+    from cpt_plugin.offload.layer_graphs import LayerGraphs
+
+    holder = layer_plan_holder(model) or enable_layer_plan(model)
+    holder.graphs = LayerGraphs(managed=True)  # what a GPU run installs (core.install_layer_graphs)
+    return holder
+
+
+def test_the_planner_grants_kept_layer_graphs_first_and_only_when_every_layer_is_kept() -> None:
+    from cpt_plugin.offload.layer_graphs import kept_graph_extra_bytes
+
+    model = tiny_llama(layers=4)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    planner = install_planner(model, budget_gib=40.0, _simulate_offload=True, _static_bytes=lambda: 0.0)
+    graphs = _with_managed_graphs(model).graphs
+    assert not graphs.granted  # managed: nothing runs as a graph before the planner says so
+    planner.shapes = dataclasses.replace(
+        planner.shapes, hidden=2048, intermediate=4096, act_bytes=2, fused_mlp=True
+    )
+    planner.device, planner.budget, planner.calibrated = torch.device("cuda"), 40.0 * GIB, True
+    planner._replan(8192, 0.0)
+    trainable = sum(p.numel() * p.element_size() for p in planner.layers[0].parameters() if p.requires_grad)
+    extra = kept_graph_extra_bytes(4, 8192, planner.shapes.hidden, 2, trainable)
+    assert planner.kept_graphs and graphs.granted
+    assert not planner.mlp_products  # the graphs take the room first; the two do not go together
+    assert planner.predicted == predict_peak(planner.plan, planner.costs, 8192, 0.0) + extra
+    assert planner.pop_log()["memory_plan_kept_graphs"] == 1
+    # a budget that only holds the products: no graphs, the products
+    plan_peak = predict_peak(planner.plan, planner.costs, 8192, 0.0)
+    products = mlp_products_bytes(planner.plan, 8192, planner.shapes)
+    assert products < extra
+    planner.budget = (plan_peak + (products + extra) / 2) / (1 - 0.05)
+    planner._replan(8192, 0.0)
+    assert not planner.kept_graphs and not graphs.granted and planner.mlp_products
+    # a plan that checkpoints a layer: no graphs
+    planner.budget = 40.0 * GIB
+    planner._replan(8192, 0.0)
+    assert planner.kept_graphs
+    planner.budget = plan_peak * 0.6
+    planner._replan(8192, 0.0)
+    assert planner.plan.counts()["keep"] < 4 and not planner.kept_graphs and not graphs.granted
+    # graphs turned off for the run (a failed capture, an overrun): never granted again
+    planner.budget = 40.0 * GIB
+    graphs.off_reason = "turned off"
+    planner._replan(8192, 0.0)
+    assert not planner.kept_graphs
+
+
+def test_kept_layers_under_granted_graphs_keep_no_mlp_products(monkeypatch) -> None:
+    """Where graphs are granted, a layer that runs eagerly (here: the CPU) keeps no product either."""
+    from cpt_plugin import setup_model
+
+    model = setup_model(tiny_llama(layers=2), {"lora_r": 4, "kernels": True}, checkpointing="auto")
+    holder = _with_managed_graphs(model)
+    holder.mlp_products = True
+    holder.graphs.grant(True)
+    calls = _count_products(monkeypatch)
+    ids = torch.randint(0, 257, (1, 9))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert len(calls) == 4  # forward and backward of both layers
+    holder.graphs.grant(False)
+    calls.clear()
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert len(calls) == 2
+
+
+def test_without_checkpointing_graphs_are_granted_before_products_when_there_is_room(caplog) -> None:
+    from cpt_plugin import setup_model
+    from cpt_plugin.offload.layer_graphs import kept_graph_extra_bytes
+    from cpt_plugin.patching import causal_lm
+
+    model = setup_model(tiny_llama(layers=3), {"lora_r": 4, "kernels": True}, checkpointing="off")
+    graphs = _with_managed_graphs(model).graphs
+    base = model.get_base_model()
+    base.train()
+    layer = base.model.layers[0]
+    trainable = sum(p.numel() * p.element_size() for p in layer.parameters() if p.requires_grad)
+    need = kept_graph_extra_bytes(3, 64, 64, 2, trainable)
+    assert not causal_lm._grant_layer_graphs_if_room(base, 64, need - 1, 2) and not graphs.granted
+    with caplog.at_level("INFO", logger="cpt_plugin.patching.causal_lm"):
+        assert causal_lm._grant_layer_graphs_if_room(base, 64, need, 2)
+    assert graphs.granted and "run as CUDA graphs" in caplog.text
+    graphs.off_reason = "a failed capture"
+    assert not causal_lm._grant_layer_graphs_if_room(base, 64, 1e12, 2)

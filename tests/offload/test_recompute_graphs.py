@@ -52,14 +52,17 @@ def test_the_default_installs_nothing_and_says_nothing_without_cuda(caplog):
     [
         (None, "offload", True, False, DEFAULT_MAX_TOKENS),
         (None, "recompute", True, False, DEFAULT_MAX_TOKENS),
-        (None, "off", False, False, None),
+        (None, "off", False, "managed", None),
+        (None, "auto", False, "managed", None),
         (True, "offload", True, False, None),
         (True, "off", False, True, None),
         (False, "offload", False, False, None),
+        (False, "off", False, False, None),
     ],
 )
 def test_which_layers_get_graphs(monkeypatch, cuda_graphs, checkpointing, checkpointed, kept, max_tokens):
-    """Unset, only checkpointed layers of short batches (measured to pay there); true, every layer and
+    """Unset, checkpointed layers of short batches (measured to pay there) and kept layers once their
+    memory is granted ("managed": by the planner, or by the room at the loss); true, every layer and
     length; false, none."""
     monkeypatch.setattr("cpt_plugin.offload.graph_capture.graphs_available", lambda model: None)
     config = {"lora_r": 4} if cuda_graphs is None else {"lora_r": 4, "cuda_graphs": cuda_graphs}
@@ -70,7 +73,10 @@ def test_which_layers_get_graphs(monkeypatch, cuda_graphs, checkpointing, checkp
     if graphs is not None:
         assert graphs.max_tokens == max_tokens
     holder = layer_plan_holder(model)
-    assert (holder is not None and holder.graphs is not None) == kept
+    assert (holder is not None and holder.graphs is not None) == bool(kept)
+    if kept:
+        assert holder.graphs.managed == (kept == "managed")
+        assert holder.graphs.granted == (kept is True)  # managed ones wait for their grant
 
 
 def test_longer_batches_than_the_limit_run_eagerly():
