@@ -377,10 +377,12 @@ def test_a_failed_capture_leaves_the_run_eager_and_correct(caplog):
 # The planner's checkpointed layers (gradient_checkpointing: auto)
 # ------------------------------------------------------------------------------------------------
 def test_the_planners_layers_get_graphs_when_asked_not_by_default(monkeypatch):
+    """By default the planner's checkpointed layers run eagerly; its kept layers' graphs wait for its grant."""
     monkeypatch.setattr("cpt_plugin.offload.graph_capture.graphs_available", lambda model: None)
     model = setup_model(tiny_model("llama"), {"lora_r": 4}, checkpointing="auto")
     holder = layer_plan_holder(model)
-    assert holder.recompute_graphs is None and holder.graphs is None
+    assert holder.recompute_graphs is None
+    assert holder.graphs.managed and not holder.graphs.granted
     asked = setup_model(tiny_model("llama"), {"lora_r": 4, "cuda_graphs": True}, checkpointing="auto")
     assert layer_plan_holder(asked).graphs is not None
     assert layer_plan_holder(asked).recompute_graphs.max_tokens is None
