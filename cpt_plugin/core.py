@@ -161,6 +161,28 @@ def mark_loss_chunk_from_free_memory(model: Any) -> None:
         module.cpt_loss_chunk_from_free_memory = True
 
 
+def no_cache_in_training(model: Any) -> None:
+    """A training forward (grad enabled, ``use_cache`` not passed) of the causal LM runs with
+    ``use_cache=False``. Why: without checkpointing, kept layers that may replay CUDA graphs run through
+    the per-layer function, which transformers takes for gradient checkpointing; from the config's
+    ``use_cache=True`` it would then turn the cache off itself with a warning about checkpointing that
+    the user did not turn on. A training step has no use for the cache (nothing generates from it)."""
+    from cpt_plugin.model_parts import causal_lm_heads
+
+    for module in causal_lm_heads(model):
+        module.register_forward_pre_hook(_no_cache_in_training, with_kwargs=True)
+
+
+def _no_cache_in_training(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    import torch
+
+    if not (module.training and torch.is_grad_enabled()) or kwargs.get("use_cache") is not None:
+        return None
+    if len(args) > 1:  # positional arguments past input_ids: use_cache might be among them
+        return None
+    return args, {**kwargs, "use_cache": False}
+
+
 def install_layer_graphs(model: Any, config: CPTConfig, mode: str) -> None:
     """Decoder layers replayed as CUDA graphs. Checkpointed layers (recompute, offload) replay their
     forward and their backward: the recompute and the backprop through it (offload/recompute_graphs.py).
@@ -203,6 +225,7 @@ def install_layer_graphs(model: Any, config: CPTConfig, mode: str) -> None:
     holder = layer_plan_holder(model)
     if holder is None:  # checkpointing off: every layer kept, through the per-layer function
         holder = enable_layer_plan(model)
+        no_cache_in_training(model)
     # unset: granted by the planner when it keeps every layer with room for them, or without checkpointing
     # when the device had room at the loss (patching/causal_lm.py)
     holder.graphs = LayerGraphs(managed=not asked)

@@ -278,14 +278,18 @@ def _grant_layer_graphs_if_room(model: nn.Module, tokens: int, spare: float, ele
     return True
 
 
+def _checkpointing_off_in_training(model: nn.Module) -> bool:
+    return (
+        bool(getattr(model, "cpt_loss_chunk_from_free_memory", False))
+        and model.training
+        and torch.is_grad_enabled()
+    )
+
+
 def _mlp_products_now(model: nn.Module, tokens: int) -> bool:
     """Checkpointing off: whether this training forward's fused MLPs keep ``act(gate) * up`` for backward
     (one kernel fewer per layer there), which an earlier forward of at least as many tokens found room for."""
-    if not getattr(model, "cpt_loss_chunk_from_free_memory", False):
-        return False
-    if not (model.training and torch.is_grad_enabled()):
-        return False
-    return 0 < tokens <= model.__dict__.get(_PRODUCTS_TOKENS, 0)
+    return _checkpointing_off_in_training(model) and 0 < tokens <= model.__dict__.get(_PRODUCTS_TOKENS, 0)
 
 
 def _note_room_for_mlp_products(model: nn.Module, tokens: int, spare: float, element_size: int) -> None:

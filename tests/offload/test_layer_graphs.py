@@ -234,3 +234,18 @@ def test_a_failed_capture_leaves_the_process_usable(caplog):
     sample.copy_(torch.ones_like(sample))
     graph.replay()
     torch.testing.assert_close(doubled, torch.full_like(sample, 2.0))
+
+
+def test_checkpointing_off_with_waiting_graphs_says_nothing_about_checkpointing(monkeypatch, caplog):
+    """Without checkpointing the kept layers run through the per-layer function (for their CUDA graphs),
+    which transformers counts as gradient checkpointing: a training forward with the config's
+    ``use_cache=True`` must not be told that caching is incompatible with it."""
+    monkeypatch.setattr("cpt_plugin.offload.graph_capture.graphs_available", lambda model: None)
+    model = setup_model(tiny_model("llama", use_cache=True), {"lora_r": 4}, checkpointing="off")
+    holder = layer_plan_holder(model)
+    assert holder is not None and holder.graphs.managed
+    model.train()
+    ids = torch.randint(0, 64, (2, 9))
+    with caplog.at_level(logging.WARNING):
+        model(input_ids=ids, labels=ids).loss.backward()
+    assert not [r for r in caplog.records if "gradient checkpointing" in r.getMessage()]
