@@ -178,10 +178,9 @@ class CPTConfig:
         None  # frozen embedding originals off the GPU; None: on when checkpointing on one GPU
     )
     # decoder layers as CUDA graphs; None: checkpointed layers (offload, recompute) of batches up to
-    # 16,384 tokens, where the host is the bound; true: kept layers too, and any length
-    cuda_graphs: bool | None = (
-        None  # None: checkpointed layers <= 16K tokens, kept ones with room; true: all; false: none
-    )
+    # 16,384 tokens, where the host is the bound, and kept layers (auto, off) once the memory planner or
+    # the device's room grants their extra memory; true: every layer, any length; false: none
+    cuda_graphs: bool | None = None  # None: checkpointed (<=16K tokens) and roomy kept layers; true: all
     attention_replay: bool | None = None  # offloaded layers skip recomputing attention; None: where it pays
     tiled_mlp: bool = False  # run the MLP over the sequence in chunks (long-context memory)
     tiled_mlp_chunk_tokens: int = 4096
