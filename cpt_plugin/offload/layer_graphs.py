@@ -204,6 +204,13 @@ class LayerGraphs:
         self.captured = 0
         self.held_bytes = 0  # device memory the graphs keep between steps (their activations, buffers)
 
+    @staticmethod
+    def extra_bytes(
+        layers: int, tokens: int, hidden: int, act_bytes: int, trainable_per_layer: float
+    ) -> float:
+        """``kept_graph_extra_bytes``, for callers that hold the graphs but do not import this module."""
+        return kept_graph_extra_bytes(layers, tokens, hidden, act_bytes, trainable_per_layer)
+
     def grant(self, granted: bool) -> None:
         """Lets the graphs run (captured after their warm-up), or frees them and runs the layers eagerly."""
         if self.granted and not granted:

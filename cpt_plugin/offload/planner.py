@@ -931,22 +931,21 @@ class MemoryPlanner:
 
     def _kept_graphs(self, plan: LayerPlan, tokens: int, predicted: float, fits: bool) -> tuple[bool, float]:
         """A plan that keeps every layer, untiled, with room under the target for the graphs' extra memory
-        (``layer_graphs.kept_graph_extra_bytes``) runs its layers as CUDA graphs: (whether, those bytes).
+        (``layer_graphs.kept_graph_extra_bytes``, asked of the graphs: this module does not import theirs) runs its layers as CUDA graphs: (whether, those bytes).
 
         Why: the kept layers' forward waits on the host (on an H200 at Llama-1B 4 x 2048: eager steps of
         103-124 ms, graphed ones 95-97). Only every layer kept: under a budget that checkpoints some,
         graphs took memory a kept layer would use and were no faster (docs/BENCHMARKS.md, 2026-12-03).
         Only once calibrated and on CUDA, as the loss chunk."""
         on_cuda = self.device is not None and self.device.type == "cuda"
-        if self._managed_kept_graphs() is None or not (fits and self.calibrated and on_cuda):
+        graphs = self._managed_kept_graphs()
+        if graphs is None or not (fits and self.calibrated and on_cuda):
             return False, 0.0
         if any(mode != "keep" for mode in plan.modes) or any(plan.tiled):
             return False, 0.0
-        from cpt_plugin.offload.layer_graphs import kept_graph_extra_bytes
-
         trainable = sum(p.numel() * p.element_size() for p in self.layers[0].parameters() if p.requires_grad)
         shapes = self.shapes
-        extra = kept_graph_extra_bytes(len(self.layers), tokens, shapes.hidden, shapes.act_bytes, trainable)
+        extra = graphs.extra_bytes(len(self.layers), tokens, shapes.hidden, shapes.act_bytes, trainable)
         if predicted + extra > self._target():
             return False, 0.0
         return True, extra

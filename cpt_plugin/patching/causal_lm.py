@@ -261,11 +261,9 @@ def _grant_layer_graphs_if_room(model: nn.Module, tokens: int, spare: float, ele
         return False
     if graphs.granted:
         return True
-    from cpt_plugin.offload.layer_graphs import kept_graph_extra_bytes
-
     config = model.config
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    need = kept_graph_extra_bytes(layers, tokens, text.hidden_size, element_size, trainable)
+    need = graphs.extra_bytes(layers, tokens, text.hidden_size, element_size, trainable)
     if need > spare:
         return False
     graphs.grant(True)
