@@ -1012,7 +1012,9 @@ class MemoryPlanner:
             why,
             self.plan.describe(),
             " (offloaded layers replay their attention)" if replayed else "",
-            f" (checkpointed layers as CUDA graphs, their pool {pool / GIB:.2g} GiB)" if pool else "",
+            (f" (checkpointed layers as CUDA graphs, their pool {pool / GIB:.2g} GiB)" if pool else "")
+            + (" (kept layers as CUDA graphs)" if self.kept_graphs else "")
+            + (" (MLP products kept for backward)" if self.mlp_products else ""),
             self.predicted / GIB,
             state,
             self.budget / GIB,

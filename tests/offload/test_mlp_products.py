@@ -34,7 +34,7 @@ def _step_grads(model, ids) -> list[torch.Tensor]:
     return [p.grad.clone() for p in model.parameters() if p.requires_grad]
 
 
-def test_the_planner_grants_mlp_products_from_the_room_its_plan_leaves() -> None:
+def test_the_planner_grants_mlp_products_from_the_room_its_plan_leaves(monkeypatch) -> None:
     model = tiny_llama(layers=4)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     planner = install_planner(model, budget_gib=40.0, _simulate_offload=True, _static_bytes=lambda: 0.0)
@@ -58,8 +58,14 @@ def test_the_planner_grants_mlp_products_from_the_room_its_plan_leaves() -> None
     assert planner.mlp_products
     assert planner.step_down()
     # a probe measures without them (its plan's own costs), like the loss chunk
-    planner._start_probe(8192, 0.0) if torch.cuda.is_available() else planner._set_mlp_products(False)
-    assert not planner.holder.mlp_products
+    planner._budget_cap = None  # the step-down's cap lifted: the room is there again
+    planner._replan(8192, 0.0)
+    assert planner.holder.mlp_products
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a: None)  # the probe's CUDA reads
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: 0)
+    planner._start_probe(8192, 0.0)
+    assert not planner.mlp_products and not planner.holder.mlp_products
+    planner._discard_probe()
 
 
 def test_a_tiled_or_checkpointed_layer_counts_no_product() -> None:
