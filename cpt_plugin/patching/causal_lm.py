@@ -218,11 +218,16 @@ def _input_tokens(named: dict[str, Any]) -> int:
     return 0
 
 
-def mlp_products_bytes(model: nn.Module, tokens: int, element_size: int) -> int:
-    """What every decoder layer's fused MLP keeping ``act(gate) * up`` (tokens x intermediate) holds;
-    0 where the config does not say (no ``intermediate_size``)."""
+def _text_config(model: nn.Module) -> Any:
     config = model.config
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def products_bytes_from_config(model: nn.Module, tokens: int, element_size: int) -> int:
+    """What every decoder layer's fused MLP keeping ``act(gate) * up`` (tokens x intermediate) holds, from
+    the config (the planner counts the same per plan: ``planner.mlp_products_bytes``); 0 where the config
+    does not say (no ``intermediate_size``)."""
+    text = _text_config(model)
     layers, intermediate = getattr(text, "num_hidden_layers", None), getattr(text, "intermediate_size", None)
     if not isinstance(layers, int) or not isinstance(intermediate, int):
         return 0
@@ -261,9 +266,7 @@ def _grant_layer_graphs_if_room(model: nn.Module, tokens: int, spare: float, ele
         return False
     if graphs.granted:
         return True
-    config = model.config
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    need = graphs.extra_bytes(layers, tokens, text.hidden_size, element_size, trainable)
+    need = graphs.extra_bytes(layers, tokens, _text_config(model).hidden_size, element_size, trainable)
     if need > spare:
         return False
     graphs.grant(True)
@@ -294,7 +297,7 @@ def _note_room_for_mlp_products(model: nn.Module, tokens: int, spare: float, ele
     """At the loss, every activation of the forward is alive: if the device has room for the MLP products
     of ``tokens`` tokens beyond that (and beyond the margin, ``spare_device_bytes``), later forwards of up
     to that many tokens keep them (logged once)."""
-    need = mlp_products_bytes(model, tokens, element_size)
+    need = products_bytes_from_config(model, tokens, element_size)
     if need <= 0 or need > spare or tokens <= model.__dict__.get(_PRODUCTS_TOKENS, 0):
         return
     if _PRODUCTS_TOKENS not in model.__dict__:

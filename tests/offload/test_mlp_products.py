@@ -120,7 +120,7 @@ def test_without_checkpointing_the_room_for_mlp_products_is_noted_at_the_loss(ca
     model = setup_model(tiny_llama(layers=3), {"lora_r": 4, "kernels": True}, checkpointing="off")
     base = model.get_base_model()
     base.train()
-    need = causal_lm.mlp_products_bytes(base, 64, 2)
+    need = causal_lm.products_bytes_from_config(base, 64, 2)
     assert need == 3 * 64 * 96 * 2
     causal_lm._note_room_for_mlp_products(base, 64, need - 1, 2)  # no room
     assert not causal_lm._mlp_products_now(base, 64)
