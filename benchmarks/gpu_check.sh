@@ -30,6 +30,7 @@
 #   graphcheck    one CUDA-graph capture per piece of a patched decoder layer, each in its own process
 #   trace         the allocations alive at one step's peak, by source line (benchmarks/memory_trace.py):
 #                 TRACE_SYSTEM (cpt_offload) on TRACE_WORKLOAD (llama-1b), TRACE_LAYERS (4) layers, TRACE_SEQS
+#   attention     causal SDPA forward + backward per PyTorch backend at W1's attention shape
 #   hostcosts     host microseconds per call of GEMMs (each cuBLAS backend), casts, Triton launches ($OUT/hostcosts)
 #   flcebreakdown the fused loss' pieces per logits-chunk size, and Liger's call (benchmarks/flce_breakdown.py)
 LONGCTX_SYSTEMS=${LONGCTX_SYSTEMS:-hf,hf_offload,trl_offload,axolotl_offload,cpt,cpt_offload_only,cpt_offload}
@@ -171,6 +172,11 @@ for stage in $STAGES; do
       echo "== the fused loss' time by piece and chunk size"
       timeout -k 10 150 python3 -m benchmarks.flce_breakdown --out "$OUT/flce" 2>&1 | tail -40
       note "flcebreakdown: exit ${PIPESTATUS[0]}"
+      ;;
+    attention)
+      echo "== causal SDPA forward + backward per backend (llama-1b's attention at 4 x 2048)"
+      timeout -k 10 90 python3 -m benchmarks.attention_backends --shape 4x2048 | tail -20
+      note "attention: exit ${PIPESTATUS[0]}"
       ;;
     hostcosts)
       echo "== host cost per call"

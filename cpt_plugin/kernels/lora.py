@@ -367,6 +367,10 @@ def lora_grouped_linear(x: torch.Tensor, projections: Sequence[LoraProjection]) 
 # ------------------------------------------------------------------------------------------------
 # A gated MLP: down(act(gate(x)) * up(x)), three LoRA projections in one function
 # ------------------------------------------------------------------------------------------------
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 class _LoraGatedMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, gelu, base: _FrozenBase, dtype, skip_output, keep_product, *factors):
@@ -414,6 +418,7 @@ class _LoraGatedMLP(torch.autograd.Function):
         # caller has the memory for that (``keep_product``: one kernel fewer in backward).
         # Held as an attribute, not a saved tensor, so backward can free it as soon as it is used.
         ctx.kept_hidden = hidden if skip_output or keep_product else None
+        ctx.kept_from_forward = keep_product  # (a recompute's product is formed and read inside one capture)
         ctx.gate_up_overwritten = False
         del hidden
         ctx.save_for_backward(x2, gate, up, xa_gu, ha_down, a_gu, ac_down, bc_gate, bc_up, bc_down)
@@ -426,6 +431,11 @@ class _LoraGatedMLP(torch.autograd.Function):
         x2, gate, up, xa_gu, ha_down, a_gu, a_down, b_gate, b_up, b_down = ctx.saved_tensors
         base: _FrozenBase = ctx.base
         kept_hidden, ctx.kept_hidden = ctx.kept_hidden, None
+        if ctx.kept_from_forward and kept_hidden is not None and _capturing():
+            # a CUDA graph's backward capture: the product's memory must stay with the graph (its forward
+            # replay writes it, this backward replay reads it), not go back to the pool for the next
+            # layer's capture; it takes d hidden below, so it is never read as the product again
+            ctx.captured_product = kept_hidden
         gelu, dtype, x_shape, x_dtype, ranks_gu, param_dtypes = ctx.meta
         if ctx.gate_up_overwritten:  # a second backward of this graph (retain_graph=True): recomputed
             with _no_autocast(x2.device.type):

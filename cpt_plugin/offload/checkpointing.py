@@ -833,10 +833,6 @@ class PlannedLayerFunction:
             if products is None:
                 products = keeps_mlp_products()
             graphs = holder.graphs
-            if graphs is not None and graphs.granted and graphs.off_reason is None:
-                # a kept product crosses from the forward graph to the backward graph outside the autograd
-                # graph the capture keeps alive: its memory could be handed to another capture
-                products = False
             with _thread_state("mlp_products", products and not holder.plan.tiled[self.index]):
                 out = None
                 if graphs is not None:

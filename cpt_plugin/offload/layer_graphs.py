@@ -111,7 +111,7 @@ class _LayerGraph:
         (``retain_graph``): the activations the backward graph reads stay allocated in the pool, so the
         next layer's capture cannot be given their memory."""
         self.params = params
-        self.static_x = x.detach().clone().requires_grad_(x.requires_grad)
+        self.static_x = self.owner.static_input_for(x)
         keywords = dict(getattr(function, "keywords", None) or {})
         self.static_kwargs = static_copy(keywords)
         call = functools.partial(function.func, *function.args, **self.static_kwargs)
@@ -166,6 +166,10 @@ class _GraphedLayer(torch.autograd.Function):
     @staticmethod
     def forward(ctx, graph: _LayerGraph, keywords: dict, x: torch.Tensor, *params):
         ctx.graph = graph
+        # the input's gradient is handed on as the graph's static buffer (its next replay overwrites it),
+        # which the layer before (or the embedding's backward) reads at once; a leaf input or one that
+        # retains its gradient would keep it as ``.grad``: a copy then
+        ctx.copy_grad_x = x.grad_fn is None or x.retains_grad
         graph.pending = weakref.ref(ctx)
         return graph.replay_forward(x, keywords)
 
@@ -182,7 +186,7 @@ class _GraphedLayer(torch.autograd.Function):
         fresh = iter(torch._foreach_mul(present, 1.0) if present else [])  # never hand out static buffers
         grads = [next(fresh) if g is not None else None for g in param_grads]
         if grad_x is not None:
-            grad_x = grad_x.clone()
+            grad_x = grad_x.clone() if ctx.copy_grad_x else grad_x.detach()
         return (None, None, grad_x, *grads)
 
 
@@ -210,6 +214,21 @@ class LayerGraphs:
     ) -> float:
         """``kept_graph_extra_bytes``, for callers that hold the graphs but do not import this module."""
         return kept_graph_extra_bytes(layers, tokens, hidden, act_bytes, trainable_per_layer)
+
+    def static_input_for(self, x: torch.Tensor) -> torch.Tensor:
+        """A capture's static input: the static output of the layer before when ``x`` is it (that layer
+        replayed just now), so a replay reads the output where the layer before wrote it, without a copy;
+        otherwise a copy of ``x``. Safe: the layer before replays again only after its own backward, which
+        comes after this layer's (a second forward before the backward runs eagerly)."""
+        for graph in self.graphs.values():
+            out = graph.static_out
+            if (
+                out is not None
+                and out.data_ptr() == x.data_ptr()
+                and call_signature(out) == call_signature(x.detach())
+            ):
+                return x.detach().requires_grad_(x.requires_grad)
+        return x.detach().clone().requires_grad_(x.requires_grad)
 
     def grant(self, granted: bool) -> None:
         """Lets the graphs run (captured after their warm-up), or frees them and runs the layers eagerly."""

@@ -799,10 +799,8 @@ class MemoryPlanner:
         self._pool_planned = self._graph_pool_bytes(tokens, plan) if graphed else 0.0
         kept_graphs, graphs_extra = self._kept_graphs(plan, tokens, predicted, fits)
         predicted += graphs_extra
-        # the kept layers' graphs and the MLP products do not go together (layer_graphs.py), graphs first
-        products, products_extra = (
-            (False, 0.0) if kept_graphs else self._mlp_products(plan, tokens, predicted, fits)
-        )
+        # graphs first (they are worth more), then the MLP products from what is left
+        products, products_extra = self._mlp_products(plan, tokens, predicted, fits)
         predicted += products_extra
         chunk, extra = self._loss_chunk(tokens, predicted, fits)
         changed = plan != self.plan or tokens != self.tokens or chunk != self.loss_chunk_bytes

@@ -182,8 +182,8 @@ def _loss_chunk_bytes(
     checkpointing off (``cpt_loss_chunk_from_free_memory``, CUDA) a larger chunk when the device has room
     for it now, at the end of the forward, when every kept activation is alive (fewer, larger chunks are
     faster: fused_linear_cross_entropy.GPU_CHUNK_BYTES). None: the default chunk. A forward that ran
-    without kept MLP products (``products_on`` False) also notes whether their bytes would have fitted
-    (``_note_room_for_mlp_products``); they take precedence over the larger chunk from the next forward."""
+    without kept MLP products (``products_on`` False) also grants the room to the kept layers' graphs and
+    the products (``_grant_room_at_the_loss``); they take precedence over the larger chunk from then on."""
     chunk = getattr(model, "cpt_loss_chunk_bytes", None)
     if chunk is not None or not getattr(model, "cpt_loss_chunk_from_free_memory", False):
         return chunk
@@ -193,9 +193,7 @@ def _loss_chunk_bytes(
     if not products_on and getattr(model, "training", False) and torch.is_grad_enabled():
         from cpt_plugin.kernels.fused_linear_cross_entropy import compute_element_size
 
-        element_size = compute_element_size(hidden, weight)
-        if not _grant_layer_graphs_if_room(model, hidden.shape[0], spare, element_size):
-            _note_room_for_mlp_products(model, hidden.shape[0], spare, element_size)
+        _grant_room_at_the_loss(model, hidden.shape[0], spare, compute_element_size(hidden, weight))
     chunk = chunk_for_spare_memory(hidden, weight, spare)
     if chunk != model.__dict__.get("cpt_loss_chunk_chosen"):
         model.__dict__["cpt_loss_chunk_chosen"] = chunk
@@ -204,6 +202,13 @@ def _loss_chunk_bytes(
             "default" if chunk is None else f"{chunk // 2**20} MiB",
         )
     return chunk
+
+
+def _grant_room_at_the_loss(model: nn.Module, tokens: int, spare: float, element_size: int) -> None:
+    """Checkpointing off, at the loss of a training forward: the device's room goes to the kept layers'
+    CUDA graphs first (they are worth more), then to the MLP products from what is left."""
+    spare -= _grant_layer_graphs_if_room(model, tokens, spare, element_size)
+    _note_room_for_mlp_products(model, tokens, spare, element_size)
 
 
 _PRODUCTS_TOKENS = "cpt_mlp_products_tokens"  # the longest micro-batch the device had room for them at
@@ -254,21 +259,20 @@ def _managed_layer_graphs(model: nn.Module) -> tuple[Any, int, int] | None:
     return model.__dict__[_LAYER_GRAPHS]
 
 
-def _grant_layer_graphs_if_room(model: nn.Module, tokens: int, spare: float, element_size: int) -> bool:
+def _grant_layer_graphs_if_room(model: nn.Module, tokens: int, spare: float, element_size: int) -> float:
     """Checkpointing off: kept layers replay CUDA graphs (their forward waits on the host otherwise) once
-    the device has room for the graphs' extra memory at the loss; True when they run (then the MLP
-    products are not kept: the two do not go together)."""
+    the device has room for the graphs' extra memory at the loss. Returns the bytes granted now (0 when
+    nothing was: no room, no managed graphs, or granted before, when ``spare`` already saw them), which
+    the MLP products' room is then counted without."""
     managed = _managed_layer_graphs(model)
     if managed is None:
-        return False
+        return 0.0
     graphs, layers, trainable = managed
-    if graphs.off_reason is not None:
-        return False
-    if graphs.granted:
-        return True
+    if graphs.off_reason is not None or graphs.granted:
+        return 0.0
     need = graphs.extra_bytes(layers, tokens, _text_config(model).hidden_size, element_size, trainable)
     if need > spare:
-        return False
+        return 0.0
     graphs.grant(True)
     logger.info(
         "cpt-plugin: checkpointing off, and the device has room: the decoder layers run as CUDA graphs "
@@ -276,7 +280,7 @@ def _grant_layer_graphs_if_room(model: nn.Module, tokens: int, spare: float, ele
         need / 2**30,
         tokens,
     )
-    return True
+    return need
 
 
 def _checkpointing_off_in_training(model: nn.Module) -> bool:

@@ -264,6 +264,34 @@ def test_gated_mlp_keeping_its_product_gives_the_same_numbers_and_forms_it_once(
     assert not skipped.any()
 
 
+def test_a_captured_backward_leaves_the_kept_product_with_the_graph(monkeypatch):
+    """Inside a CUDA graph's backward capture (stubbed here) the kept product is not given back to the
+    pool: the forward graph's replay writes that memory and the backward graph's replay reads it, so a
+    later capture must not be handed it (on an H200 that turned the loss NaN). Outside a capture it is
+    released in backward, as before, and a second backward still forms it again."""
+    from cpt_plugin.kernels import lora as lora_module
+
+    gate, up, down = (
+        _projection(a, b, 8, torch.float32, False, 2.0) for a, b in ((24, 40),) * 2 + ((40, 24),)
+    )
+    x = torch.randn(9, 24).requires_grad_(True)
+    inputs = [x] + [t for p in (gate, up, down) for t in (p.lora_a, p.lora_b)]
+    upstream = torch.randn(9, 24)
+    want = torch.autograd.grad(lora_gated_mlp(x, gate, up, down), inputs, upstream)
+    for capturing in (True, False):
+        monkeypatch.setattr(lora_module, "_capturing", lambda capturing=capturing: capturing)
+        out = lora_gated_mlp(x, gate, up, down, keep_product=True)
+        node = out.grad_fn  # the fused MLP's backward node: its ctx
+        assert node.kept_hidden is not None
+        first = torch.autograd.grad(out, inputs, upstream, retain_graph=True)
+        held = getattr(node, "captured_product", None)
+        assert (held is not None) == capturing and node.kept_hidden is None
+        second = torch.autograd.grad(out, inputs, upstream)  # recomputes the product: the kept one is gone
+        for i, (a, b, w) in enumerate(zip(first, second, want, strict=True)):
+            torch.testing.assert_close(a, w, rtol=0, atol=0, msg=f"input {i}")
+            torch.testing.assert_close(b, w, rtol=0, atol=0, msg=f"input {i}, second backward")
+
+
 def test_gated_mlp_with_gate_and_up_of_different_ranks_and_scales():
     """gate and up share one stacked A (one x A^T GEMM, one u buffer): ranks and scales that differ
     between them (PEFT's rank_pattern / alpha_pattern) and biases still give the reference gradients."""

@@ -206,17 +206,20 @@ def test_the_planner_grants_kept_layer_graphs_first_and_only_when_every_layer_is
     planner._replan(8192, 0.0)
     trainable = sum(p.numel() * p.element_size() for p in planner.layers[0].parameters() if p.requires_grad)
     extra = kept_graph_extra_bytes(4, 8192, planner.shapes.hidden, 2, trainable)
-    assert planner.kept_graphs and graphs.granted
-    assert not planner.mlp_products  # the graphs take the room first; the two do not go together
-    assert planner.predicted == predict_peak(planner.plan, planner.costs, 8192, 0.0) + extra
+    products = mlp_products_bytes(planner.plan, 8192, planner.shapes)
+    assert planner.kept_graphs and graphs.granted and planner.mlp_products  # room for both
+    assert planner.predicted == predict_peak(planner.plan, planner.costs, 8192, 0.0) + extra + products
     assert planner.pop_log()["memory_plan_kept_graphs"] == 1
     # a budget that only holds the products: no graphs, the products
     plan_peak = predict_peak(planner.plan, planner.costs, 8192, 0.0)
-    products = mlp_products_bytes(planner.plan, 8192, planner.shapes)
     assert products < extra
     planner.budget = (plan_peak + (products + extra) / 2) / (1 - 0.05)
     planner._replan(8192, 0.0)
     assert not planner.kept_graphs and not graphs.granted and planner.mlp_products
+    # room for the graphs but not for both: the graphs (they are worth more), without the products
+    planner.budget = (plan_peak + extra + products / 2) / (1 - 0.05)
+    planner._replan(8192, 0.0)
+    assert planner.kept_graphs and graphs.granted and not planner.mlp_products
     # a plan that checkpoints a layer: no graphs
     planner.budget = 40.0 * GIB
     planner._replan(8192, 0.0)
@@ -231,8 +234,9 @@ def test_the_planner_grants_kept_layer_graphs_first_and_only_when_every_layer_is
     assert not planner.kept_graphs
 
 
-def test_kept_layers_under_granted_graphs_keep_no_mlp_products(monkeypatch) -> None:
-    """Where graphs are granted, a layer that runs eagerly (here: the CPU) keeps no product either."""
+def test_kept_layers_under_granted_graphs_keep_their_mlp_products(monkeypatch) -> None:
+    """Granted graphs do not take the products away (a captured backward keeps the product with the
+    graph, kernels/lora.py); here, on the CPU, the layers run eagerly and form the product once each."""
     from cpt_plugin import setup_model
 
     model = setup_model(tiny_llama(layers=2), {"lora_r": 4, "kernels": True}, checkpointing="auto")
@@ -242,11 +246,11 @@ def test_kept_layers_under_granted_graphs_keep_no_mlp_products(monkeypatch) -> N
     calls = _count_products(monkeypatch)
     ids = torch.randint(0, 257, (1, 9))
     model(input_ids=ids, labels=ids).loss.backward()
-    assert len(calls) == 4  # forward and backward of both layers
-    holder.graphs.grant(False)
+    assert len(calls) == 2  # the forward of both layers only
+    holder.mlp_products = False
     calls.clear()
     model(input_ids=ids, labels=ids).loss.backward()
-    assert len(calls) == 2
+    assert len(calls) == 4  # forward and backward of both layers
 
 
 def test_without_checkpointing_graphs_are_granted_before_products_when_there_is_room(caplog) -> None:
@@ -265,5 +269,27 @@ def test_without_checkpointing_graphs_are_granted_before_products_when_there_is_
     with caplog.at_level("INFO", logger="cpt_plugin.patching.causal_lm"):
         assert causal_lm._grant_layer_graphs_if_room(base, 64, need, 2)
     assert graphs.granted and "run as CUDA graphs" in caplog.text
+    assert causal_lm._grant_layer_graphs_if_room(base, 64, 1e12, 2) == 0  # granted before: nothing new
     graphs.off_reason = "a failed capture"
     assert not causal_lm._grant_layer_graphs_if_room(base, 64, 1e12, 2)
+
+
+def test_without_checkpointing_the_products_get_the_room_the_graphs_leave(monkeypatch) -> None:
+    """At the loss: the graphs' bytes come off the device's room first, the products get what is left."""
+    from cpt_plugin import setup_model
+    from cpt_plugin.offload.layer_graphs import kept_graph_extra_bytes
+    from cpt_plugin.patching import causal_lm
+
+    model = setup_model(tiny_llama(layers=3), {"lora_r": 4, "kernels": True}, checkpointing="off")
+    graphs = _with_managed_graphs(model).graphs
+    base = model.get_base_model()
+    base.train()
+    layer = base.model.layers[0]
+    trainable = sum(p.numel() * p.element_size() for p in layer.parameters() if p.requires_grad)
+    graphs_need = kept_graph_extra_bytes(3, 64, 64, 2, trainable)
+    products_need = causal_lm.products_bytes_from_config(base, 64, 2)
+    causal_lm._grant_room_at_the_loss(base, 64, graphs_need + products_need / 2, 2)
+    assert graphs.granted and not causal_lm._mlp_products_now(base, 64)
+    graphs.grant(False)
+    causal_lm._grant_room_at_the_loss(base, 64, graphs_need + products_need, 2)
+    assert graphs.granted and causal_lm._mlp_products_now(base, 64)
