@@ -70,11 +70,13 @@ def kept_graph_extra_bytes(
     layers: int, tokens: int, hidden: int, act_bytes: int, trainable_bytes_per_layer: float
 ) -> float:
     """Device memory kept layers' graphs hold beyond the same layers run eagerly (the activations are the
-    same bytes): per layer a static input and a static output-gradient, the input gradient (tokens x
-    hidden each) and the output's second copy (the next layer's static input), the LoRA gradients' static
-    buffers and their fresh copies handed to autograd. An estimate: on an H200 at Llama-1B 4 x 2048 the
-    graphed step peaked 2.42 GiB above the eager one (2026-12-02), this says 2.58."""
-    return float(layers * (4 * tokens * hidden * act_bytes + 2 * trainable_bytes_per_layer))
+    same bytes): per layer a static output-gradient and the input gradient (tokens x hidden each), the
+    LoRA gradients' static buffers and their fresh copies handed to autograd; the first layer's static
+    input (the others read the layer before's static output: ``static_input_for``). An estimate: on an
+    H200 at Llama-1B 4 x 2048 the graphed default's prediction was 0.8 GiB above the measured peak
+    (2026-12-04) while this counted two more tokens x hidden buffers per layer."""
+    buffers = 2 * layers + 1
+    return float(buffers * tokens * hidden * act_bytes + 2 * layers * trainable_bytes_per_layer)
 
 
 def _autocast_now(device_type: str) -> tuple[bool, torch.dtype]:
