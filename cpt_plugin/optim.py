@@ -326,7 +326,7 @@ def create_optimizer(
     special = _mark_updates(groups, config, name)
     if name == "adamw_8bit" or any(g["cpt_update"] == "adamw_8bit" for g in groups):
         try:
-            import bitsandbytes as bnb
+            import bitsandbytes  # noqa: F401  (only: is it installed?)
         except ImportError as error:
             key = "optimizer" if name == "adamw_8bit" else "embedding_optimizer"
             raise CPTConfigError(
@@ -335,9 +335,9 @@ def create_optimizer(
                 f"{'adamw_torch_fused' if key == 'optimizer' else 'adamw'}."
             ) from error
         if not special:
-            return bnb.optim.AdamW8bit(
-                groups, lr=learning_rate, betas=betas, eps=eps, weight_decay=weight_decay
-            )
+            from cpt_plugin.optim_8bit import BatchedAdamW8bit  # imports bitsandbytes
+
+            return BatchedAdamW8bit(groups, lr=learning_rate, betas=betas, eps=eps, weight_decay=weight_decay)
     fused = name == "adamw_torch_fused" and _fused_supported(groups)
     if name == "adamw_torch_fused" and not fused:
         # news on a GPU machine (parameters left on the CPU); expected on a CPU-only one: debug there
