@@ -1,29 +1,32 @@
-"""bitsandbytes' AdamW8bit, stepped in one kernel launch per parameter group instead of one per tensor.
+"""bitsandbytes' AdamW8bit, stepped in a few kernel launches per parameter group instead of one per tensor.
 
 Why: ``bnb.optim.AdamW8bit.step`` launches one update per parameter and then synchronizes the device
 (``torch.cuda.synchronize()`` after every tensor). A QLoRA model has hundreds of LoRA factors (448 on
 Mistral-7B at every linear layer), so the step is bound by the host: 30 ms of a 725 ms Mistral-7B step at
-1 x 8192 tokens on an H200, with the device idle. Here the 8-bit tensors of a group share flat buffers:
-gradients and parameters are gathered into them (``_foreach_copy_``), one blockwise update runs over all of
-them, and the parameters are copied back. Nothing waits for the device.
+1 x 8192 tokens on an H200, the device idle meanwhile. Here the 8-bit states of a group live in flat
+buffers; small tensors are updated in chunks (their gradients and values gathered into a 16 MiB scratch
+pair by ``_foreach_copy_``, one blockwise update, the values copied back) and large ones in place, one
+launch each. Nothing waits for the device.
 
 The result is bitwise bitsandbytes' own: its update is independent per 256-element block, and every
-tensor starts on a block boundary in the flat buffers (its segment padded with zeros, which stay zero).
-The optimizer state keeps bitsandbytes' per-parameter layout (``state1``, ``absmax1``... are views into the
+tensor starts on a block boundary (its segment padded with zero gradients and states of zero, which stay
+below every real block maximum). The
+optimizer state keeps bitsandbytes' per-parameter layout (``state1``, ``absmax1``... are views into the
 flat buffers), so checkpoints load in plain bitsandbytes and plain bitsandbytes checkpoints load here.
-Tensors the flat path does not take (32-bit states below ``min_8bit_size``, per-parameter overrides, paged
-or ``max_unorm`` set-ups) take bitsandbytes' own per-tensor update, without the synchronization.
+Tensors this path does not take (32-bit states below ``min_8bit_size``, per-parameter overrides, paged or
+``max_unorm`` set-ups) get bitsandbytes' own per-tensor update, without the synchronization.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import bitsandbytes as bnb
 import bitsandbytes.functional as F
 import torch
 
 BLOCK = 256  # bitsandbytes' block size for blockwise 8-bit optimizer states
+CHUNK_BYTES = 16 << 20  # one scratch buffer (gradients or values) of a chunk of small tensors
 
 _STATE_KEYS = ("state1", "state2", "absmax1", "absmax2")
 
@@ -33,16 +36,30 @@ def _padded(numel: int) -> int:
 
 
 @dataclass
+class _Chunk:
+    """Consecutive tensors of a batch, ``length`` padded elements from ``start`` in the flat states.
+
+    ``direct``: one tensor large enough to be updated in place (no gather); otherwise the gradient and
+    value views of the tensors inside the batch's scratch pair."""
+
+    start: int
+    length: int
+    indices: list[int]
+    direct: bool = False
+    grad_views: list[torch.Tensor] = field(default_factory=list)
+    param_views: list[torch.Tensor] = field(default_factory=list)
+
+
+@dataclass
 class _FlatBatch:
-    """Flat buffers of one batch of same-device, same-dtype 8-bit parameters, and the per-parameter views."""
+    """The flat states of one batch of same-device, same-dtype 8-bit parameters, its chunks and scratch."""
 
     params: list[torch.Tensor]
-    grad: torch.Tensor
-    param: torch.Tensor
-    grad_views: list[torch.Tensor]
-    param_views: list[torch.Tensor]
-    state_views: dict[str, list[torch.Tensor]]
     flat_state: dict[str, torch.Tensor]
+    state_views: dict[str, list[torch.Tensor]]
+    chunks: list[_Chunk]
+    scratch_grad: torch.Tensor
+    scratch_param: torch.Tensor
 
     def owns_state_of(self, states: list[dict]) -> bool:
         """Whether every parameter's state still points into these buffers (a load replaces them)."""
@@ -52,44 +69,85 @@ class _FlatBatch:
             for state, view in zip(states, self.state_views[key], strict=True)
         )
 
+    def state_slices(self, chunk: _Chunk) -> dict[str, torch.Tensor]:
+        end = chunk.start + chunk.length
+        return {
+            "state1": self.flat_state["state1"][chunk.start : end],
+            "state2": self.flat_state["state2"][chunk.start : end],
+            "absmax1": self.flat_state["absmax1"][chunk.start // BLOCK : end // BLOCK],
+            "absmax2": self.flat_state["absmax2"][chunk.start // BLOCK : end // BLOCK],
+        }
+
+
+def _zero_code(qmap: torch.Tensor) -> int:
+    return int(qmap.abs().argmin())
+
+
+def _chunks(params: list[torch.Tensor], chunk_elements: int) -> list[_Chunk]:
+    chunks: list[_Chunk] = []
+    offset = 0
+    current: _Chunk | None = None
+    for index, p in enumerate(params):
+        size = _padded(p.numel())
+        if size >= chunk_elements // 2:
+            chunks.append(_Chunk(offset, size, [index], direct=True))
+            current = None
+        elif current is not None and current.length + size <= chunk_elements:
+            current.indices.append(index)
+            current.length += size
+        else:
+            current = _Chunk(offset, size, [index])
+            chunks.append(current)
+        offset += size
+    return chunks
+
 
 def _build_batch(params: list[torch.Tensor], states: list[dict]) -> _FlatBatch:
-    """Flat buffers for ``params``, the existing states copied in; the states then point into them."""
+    """Flat states for ``params`` with the existing states copied in; the states then point into them."""
     device, dtype = params[0].device, params[0].dtype
     sizes = [_padded(p.numel()) for p in params]
     total = sum(sizes)
-    grad = torch.zeros(total, dtype=dtype, device=device)
-    param = torch.zeros(total, dtype=dtype, device=device)
-    flat_state = {
-        "state1": torch.zeros(total, dtype=torch.uint8, device=device),
-        "state2": torch.zeros(total, dtype=torch.uint8, device=device),
+    flat_state = {  # the padding holds each map's code of 0.0 (byte 0 is -1.0 in the signed map)
+        "state1": torch.full((total,), _zero_code(states[0]["qmap1"]), dtype=torch.uint8, device=device),
+        "state2": torch.full((total,), _zero_code(states[0]["qmap2"]), dtype=torch.uint8, device=device),
         "absmax1": torch.zeros(total // BLOCK, dtype=torch.float32, device=device),
         "absmax2": torch.zeros(total // BLOCK, dtype=torch.float32, device=device),
     }
-    grad_views, param_views = [], []
     state_views: dict[str, list[torch.Tensor]] = {key: [] for key in _STATE_KEYS}
     offset = 0
     for p, size, state in zip(params, sizes, states, strict=True):
-        n, blocks = p.numel(), size // BLOCK
-        grad_views.append(grad[offset : offset + n].view(p.shape))
-        param_views.append(param[offset : offset + n].view(p.shape))
+        n = p.numel()
         for key in ("state1", "state2"):
             view = flat_state[key][offset : offset + n].view(p.shape)
             view.copy_(state[key].reshape(p.shape))
             state_views[key].append(view)
         for key in ("absmax1", "absmax2"):
-            view = flat_state[key][offset // BLOCK : offset // BLOCK + blocks]
-            view.copy_(state[key].reshape(-1)[:blocks])
+            view = flat_state[key][offset // BLOCK : (offset + size) // BLOCK]
+            view.copy_(state[key].reshape(-1)[: size // BLOCK])
             state_views[key].append(view)
         offset += size
-    for state_index, state in enumerate(states):
+    for index, state in enumerate(states):
         for key in _STATE_KEYS:
-            state[key] = state_views[key][state_index]
-    return _FlatBatch(list(params), grad, param, grad_views, param_views, state_views, flat_state)
+            state[key] = state_views[key][index]
+
+    chunks = _chunks(params, max(BLOCK, CHUNK_BYTES // params[0].element_size()))
+    scratch = max((c.length for c in chunks if not c.direct), default=0)
+    scratch_grad = torch.zeros(scratch, dtype=dtype, device=device)
+    scratch_param = torch.zeros(scratch, dtype=dtype, device=device)
+    for chunk in chunks:
+        if chunk.direct:
+            continue
+        local = 0
+        for index in chunk.indices:
+            p = params[index]
+            chunk.grad_views.append(scratch_grad[local : local + p.numel()].view(p.shape))
+            chunk.param_views.append(scratch_param[local : local + p.numel()].view(p.shape))
+            local += sizes[index]
+    return _FlatBatch(list(params), flat_state, state_views, chunks, scratch_grad, scratch_param)
 
 
 class BatchedAdamW8bit(bnb.optim.AdamW8bit):
-    """``bnb.optim.AdamW8bit`` with the same arguments, state and results, stepped per group, not per tensor."""
+    """``bnb.optim.AdamW8bit`` with the same arguments, state and results, stepped in chunks, not per tensor."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -142,15 +200,35 @@ class BatchedAdamW8bit(bnb.optim.AdamW8bit):
         batch = self._batches.get(key)
         if batch is None or not batch.owns_state_of(states):
             batch = self._batches[key] = _build_batch(params, states)
-        torch._foreach_copy_(batch.grad_views, [p.grad for p in params])
-        torch._foreach_copy_(batch.param_views, [p.data for p in params])
+        for chunk in batch.chunks:
+            if chunk.direct:
+                p = params[chunk.indices[0]]
+                if not p.data.is_contiguous():
+                    p.data = p.data.contiguous()
+                grad, values = p.grad.contiguous(), p.data
+                slices = {key: states[chunk.indices[0]][key] for key in _STATE_KEYS}  # shaped as p
+            else:
+                chunk_params = [params[i] for i in chunk.indices]
+                grad = batch.scratch_grad[: chunk.length]
+                values = batch.scratch_param[: chunk.length]
+                grad.zero_()  # the padding between tensors: zero gradients keep its states at zero
+                torch._foreach_copy_(chunk.grad_views, [p.grad for p in chunk_params])
+                torch._foreach_copy_(chunk.param_views, [p.data for p in chunk_params])
+                slices = batch.state_slices(chunk)
+            self._update(group, grad, values, slices, states[0], step)
+            if not chunk.direct:
+                torch._foreach_copy_([p.data for p in chunk_params], chunk.param_views)
+        for state in states:
+            state["step"] = step
+
+    def _update(self, group, grad, values, slices, state0, step: int) -> None:
         betas = group["betas"]
         F.optimizer_update_8bit_blockwise(
             self.optimizer_name,
-            batch.grad,
-            batch.param,
-            batch.flat_state["state1"],
-            batch.flat_state["state2"],
+            grad,
+            values,
+            slices["state1"],
+            slices["state2"],
             betas[0],
             betas[1],
             betas[2] if len(betas) >= 3 else 0.0,
@@ -158,14 +236,11 @@ class BatchedAdamW8bit(bnb.optim.AdamW8bit):
             group["eps"],
             step,
             group["lr"],
-            states[0]["qmap1"],
-            states[0]["qmap2"],
-            batch.flat_state["absmax1"],
-            batch.flat_state["absmax2"],
+            state0["qmap1"],
+            state0["qmap2"],
+            slices["absmax1"],
+            slices["absmax2"],
             group["weight_decay"],
             gnorm_scale=1.0,
             skip_zeros=self.args.skip_zeros,
         )
-        torch._foreach_copy_([p.data for p in params], batch.param_views)
-        for state in states:
-            state["step"] = step

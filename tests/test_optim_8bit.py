@@ -10,12 +10,15 @@ import torch
 
 bnb = pytest.importorskip("bitsandbytes")
 
+from cpt_plugin import optim_8bit  # noqa: E402
 from cpt_plugin.optim_8bit import BatchedAdamW8bit  # noqa: E402
 
 # Sizes off the 256-element blocks (a partial last block), one below min_8bit_size (32-bit states), bf16
 # and fp32 in one group (two flat batches), and LoRA-like factors.
 SHAPES = [((37, 131), torch.float32), ((8, 512), torch.float32), ((3, 5), torch.float32),
+          ((40, 110), torch.float32), ((50, 90), torch.float32),
           ((64, 97), torch.bfloat16), ((129, 33), torch.float32)]  # fmt: skip
+FIRST_GROUP = 5
 
 
 def _params(seed: int) -> list[torch.nn.Parameter]:
@@ -25,8 +28,8 @@ def _params(seed: int) -> list[torch.nn.Parameter]:
 
 def _groups(params):
     return [
-        {"params": params[:3], "lr": 1e-2, "weight_decay": 0.01},
-        {"params": params[3:], "lr": 3e-3, "weight_decay": 0.0},
+        {"params": params[:FIRST_GROUP], "lr": 1e-2, "weight_decay": 0.01},
+        {"params": params[FIRST_GROUP:], "lr": 3e-3, "weight_decay": 0.0},
     ]
 
 
@@ -54,12 +57,25 @@ def _assert_same(params_a, params_b, opt_a, opt_b) -> None:
             assert torch.equal(torch.as_tensor(other), torch.as_tensor(value)), key
 
 
-def test_bitwise_bitsandbytes_over_steps_with_a_tensor_skipped():
+# The default (every small tensor of a batch in one chunk); several chunks in a batch; chunks next to
+# tensors updated in place; every fp32 tensor in place.
+@pytest.mark.parametrize("chunk_bytes", [16 << 20, 48 << 10, 36 << 10, 16 << 10])
+def test_bitwise_bitsandbytes_over_steps_with_a_tensor_skipped(monkeypatch, chunk_bytes):
+    monkeypatch.setattr(optim_8bit, "CHUNK_BYTES", chunk_bytes)
     reference, ref_opt = _run(bnb.optim.AdamW8bit, range(4), skip_at=2)
     batched, opt = _run(BatchedAdamW8bit, range(4), skip_at=2)
     _assert_same(batched, reference, opt, ref_opt)
     assert opt.state[batched[1]]["step"] == 3 and opt.state[batched[0]]["step"] == 4
     assert opt.state[batched[2]]["state1"].dtype == torch.float32  # below min_8bit_size: 32-bit states
+
+
+def test_chunks_gather_small_tensors_and_leave_large_ones_in_place():
+    params = [torch.empty(shape) for shape in [(37, 131), (8, 512), (40, 110), (50, 90)]]
+    layout = [(c.start, c.length, c.indices, c.direct) for c in optim_8bit._chunks(params, 12288)]
+    assert layout == [(0, 8960, [0, 1], False), (8960, 9216, [2, 3], False)]
+    layout = [(c.start, c.length, c.indices, c.direct) for c in optim_8bit._chunks(params, 9216)]
+    assert layout == [(0, 4864, [0], True), (4864, 4096, [1], False), (8960, 4608, [2], True),
+                      (13568, 4608, [3], True)]  # fmt: skip
 
 
 def test_one_update_per_flat_batch_and_no_device_sync(monkeypatch):
@@ -73,12 +89,9 @@ def test_one_update_per_flat_batch_and_no_device_sync(monkeypatch):
         F, "optimizer_update_8bit_blockwise", lambda *a, **k: (updates.append(a[1].numel()), real(*a, **k))
     )
     _run(BatchedAdamW8bit, range(2))
-    # per step: group 1's two 8-bit fp32 tensors as one batch; group 2: a bf16 batch and an fp32 batch
-    assert len(updates) == 2 * 3 and updates[:3] == [
-        19 * 256 + 8 * 512,
-        25 * 256,
-        17 * 256,
-    ]  # padded to blocks
+    # per step: group 1's four 8-bit fp32 tensors in one chunk; group 2: a bf16 batch and an fp32 batch
+    padded_first_group = (19 + 16 + 18 + 18) * 256  # each tensor padded to whole blocks
+    assert len(updates) == 2 * 3 and updates[:3] == [padded_first_group, 25 * 256, 17 * 256]
     assert syncs == []
 
 
@@ -117,9 +130,10 @@ def test_parameters_changed_outside_the_optimizer_are_read_each_step():
     _assert_same(batched, reference, opt, ref_opt)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_bitwise_bitsandbytes_on_cuda_at_lora_shapes():
-    shapes = [(32, 4096), (4096, 32), (32, 14336), (14336, 32), (32, 1000)]
+    shapes = [(32, 4096), (4096, 32), (32, 14336), (14336, 32), (32, 1000), (2047, 1501)]  # last: in place
     gen = torch.Generator().manual_seed(0)
     base = [torch.randn(s, generator=gen) for s in shapes]
     runs = []
