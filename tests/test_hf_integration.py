@@ -102,3 +102,36 @@ def test_unwritable_output_dir_fails_before_training(tmp_path):
             train_dataset=RandomBlocks(),
             callbacks=[CPTCallback(lora_r=4)],
         )
+
+
+def test_bitsandbytes_8bit_adamw_is_batched_and_resumes_exactly(tmp_path):
+    """``optim="adamw_bnb_8bit"``: bitsandbytes' update stepped per group (optim_8bit), and a resumed run
+    continues with the same losses and 8-bit states."""
+    pytest.importorskip("bitsandbytes")
+    from cpt_plugin.optim_8bit import BatchedAdamW8bit
+
+    def run(resume=None):
+        trainer = Trainer(
+            model=tiny_llama(tied=False, seed=1),
+            args=_args(tmp_path, optim="adamw_bnb_8bit"),
+            train_dataset=RandomBlocks(seed=3),
+            # r=128 on hidden 32: most LoRA factors reach bitsandbytes' 4096-element 8-bit minimum
+            callbacks=[CPTCallback(lora_r=128, train_embeddings=False)],
+        )
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    full = run()
+    assert isinstance(full.optimizer.optimizer, BatchedAdamW8bit)
+    resumed = run(resume=os.path.join(tmp_path, "out", "checkpoint-3"))
+    full_losses, resumed_losses = _losses(full), _losses(resumed)
+    for step in (4, 5, 6):
+        assert resumed_losses[step] == pytest.approx(full_losses[step], rel=1e-6, abs=1e-7)
+    states_full = full.optimizer.optimizer.state.values()
+    states_resumed = resumed.optimizer.optimizer.state.values()
+    eight_bit = 0
+    for a, b in zip(states_full, states_resumed, strict=True):
+        eight_bit += a["state1"].dtype == torch.uint8
+        for key in ("state1", "state2"):
+            assert torch.equal(a[key], b[key]), key
+    assert eight_bit >= 8
