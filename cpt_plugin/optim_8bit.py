@@ -10,9 +10,9 @@ launch each. Nothing waits for the device.
 
 The result is bitwise bitsandbytes' own: its update is independent per 256-element block, and every
 tensor starts on a block boundary (its segment padded with zero gradients and states of zero, which stay
-below every real block maximum). The
-optimizer state keeps bitsandbytes' per-parameter layout (``state1``, ``absmax1``... are views into the
-flat buffers), so checkpoints load in plain bitsandbytes and plain bitsandbytes checkpoints load here.
+below every real block maximum). The optimizer state keeps bitsandbytes' per-parameter layout
+(``state1``, ``absmax1``... are views into the flat buffers), so checkpoints load in plain bitsandbytes and
+plain bitsandbytes checkpoints load here.
 Tensors this path does not take (32-bit states below ``min_8bit_size``, per-parameter overrides, paged or
 ``max_unorm`` set-ups) get bitsandbytes' own per-tensor update, without the synchronization.
 """
@@ -60,15 +60,14 @@ class _FlatBatch:
 
     states: list[dict]
     chunks: list[_Chunk]
+    state1_views: list[torch.Tensor]  # what each tensor's state["state1"] is while the batch owns it
 
     def owns_its_states(self) -> bool:
         """Whether the parameters' states still point into these buffers (a load or a re-plan replaces
         them all at once, so the first state view of each tensor tells)."""
         return all(
-            state["state1"] is view for state, view in zip(self.states, self._state1_views, strict=True)
+            state["state1"] is view for state, view in zip(self.states, self.state1_views, strict=True)
         )
-
-    _state1_views: list[torch.Tensor] = field(default_factory=list)
 
 
 @dataclass
