@@ -407,9 +407,12 @@ def test_qlora_workers_agree_and_use_8bit_adam_on_cpu():
     hf = run_train({**args, "system": "hf"})
     cpt = run_train({**args, "system": "cpt_offload"})
     assert hf["status"] == "ok" and cpt["status"] == "ok", (hf, cpt)
-    for res in (hf, cpt):
+    for res, optimizer in (
+        (hf, "AdamW8bit"),
+        (cpt, "BatchedAdamW8bit"),
+    ):  # ours: bitsandbytes' stepped per group
         assert res["workload_built"] == "tiny-mistral-qlora"
-        assert res["info"]["optimizer"] == "AdamW8bit" and res["info"]["param_group_lrs"] == [5e-5]
+        assert res["info"]["optimizer"] == optimizer and res["info"]["param_group_lrs"] == [5e-5]
     assert hf["info"]["trainable_params"] == cpt["info"]["trainable_params"]
     assert hf["losses"] == pytest.approx(cpt["losses"], abs=1e-3)
 
