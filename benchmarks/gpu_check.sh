@@ -32,6 +32,7 @@
 #                 TRACE_SYSTEM (cpt_offload) on TRACE_WORKLOAD (llama-1b), TRACE_LAYERS (4) layers, TRACE_SEQS
 #   attention     causal SDPA forward + backward per PyTorch backend at W1's attention shape
 #   hostcosts     host microseconds per call of GEMMs (each cuBLAS backend), casts, Triton launches ($OUT/hostcosts)
+#   optimstep     one 8-bit AdamW step over W2's LoRA factors, bitsandbytes' against BatchedAdamW8bit ($OUT/optimstep)
 #   flcebreakdown the fused loss' pieces per logits-chunk size, and Liger's call (benchmarks/flce_breakdown.py)
 LONGCTX_SYSTEMS=${LONGCTX_SYSTEMS:-hf,hf_offload,trl_offload,axolotl_offload,cpt,cpt_offload_only,cpt_offload}
 LONGCTX_SHAPES=${LONGCTX_SHAPES:-1x16384,1x32768}
@@ -178,6 +179,11 @@ for stage in $STAGES; do
       timeout -k 10 90 python3 -m benchmarks.attention_backends --shape 4x2048 | tail -20
       note "attention: exit ${PIPESTATUS[0]}"
       ;;
+    optimstep)
+      echo "== one 8-bit AdamW step over mistral-7b-qlora's LoRA factors: bitsandbytes' against ours"
+      timeout -k 10 120 python3 -m benchmarks.optimizer_step --workload mistral-7b-qlora --out "$OUT/optimstep" | tail -5
+      note "optimstep: exit ${PIPESTATUS[0]}"
+      ;;
     hostcosts)
       echo "== host cost per call"
       timeout -k 10 60 python3 -m benchmarks.host_costs --out "$OUT/hostcosts" | tail -40
@@ -207,7 +213,7 @@ for stage in $STAGES; do
       note "tf524tests: exit $rc ($(grep -E '[0-9]+ (passed|failed)' "$OUT/gpu_tests_tf524.log" | tail -1))"
       ;;
     *)
-      note "unknown stage '$stage' (use tests, kernels, quick, full, longctx, qlora, qlora_maxctx, profile, trace, evaluator, export, hostcosts, flcebreakdown, hostbreakdown, graphcheck, tf524tests)"
+      note "unknown stage '$stage' (use tests, kernels, quick, full, longctx, qlora, qlora_maxctx, profile, trace, evaluator, export, hostcosts, optimstep, flcebreakdown, hostbreakdown, graphcheck, tf524tests)"
       ;;
   esac
 done

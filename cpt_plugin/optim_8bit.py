@@ -13,8 +13,9 @@ tensor starts on a block boundary (its segment padded with zero gradients and st
 below every real block maximum). The optimizer state keeps bitsandbytes' per-parameter layout
 (``state1``, ``absmax1``... are views into the flat buffers), so checkpoints load in plain bitsandbytes and
 plain bitsandbytes checkpoints load here.
-Tensors this path does not take (32-bit states below ``min_8bit_size``, per-parameter overrides, paged or
-``max_unorm`` set-ups) get bitsandbytes' own per-tensor update, without the synchronization.
+Tensors this path does not take (on the CPU, 32-bit states below ``min_8bit_size``, per-parameter
+overrides, paged or ``max_unorm`` set-ups) get bitsandbytes' own per-tensor update, without the
+synchronization.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ import bitsandbytes.functional as F
 import torch
 
 BLOCK = 256  # bitsandbytes' block size for blockwise 8-bit optimizer states
+# Where launches and synchronizations cost: on the CPU the per-tensor update neither launches nor waits,
+# and the gather would only add copies (15% slower at Mistral-7B's LoRA shapes on two cores).
+FLAT_DEVICE_TYPES = ("cuda", "xpu")
 CHUNK_BYTES = 32 << 20  # one scratch buffer (gradients or values) of a chunk of small tensors
 
 _STATE_KEYS = ("state1", "state2", "absmax1", "absmax2")
@@ -173,6 +177,7 @@ class BatchedAdamW8bit(bnb.optim.AdamW8bit):
     def _flat_eligible(self, p: torch.Tensor, state: dict, gindex: int, pindex: int) -> bool:
         return (
             state["state1"].dtype == torch.uint8
+            and p.device.type in FLAT_DEVICE_TYPES
             and type(p.data) is torch.Tensor  # not a DTensor or another subclass
             and p.grad.dtype == p.dtype
             and (gindex, pindex) not in self.mng.index2config

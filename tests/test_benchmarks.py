@@ -982,3 +982,13 @@ def test_gemm_shapes_reads_the_factors_whatever_the_op_and_out():
     ]
     assert all(r["k_matches"] and r["calls_per_step"] == 1 for r in rows)
     assert rows[0]["tflops"] == pytest.approx(2 * 8 * 4 * 6 * 2 / (30.0 * 1e6))
+
+
+def test_optimizer_step_benchmark_times_both_8bit_optimizers_on_cpu():
+    pytest.importorskip("bitsandbytes")
+    from benchmarks.optimizer_step import measure
+
+    rows = measure("mistral-7b-qlora", "cpu", steps=1, layers=1)
+    assert [row["optimizer"] for row in rows] == ["AdamW8bit", "BatchedAdamW8bit"]
+    assert all(row["tensors"] == 14 and row["wall_ms"] >= row["host_ms"] > 0 for row in rows)
+    assert rows[0]["elements"] == 32 * (2 * 4096 + 2 * (4096 + 1024) + 2 * 4096 + 3 * (4096 + 14336))

@@ -104,11 +104,14 @@ def test_unwritable_output_dir_fails_before_training(tmp_path):
         )
 
 
-def test_bitsandbytes_8bit_adamw_is_batched_and_resumes_exactly(tmp_path):
+def test_bitsandbytes_8bit_adamw_is_batched_and_resumes_exactly(tmp_path, monkeypatch):
     """``optim="adamw_bnb_8bit"``: bitsandbytes' update stepped per group (optim_8bit), and a resumed run
     continues with the same losses and 8-bit states."""
     pytest.importorskip("bitsandbytes")
+    from cpt_plugin import optim_8bit
     from cpt_plugin.optim_8bit import BatchedAdamW8bit
+
+    monkeypatch.setattr(optim_8bit, "FLAT_DEVICE_TYPES", ("cpu",))  # the accelerators' path, here
 
     def run(resume=None):
         trainer = Trainer(

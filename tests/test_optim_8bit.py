@@ -21,6 +21,12 @@ SHAPES = [((37, 131), torch.float32), ((8, 512), torch.float32), ((3, 5), torch.
 FIRST_GROUP = 5
 
 
+@pytest.fixture(autouse=True)
+def _flat_path_on_the_cpu(monkeypatch):
+    """The flat path runs on accelerators only; the CPU tests take it too, to check its bits here."""
+    monkeypatch.setattr(optim_8bit, "FLAT_DEVICE_TYPES", ("cuda", "xpu", "cpu"))
+
+
 def _params(seed: int) -> list[torch.nn.Parameter]:
     gen = torch.Generator().manual_seed(seed)
     return [torch.nn.Parameter(torch.randn(shape, generator=gen).to(dtype)) for shape, dtype in SHAPES]
@@ -67,6 +73,22 @@ def test_bitwise_bitsandbytes_over_steps_with_a_tensor_skipped(monkeypatch, chun
     _assert_same(batched, reference, opt, ref_opt)
     assert opt.state[batched[1]]["step"] == 3 and opt.state[batched[0]]["step"] == 4
     assert opt.state[batched[2]]["state1"].dtype == torch.float32  # below min_8bit_size: 32-bit states
+
+
+def test_on_the_cpu_by_default_each_tensor_takes_bitsandbytes_own_update(monkeypatch):
+    import bitsandbytes.functional as F
+
+    monkeypatch.setattr(optim_8bit, "FLAT_DEVICE_TYPES", ("cuda", "xpu"))
+    updates = []
+    real = F.optimizer_update_8bit_blockwise
+    monkeypatch.setattr(
+        F, "optimizer_update_8bit_blockwise", lambda *a, **k: (updates.append(1), real(*a, **k))
+    )
+    reference, ref_opt = _run(bnb.optim.AdamW8bit, range(2))
+    updates.clear()
+    batched, opt = _run(BatchedAdamW8bit, range(2))
+    assert len(updates) == 2 * 6  # six 8-bit tensors, one update each per step
+    _assert_same(batched, reference, opt, ref_opt)
 
 
 def test_chunks_gather_small_tensors_and_leave_large_ones_in_place():
