@@ -20,29 +20,24 @@ import torch
 
 from benchmarks.workloads import LORA_TARGETS, WORKLOADS
 
-_SHAPES = {  # (in, out) per LoRA target, from a text config
-    "q_proj": lambda c: (c.hidden_size, c.num_attention_heads * c.head_dim),
-    "k_proj": lambda c: (c.hidden_size, c.num_key_value_heads * c.head_dim),
-    "v_proj": lambda c: (c.hidden_size, c.num_key_value_heads * c.head_dim),
-    "o_proj": lambda c: (c.num_attention_heads * c.head_dim, c.hidden_size),
-    "gate_proj": lambda c: (c.hidden_size, c.intermediate_size),
-    "up_proj": lambda c: (c.hidden_size, c.intermediate_size),
-    "down_proj": lambda c: (c.intermediate_size, c.hidden_size),
-}
+
+def _fans(w, target: str) -> tuple[int, int]:
+    """(in, out) of a LoRA target of workload ``w``."""
+    h, i = w.hidden_size, w.intermediate_size
+    q, kv = w.num_attention_heads * w.resolved_head_dim, w.num_key_value_heads * w.resolved_head_dim
+    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}[target]  # fmt: skip
 
 
 def lora_factors(workload: str, device: str, layers: int | None = None) -> list[torch.nn.Parameter]:
     """fp32 LoRA A (r x in) and B (out x r) for every target of every layer, with gradients, as PEFT
     makes them."""
-    spec = WORKLOADS[workload]
-    config = spec.make_config()
-    if getattr(config, "head_dim", None) is None:
-        config.head_dim = config.hidden_size // config.num_attention_heads
-    r = spec.recipe.lora_r
+    w = WORKLOADS[workload]
+    r = w.recipe.lora_r
     params = []
-    for _ in range(layers or config.num_hidden_layers):
+    for _ in range(layers or w.num_hidden_layers):
         for target in LORA_TARGETS:
-            fan_in, fan_out = _SHAPES[target](config)
+            fan_in, fan_out = _fans(w, target)
             for shape in ((r, fan_in), (fan_out, r)):
                 p = torch.nn.Parameter(torch.randn(shape, device=device) * 0.01)
                 p.grad = torch.randn_like(p) * 1e-3
